@@ -1,0 +1,205 @@
+"""The interface every engine implements, and the hook protocol that sees its tensors.
+
+A backend is a template method (as Polygraphy's runners are): the public ``load`` and
+``generate`` validate their inputs and log, then call the engine's ``_load``/``_generate``.
+Engines call :meth:`Backend._intercept` for every canonical tensor they produce; interceptors
+(the capture recorder, later error-injection what-ifs) see it through the engine-agnostic
+:class:`EngineTensor` and may return a replacement, which the engine then uses instead.
+Nothing here imports an engine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ptrace.bundle_spec.schema import SamplingParams
+from ptrace.errors import BackendError, BackendUnavailableError, UsageError
+
+log = logging.getLogger("ptrace.backends")
+
+#: Called after each decode step: ``(request index, step index)``.
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    model_dir: Path
+    dtype: str = "float32"
+    device: str = "cpu"
+    engine_options: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TensorSite:
+    """Where a tensor comes from: ``rows`` positions starting at ``start`` of ``request``."""
+
+    name: str
+    request: int
+    step: int
+    start: int
+
+
+class EngineTensor(ABC):
+    """An engine's tensor for one request, rows = positions (SPEC.md section 6)."""
+
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    @abstractmethod
+    def dtype(self) -> str:
+        """Logical dtype name (``float32``, ``bfloat16``, ...)."""
+
+    @abstractmethod
+    def numpy(self) -> np.ndarray:
+        """A lossless, contiguous host copy in the tensor's own dtype."""
+
+    @abstractmethod
+    def row_stats(self) -> np.ndarray:
+        """``[rows, 7]`` float64 statistics, as ``bundle_spec.stats.row_stats`` defines them."""
+
+    @abstractmethod
+    def replaced(self, array: np.ndarray) -> EngineTensor:
+        """A tensor of the same shape, dtype and device holding ``array``'s values."""
+
+
+class Interceptor(ABC):
+    """Sees (and may replace) canonical tensors as the engine produces them."""
+
+    @abstractmethod
+    def wants(self, name: str) -> bool:
+        """Whether this interceptor needs ``name``: engines hook only what someone wants."""
+
+    @abstractmethod
+    def on_tensor(self, site: TensorSite, tensor: EngineTensor) -> np.ndarray | None:
+        """Return an array to replace the tensor with, or None to leave it alone."""
+
+
+@dataclass
+class Generation:
+    """What a backend returns for one request (SPEC.md section 2 arrays)."""
+
+    output_ids: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    prompt_topk_ids: np.ndarray | None = None
+    prompt_topk_logprobs: np.ndarray | None = None
+    prompt_logprobs: np.ndarray | None = None
+    finish_reason: str = "length"
+
+
+class Backend(ABC):
+    """One inference engine behind ptrace's interface."""
+
+    #: Registry name (``--backend``).
+    name: ClassVar[str]
+    #: One-line description for ``ptrace backends``.
+    description: ClassVar[str] = ""
+    #: Import names that must be importable for the engine to run (probed without importing).
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: What to tell a user whose environment lacks the engine.
+    install_hint: ClassVar[str] = ""
+    #: Compute dtypes this engine accepts.
+    dtypes: ClassVar[tuple[str, ...]] = ("float32", "float16", "bfloat16")
+
+    def __init__(self) -> None:
+        self.options: LoadOptions | None = None
+
+    # -- discovery -----------------------------------------------------------------------------
+    @classmethod
+    def probe(cls) -> str | None:
+        """Why this engine cannot run here (cheap: no import), or None if it looks runnable."""
+        missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"{', '.join(missing)} not installed"
+        return None
+
+    # -- template methods ----------------------------------------------------------------------
+    def load(self, options: LoadOptions) -> None:
+        """Load the model; ``options.dtype`` must be one of :attr:`dtypes`."""
+        if options.dtype not in self.dtypes:
+            raise UsageError(f"backend {self.name} does not support dtype {options.dtype}",
+                             hint=f"choose one of {', '.join(self.dtypes)}")
+        log.info("loading %s on %s (%s, %s)", options.model_dir, self.name, options.dtype, options.device)
+        self._load(options)
+        self.options = options
+
+    def generate(self, prompts: Sequence[np.ndarray], sampling: SamplingParams,
+                 interceptors: Sequence[Interceptor] = (),
+                 on_step: StepCallback | None = None) -> list[Generation]:
+        """Run every prompt (token ids) through the engine; interceptors see every wanted tensor."""
+        if self.options is None:
+            raise BackendError(f"backend {self.name}: generate() before load()")
+        if sampling.max_new_tokens < 1:
+            raise UsageError("max_new_tokens must be at least 1")
+        vocab = self.vocab_size
+        for i, ids in enumerate(prompts):
+            if ids.ndim != 1 or ids.size == 0:
+                raise UsageError(f"prompt {i} is empty")
+            if ids.min() < 0 or ids.max() >= vocab:
+                raise UsageError(f"prompt {i} has token ids outside the model's vocabulary [0, {vocab})")
+        if not 0 <= sampling.logprobs <= vocab:
+            raise UsageError(f"logprobs must be in [0, {vocab}]")
+        log.info("%s: generating %d request(s), %d new tokens each", self.name, len(prompts),
+                 sampling.max_new_tokens)
+        generations = self._generate(list(prompts), sampling, list(interceptors), on_step)
+        if len(generations) != len(prompts):
+            raise BackendError(f"backend {self.name} returned {len(generations)} results "
+                               f"for {len(prompts)} prompts")
+        return generations
+
+    def _intercept(self, interceptors: Sequence[Interceptor], site: TensorSite,
+                   tensor: EngineTensor) -> EngineTensor | None:
+        """Show ``tensor`` to every interceptor in order; the replacement, if any replaced it."""
+        changed = False
+        for interceptor in interceptors:
+            if interceptor.wants(site.name):
+                new = interceptor.on_tensor(site, tensor)
+                if new is not None:
+                    if tuple(new.shape) != tuple(tensor.shape):
+                        raise BackendError(f"{site.name}: replacement of shape {new.shape} for "
+                                           f"a tensor of shape {tensor.shape}")
+                    tensor, changed = tensor.replaced(new), True
+        return tensor if changed else None
+
+    # -- what engines implement ----------------------------------------------------------------
+    @abstractmethod
+    def _load(self, options: LoadOptions) -> None: ...
+
+    @abstractmethod
+    def _generate(self, prompts: list[np.ndarray], sampling: SamplingParams,
+                  interceptors: list[Interceptor], on_step: StepCallback | None) -> list[Generation]: ...
+
+    @abstractmethod
+    def set_seed(self, seed: int) -> dict[str, int]:
+        """Seed the engine's RNGs; returns ``{rng name: seed}`` for the bundle."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    @abstractmethod
+    def version(self) -> str:
+        """Version of the engine's main package."""
+
+    def engine_info(self) -> dict[str, Any]:
+        """Engine settings that change numerics (recorded in ``meta/run.engine``)."""
+        return {}
+
+    def close(self) -> None:
+        """Release the engine (processes, device memory)."""

@@ -1,0 +1,390 @@
+"""PyTorch + HF transformers: the reference most people trust (``--backend torch``).
+
+The model runs one request at a time in a hand-written decode loop over a ``DynamicCache``
+(no batching, no padding), so every forward pass maps to one step of one request and every
+activation row to one position. Canonical tensors come from forward hooks on the HF modules,
+except q/k/v: HF applies the rotary embedding in a plain function, so ptrace registers an
+attention implementation that wraps the model's own one and sees q, k, v exactly as they enter
+attention (k and v are then the KV cache's own storage, so a replaced k or v persists in the
+cache, as an error-injection what-if needs).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+import ml_dtypes
+import numpy as np
+
+from ptrace.backends.base import (
+    Backend,
+    EngineTensor,
+    Generation,
+    Interceptor,
+    LoadOptions,
+    StepCallback,
+    TensorSite,
+)
+from ptrace.bundle_spec.names import all_names
+from ptrace.bundle_spec.schema import SamplingParams
+from ptrace.errors import BackendError, BackendUnavailableError, ModelError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so listing backends stays cheap
+    import torch
+
+_ATTENTION_NAME = "ptrace"
+
+
+@cache
+def _bit_views() -> dict:
+    """Dtypes numpy lacks: moved across bit-for-bit as integers of the same width."""
+    import torch
+
+    return {
+        torch.bfloat16: (torch.int16, np.dtype(ml_dtypes.bfloat16)),
+        torch.float8_e4m3fn: (torch.int8, np.dtype(ml_dtypes.float8_e4m3fn)),
+        torch.float8_e5m2: (torch.int8, np.dtype(ml_dtypes.float8_e5m2)),
+    }
+
+
+class TorchTensor(EngineTensor):
+    def __init__(self, native: torch.Tensor) -> None:
+        self.native = native
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.native.shape)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.native.dtype).removeprefix("torch.")
+
+    def numpy(self) -> np.ndarray:
+        tensor = self.native.detach().contiguous().cpu()
+        if tensor.dtype in _bit_views():
+            int_dtype, np_dtype = _bit_views()[tensor.dtype]
+            return tensor.view(int_dtype).numpy().copy().view(np_dtype)
+        return tensor.numpy().copy()
+
+    def row_stats(self) -> np.ndarray:
+        import torch
+
+        x = self.native.detach().reshape(self.native.shape[0], -1)
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        var, mean = torch.var_mean(x, dim=1, correction=0)
+        if bool(torch.isfinite(var).all()):  # the common case: one cheap check, no masking
+            lo, hi = torch.aminmax(x, dim=1)
+            absmean = x.abs().mean(dim=1)
+            zeros = torch.zeros_like(mean)
+            stats = torch.stack([lo, hi, mean, var.sqrt(), absmean, zeros, zeros], dim=1)
+        else:
+            finite = torch.isfinite(x)
+            n = finite.sum(dim=1)
+            safe = torch.where(finite, x, 0.0)
+            mean = safe.sum(dim=1) / n
+            var = torch.where(finite, x - mean[:, None], 0.0).pow(2).sum(dim=1) / n
+            lo = torch.where(finite, x, float("inf")).amin(dim=1)
+            hi = torch.where(finite, x, float("-inf")).amax(dim=1)
+            absmean = safe.abs().sum(dim=1) / n
+            none = n == 0
+            lo, hi = lo.masked_fill(none, float("nan")), hi.masked_fill(none, float("nan"))
+            stats = torch.stack([lo, hi, mean, var.sqrt(), absmean,
+                                 torch.isnan(x).sum(dim=1).to(x.dtype),
+                                 torch.isinf(x).sum(dim=1).to(x.dtype)], dim=1)
+        return stats.to(torch.float64).cpu().numpy()
+
+    def replaced(self, array: np.ndarray) -> TorchTensor:
+        import torch
+
+        array = np.ascontiguousarray(array)
+        if self.native.dtype in _bit_views():
+            _, np_dtype = _bit_views()[self.native.dtype]
+            host = torch.from_numpy(array.astype(np_dtype).view(f"i{np_dtype.itemsize}"))
+            host = host.view(self.native.dtype)
+        else:
+            host = torch.from_numpy(array).to(self.native.dtype)
+        return TorchTensor(host.to(self.native.device).reshape(self.native.shape))
+
+
+def _wrapped_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """Attention implementation registered as "ptrace": lets the backend see q/k/v, then
+    delegates to the implementation the model was loaded with."""
+    observe = getattr(module, "_ptrace_observe_qkv", None)
+    if observe is not None:
+        query, key, value = observe(module, query, key, value)
+    return module._ptrace_inner_attention(module, query, key, value, *args, **kwargs)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    description = "PyTorch + HF transformers (reference implementation)"
+    requires = ("torch", "transformers")
+    install_hint = "install it with: pip install 'ptrace[torch]' (or run `make setup`)"
+    dtypes = ("float32", "float16", "bfloat16", "float64")
+
+    def _load(self, options: LoadOptions) -> None:
+        import torch
+        import transformers
+
+        device = torch.device(options.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError(f"device {options.device} requested but torch sees no CUDA GPU",
+                                          hint="use --device cpu")
+        attn = options.engine_options.get("attn_implementation", "sdpa")
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(options.model_dir)
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                options.model_dir, dtype=getattr(torch, options.dtype), attn_implementation=attn,
+            ).to(device).eval()
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"transformers cannot load {options.model_dir}: {exc}") from exc
+        self.device = device
+        self.attn_implementation = attn
+        decoder = self.model.get_decoder()
+        self._layers = list(decoder.layers)
+        self._final_norm = decoder.norm
+
+    # -- engine facts --------------------------------------------------------------------------
+    def set_seed(self, seed: int) -> dict[str, int]:
+        import torch
+
+        torch.manual_seed(seed)
+        return {"torch": seed}
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def version(self) -> str:
+        import torch
+
+        return torch.__version__
+
+    def engine_info(self) -> dict[str, Any]:
+        import torch
+        import transformers
+
+        info: dict[str, Any] = {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "attn_implementation": self.attn_implementation,
+            "num_threads": torch.get_num_threads(),
+            "num_interop_threads": torch.get_num_interop_threads(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "mkldnn_enabled": torch.backends.mkldnn.enabled,
+        }
+        if self.device.type == "cuda":
+            info.update({
+                "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version(),
+                "gpu": torch.cuda.get_device_name(self.device),
+                "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                "allow_tf32_cudnn": torch.backends.cudnn.allow_tf32,
+                "fp16_reduced_precision_reduction":
+                    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+                "bf16_reduced_precision_reduction":
+                    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+            })
+        return info
+
+    # -- generation ----------------------------------------------------------------------------
+    def _generate(self, prompts: list[np.ndarray], sampling: SamplingParams,
+                  interceptors: list[Interceptor], on_step: StepCallback | None) -> list[Generation]:
+        import torch
+
+        wanted = {name for name in all_names(len(self._layers))
+                  if any(i.wants(name) for i in interceptors)}
+        results = []
+        with ExitStack() as hooks, torch.inference_mode():
+            self._site: TensorSite | None = None
+            self._interceptors = interceptors
+            self._install_hooks(wanted, hooks)
+            for index, prompt in enumerate(prompts):
+                results.append(self._generate_one(index, prompt, sampling, wanted, on_step))
+        return results
+
+    def _generate_one(self, index: int, prompt: np.ndarray, sampling: SamplingParams,
+                      wanted: set[str], on_step: StepCallback | None) -> Generation:
+        import torch
+        import transformers
+
+        generator = torch.Generator(device=self.device).manual_seed(sampling.seed + index)
+        cache = transformers.DynamicCache()
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        all_logits = sampling.prompt_logprobs or "logits" in wanted
+        k = sampling.logprobs
+        tokens = torch.as_tensor(prompt, dtype=torch.long, device=self.device)[None]
+        start, output, top_ids, top_lps = 0, [], [], []
+        generation = Generation(output_ids=np.zeros(0, np.int64), topk_ids=np.zeros((0, k), np.int64),
+                                topk_logprobs=np.zeros((0, k), np.float32))
+        for step in range(sampling.max_new_tokens):
+            self._site = TensorSite("", index, step, start)
+            out = self.model(input_ids=tokens, past_key_values=cache, use_cache=True,
+                             logits_to_keep=0 if (step == 0 and all_logits) else 1)
+            logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)
+            if step == 0 and sampling.prompt_logprobs:
+                _fill_prompt_logprobs(generation, logprobs[:-1], prompt, k)
+            last = logprobs[-1]
+            token = _choose(out.logits[0, -1].float(), sampling, generator)
+            values, ids = torch.topk(last, k) if k else (last[:0], last[:0].long())
+            output.append(token)
+            top_ids.append(ids.cpu().numpy())
+            top_lps.append(values.cpu().numpy())
+            if on_step:
+                on_step(index, step)
+            if token in eos_ids and not sampling.ignore_eos:
+                generation.finish_reason = "stop"
+                break
+            start += tokens.shape[1]
+            tokens = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        self._site = None
+        generation.output_ids = np.asarray(output, dtype=np.int64)
+        generation.topk_ids = np.stack(top_ids).astype(np.int64)
+        generation.topk_logprobs = np.stack(top_lps).astype(np.float32)
+        return generation
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _emit(self, name: str, rows: torch.Tensor) -> torch.Tensor | None:
+        """Show one tensor (rows = positions) to the interceptors; the replacement, if any."""
+        if self._site is None:
+            return None
+        site = TensorSite(name, self._site.request, self._site.step, self._site.start)
+        new = self._intercept(self._interceptors, site, TorchTensor(rows))
+        return None if new is None else new.native
+
+    def _install_hooks(self, wanted: set[str], hooks: ExitStack) -> None:
+        def on_output(module: torch.nn.Module, name: str) -> None:
+            def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
+                tensor = output[0] if isinstance(output, tuple) else output
+                new = self._emit(name, tensor[0])
+                if new is None:
+                    return None
+                new = new[None]
+                return (new, *output[1:]) if isinstance(output, tuple) else new
+            hooks.callback(module.register_forward_hook(hook).remove)
+
+        points: dict[str, torch.nn.Module] = {
+            "embed": self.model.get_input_embeddings(),
+            "final_norm": self._final_norm,
+            "logits": self.model.get_output_embeddings(),
+        }
+        for i, layer in enumerate(self._layers):
+            points.update({
+                f"layers.{i}.attn_norm": layer.input_layernorm,
+                f"layers.{i}.attn": layer.self_attn,
+                f"layers.{i}.mlp_norm": layer.post_attention_layernorm,
+                f"layers.{i}.mlp": layer.mlp,
+                f"layers.{i}.out": layer,
+            })
+        for name, module in points.items():
+            if name in wanted:
+                on_output(module, name)
+        qkv_layers = {i for i in range(len(self._layers))
+                      if wanted & {f"layers.{i}.q", f"layers.{i}.k", f"layers.{i}.v"}}
+        if qkv_layers:
+            self._wrap_attention(qkv_layers, wanted, hooks)
+
+    def _wrap_attention(self, layers: set[int], wanted: set[str], hooks: ExitStack) -> None:
+        from transformers import AttentionInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        AttentionInterface.register(_ATTENTION_NAME, _wrapped_attention)
+        for i in layers:
+            attention = self._layers[i].self_attn
+            attention._ptrace_inner_attention = _inner_attention(attention, self.attn_implementation,
+                                                                 ALL_ATTENTION_FUNCTIONS)
+            attention._ptrace_observe_qkv = self._qkv_observer(i, wanted)
+            hooks.callback(_forget, attention, ("_ptrace_inner_attention", "_ptrace_observe_qkv"))
+        config = self.model.config
+        original = config._attn_implementation
+        config._attn_implementation = _ATTENTION_NAME
+        hooks.callback(setattr, config, "_attn_implementation", original)
+
+    def _qkv_observer(self, layer: int, wanted: set[str]) -> Callable:
+        def observe(_module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            new_positions = query.shape[2]
+            # [batch, heads, positions, head_dim] -> rows [positions, heads, head_dim]
+            if f"layers.{layer}.q" in wanted:
+                new = self._emit(f"layers.{layer}.q", query[0].transpose(0, 1))
+                if new is not None:
+                    query = new.transpose(0, 1)[None].contiguous()
+            for part, states in (("k", key), ("v", value)):
+                if f"layers.{layer}.{part}" in wanted:
+                    # Only the new positions are this step's; earlier ones are cached history.
+                    rows = states[0, :, -new_positions:].transpose(0, 1)
+                    new = self._emit(f"layers.{layer}.{part}", rows)
+                    if new is not None:  # in place: the cache keeps the replaced values
+                        states[0, :, -new_positions:] = new.transpose(0, 1)
+            return query, key, value
+        return observe
+
+
+def _inner_attention(attention: torch.nn.Module, implementation: str, registry: Any) -> Callable:
+    """The attention function the model would have used without ptrace."""
+    if implementation == "eager":
+        module = sys.modules[type(attention).__module__]
+        if not hasattr(module, "eager_attention_forward"):
+            raise BackendError(f"{type(attention).__name__} has no eager_attention_forward to wrap")
+        return module.eager_attention_forward
+    return registry[implementation]
+
+
+def _forget(obj: object, names: Sequence[str]) -> None:
+    for name in names:
+        if hasattr(obj, name):
+            delattr(obj, name)
+
+
+def _choose(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:
+    """Greedy argmax, or seeded sampling with temperature, top-k and top-p."""
+    import torch
+
+    if sampling.greedy:
+        return int(torch.argmax(logits))
+    scores = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = torch.topk(scores, min(sampling.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=True)
+        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(ordered, dim=-1) >= sampling.top_p
+        scores = scores.scatter(0, order, ordered.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _fill_prompt_logprobs(generation: Generation, logprobs: torch.Tensor, prompt: np.ndarray,
+                          k: int) -> None:
+    """Row i of the prefill's logprobs predicts prompt token i+1 (SPEC.md section 2)."""
+    import torch
+
+    positions = prompt.shape[0]
+    token_lp = np.full(positions, np.nan, dtype=np.float32)
+    top_ids = np.full((positions, k), -1, dtype=np.int64)
+    top_lps = np.full((positions, k), np.nan, dtype=np.float32)
+    if positions > 1:
+        targets = torch.as_tensor(prompt[1:], dtype=torch.long, device=logprobs.device)
+        token_lp[1:] = logprobs.gather(1, targets[:, None])[:, 0].cpu().numpy()
+        if k:
+            values, ids = torch.topk(logprobs, k, dim=-1)
+            top_ids[1:], top_lps[1:] = ids.cpu().numpy(), values.cpu().numpy()
+    generation.prompt_logprobs = token_lp
+    generation.prompt_topk_ids = top_ids
+    generation.prompt_topk_logprobs = top_lps

@@ -1,0 +1,25 @@
+"""The bundle format: SPEC.md (beside this file) first, this code second.
+
+``open_bundle`` reads, ``validate_bundle`` checks, ``BundleWriter`` writes, ``pack``/``unpack``
+convert between the directory and zip forms.
+"""
+
+from ptrace.bundle_spec.reader import Bundle, open_bundle, validate_bundle
+from ptrace.bundle_spec.schema import (
+    SPEC_VERSION,
+    EnvironmentInfo,
+    Manifest,
+    ModelInfo,
+    RequestRecord,
+    RequestsInfo,
+    RunInfo,
+    SamplingParams,
+)
+from ptrace.bundle_spec.store import pack, unpack
+from ptrace.bundle_spec.writer import BundleWriter
+
+__all__ = [
+    "SPEC_VERSION", "Bundle", "BundleWriter", "EnvironmentInfo", "Manifest", "ModelInfo",
+    "RequestRecord", "RequestsInfo", "RunInfo", "SamplingParams", "open_bundle", "pack",
+    "unpack", "validate_bundle",
+]

@@ -1,0 +1,69 @@
+"""Canonical tensor names (SPEC.md section 5): the vocabulary every backend maps to.
+
+A capture from one engine lines up with a replay on another only because both call the same
+tensor ``layers.3.mlp``. The forward order defined here decides which divergent tensor is the
+*first* one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+
+#: Per-layer tensors, in forward order within a layer.
+LAYER_PARTS: tuple[str, ...] = ("attn_norm", "q", "k", "v", "attn", "mlp_norm", "mlp", "out")
+
+#: What ``ptrace capture`` records when ``--tensors`` is not given.
+DEFAULT_PATTERNS: tuple[str, ...] = ("layers.*.out", "logits")
+
+#: Prefix of engine-specific extra tensors, never compared by default.
+EXTRA_PREFIX = "x."
+
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.([a-z_]+)$")
+
+
+def all_names(num_layers: int) -> list[str]:
+    """Every canonical name of a model with ``num_layers`` decoder layers, in forward order."""
+    names = ["embed"]
+    for i in range(num_layers):
+        names.extend(f"layers.{i}.{part}" for part in LAYER_PARTS)
+    names.extend(["final_norm", "logits"])
+    return names
+
+
+def is_canonical(name: str) -> bool:
+    """True for ``embed``, ``final_norm``, ``logits``, ``layers.{i}.{part}`` and ``x.*`` extras."""
+    if name in ("embed", "final_norm", "logits") or name.startswith(EXTRA_PREFIX):
+        return True
+    match = _LAYER_RE.match(name)
+    return bool(match) and match.group(2) in LAYER_PARTS
+
+
+def forward_key(name: str) -> tuple[int, int, int]:
+    """Sort key putting names in forward order (extras last)."""
+    if name == "embed":
+        return (0, 0, 0)
+    match = _LAYER_RE.match(name)
+    if match and match.group(2) in LAYER_PARTS:
+        return (1, int(match.group(1)), LAYER_PARTS.index(match.group(2)))
+    if name == "final_norm":
+        return (2, 0, 0)
+    if name == "logits":
+        return (3, 0, 0)
+    return (4, 0, 0)
+
+
+def sort_forward(names: Iterable[str]) -> list[str]:
+    return sorted(names, key=lambda n: (forward_key(n), n))
+
+
+def select(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The names matching any glob pattern (``layers.*.out``, ``layers.[0-3].*``), forward order."""
+    return sort_forward(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+
+
+def layer_index(name: str) -> int | None:
+    """The layer number of a per-layer name, else None."""
+    match = _LAYER_RE.match(name)
+    return int(match.group(1)) if match else None

@@ -1,0 +1,170 @@
+"""The metadata documents of a bundle (SPEC.md section 3), one frozen dataclass each.
+
+Each has ``to_dict``/``from_dict``; ``from_dict`` ignores unknown keys (newer writers may add
+some) and reports a missing required key as a corrupt bundle. The documents are plain data:
+serialising them is the writer's job (msgpack), not theirs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self
+
+from ptrace.errors import BundleCorruptError
+
+#: The newest spec version this code reads and the one it writes.
+SPEC_VERSION = 1
+#: Root-group attribute key that marks a Zarr hierarchy as a ptrace bundle.
+ROOT_ATTRIBUTE = "ptrace_bundle"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Document):
+        return value.to_dict()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class Document:
+    """Mixin: dict round-trip for a frozen dataclass; ``_nested`` names fields holding documents."""
+
+    path: ClassVar[str] = ""
+    _nested: ClassVar[dict[str, type[Document]]] = {}
+    _nested_maps: ClassVar[dict[str, type[Document]]] = {}
+    _nested_lists: ClassVar[dict[str, type[Document]]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        if not isinstance(data, Mapping):
+            raise BundleCorruptError(f"{cls.path or cls.__name__} is not a map")
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name not in data:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise BundleCorruptError(f"{cls.path or cls.__name__} lacks the key {f.name!r}")
+                continue
+            value = data[f.name]
+            if f.name in cls._nested:
+                value = cls._nested[f.name].from_dict(value)
+            elif f.name in cls._nested_maps:
+                value = {k: cls._nested_maps[f.name].from_dict(v) for k, v in value.items()}
+            elif f.name in cls._nested_lists:
+                value = tuple(cls._nested_lists[f.name].from_dict(v) for v in value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ArrayRecord(Document):
+    """An array's entry in the manifest: what must be there, and its whole-content CRC-32C."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    crc32c: int
+
+
+@dataclass(frozen=True)
+class Manifest(Document):
+    path: ClassVar[str] = "meta/manifest"
+    _nested_maps: ClassVar[dict[str, type[Document]]] = {"arrays": ArrayRecord}
+
+    spec_version: int
+    ptrace_version: str
+    bundle_id: str
+    created: str
+    command: tuple[str, ...]
+    complete: bool
+    mode: str
+    tensor_names: tuple[str, ...]
+    arrays: Mapping[str, ArrayRecord] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelInfo(Document):
+    path: ClassVar[str] = "meta/model"
+
+    model_path: str
+    name: str
+    architecture: str
+    config: Mapping[str, Any]
+    weights: Mapping[str, str]
+    tokenizer: Mapping[str, str]
+    fingerprint: str
+    tokenizer_fingerprint: str
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.get("num_hidden_layers", 0))
+
+
+@dataclass(frozen=True)
+class SamplingParams(Document):
+    """How tokens are chosen. ``temperature == 0`` is greedy; logprobs are always from raw logits."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    max_new_tokens: int = 20
+    ignore_eos: bool = True
+    logprobs: int = 20
+    prompt_logprobs: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class RunInfo(Document):
+    path: ClassVar[str] = "meta/run"
+    _nested: ClassVar[dict[str, type[Document]]] = {"sampling": SamplingParams}
+
+    backend: str
+    backend_version: str
+    dtype: str
+    device: str
+    seeds: Mapping[str, int]
+    sampling: SamplingParams
+    capture: Mapping[str, Any]
+    engine: Mapping[str, Any] = field(default_factory=dict)
+    engine_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EnvironmentInfo(Document):
+    path: ClassVar[str] = "meta/environment"
+
+    python: Mapping[str, Any]
+    os: Mapping[str, Any]
+    hardware: Mapping[str, Any]
+    packages: Mapping[str, str | None]
+    env: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class RequestRecord(Document):
+    index: int
+    prompt: str | None
+    prompt_len: int
+    output_len: int
+    output_text: str | None = None
+    finish_reason: str = "length"
+
+
+@dataclass(frozen=True)
+class RequestsInfo(Document):
+    path: ClassVar[str] = "meta/requests"
+    _nested_lists: ClassVar[dict[str, type[Document]]] = {"requests": RequestRecord}
+
+    requests: tuple[RequestRecord, ...]

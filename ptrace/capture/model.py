@@ -1,0 +1,67 @@
+"""Model directories: checked before anything heavy starts, and fingerprinted for replay.
+
+A replay must run the *same* weights; the sha256 of every weight file and tokenizer file is the
+proof, cheap next to running the model and exact where names and versions are not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ptrace.bundle_spec.schema import ModelInfo
+from ptrace.errors import ModelError, ModelNotFoundError
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "special_tokens_map.json", "added_tokens.json")
+
+
+def sha256_file(path: Path, block: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _combined(hashes: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{n}={h}\n" for n, h in sorted(hashes.items())).encode()).hexdigest()
+
+
+def read_config(model_dir: Path) -> dict:
+    """``config.json`` of a model directory, or a :class:`ModelError` saying what is wrong."""
+    if not model_dir.exists():
+        raise ModelNotFoundError(f"model directory {model_dir} does not exist")
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir} is not a directory",
+                         hint="--model takes a directory with config.json, weights and tokenizer")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{config_path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("num_hidden_layers"), int):
+        raise ModelError(f"{config_path} lacks num_hidden_layers: not a decoder-only LM config")
+    return config
+
+
+def describe_model(model_dir: str | Path) -> ModelInfo:
+    """Check a model directory and fingerprint its weights and tokenizer."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    weight_files = sorted({p for pattern in WEIGHT_PATTERNS for p in model_dir.glob(pattern)})
+    if not weight_files:
+        raise ModelError(f"{model_dir} has no weight files ({', '.join(WEIGHT_PATTERNS)})")
+    weights = {p.name: sha256_file(p) for p in weight_files}
+    tokenizer = {name: sha256_file(model_dir / name) for name in TOKENIZER_FILES
+                 if (model_dir / name).is_file()}
+    architectures = config.get("architectures") or ["unknown"]
+    return ModelInfo(
+        model_path=str(model_dir), name=model_dir.resolve().name, architecture=str(architectures[0]),
+        config=config, weights=weights, tokenizer=tokenizer, fingerprint=_combined(weights),
+        tokenizer_fingerprint=_combined(tokenizer),
+    )

@@ -1,0 +1,182 @@
+"""``capture``: run a model on one engine and freeze the run into a bundle."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ptrace.backends.base import Backend, Interceptor, LoadOptions
+from ptrace.backends.registry import create_backend
+from ptrace.bundle_spec import names as canonical
+from ptrace.bundle_spec.schema import RequestRecord, RequestsInfo, RunInfo, SamplingParams
+from ptrace.bundle_spec.store import claim_output
+from ptrace.bundle_spec.writer import BundleWriter
+from ptrace.capture.environment import Redactor, collect_environment
+from ptrace.capture.inputs import Prompt, resolve_prompts
+from ptrace.capture.model import describe_model
+from ptrace.capture.recorder import StepSelection, TensorRecorder
+from ptrace.errors import BackendError, UsageError
+
+log = logging.getLogger("ptrace.capture")
+
+MODES = ("full", "stats")
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Everything ``ptrace capture`` takes; the CLI builds one of these from its flags."""
+
+    backend: str
+    model: str | Path
+    output: str | Path
+    dtype: str = "float32"
+    device: str = "cpu"
+    prompts: tuple[str, ...] = ()
+    prompts_file: Path | None = None
+    random_input_ids: int | None = None
+    num_requests: int = 1
+    seed: int = 0
+    max_new_tokens: int = 20
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    logprobs: int = 20
+    prompt_logprobs: bool = True
+    ignore_eos: bool = True
+    tensors: tuple[str, ...] = canonical.DEFAULT_PATTERNS
+    steps: str | None = None
+    mode: str = "full"
+    engine_options: Mapping[str, str] = field(default_factory=dict)
+    overwrite: bool = False
+    command: tuple[str, ...] | None = None
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              seed=self.seed, max_new_tokens=self.max_new_tokens,
+                              ignore_eos=self.ignore_eos, logprobs=self.logprobs,
+                              prompt_logprobs=self.prompt_logprobs)
+
+
+#: Progress callback: ``(steps done, steps in total)``.
+Progress = Callable[[int, int], None]
+
+
+def _check(config: CaptureConfig) -> StepSelection:
+    if config.mode not in MODES:
+        raise UsageError(f"unknown mode {config.mode!r}", hint="use --mode full or --mode stats")
+    if config.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    if config.temperature < 0 or not 0 < config.top_p <= 1 or config.top_k < 0 or config.logprobs < 0:
+        raise UsageError("sampling needs temperature >= 0, 0 < top-p <= 1, top-k >= 0, logprobs >= 0")
+    return StepSelection.parse(config.steps)
+
+
+def _select_tensors(patterns: Sequence[str], num_layers: int) -> list[str]:
+    known = canonical.all_names(num_layers)
+    selected = canonical.select(known, patterns)
+    unmatched = [p for p in patterns if not canonical.select(known, [p])]
+    if unmatched:
+        raise UsageError(f"--tensors {', '.join(unmatched)} matches no canonical tensor",
+                         hint=f"names are embed, layers.{{0..{num_layers - 1}}}."
+                              f"{{{','.join(canonical.LAYER_PARTS)}}}, final_norm, logits")
+    return selected
+
+
+def capture(config: CaptureConfig, *, progress: Progress | None = None,
+            interceptors: Sequence[Interceptor] = ()) -> Path:
+    """Run ``config`` and write its bundle; returns the bundle's path.
+
+    ``interceptors`` run before the recorder, so a tensor they replace is recorded as replaced
+    (this is how error-injection what-ifs are captured).
+    """
+    steps = _check(config)
+    output = Path(config.output)
+    claim_output(output, config.overwrite)  # before the expensive part, not after it
+    model = describe_model(config.model)
+    names = _select_tensors(config.tensors, model.num_layers)
+    command = list(config.command if config.command is not None else sys.argv)
+    redactor = Redactor.from_environment(os.environ, command)
+
+    backend = create_backend(config.backend)
+    try:
+        seeds = _seed_everything(backend, config.seed)
+        backend.load(LoadOptions(Path(config.model), config.dtype, config.device, dict(config.engine_options)))
+        prompts = resolve_prompts(texts=config.prompts, prompts_file=config.prompts_file,
+                                  random_input_ids=config.random_input_ids,
+                                  num_requests=config.num_requests, seed=config.seed,
+                                  tokenize=backend.tokenize)
+        sampling = config.sampling()
+        with BundleWriter(output, overwrite=config.overwrite) as writer:
+            recorder = TensorRecorder(writer, names, config.mode, steps)
+            total = len(prompts) * sampling.max_new_tokens
+            done = 0
+
+            def on_step(_request: int, _step: int) -> None:
+                nonlocal done
+                done += 1
+                if progress:
+                    progress(done, total)
+
+            generations = backend.generate([p.ids for p in prompts], sampling,
+                                           [*interceptors, recorder], on_step)
+            _check_coverage(backend, recorder, names, steps)
+            records = _write_requests(writer, backend, prompts, generations, recorder)
+            run = RunInfo(backend=backend.name, backend_version=backend.version(), dtype=config.dtype,
+                          device=config.device, seeds=seeds, sampling=sampling,
+                          capture={"tensors": list(config.tensors), "steps": config.steps,
+                                   "mode": config.mode},
+                          engine=backend.engine_info(), engine_options=dict(config.engine_options))
+            for document in (model, run, collect_environment(), RequestsInfo(tuple(records))):
+                writer.write_document(type(document).from_dict(redactor.scrub(document.to_dict())))
+            from ptrace import __version__
+
+            return writer.commit(ptrace_version=__version__, command=redactor.scrub(command),
+                                 mode=config.mode, tensor_names=names)
+    finally:
+        backend.close()
+
+
+def _seed_everything(backend: Backend, seed: int) -> dict[str, int]:
+    random.seed(seed)
+    np.random.seed(seed)
+    return {"python": seed, "numpy": seed, **backend.set_seed(seed)}
+
+
+def _check_coverage(backend: Backend, recorder: TensorRecorder, names: list[str],
+                    steps: StepSelection) -> None:
+    """Never let an engine that silently skipped hooks produce an empty capture that looks fine."""
+    if not recorder.captured_any:  # no selected step ran (e.g. --steps beyond the end)
+        raise UsageError("no step selected by --steps was run", hint="check --steps and --max-new-tokens")
+    missing = [n for n in names if n not in recorder.seen]
+    if missing:
+        raise BackendError(f"backend {backend.name} produced no {', '.join(missing[:5])}"
+                           f"{' ...' if len(missing) > 5 else ''}: its hooks did not fire")
+
+
+def _write_requests(writer: BundleWriter, backend: Backend, prompts: list[Prompt],
+                    generations: list, recorder: TensorRecorder) -> list[RequestRecord]:
+    records = []
+    for index, (prompt, generation) in enumerate(zip(prompts, generations, strict=True)):
+        prefix = f"requests/{index}"
+        writer.write_array(f"{prefix}/prompt_ids", prompt.ids)
+        writer.write_array(f"{prefix}/output_ids", generation.output_ids)
+        writer.write_array(f"{prefix}/topk_ids", generation.topk_ids)
+        writer.write_array(f"{prefix}/topk_logprobs", generation.topk_logprobs)
+        for leaf in ("prompt_logprobs", "prompt_topk_ids", "prompt_topk_logprobs"):
+            value = getattr(generation, leaf)
+            if value is not None:
+                writer.write_array(f"{prefix}/{leaf}", value)
+        writer.write_array(f"{prefix}/positions", recorder.positions(index))
+        records.append(RequestRecord(
+            index=index, prompt=prompt.text, prompt_len=int(prompt.ids.shape[0]),
+            output_len=int(generation.output_ids.shape[0]),
+            output_text=backend.detokenize(generation.output_ids.tolist()),
+            finish_reason=generation.finish_reason))
+    return records

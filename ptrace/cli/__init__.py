@@ -1,0 +1,73 @@
+"""The ``ptrace`` command: one file per command, each a thin layer over the library.
+
+``main`` is the only place errors become exit codes: a :class:`~ptrace.errors.PtraceError`
+prints one line on stderr; anything else too, unless ``--debug`` asks for the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import click
+import typer
+
+from ptrace.cli.backends import backends
+from ptrace.cli.capture import capture
+from ptrace.cli.console import console
+from ptrace.cli.inspect import inspect
+from ptrace.cli.pack import pack, unpack
+from ptrace.cli.validate import validate
+from ptrace.errors import PtraceError
+
+app = typer.Typer(
+    name="ptrace",
+    help="Find where and why two LLM inference engines disagree.\n\n"
+         "capture a run into a bundle, inspect or validate it, pack it for a bug report.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _global(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+) -> None:
+    console.debug = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+app.command(rich_help_panel="Run")(capture)
+app.command(rich_help_panel="Bundles")(inspect)
+app.command(rich_help_panel="Bundles")(validate)
+app.command(rich_help_panel="Bundles")(pack)
+app.command(rich_help_panel="Bundles")(unpack)
+app.command(rich_help_panel="Engines")(backends)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        console.error("interrupted")
+        code = 130
+    except PtraceError as exc:
+        if console.debug:
+            raise
+        console.error(str(exc))
+        code = exc.exit_code
+    except Exception as exc:  # an engine's own failure: still one line, with the way to more
+        if console.debug:
+            raise
+        console.error(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)

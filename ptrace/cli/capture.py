@@ -1,0 +1,81 @@
+"""``ptrace capture``: run a model on one engine and freeze the run into a bundle."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ptrace.cli import options as opt
+from ptrace.cli.console import console
+
+
+def capture(
+    backend: opt.Backend,
+    model: opt.Model,
+    output: opt.Output,
+    dtype: opt.Dtype = "float32",
+    device: opt.Device = "cpu",
+    engine_option: opt.EngineOption = None,
+    prompt: Annotated[list[str] | None, typer.Option(
+        "--prompt", "-p", rich_help_panel=opt.INPUTS, help="Prompt text, repeatable (one request each).")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(
+        rich_help_panel=opt.INPUTS,
+        help="File with one prompt per line, or JSONL objects with 'prompt' or 'prompt_token_ids'.")] = None,
+    random_input_ids: Annotated[int | None, typer.Option(
+        rich_help_panel=opt.INPUTS, metavar="N",
+        help="N random token ids in [100, 2000), as np.random.seed(SEED); np.random.randint(...).")] = None,
+    num_requests: Annotated[int, typer.Option(
+        rich_help_panel=opt.INPUTS, help="Number of random prompts (with --random-input-ids).")] = 1,
+    seed: Annotated[int, typer.Option(
+        rich_help_panel=opt.SAMPLING, help="Seed for python, numpy, the engine and sampling.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(rich_help_panel=opt.SAMPLING)] = 20,
+    temperature: Annotated[float, typer.Option(
+        rich_help_panel=opt.SAMPLING, help="0 = greedy (default); > 0 samples with --seed.")] = 0.0,
+    top_p: Annotated[float, typer.Option(rich_help_panel=opt.SAMPLING)] = 1.0,
+    top_k: Annotated[int, typer.Option(rich_help_panel=opt.SAMPLING, help="0 = off.")] = 0,
+    logprobs: Annotated[int, typer.Option(
+        rich_help_panel=opt.SAMPLING, help="How many top logprobs to record per step.")] = 20,
+    stop_at_eos: Annotated[bool, typer.Option(
+        rich_help_panel=opt.SAMPLING,
+        help="Stop a request at EOS (default: always generate --max-new-tokens, so runs align).")] = False,
+    tensors: Annotated[list[str] | None, typer.Option(
+        "--tensors", "-t", rich_help_panel=opt.WHAT,
+        help="Glob over canonical names, repeatable or comma-separated "
+             "(default: 'layers.*.out,logits'; everything: '*').")] = None,
+    steps: Annotated[str | None, typer.Option(
+        rich_help_panel=opt.WHAT,
+        help="Steps to capture: 0 = prefill, s = decode of token s; e.g. 0-4, 10-, 0,5-7.")] = None,
+    mode: Annotated[str, typer.Option(
+        rich_help_panel=opt.WHAT,
+        help="full = tensors + per-position stats (lossless); stats = stats only (small).")] = "full",
+    no_prompt_logprobs: Annotated[bool, typer.Option(
+        rich_help_panel=opt.WHAT, help="Skip prompt logprobs (saves the LM head over the prompt).")] = False,
+    overwrite: opt.Overwrite = False,
+) -> None:
+    """Run a model on one engine and freeze the run into a bundle.
+
+    Example: the seed document's stage-1 input, 20 greedy tokens, every layer output and the logits:
+
+        ptrace capture -b torch -m examples/tiny-qwen2 --random-input-ids 128 --seed 42 -o run.zarr
+    """
+    from ptrace.bundle_spec.names import DEFAULT_PATTERNS
+    from ptrace.capture import CaptureConfig
+    from ptrace.capture import capture as run_capture
+
+    patterns = tuple(p.strip() for item in (tensors or []) for p in item.split(",") if p.strip())
+    config = CaptureConfig(
+        backend=backend, model=model, output=output, dtype=dtype, device=device,
+        prompts=tuple(prompt or ()), prompts_file=prompts_file, random_input_ids=random_input_ids,
+        num_requests=num_requests, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, top_k=top_k, logprobs=logprobs, prompt_logprobs=not no_prompt_logprobs,
+        ignore_eos=not stop_at_eos, tensors=patterns or DEFAULT_PATTERNS, steps=steps, mode=mode,
+        engine_options=opt.parse_key_values(engine_option), overwrite=overwrite,
+        command=("ptrace", *sys.argv[1:]),
+    )
+    with console.progress(f"capture on {backend}") as update:
+        path = run_capture(config, progress=update)
+    console.success(f"wrote {path}")
+    console.print(f"next: ptrace inspect {path}")

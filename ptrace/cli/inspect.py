@@ -1,0 +1,93 @@
+"""``ptrace inspect``: what a bundle holds, for people (or ``--json`` for machines)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from ptrace.cli import options as opt
+from ptrace.cli.console import console
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return str(nbytes)
+
+
+def _short(text: str | None, limit: int = 100) -> str:
+    if text is None:
+        return "(token ids)"
+    text = text.replace("\n", "⏎")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _fields(title: str, items: dict[str, Any]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left", title_style="bold")
+    table.add_column(style="cyan")
+    table.add_column()
+    for key, value in items.items():
+        table.add_row(Text(key), Text(str(value)))
+    return table
+
+
+def inspect(
+    bundle: Annotated[Path, typer.Argument(help="Bundle: *.zarr directory or *.zarr.zip file.")],
+    as_json: opt.Json = False,
+) -> None:
+    """Show a bundle: model, run, environment, inputs, generated text and captured tensors."""
+    from ptrace.bundle_spec import open_bundle
+    from ptrace.bundle_spec.summary import describe
+
+    with open_bundle(bundle) as opened:
+        info = describe(opened)
+    if as_json:
+        console.json(info)
+        return
+    meta, model, run, env = info["bundle"], info["model"], info["run"], info["environment"]
+    console.print(_fields("Bundle", {
+        "path": info["path"], "spec version": meta["spec_version"], "bundle id": meta["bundle_id"],
+        "created": meta["created"], "written by": f"ptrace {meta['ptrace_version']}",
+        "mode": meta["mode"], "command": " ".join(meta["command"])}))
+    console.print(_fields("Model", {
+        "name": model["name"], "architecture": model["architecture"],
+        "layers / hidden / vocab": f"{model['layers']} / {model['hidden_size']} / {model['vocab_size']}",
+        "fingerprint": model["fingerprint"][:16], "weights": ", ".join(model["weights"])}))
+    sampling = run["sampling"]
+    console.print(_fields("Run", {
+        "backend": f"{run['backend']} {run['backend_version']}", "dtype / device": f"{run['dtype']} / {run['device']}",
+        "seeds": run["seeds"], "sampling": "greedy" if sampling["temperature"] == 0 else
+        f"temperature {sampling['temperature']}, top-p {sampling['top_p']}, top-k {sampling['top_k']}",
+        "max new tokens": sampling["max_new_tokens"], "top logprobs": sampling["logprobs"],
+        "engine": run["engine"]}))
+    packages = {k: v for k, v in env["packages"].items() if v}
+    console.print(_fields("Environment", {
+        "python": env["python"]["version"], "os": env["os"]["platform"], "cpu": env["hardware"]["cpu"],
+        "accelerators": ", ".join(a["name"] for a in env["hardware"]["accelerators"]) or "none",
+        "packages": ", ".join(f"{k} {v}" for k, v in packages.items()),
+        "numerics env": env["env"] or "none"}))
+    requests = Table(title="Requests", title_justify="left", title_style="bold")
+    for column in ("#", "prompt", "tokens in", "tokens out", "generated"):
+        requests.add_column(column)
+    for r in info["requests"]:
+        requests.add_row(str(r["index"]), Text(_short(r["prompt"], 40)), str(r["prompt_len"]),
+                         str(r["output_len"]), Text(_short(r["output_text"], 60)))
+    console.print(requests)
+    tensors = Table(title=f"Tensors ({meta['mode']} mode)", title_justify="left", title_style="bold")
+    tensors.add_column("name", no_wrap=True)
+    for column in ("rows×shape (req 0)", "dtype", "size", "mean |x|", "max |x|", "NaN/Inf"):
+        tensors.add_column(column, no_wrap=True)
+    for t in info["tensors"]:
+        s = t["stats"]
+        peak = max(abs(s.get("min", 0.0)), abs(s.get("max", 0.0))) if s else float("nan")
+        shape = "×".join(map(str, t["shape_request0"])) if t["shape_request0"] else "stats only"
+        tensors.add_row(Text(t["name"]), shape, str(t["dtype"] or "-"),
+                        _size(t["bytes"]), f"{s.get('abs_mean', float('nan')):.4g}", f"{peak:.4g}",
+                        f"{s.get('nan_count', 0)}/{s.get('inf_count', 0)}")
+    console.print(tensors)

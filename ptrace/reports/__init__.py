@@ -1,0 +1,1 @@
+"""Reports: render comparison results as a self-contained HTML page (issue #3)."""
