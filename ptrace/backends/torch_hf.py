@@ -36,7 +36,7 @@ from ptrace.errors import BackendError, BackendUnavailableError, ModelError
 if TYPE_CHECKING:  # torch is imported where it is used, so listing backends stays cheap
     import torch
 
-_ATTENTION_NAME = "ptrace"
+_ATTENTION_PREFIX = "ptrace_"
 
 
 @cache
@@ -113,7 +113,7 @@ class TorchTensor(EngineTensor):
 
 def _wrapped_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                        value: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    """Attention implementation registered as "ptrace": lets the backend see q/k/v, then
+    """Attention implementation registered as "ptrace_<inner>": lets the backend see q/k/v, then
     delegates to the implementation the model was loaded with."""
     observe = getattr(module, "_ptrace_observe_qkv", None)
     if observe is not None:
@@ -301,18 +301,25 @@ class TorchBackend(Backend):
 
     def _wrap_attention(self, layers: set[int], wanted: set[str], hooks: ExitStack) -> None:
         from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        AttentionInterface.register(_ATTENTION_NAME, _wrapped_attention)
-        for i in layers:
-            attention = self._layers[i].self_attn
+        # HF builds the attention mask by implementation name (and builds none for unknown
+        # names), so the wrapper is registered with the wrapped implementation's mask function:
+        # observing q/k/v must not change a single bit of the computation.
+        name = f"{_ATTENTION_PREFIX}{self.attn_implementation}"
+        AttentionInterface.register(name, _wrapped_attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[self.attn_implementation])
+        for i, layer in enumerate(self._layers):  # the config switch applies to every layer
+            attention = layer.self_attn
             attention._ptrace_inner_attention = _inner_attention(attention, self.attn_implementation,
                                                                  ALL_ATTENTION_FUNCTIONS)
-            attention._ptrace_observe_qkv = self._qkv_observer(i, wanted)
+            if i in layers:
+                attention._ptrace_observe_qkv = self._qkv_observer(i, wanted)
             hooks.callback(_forget, attention, ("_ptrace_inner_attention", "_ptrace_observe_qkv"))
         config = self.model.config
         original = config._attn_implementation
-        config._attn_implementation = _ATTENTION_NAME
+        config._attn_implementation = name
         hooks.callback(setattr, config, "_attn_implementation", original)
 
     def _qkv_observer(self, layer: int, wanted: set[str]) -> Callable:

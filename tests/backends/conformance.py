@@ -1,0 +1,168 @@
+"""The conformance suite every backend passes (like zarr's StoreTests).
+
+Subclass :class:`BackendTests`, set ``backend`` (and ``model_fixture`` if not the example
+model): every engine must lay out tensors the same way, let interceptors replace them, and
+produce well-formed outputs. Nothing here knows which engine it runs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from ptrace.backends.base import Backend, EngineTensor, Interceptor, LoadOptions, TensorSite
+from ptrace.backends.registry import create_backend
+from ptrace.bundle_spec.names import all_names
+from ptrace.bundle_spec.schema import SamplingParams
+from ptrace.errors import UsageError
+
+PROMPTS = [np.array([11, 400, 1200, 1999, 7], np.int64), np.array([300, 301, 302, 303, 304, 305, 306, 1500, 9], np.int64)]
+NEW_TOKENS = 4
+
+
+class Keep(Interceptor):
+    """Keeps a copy of every tensor it sees, by (name, request, step)."""
+
+    def __init__(self, names: set[str] | None = None) -> None:
+        self.names = names
+        self.seen: dict[tuple[str, int, int], tuple[TensorSite, np.ndarray]] = {}
+
+    def wants(self, name: str) -> bool:
+        return self.names is None or name in self.names
+
+    def on_tensor(self, site: TensorSite, tensor: EngineTensor) -> None:
+        self.seen[(site.name, site.request, site.step)] = (site, tensor.numpy())
+
+    def rows(self, name: str, request: int) -> np.ndarray:
+        steps = sorted(s for (n, r, s) in self.seen if n == name and r == request)
+        return np.concatenate([self.seen[(name, request, s)][1] for s in steps])
+
+
+class Replace(Interceptor):
+    """Replaces one tensor at one step with a function of it."""
+
+    def __init__(self, name: str, step: int, fn) -> None:
+        self.name, self.step, self.fn = name, step, fn
+
+    def wants(self, name: str) -> bool:
+        return name == self.name
+
+    def on_tensor(self, site: TensorSite, tensor: EngineTensor) -> np.ndarray | None:
+        return self.fn(tensor.numpy()) if site.step == self.step else None
+
+
+class BackendTests:
+    backend: str = ""
+    dtype: str = "float32"
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def engine(cls, example_model) -> Backend:
+        engine = create_backend(cls.backend)
+        engine.set_seed(0)
+        engine.load(LoadOptions(example_model, cls.dtype, "cpu"))
+        yield engine
+        engine.close()
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def config(cls, engine):
+        from ptrace.capture.model import read_config
+
+        return read_config(engine.options.model_dir)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def everything(cls, engine):
+        """One run with every canonical tensor observed."""
+        keep = Keep()
+        generations = engine.generate(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, logprobs=5), [keep])
+        return keep, generations
+
+    def test_observing_changes_nothing(self, engine, everything):
+        """A run with every tensor observed is bit-identical to a run with none."""
+        _, observed = everything
+        plain = engine.generate(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, logprobs=5))
+        for a, b in zip(observed, plain, strict=True):
+            assert a.output_ids.tolist() == b.output_ids.tolist()
+            assert len(a.output_ids) == NEW_TOKENS
+            assert a.topk_logprobs.tobytes() == b.topk_logprobs.tobytes()
+
+    def test_every_canonical_tensor_arrives_with_rows_as_positions(self, everything, config):
+        keep, _ = everything
+        hidden, vocab = config["hidden_size"], config["vocab_size"]
+        heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+        head_dim = config.get("head_dim") or hidden // heads
+        row_shape = defaultdict(lambda: (hidden,), {"q": (heads, head_dim), "k": (kv_heads, head_dim),
+                                                    "v": (kv_heads, head_dim), "logits": (vocab,)})
+        for name in all_names(config["num_hidden_layers"]):
+            for request, prompt in enumerate(PROMPTS):
+                for step in range(NEW_TOKENS):
+                    site, rows = keep.seen[(name, request, step)]
+                    expected_start = 0 if step == 0 else len(prompt) + step - 1
+                    expected_rows = len(prompt) if step == 0 else 1
+                    assert (site.start, rows.shape[0]) == (expected_start, expected_rows), (name, request, step)
+                    assert rows.shape[1:] == row_shape[name.rsplit(".", 1)[-1]], name
+
+    def test_layer_output_is_the_full_residual_stream(self, everything, config):
+        """out[i] = out[i-1] + attn[i] + mlp[i]: catches engines that defer the residual add."""
+        keep, _ = everything
+        previous = keep.rows("embed", 1)
+        for i in range(config["num_hidden_layers"]):
+            expected = previous + keep.rows(f"layers.{i}.attn", 1) + keep.rows(f"layers.{i}.mlp", 1)
+            out = keep.rows(f"layers.{i}.out", 1)
+            np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * np.abs(out).max())
+            previous = out
+
+    def test_outputs_are_well_formed(self, everything):
+        _, generations = everything
+        for prompt, gen in zip(PROMPTS, generations, strict=True):
+            assert gen.topk_ids.shape == gen.topk_logprobs.shape == (NEW_TOKENS, 5)
+            assert (np.diff(gen.topk_logprobs, axis=1) <= 0).all(), "top-k must be sorted"
+            assert (gen.topk_logprobs <= 0).all()
+            for step, token in enumerate(gen.output_ids):  # greedy picks a top-1 (ties: any of them)
+                chosen = gen.topk_logprobs[step][gen.topk_ids[step] == token]
+                assert chosen.size == 1 and chosen[0] == gen.topk_logprobs[step, 0]
+            if gen.prompt_logprobs is not None:
+                assert gen.prompt_logprobs.shape == (len(prompt),) and np.isnan(gen.prompt_logprobs[0])
+                assert (gen.prompt_logprobs[1:] <= 0).all()
+
+    def test_logits_agree_with_logprobs(self, everything):
+        keep, generations = everything
+        logits = keep.rows("logits", 0).astype(np.float64)
+        last_prompt_row = len(PROMPTS[0]) - 1
+        logprobs = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+            - logits.max(1, keepdims=True)
+        got = logprobs[last_prompt_row + np.arange(NEW_TOKENS)]
+        ids = generations[0].topk_ids
+        np.testing.assert_allclose(np.take_along_axis(got, ids, 1), generations[0].topk_logprobs, atol=1e-4)
+
+    def test_replacing_a_tensor_changes_what_follows(self, engine, everything):
+        baseline, _ = everything
+        after = Keep({"layers.0.mlp", "layers.0.out"})
+        engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2, logprobs=0),
+                        [Replace("layers.0.mlp", 0, np.zeros_like), after])
+        assert not after.seen[("layers.0.mlp", 0, 0)][1].any(), "later interceptors see the replacement"
+        assert not np.allclose(after.seen[("layers.0.out", 0, 0)][1], baseline.seen[("layers.0.out", 0, 0)][1])
+
+    def test_replaced_value_stays_in_the_kv_cache(self, engine, everything):
+        """A value replaced at the prefill changes attention at later steps (what-ifs on the cache)."""
+        baseline, _ = everything
+        after = Keep({"layers.0.attn"})
+        engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2, logprobs=0),
+                        [Replace("layers.0.v", 0, lambda v: v + 1.0), after])
+        step1 = after.seen[("layers.0.attn", 0, 1)][1]
+        assert not np.allclose(step1, baseline.seen[("layers.0.attn", 0, 1)][1])
+
+    def test_out_of_vocabulary_prompt_is_refused(self, engine):
+        with pytest.raises(UsageError, match="vocabulary"):
+            engine.generate([np.array([engine.vocab_size], np.int64)], SamplingParams(max_new_tokens=1))
+
+    def test_seeded_sampling_is_reproducible(self, engine):
+        sampling = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_new_tokens=6, logprobs=0)
+        engine.set_seed(0)
+        first = engine.generate(PROMPTS[:1], sampling)[0].output_ids
+        engine.set_seed(0)
+        assert engine.generate(PROMPTS[:1], sampling)[0].output_ids.tolist() == first.tolist()

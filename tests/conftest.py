@@ -1,0 +1,38 @@
+"""Shared fixtures: the shipped example model, and bundles captured from it with the real
+torch backend (once per session: torch is slow to start, the captures are small)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Any Qwen2/Llama-family HF directory can stand in for the example model.
+EXAMPLE_MODEL = Path(os.environ.get("PTRACE_TEST_MODEL", ROOT / "examples" / "tiny-qwen2"))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real ``ptrace`` command in a fresh interpreter (exit codes, stderr as users see them)."""
+    return subprocess.run([sys.executable, "-m", "ptrace", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def example_model() -> Path:
+    assert (EXAMPLE_MODEL / "model.safetensors").is_file(), "examples/tiny-qwen2 is missing"
+    return EXAMPLE_MODEL
+
+
+@pytest.fixture(scope="session")
+def full_bundle(tmp_path_factory: pytest.TempPathFactory, example_model: Path) -> Path:
+    """Every canonical tensor of two random prompts of different lengths, float32, greedy."""
+    from ptrace.capture import CaptureConfig, capture
+
+    out = tmp_path_factory.mktemp("bundles") / "full.zarr"
+    return capture(CaptureConfig(backend="torch", model=example_model, output=out,
+                                 prompts=("The capital of France is", "Hello, how are you today? I"),
+                                 max_new_tokens=6, tensors=("*",), seed=42, command=("test",)))
