@@ -116,9 +116,10 @@ class BundleWriter:
 
     # -- arrays ------------------------------------------------------------------------------
     def write_array(self, path: str, data: np.ndarray, *, compress: bool = False) -> None:
-        """Write a whole array at once (token ids, logprobs)."""
-        self.append_rows(path, data, compress=compress)
-        self._streams[path].flush()
+        """Write a whole array at once (token ids, logprobs): one chunk of exactly its rows."""
+        stream = self._streams[path] = self._create_stream(path, data, compress, max(1, data.shape[0]))
+        stream.add(data)
+        stream.flush()
 
     def append_rows(self, path: str, rows: np.ndarray, *, compress: bool = True) -> None:
         """Append rows (first axis) to the array at ``path``, creating it on first use."""
@@ -129,10 +130,12 @@ class BundleWriter:
             raise ValueError(f"{path}: rows of shape {rows.shape[1:]} after {stream.array.shape[1:]}")
         stream.add(rows)
 
-    def _create_stream(self, path: str, rows: np.ndarray, compress: bool) -> _Stream:
+    def _create_stream(self, path: str, rows: np.ndarray, compress: bool,
+                       max_rows: int | None = None) -> _Stream:
         logical = dtypes.logical_name(rows.dtype)
         row_shape = tuple(rows.shape[1:])
         chunk_rows = _chunk_rows(rows.dtype.itemsize * int(np.prod(row_shape, dtype=np.int64)))
+        chunk_rows = min(chunk_rows, max_rows or chunk_rows)
         array = self._root.create_array(
             path, shape=(0, *row_shape), dtype=dtypes.storage_dtype(logical),
             chunks=(chunk_rows, *row_shape) if row_shape else (chunk_rows,),
