@@ -44,7 +44,7 @@ the same arguments on the same software stack reproduces the same files.
 
 Usage::
 
-    python examples/make_tiny_qwen2.py --out examples/tiny-qwen2 --steps 2500 --seed 0
+    python examples/make_tiny_qwen2.py --out examples/tiny-qwen2 --steps 3000 --seed 0
 """
 
 from __future__ import annotations
@@ -297,27 +297,33 @@ def greedy_stats(model, prompts: list[list[int]], new_tokens: int = 20):
     Full recompute each step (no KV cache) keeps this independent of the
     transformers generation API.
     """
-    top1, margin, outputs = [], [], []
+    top1, margin, logit_gap, outputs = [], [], [], []
     for prompt in prompts:
         ids = torch.tensor([prompt], dtype=torch.long)
         for _ in range(new_tokens):
             logits = model(input_ids=ids).logits[0, -1].float()
             probs = torch.softmax(logits, dim=-1)
             p = torch.topk(probs, 2).values
+            g = torch.topk(logits, 2).values
             top1.append(p[0].item())
             margin.append((p[0] - p[1]).item())
+            logit_gap.append((g[0] - g[1]).item())
             ids = torch.cat([ids, probs.argmax().view(1, 1)], dim=1)
         outputs.append(ids[0, len(prompt) :].tolist())
-    return np.array(top1), np.array(margin), outputs
+    return np.array(top1), np.array(margin), np.array(logit_gap), outputs
 
 
-def summarize(top1: np.ndarray, margin: np.ndarray) -> dict:
+def summarize(top1: np.ndarray, margin: np.ndarray, logit_gap: np.ndarray) -> dict:
     return {
         "n_steps": int(top1.size),
         "median_top1_prob": round(float(np.median(top1)), 4),
         "median_top1_top2_margin": round(float(np.median(margin)), 4),
         "p10_top1_prob": round(float(np.percentile(top1, 10)), 4),
         "min_top1_top2_margin": round(float(margin.min()), 6),
+        "frac_margin_below_1e-2": round(float(np.mean(margin < 1e-2)), 4),
+        "frac_margin_below_1e-3": round(float(np.mean(margin < 1e-3)), 4),
+        "median_top1_top2_logit_gap": round(float(np.median(logit_gap)), 4),
+        "min_top1_top2_logit_gap": round(float(logit_gap.min()), 6),
     }
 
 
@@ -332,18 +338,18 @@ def measure_peakedness(model, tokenizer, heldout_texts: list[str]) -> dict:
     random_prompts = [
         np.random.default_rng(s).integers(100, 2000, size=128).tolist() for s in range(8)
     ]
-    t1, m1, outs = greedy_stats(model, sharegpt_prompts)
-    t2, m2, _ = greedy_stats(model, random_prompts)
+    t1, m1, g1, outs = greedy_stats(model, sharegpt_prompts)
+    t2, m2, g2, _ = greedy_stats(model, random_prompts)
     print("\nexample greedy continuations of held-out prompts:")
     for prompt, out in list(zip(sharegpt_prompts, outs))[:3]:
         print(f"  PROMPT ...{tokenizer.decode(prompt[-24:])!r}\n  -> {tokenizer.decode(out)!r}")
     return {
-        "sharegpt_heldout": {"n_prompts": len(sharegpt_prompts), "prompt_len": 64, "new_tokens": 20, **summarize(t1, m1)},
+        "sharegpt_heldout": {"n_prompts": len(sharegpt_prompts), "prompt_len": 64, "new_tokens": 20, **summarize(t1, m1, g1)},
         "random_ids": {
             "n_prompts": 8,
             "prompt": "np.random.default_rng(s).integers(100, 2000, size=128), s = 0..7",
             "new_tokens": 20,
-            **summarize(t2, m2),
+            **summarize(t2, m2, g2),
         },
     }
 
@@ -354,7 +360,7 @@ def measure_peakedness(model, tokenizer, heldout_texts: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="examples/tiny-qwen2", help="output directory")
-    ap.add_argument("--steps", type=int, default=2500, help="training steps (batch 16 x 256 tokens)")
+    ap.add_argument("--steps", type=int, default=3000, help="training steps (batch 16 x 256 tokens)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     ap.add_argument("--warmup", type=int, default=100)

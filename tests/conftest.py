@@ -36,3 +36,13 @@ def full_bundle(tmp_path_factory: pytest.TempPathFactory, example_model: Path) -
     return capture(CaptureConfig(backend="torch", model=example_model, output=out,
                                  prompts=("The capital of France is", "Hello, how are you today? I"),
                                  max_new_tokens=6, tensors=("*",), seed=42, command=("test",)))
+
+
+@pytest.fixture(scope="session")
+def fp32_bundle(tmp_path_factory: pytest.TempPathFactory, example_model: Path) -> Path:
+    """The seed document's stage-1 input on the reference engine, every canonical tensor."""
+    from ptrace.capture import CaptureConfig, capture
+
+    out = tmp_path_factory.mktemp("replays") / "fp32.zarr"
+    return capture(CaptureConfig(backend="torch", model=example_model, output=out, random_input_ids=48,
+                                 num_requests=2, seed=42, max_new_tokens=8, tensors=("*",), command=("test",)))

@@ -135,8 +135,13 @@ class Backend(ABC):
 
     def generate(self, prompts: Sequence[np.ndarray], sampling: SamplingParams,
                  interceptors: Sequence[Interceptor] = (),
-                 on_step: StepCallback | None = None) -> list[Generation]:
-        """Run every prompt (token ids) through the engine; interceptors see every wanted tensor."""
+                 on_step: StepCallback | None = None,
+                 forced: Sequence[np.ndarray] | None = None) -> list[Generation]:
+        """Run every prompt (token ids) through the engine; interceptors see every wanted tensor.
+
+        ``forced`` (teacher forcing): per request, the tokens to feed back instead of the
+        engine's own choices; the outputs still record what the engine would have chosen.
+        """
         if self.options is None:
             raise BackendError(f"backend {self.name}: generate() before load()")
         if sampling.max_new_tokens < 1:
@@ -147,11 +152,15 @@ class Backend(ABC):
                 raise UsageError(f"prompt {i} is empty")
             if ids.min() < 0 or ids.max() >= vocab:
                 raise UsageError(f"prompt {i} has token ids outside the model's vocabulary [0, {vocab})")
+        if forced is not None and (len(forced) != len(prompts) or
+                                   any(len(f) < sampling.max_new_tokens - 1 for f in forced)):
+            raise UsageError("teacher forcing needs, per prompt, max_new_tokens - 1 tokens to feed")
         if not 0 <= sampling.logprobs <= vocab:
             raise UsageError(f"logprobs must be in [0, {vocab}]")
         log.info("%s: generating %d request(s), %d new tokens each", self.name, len(prompts),
                  sampling.max_new_tokens)
-        generations = self._generate(list(prompts), sampling, list(interceptors), on_step)
+        generations = self._generate(list(prompts), sampling, list(interceptors), on_step,
+                                     None if forced is None else [np.asarray(f, np.int64) for f in forced])
         if len(generations) != len(prompts):
             raise BackendError(f"backend {self.name} returned {len(generations)} results "
                                f"for {len(prompts)} prompts")
@@ -177,7 +186,8 @@ class Backend(ABC):
 
     @abstractmethod
     def _generate(self, prompts: list[np.ndarray], sampling: SamplingParams,
-                  interceptors: list[Interceptor], on_step: StepCallback | None) -> list[Generation]: ...
+                  interceptors: list[Interceptor], on_step: StepCallback | None,
+                  forced: list[np.ndarray] | None) -> list[Generation]: ...
 
     @abstractmethod
     def set_seed(self, seed: int) -> dict[str, int]:

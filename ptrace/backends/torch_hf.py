@@ -203,7 +203,8 @@ class TorchBackend(Backend):
 
     # -- generation ----------------------------------------------------------------------------
     def _generate(self, prompts: list[np.ndarray], sampling: SamplingParams,
-                  interceptors: list[Interceptor], on_step: StepCallback | None) -> list[Generation]:
+                  interceptors: list[Interceptor], on_step: StepCallback | None,
+                  forced: list[np.ndarray] | None) -> list[Generation]:
         import torch
 
         wanted = {name for name in all_names(len(self._layers))
@@ -214,11 +215,13 @@ class TorchBackend(Backend):
             self._interceptors = interceptors
             self._install_hooks(wanted, hooks)
             for index, prompt in enumerate(prompts):
-                results.append(self._generate_one(index, prompt, sampling, wanted, on_step))
+                results.append(self._generate_one(index, prompt, sampling, wanted, on_step,
+                                                  None if forced is None else forced[index]))
         return results
 
     def _generate_one(self, index: int, prompt: np.ndarray, sampling: SamplingParams,
-                      wanted: set[str], on_step: StepCallback | None) -> Generation:
+                      wanted: set[str], on_step: StepCallback | None,
+                      forced: np.ndarray | None) -> Generation:
         import torch
         import transformers
 
@@ -247,11 +250,14 @@ class TorchBackend(Backend):
             top_lps.append(values.cpu().numpy())
             if on_step:
                 on_step(index, step)
-            if token in eos_ids and not sampling.ignore_eos:
+            if token in eos_ids and not sampling.ignore_eos and forced is None:
                 generation.finish_reason = "stop"
                 break
+            if step + 1 == sampling.max_new_tokens:
+                break
             start += tokens.shape[1]
-            tokens = torch.tensor([[token]], dtype=torch.long, device=self.device)
+            fed = token if forced is None else int(forced[step])
+            tokens = torch.tensor([[fed]], dtype=torch.long, device=self.device)
         self._site = None
         generation.output_ids = np.asarray(output, dtype=np.int64)
         generation.topk_ids = np.stack(top_ids).astype(np.int64)

@@ -27,6 +27,7 @@ from ptrace.bundle_spec.schema import (
     EnvironmentInfo,
     Manifest,
     ModelInfo,
+    ReplayInfo,
     RequestsInfo,
     RunInfo,
 )
@@ -166,6 +167,15 @@ class Bundle:
     def positions(self, request: int) -> np.ndarray:
         return self._read(_request_path(request, "positions"))
 
+    def input_ids(self, request: int) -> np.ndarray | None:
+        """Tokens fed at every position, where they differ from prompt + outputs (teacher forcing)."""
+        path = _request_path(request, "input_ids")
+        return self._read(path) if path in self.manifest.arrays else None
+
+    def replay_info(self) -> dict[str, Any] | None:
+        """``meta/replay`` if this bundle is a replay of another one (SPEC.md section 3.6)."""
+        return self._read_document(ReplayInfo).to_dict() if ReplayInfo.path in self._root else None
+
     def has_tensor(self, request: int, name: str) -> bool:
         return _request_path(request, f"tensors/{name}") in self.manifest.arrays
 
@@ -183,6 +193,13 @@ class Bundle:
             raise BundleError(self._missing_tensor_message(request, name),
                               hint=f"capture with --tensors '{name}'")
         return self._read(path)
+
+    def tensor_rows(self, request: int, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a full tensor (reads only the chunks they live in)."""
+        if not self.has_tensor(request, name):
+            raise BundleError(self._missing_tensor_message(request, name),
+                              hint=f"capture with --mode full --tensors '{name}'")
+        return self._read(_request_path(request, f"tensors/{name}"), slice(start, stop))
 
     def iter_rows(self, request: int, name: str, rows: int = 1024) -> Iterator[tuple[int, np.ndarray]]:
         """Stream a tensor in blocks of ``rows`` rows: ``(first_row, block)``, bounded memory."""

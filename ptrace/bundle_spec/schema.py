@@ -168,3 +168,17 @@ class RequestsInfo(Document):
     _nested_lists: ClassVar[dict[str, type[Document]]] = {"requests": RequestRecord}
 
     requests: tuple[RequestRecord, ...]
+
+
+@dataclass(frozen=True)
+class ReplayInfo(Document):
+    """Present in a bundle made by ``ptrace replay``: what it replays, and how."""
+
+    path: ClassVar[str] = "meta/replay"
+
+    source_bundle_id: str
+    source_path: str
+    #: "teacher-forced" (fed the source's tokens) or "free-running" (fed its own)
+    mode: str
+    model_mismatch: bool = False
+    model_path: str = ""

@@ -51,14 +51,19 @@ def read_prompts_file(path: Path) -> list[str | list[int]]:
     return prompts
 
 
-def resolve_prompts(*, texts: tuple[str, ...], prompts_file: Path | None, random_input_ids: int | None,
+def resolve_prompts(*, texts: tuple[str, ...], prompts_file: Path | None,
+                    token_ids: tuple[tuple[int, ...], ...], random_input_ids: int | None,
                     num_requests: int, seed: int, tokenize: Callable[[str], list[int]]) -> list[Prompt]:
-    sources = sum([bool(texts), prompts_file is not None, random_input_ids is not None])
+    sources = sum([bool(texts), prompts_file is not None, bool(token_ids), random_input_ids is not None])
     if sources != 1:
         raise UsageError("give exactly one input source: --prompt, --prompts-file or --random-input-ids")
     if random_input_ids is not None:
         return random_prompts(random_input_ids, num_requests, seed)
-    items: list[str | list[int]] = list(texts) if texts else read_prompts_file(prompts_file)  # type: ignore[arg-type]
+    items: list[str | list[int]]
+    if texts or token_ids:
+        items = [*texts, *(list(ids) for ids in token_ids)]
+    else:
+        items = read_prompts_file(prompts_file)  # type: ignore[arg-type]
     if not items:
         raise UsageError("no prompts given")
     prompts = []

@@ -15,7 +15,7 @@ import numpy as np
 from ptrace.backends.base import Backend, Interceptor, LoadOptions
 from ptrace.backends.registry import create_backend
 from ptrace.bundle_spec import names as canonical
-from ptrace.bundle_spec.schema import RequestRecord, RequestsInfo, RunInfo, SamplingParams
+from ptrace.bundle_spec.schema import Document, RequestRecord, RequestsInfo, RunInfo, SamplingParams
 from ptrace.bundle_spec.store import claim_output
 from ptrace.bundle_spec.writer import BundleWriter
 from ptrace.capture.environment import Redactor, collect_environment
@@ -40,6 +40,8 @@ class CaptureConfig:
     device: str = "cpu"
     prompts: tuple[str, ...] = ()
     prompts_file: Path | None = None
+    #: Prompts given as token ids (the Python API's and replay's input source).
+    prompt_token_ids: tuple[tuple[int, ...], ...] = ()
     random_input_ids: int | None = None
     num_requests: int = 1
     seed: int = 0
@@ -56,6 +58,8 @@ class CaptureConfig:
     engine_options: Mapping[str, str] = field(default_factory=dict)
     overwrite: bool = False
     command: tuple[str, ...] | None = None
+    #: Teacher forcing: per request, the tokens to feed back instead of the engine's choices.
+    forced_tokens: tuple[tuple[int, ...], ...] | None = None
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -90,11 +94,12 @@ def _select_tensors(patterns: Sequence[str], num_layers: int) -> list[str]:
 
 
 def capture(config: CaptureConfig, *, progress: Progress | None = None,
-            interceptors: Sequence[Interceptor] = ()) -> Path:
+            interceptors: Sequence[Interceptor] = (), documents: Sequence[Document] = ()) -> Path:
     """Run ``config`` and write its bundle; returns the bundle's path.
 
     ``interceptors`` run before the recorder, so a tensor they replace is recorded as replaced
-    (this is how error-injection what-ifs are captured).
+    (this is how error-injection what-ifs are captured). ``documents`` are extra metadata
+    documents to store (a replay's ``meta/replay``).
     """
     steps = _check(config)
     output = Path(config.output)
@@ -109,6 +114,7 @@ def capture(config: CaptureConfig, *, progress: Progress | None = None,
         seeds = _seed_everything(backend, config.seed)
         backend.load(LoadOptions(Path(config.model), config.dtype, config.device, dict(config.engine_options)))
         prompts = resolve_prompts(texts=config.prompts, prompts_file=config.prompts_file,
+                                  token_ids=config.prompt_token_ids,
                                   random_input_ids=config.random_input_ids,
                                   num_requests=config.num_requests, seed=config.seed,
                                   tokenize=backend.tokenize)
@@ -124,16 +130,18 @@ def capture(config: CaptureConfig, *, progress: Progress | None = None,
                 if progress:
                     progress(done, total)
 
+            forced = None if config.forced_tokens is None else [np.asarray(f, np.int64)
+                                                                  for f in config.forced_tokens]
             generations = backend.generate([p.ids for p in prompts], sampling,
-                                           [*interceptors, recorder], on_step)
+                                           [*interceptors, recorder], on_step, forced)
             _check_coverage(backend, recorder, names, steps)
-            records = _write_requests(writer, backend, prompts, generations, recorder)
+            records = _write_requests(writer, backend, prompts, generations, recorder, forced)
             run = RunInfo(backend=backend.name, backend_version=backend.version(), dtype=config.dtype,
                           device=config.device, seeds=seeds, sampling=sampling,
                           capture={"tensors": list(config.tensors), "steps": config.steps,
                                    "mode": config.mode},
                           engine=backend.engine_info(), engine_options=dict(config.engine_options))
-            for document in (model, run, collect_environment(), RequestsInfo(tuple(records))):
+            for document in (model, run, collect_environment(), RequestsInfo(tuple(records)), *documents):
                 writer.write_document(type(document).from_dict(redactor.scrub(document.to_dict())))
             from ptrace import __version__
 
@@ -160,12 +168,15 @@ def _check_coverage(backend: Backend, recorder: TensorRecorder, names: list[str]
                            f"{' ...' if len(missing) > 5 else ''}: its hooks did not fire")
 
 
-def _write_requests(writer: BundleWriter, backend: Backend, prompts: list[Prompt],
-                    generations: list, recorder: TensorRecorder) -> list[RequestRecord]:
+def _write_requests(writer: BundleWriter, backend: Backend, prompts: list[Prompt], generations: list,
+                    recorder: TensorRecorder, forced: list[np.ndarray] | None) -> list[RequestRecord]:
     records = []
     for index, (prompt, generation) in enumerate(zip(prompts, generations, strict=True)):
         prefix = f"requests/{index}"
         writer.write_array(f"{prefix}/prompt_ids", prompt.ids)
+        if forced is not None:  # what was fed differs from prompt + outputs (SPEC.md section 2)
+            fed = forced[index][: len(generation.output_ids) - 1]
+            writer.write_array(f"{prefix}/input_ids", np.concatenate([prompt.ids, fed]))
         writer.write_array(f"{prefix}/output_ids", generation.output_ids)
         writer.write_array(f"{prefix}/topk_ids", generation.topk_ids)
         writer.write_array(f"{prefix}/topk_logprobs", generation.topk_logprobs)

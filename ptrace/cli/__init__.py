@@ -15,16 +15,19 @@ import typer
 
 from ptrace.cli.backends import backends
 from ptrace.cli.capture import capture
+from ptrace.cli.compare import compare
 from ptrace.cli.console import console
 from ptrace.cli.inspect import inspect
 from ptrace.cli.pack import pack, unpack
+from ptrace.cli.replay import replay
 from ptrace.cli.validate import validate
 from ptrace.errors import PtraceError
 
 app = typer.Typer(
     name="ptrace",
     help="Find where and why two LLM inference engines disagree.\n\n"
-         "capture a run into a bundle, inspect or validate it, pack it for a bug report.",
+         "capture a run into a bundle, replay it on another engine, dtype or device, compare and "
+         "read the HTML report; inspect, validate and pack bundles for bug reports.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -42,6 +45,8 @@ def _global(
 
 
 app.command(rich_help_panel="Run")(capture)
+app.command(rich_help_panel="Run")(replay)
+app.command(rich_help_panel="Compare")(compare)
 app.command(rich_help_panel="Bundles")(inspect)
 app.command(rich_help_panel="Bundles")(validate)
 app.command(rich_help_panel="Bundles")(pack)

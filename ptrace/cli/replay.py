@@ -1,0 +1,69 @@
+"""``ptrace replay``: re-run a bundle on another engine, dtype or device, and report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ptrace.cli import options as opt
+from ptrace.cli import verdicts as v
+from ptrace.cli.console import console
+
+
+def replay(
+    bundle: Annotated[Path, typer.Argument(help="The captured bundle (*.zarr or *.zarr.zip).")],
+    backend: opt.Backend,
+    dtype: Annotated[str | None, typer.Option(rich_help_panel=opt.ENGINE, help="Override the captured dtype.")] = None,
+    device: Annotated[str | None, typer.Option(rich_help_panel=opt.ENGINE, help="Override the captured device.")] = None,
+    model: Annotated[Path | None, typer.Option(
+        "--model", "-m", rich_help_panel=opt.ENGINE,
+        help="Model directory (default: the path recorded in the bundle).")] = None,
+    allow_model_mismatch: Annotated[bool, typer.Option(
+        rich_help_panel=opt.ENGINE, help="Replay even if the weights' fingerprint differs (recorded).")] = False,
+    engine_option: opt.EngineOption = None,
+    mode: Annotated[list[str] | None, typer.Option(
+        help="teacher-forced (fed the captured tokens: tensors stay aligned) and/or free-running "
+             "(own tokens: token agreement). Default: both.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Prefix of the replay bundles (default: next to BUNDLE).")] = None,
+    overwrite: opt.Overwrite = False,
+    report: v.Report = None,
+    json_out: v.JsonOut = None,
+    fail_on: v.FailOn = None,
+    thresholds: v.ThresholdsFile = None,
+    pass_cos: v.PassCos = None,
+    pass_mean_abs: v.PassMeanAbs = None,
+) -> None:
+    """Replay a bundle on another engine, dtype or device; compare and write an HTML report.
+
+    Example: does bfloat16 reproduce the float32 capture, and where does it start to drift?
+
+        ptrace replay run.zarr --backend torch --dtype bfloat16 --report report.html
+    """
+    from ptrace.replay.session import MODES, ReplayConfig
+    from ptrace.replay.session import replay as run_replay
+
+    v.check_fail_on(fail_on)
+    config = ReplayConfig(
+        bundle=bundle, backend=backend, output=output, dtype=dtype, device=device, model=model,
+        allow_model_mismatch=allow_model_mismatch, modes=tuple(mode or MODES),
+        engine_options=opt.parse_key_values(engine_option), overwrite=overwrite,
+        threshold_overrides=v.threshold_overrides(thresholds, pass_cos, pass_mean_abs),
+        command=("ptrace", *sys.argv[1:]))
+    with console.progress(f"replay on {backend}") as update:
+        result = run_replay(config, progress=update)
+    for mode, path in result.bundles.items():
+        console.print(f"{mode} replay: {path}")
+    comparison = result.primary
+    target = report or next(iter(result.bundles.values())).with_suffix("").with_suffix(".report.html")
+    from ptrace.bundle_spec import open_bundle
+
+    with open_bundle(bundle) as source:
+        prompts = [r.prompt for r in source.requests.requests]
+    commands = [f"ptrace compare {bundle} {path}" for path in result.bundles.values()]
+    v.emit(comparison, report=target, json_out=json_out, fail_on=fail_on,
+           title=f"ptrace: {comparison.a['backend']} {comparison.a['dtype']} vs "
+                 f"{comparison.b['backend']} {comparison.b['dtype']}", prompts=prompts, commands=commands)

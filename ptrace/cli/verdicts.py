@@ -1,0 +1,61 @@
+"""What ``replay`` and ``compare`` share: thresholds in, report / JSON / exit code out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ptrace.cli.console import console
+
+VERDICT = "Verdict and outputs"
+
+Report = Annotated[Path | None, typer.Option(
+    "--report", rich_help_panel=VERDICT, help="HTML report to write (self-contained, opens offline).")]
+JsonOut = Annotated[Path | None, typer.Option(
+    "--json", rich_help_panel=VERDICT, help="Write the results as JSON here ('-' for stdout).")]
+FailOn = Annotated[str | None, typer.Option(
+    rich_help_panel=VERDICT, help="Exit 1 if the verdict is at least this bad: warn or fail (for CI gates).")]
+ThresholdsFile = Annotated[Path | None, typer.Option(
+    "--thresholds", rich_help_panel=VERDICT,
+    help="JSON file of thresholds: pass_mean_abs, pass_cos, warn_mean_abs, warn_cos, tie_margin.")]
+PassCos = Annotated[float | None, typer.Option(rich_help_panel=VERDICT, help="Override: pass needs cos sim above this.")]
+PassMeanAbs = Annotated[float | None, typer.Option(rich_help_panel=VERDICT, help="Override: pass needs mean abs error below this.")]
+
+
+def threshold_overrides(path: Path | None, pass_cos: float | None, pass_mean_abs: float | None) -> dict[str, float]:
+    from ptrace.replay.thresholds import load_overrides
+
+    return load_overrides(path, {"pass_cos": pass_cos, "pass_mean_abs": pass_mean_abs})
+
+
+def check_fail_on(fail_on: str | None) -> None:
+    if fail_on not in (None, "warn", "fail"):
+        raise typer.BadParameter("use warn or fail", param_hint="--fail-on")
+
+
+def emit(comparison, *, report: Path | None, json_out: Path | None, fail_on: str | None,
+         title: str, prompts: list[str | None], commands: list[str]) -> None:
+    """Print the verdict, write the report and JSON, and exit non-zero when asked to gate."""
+    from ptrace.reports.html import write_report
+
+    style = {"pass": "green", "warn": "yellow", "fail": "red"}[comparison.verdict]
+    from rich.text import Text
+
+    console.print(Text(comparison.summary, style=style))
+    if report is not None:
+        write_report(comparison, report, title=title, prompts=prompts, commands=commands)
+        console.print(f"report: {report}")
+    if json_out is not None:
+        data = comparison.to_dict()
+        text = json.dumps(data, indent=2, default=str)
+        if str(json_out) == "-":
+            console.json(data)
+        else:
+            json_out.write_text(text)
+            console.print(f"json: {json_out}")
+    rank = {"pass": 0, "warn": 1, "fail": 2}
+    if fail_on is not None and rank[comparison.verdict] >= rank[fail_on]:
+        raise typer.Exit(1)

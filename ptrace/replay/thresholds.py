@@ -1,0 +1,73 @@
+"""Pass / warn / fail: how close is close enough, per dtype.
+
+Defaults follow the seed document's production advice for float32 (mean abs error < 1e-4 and
+cosine similarity > 0.999) and scale with the unit roundoff of lower precisions. The
+*reference* run's dtype (bundle A's) picks the row: the question a replay answers is whether the
+other run reproduces the reference at the reference's precision.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from ptrace.errors import UsageError
+
+PASS, WARN, FAIL = "pass", "warn", "fail"
+_ORDER = {PASS: 0, WARN: 1, FAIL: 2}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    pass_mean_abs: float
+    pass_cos: float
+    warn_mean_abs: float
+    warn_cos: float
+    #: Logprob margin (nats) under which a token flip counts as a near-tie, not a bug.
+    tie_margin: float = 0.1
+
+    def verdict(self, mean_abs: float, cos: float) -> str:
+        if mean_abs < self.pass_mean_abs and cos > self.pass_cos:
+            return PASS
+        if mean_abs < self.warn_mean_abs and cos > self.warn_cos:
+            return WARN
+        return FAIL
+
+    def to_dict(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+DEFAULTS: dict[str, Thresholds] = {
+    "float64": Thresholds(1e-6, 0.99999, 1e-4, 0.999),
+    "float32": Thresholds(1e-4, 0.999, 1e-2, 0.99),
+    "float16": Thresholds(1e-3, 0.999, 1e-2, 0.99),
+    "bfloat16": Thresholds(1e-2, 0.999, 5e-2, 0.99),
+}
+
+
+def worst(verdicts: list[str]) -> str:
+    return max(verdicts, key=_ORDER.__getitem__, default=PASS)
+
+
+def thresholds_for(dtype: str, overrides: dict[str, float] | None = None) -> Thresholds:
+    base = DEFAULTS.get(dtype, DEFAULTS["float32"])
+    return replace(base, **overrides) if overrides else base
+
+
+def load_overrides(path: Path | None, flags: dict[str, float | None]) -> dict[str, float]:
+    """Threshold overrides from a JSON config file and flags (flags win)."""
+    overrides: dict[str, float] = {}
+    if path is not None:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"cannot read thresholds file {path}: {exc}") from None
+        known = {f.name for f in fields(Thresholds)}
+        unknown = set(data) - known
+        if unknown:
+            raise UsageError(f"{path}: unknown threshold(s) {', '.join(sorted(unknown))}",
+                             hint=f"known: {', '.join(sorted(known))}")
+        overrides.update({k: float(v) for k, v in data.items()})
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    return overrides

@@ -1,0 +1,86 @@
+"""``replay`` with the real torch backend: same setup agrees, bfloat16 drifts, a planted
+difference is found in its layer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from ptrace.bundle_spec import open_bundle, validate_bundle
+from ptrace.bundle_spec.names import layer_index
+from ptrace.replay.session import FREE, TEACHER, ModelMismatchError, ReplayConfig, replay
+from tests.conftest import run_cli
+
+
+def test_same_engine_same_dtype_agrees_everywhere(fp32_bundle, tmp_path):
+    result = replay(ReplayConfig(bundle=fp32_bundle, backend="torch", output=tmp_path / "r"))
+    assert set(result.bundles) == {TEACHER, FREE}
+    for path in result.bundles.values():
+        assert validate_bundle(path) == []
+    c = result.primary
+    assert c.verdict == "pass", c.summary
+    assert c.token_match_rate == 1.0 and c.first_divergent_step is None
+    assert c.first_divergent_tensor is None
+    assert all(t.verdict == "pass" and t.cos_sim > 0.99999 for t in c.tensors)
+    assert len(c.tensors) == len(open_bundle(fp32_bundle).tensor_names)
+    with open_bundle(result.bundles[TEACHER]) as teacher:
+        assert teacher.replay_info()["mode"] == TEACHER
+        assert teacher.input_ids(0) is not None
+
+
+def test_bfloat16_replay_drifts_and_is_localized(fp32_bundle, tmp_path):
+    c = replay(ReplayConfig(bundle=fp32_bundle, backend="torch", dtype="bfloat16", output=tmp_path / "r")).primary
+    assert c.verdict in ("warn", "fail"), c.summary
+    assert c.first_divergent_tensor is not None and c.first_divergent_position is not None
+    # bfloat16 rounding starts at the very first layers and positions, not at the end of the model
+    first_layer = layer_index(c.first_divergent_tensor)
+    assert first_layer is not None and first_layer <= 1, c.first_divergent_tensor
+    errors = {t.name: t.mean_abs_err for t in c.tensors}
+    assert errors["layers.3.out"] > errors["layers.0.out"] > 0, "errors grow through the layers"
+    assert all(0 < t.cos_sim < 1 for t in c.tensors if t.name.endswith(".out"))
+    assert all(r.kl and max(r.kl) > 0 for r in c.requests)
+
+
+@pytest.fixture(scope="module")
+def perturbed_model(tmp_path_factory, example_model):
+    """A copy of the example model with one weight matrix of layer 2 perturbed."""
+    target = tmp_path_factory.mktemp("perturbed") / "model"
+    shutil.copytree(example_model, target)
+    weights = load_file(target / "model.safetensors")
+    key = "model.layers.2.mlp.down_proj.weight"
+    rng = np.random.default_rng(0)
+    weights[key] = (weights[key] + rng.standard_normal(weights[key].shape) * 0.5 * np.abs(weights[key]).mean()
+                    ).astype(weights[key].dtype)
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def test_planted_difference_is_localized_to_its_layer(fp32_bundle, perturbed_model, tmp_path):
+    with pytest.raises(ModelMismatchError, match="--allow-model-mismatch"):
+        replay(ReplayConfig(bundle=fp32_bundle, backend="torch", model=perturbed_model, output=tmp_path / "x"))
+    result = replay(ReplayConfig(bundle=fp32_bundle, backend="torch", model=perturbed_model,
+                                 allow_model_mismatch=True, modes=(TEACHER,), output=tmp_path / "r"))
+    c = result.primary
+    assert c.first_divergent_tensor == "layers.2.mlp", c.summary
+    assert c.largest_local_error == "layers.2.mlp"
+    verdicts = {t.name: t.verdict for t in c.tensors}
+    assert all(verdicts[f"layers.{i}.out"] == "pass" for i in (0, 1)) and verdicts["layers.2.out"] != "pass"
+    with open_bundle(result.bundles[TEACHER]) as replayed:
+        assert replayed.replay_info()["model_mismatch"] is True
+
+
+def test_cli_replay_writes_report_and_json_and_gates(fp32_bundle, tmp_path):
+    report, out = tmp_path / "report.html", tmp_path / "result.json"
+    result = run_cli("replay", fp32_bundle, "-b", "torch", "--dtype", "bfloat16", "-o", tmp_path / "r",
+                     "--report", report, "--json", out, "--fail-on", "fail")
+    data = json.loads(out.read_text())
+    assert result.returncode == (1 if data["verdict"] == "fail" else 0), result.stderr
+    assert data["verdict"] in ("warn", "fail") and 0 <= data["token_match_rate"] <= 1
+    assert data["first_divergent_step"] is None or isinstance(data["first_divergent_step"], int)
+    assert isinstance(data["first_divergent_tensor"], str)
+    assert {"name", "verdict", "max_abs_err", "mean_abs_err", "cos_sim"} <= set(data["tensors"][0])
+    assert report.is_file() and "first divergent tensor" in report.read_text()
