@@ -160,6 +160,8 @@ class RequestRecord(Document):
     output_len: int
     output_text: str | None = None
     finish_reason: str = "length"
+    #: each generated token decoded on its own (for token timelines)
+    output_tokens: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -189,5 +189,6 @@ def _write_requests(writer: BundleWriter, backend: Backend, prompts: list[Prompt
             index=index, prompt=prompt.text, prompt_len=int(prompt.ids.shape[0]),
             output_len=int(generation.output_ids.shape[0]),
             output_text=backend.detokenize(generation.output_ids.tolist()),
+            output_tokens=tuple(backend.detokenize([t]) for t in generation.output_ids.tolist()),
             finish_reason=generation.finish_reason))
     return records

@@ -18,7 +18,7 @@ import jinja2
 from ptrace.bundle_spec.names import layer_index
 from ptrace.replay.compare import Comparison
 
-PLOT_W, PLOT_H, MARGIN = 640, 220, 48
+PLOT_W, PLOT_H, MARGIN, LEGEND = 760, 220, 48, 120
 HEATMAP_COLUMNS = 200
 
 
@@ -62,8 +62,8 @@ def _layer_plot(comparison: Comparison) -> dict[str, Any]:
     hi = hi if hi > lo else lo + 1
 
     def xy(layer: int, value: float) -> tuple[float, float]:
-        x = MARGIN + (layer + 0.5) * (PLOT_W - 2 * MARGIN) / layers
-        y = PLOT_H - MARGIN + (value - lo) * -(PLOT_H - 2 * MARGIN) / (hi - lo) - 0
+        x = MARGIN + (layer + 0.5) * (PLOT_W - MARGIN - LEGEND) / layers
+        y = PLOT_H - MARGIN - (value - lo) * (PLOT_H - 2 * MARGIN) / (hi - lo)
         return round(x, 1), round(y, 1)
 
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
@@ -73,7 +73,7 @@ def _layer_plot(comparison: Comparison) -> dict[str, Any]:
         out.append({"name": kind, "color": palette[i % len(palette)],
                     "points": " ".join(f"{x},{y}" for x, y in coordinates), "dots": coordinates})
     return {
-        "series": out, "width": PLOT_W, "height": PLOT_H, "margin": MARGIN,
+        "series": out, "width": PLOT_W, "height": PLOT_H, "margin": MARGIN, "legend_x": PLOT_W - LEGEND + 10,
         "ticks": [{"y": xy(0, v)[1], "label": f"1e{v}"} for v in range(lo, hi + 1)],
         "layers": [{"x": xy(layer, lo)[0], "label": str(layer)} for layer in range(layers)],
     }
@@ -134,6 +134,11 @@ def _side_by_side(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, 
             for k in keys]
 
 
+def _token_text(run: Mapping[str, Any], request: int, step: int) -> str | None:
+    tokens = run["output_tokens"][request] if request < len(run["output_tokens"]) else []
+    return tokens[step] if step < len(tokens) else None
+
+
 def _timeline(comparison: Comparison) -> list[dict[str, Any]]:
     timelines = []
     for request in comparison.requests:
@@ -143,6 +148,8 @@ def _timeline(comparison: Comparison) -> list[dict[str, Any]]:
             b = request.tokens_b[s] if s < len(request.tokens_b) else None
             steps.append({
                 "step": s, "a": a, "b": b, "same": a == b,
+                "text_a": _token_text(comparison.a, request.index, s),
+                "text_b": _token_text(comparison.b, request.index, s),
                 "alt_a": request.topk_a[s][:5] if s < len(request.topk_a) else [],
                 "alt_b": request.topk_b[s][:5] if s < len(request.topk_b) else [],
                 "kl": request.kl[s] if s < len(request.kl) else None})
