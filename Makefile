@@ -12,7 +12,7 @@ TRANSFORMERS ?= transformers==5.19.0
 MODEL  ?= examples/tiny-qwen2
 DEMO   ?= demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo browser test bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,9 +27,18 @@ demo: setup
 		--max-new-tokens 20 --tensors '*' --output $(DEMO)/torch-fp32.zarr --overwrite
 	$(PTRACE) inspect $(DEMO)/torch-fp32.zarr
 	$(PTRACE) validate $(DEMO)/torch-fp32.zarr
+	$(PTRACE) replay $(DEMO)/torch-fp32.zarr --backend torch --dtype bfloat16 --output $(DEMO)/bf16 \
+		--report $(DEMO)/report.html --json $(DEMO)/result.json --overwrite
 	$(PTRACE) pack $(DEMO)/torch-fp32.zarr --overwrite
+	@echo "open $(DEMO)/report.html"
 
-test: setup
+# The report test opens the HTML report in real headless Chromium (Debian's package).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	{ echo "Chromium is needed by the report test: sudo apt-get install chromium" >&2; exit 1; }
+
+test: setup browser
 	$(PY) -m pytest -q
 
 bench: setup

@@ -60,6 +60,7 @@ class Bundle:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._store = open_read_store(self.path)
+        self._nodes: dict[str, zarr.Array] = {}
         try:
             self._root = zarr.open_group(self._store, mode="r")
         except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError) as exc:
@@ -86,9 +87,13 @@ class Bundle:
 
     # -- low level ---------------------------------------------------------------------------
     def _node(self, path: str) -> zarr.Array:
-        node = self._root[path]  # KeyError if absent
-        if not isinstance(node, zarr.Array):
-            raise BundleCorruptError(f"{self.path}: {path} is a group, expected an array")
+        """The array at ``path`` (KeyError if absent); opened once, since opening reads metadata."""
+        node = self._nodes.get(path)
+        if node is None:
+            node = self._root[path]
+            if not isinstance(node, zarr.Array):
+                raise BundleCorruptError(f"{self.path}: {path} is a group, expected an array")
+            self._nodes[path] = node
         return node
 
     def _read(self, path: str, selection: Any = Ellipsis) -> np.ndarray:

@@ -171,27 +171,38 @@ def _kl_per_step(a: Bundle, b: Bundle, request: int, steps: int, topk: tuple) ->
 
 # -- tensors ------------------------------------------------------------------------------------
 
-def _compare_tensor(a: Bundle, b: Bundle, name: str, positions: dict[int, np.ndarray],
+@dataclass(frozen=True)
+class _Alignment:
+    """Per request: the comparable positions, and where they sit in each bundle's rows."""
+
+    positions: np.ndarray
+    rows_a: np.ndarray
+    rows_b: np.ndarray
+
+
+def _align(a: Bundle, b: Bundle, request: int) -> _Alignment:
+    wanted = _comparable_positions(a, b, request)
+    return _Alignment(wanted, _row_indices(a.positions(request), wanted),
+                      _row_indices(b.positions(request), wanted))
+
+
+def _compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, _Alignment],
                     thresholds: Thresholds) -> TensorResult:
-    full = all(a.has_tensor(r, name) and b.has_tensor(r, name) for r in positions)
+    if not all(a.has_tensor(r, name) and b.has_tensor(r, name) for r in alignments):
+        return _compare_stats(a, b, name, alignments, thresholds)
     totals = RunningTotals()
     index: list[np.ndarray] = []
-    for request, wanted in positions.items():
+    for request, aligned in alignments.items():
+        wanted = aligned.positions
         if not wanted.size:
             continue
-        if not full:
-            continue
-        pos_a, pos_b = a.positions(request), b.positions(request)
         row_bytes = max(1, int(np.prod(a.manifest.arrays[f"requests/{request}/tensors/{name}"].shape[1:])) * 8)
         block = max(1, BLOCK_BYTES // row_bytes)
         for start in range(0, wanted.size, block):
-            chunk = wanted[start:start + block]
-            rows_a = _read_rows(a, request, name, _row_indices(pos_a, chunk))
-            rows_b = _read_rows(b, request, name, _row_indices(pos_b, chunk))
+            rows_a = _read_rows(a, request, name, aligned.rows_a[start:start + block])
+            rows_b = _read_rows(b, request, name, aligned.rows_b[start:start + block])
             totals.add(row_errors(rows_a, rows_b))
-            index.append(chunk)
-    if not full:
-        return _compare_stats(a, b, name, positions, thresholds)
+            index.append(wanted[start:start + block])
     mean_abs, cos = totals.rows_of("mean_abs"), totals.rows_of("cos")
     verdicts = [thresholds.verdict(m, c) for m, c in zip(mean_abs, cos)]
     failing = [i for i, v in enumerate(verdicts) if v == FAIL]
@@ -206,15 +217,16 @@ def _compare_tensor(a: Bundle, b: Bundle, name: str, positions: dict[int, np.nda
         position_index=flat_index.tolist(), position_mean_abs=mean_abs.tolist(), position_cos=cos.tolist())
 
 
-def _compare_stats(a: Bundle, b: Bundle, name: str, positions: dict[int, np.ndarray],
+def _compare_stats(a: Bundle, b: Bundle, name: str, alignments: dict[int, _Alignment],
                    thresholds: Thresholds) -> TensorResult:
     """Stats-only bundles: compare per-position mean |x| and std instead of elements."""
     diffs, index = [], []
-    for request, wanted in positions.items():
+    for request, aligned in alignments.items():
+        wanted = aligned.positions
         if not wanted.size:
             continue
-        sa = a.stats(request, name)[_row_indices(a.positions(request), wanted)]
-        sb = b.stats(request, name)[_row_indices(b.positions(request), wanted)]
+        sa = a.stats(request, name)[aligned.rows_a]
+        sb = b.stats(request, name)[aligned.rows_b]
         with np.errstate(invalid="ignore", divide="ignore"):
             rel = np.abs(sa[:, [3, 4]] - sb[:, [3, 4]]) / (np.abs(sa[:, [3, 4]]) + 1e-8)
         diffs.append(np.nanmax(rel, axis=1))
@@ -285,25 +297,26 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
         if a.prompt_ids(r).tolist() != b.prompt_ids(r).tolist():
             raise ValueError(f"request {r} has different prompts in the two bundles: not the same run")
 
-    requests, positions = [], {}
+    requests, alignments = [], {}
     for r in range(a.num_requests):
         rate, first, divergence, topk = _compare_tokens(a, b, r, thresholds)
-        positions[r] = _comparable_positions(a, b, r)
+        alignments[r] = _align(a, b, r)
+        compared = alignments[r].positions
         prompt_len = a.requests.requests[r].prompt_len
         steps = int(min(len(a.output_ids(r)), len(b.output_ids(r)),
-                        max(0, positions[r].max() - prompt_len + 2) if positions[r].size else 0))
+                        max(0, compared.max() - prompt_len + 2) if compared.size else 0))
         kl, kl_source = _kl_per_step(a, b, r, steps, topk)
         requests.append(RequestResult(
             index=r, prompt_len=prompt_len, tokens_a=a.output_ids(r).tolist(),
             tokens_b=b.output_ids(r).tolist(), token_match_rate=rate, first_divergent_step=first,
-            divergence=divergence, compared_positions=int(positions[r].size), kl=kl, kl_source=kl_source,
+            divergence=divergence, compared_positions=int(compared.size), kl=kl, kl_source=kl_source,
             topk_a=topk[0].tolist(), topk_b=topk[2].tolist()))
 
     names = sort_forward(set(a.tensor_names) & set(b.tensor_names))
     missing = sorted(set(a.tensor_names) ^ set(b.tensor_names))
     tensors = []
     for done, name in enumerate(names):
-        tensors.append(_compare_tensor(a, b, name, positions, thresholds))
+        tensors.append(_compare_tensor(a, b, name, alignments, thresholds))
         if progress:
             progress(done + 1, len(names))
 

@@ -1,0 +1,108 @@
+"""How fast is ``compare``, and does its memory stay bounded as bundles grow?
+
+Captures the larger random model (hidden 1024, 8 layers, vocab 32000, 2048-token prompts) with
+every canonical tensor in full mode, once with 1 request and once with N requests (several GB),
+replays each (teacher-forced, float32), then times ``compare`` of each pair in a fresh process
+and reads that process's peak RSS. Prints throughput in GB of tensor data read per second, per
+core, and the peak memory of both sizes side by side.
+
+Targets (issue #3): >= 0.5 GB/s per core; peak memory bounded by the chunk size, not the bundle size.
+
+    python benchmarks/bench_compare.py [--requests 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_capture import EXAMPLE, make_large_model  # noqa: E402
+
+from ptrace.capture import CaptureConfig, capture  # noqa: E402
+from ptrace.replay.session import TEACHER, ReplayConfig, replay  # noqa: E402
+
+MEASURE = """
+import json, re, sys, time
+from ptrace.bundle_spec import open_bundle
+from ptrace.replay.compare import compare
+a, b = open_bundle(sys.argv[1]), open_bundle(sys.argv[2])
+volume = 0
+for bundle in (a, b):
+    for path, record in bundle.manifest.arrays.items():
+        if "/tensors/" in path:
+            n = 1
+            for d in record.shape:
+                n *= d
+            volume += n * {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}[record.dtype]
+def high_water_kib():  # this process's own peak RSS (ru_maxrss would include the parent's)
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+before = high_water_kib()
+start = time.perf_counter()
+result = compare(a, b)
+seconds = time.perf_counter() - start
+peak = high_water_kib()
+print(json.dumps({"seconds": seconds, "bytes": volume, "peak_kib": peak, "baseline_kib": before,
+                  "verdict": result.verdict}))
+"""
+
+
+def measure(a: Path, b: Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(a), str(b)], capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def make_pair(model: Path, requests: int, prompt_len: int, new_tokens: int, scratch: Path) -> tuple[Path, Path]:
+    source = capture(CaptureConfig(backend="torch", model=model, output=scratch / f"a{requests}.zarr",
+                                   random_input_ids=prompt_len, num_requests=requests, seed=1,
+                                   max_new_tokens=new_tokens, tensors=("*",), overwrite=True, command=("bench",)))
+    other = replay(ReplayConfig(bundle=source, backend="torch", modes=(TEACHER,), overwrite=True,
+                                output=scratch / f"b{requests}")).bundles[TEACHER]
+    return source, other
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=3, help="requests in the big bundle")
+    parser.add_argument("--quick", action="store_true", help="a small model (smoke test)")
+    args = parser.parse_args()
+    transformers.utils.logging.disable_progress_bar()
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="ptrace-bench-") as tmp:
+        scratch = Path(tmp)
+        if args.quick:
+            model = make_large_model(scratch / "model", EXAMPLE, layers=2, hidden=256, vocab=8000)
+            prompt_len, new_tokens = 256, 8
+        else:
+            model = make_large_model(scratch / "model", EXAMPLE)
+            prompt_len, new_tokens = 2048, 20
+        rows = []
+        for requests in (1, args.requests):
+            a, b = make_pair(model, requests, prompt_len, new_tokens, scratch)
+            result = measure(a, b)
+            rows.append((requests, result))
+        print(f"compare on {cores} cores; bundles of the random Qwen2 model, every canonical tensor, "
+              f"{prompt_len}-token prompts")
+        print(f"{'requests':>8} {'tensor data read':>17} {'seconds':>8} {'GB/s':>6} {'GB/s/core':>10} "
+              f"{'peak RSS':>10} {'above start':>12}")
+        for requests, r in rows:
+            rate = r["bytes"] / r["seconds"] / 1e9
+            print(f"{requests:>8} {r['bytes'] / 1e9:>15.2f}GB {r['seconds']:>8.1f} {rate:>6.2f} {rate / cores:>10.2f} "
+                  f"{r['peak_kib'] / 1024:>8.0f}MiB {(r['peak_kib'] - r['baseline_kib']) / 1024:>10.0f}MiB")
+        small, big = rows[0][1], rows[-1][1]
+        growth = (big["peak_kib"] - big["baseline_kib"]) / max(small["peak_kib"] - small["baseline_kib"], 1)
+        print(f"bundle {big['bytes'] / max(small['bytes'], 1):.1f}x larger -> peak memory above start "
+              f"{growth:.2f}x (target: bounded by chunk size, ~1x)")
+        print("target: >= 0.5 GB/s per core")
+
+
+if __name__ == "__main__":
+    main()
