@@ -375,6 +375,8 @@ def _with_summary(c: Comparison) -> Comparison:
         result = next(t for t in c.tensors if t.name == c.first_divergent_tensor)
         where = (f"first divergent tensor {c.first_divergent_tensor} at position {c.first_divergent_position}"
                  + (f", cos {result.cos_sim:.6g}" if not result.stats_only else ""))
+    elif warned := [t.name for t in c.tensors if t.verdict == WARN]:
+        where = f"no tensor fails, {len(warned)} warn (first: {warned[0]})"
     else:
         worst_cos = min((t.cos_sim for t in c.tensors if not t.stats_only), default=None)
         where = "every tensor within tolerance" + (f" (worst cos {worst_cos:.7g})" if worst_cos is not None else "")

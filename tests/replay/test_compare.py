@@ -77,3 +77,16 @@ def test_topk_kl_is_exact_with_the_whole_vocabulary_and_a_lower_bound_otherwise(
                                                            (1e-5, 0.995, "warn"), (0.5, 0.5, "fail")])
 def test_thresholds(mean_abs, cos, expected):
     assert Thresholds(1e-4, 0.999, 1e-2, 0.99).verdict(mean_abs, cos) == expected
+
+
+def test_stats_only_bundles_are_compared_by_their_statistics(example_model, tmp_path):
+    from ptrace.capture import CaptureConfig, capture
+    from ptrace.replay.session import ReplayConfig, replay
+
+    source = capture(CaptureConfig(backend="torch", model=example_model, output=tmp_path / "s.zarr",
+                                   random_input_ids=16, max_new_tokens=4, mode="stats", command=("t",)))
+    same = replay(ReplayConfig(bundle=source, backend="torch", output=tmp_path / "same")).primary
+    assert same.verdict == "pass" and all(t.stats_only for t in same.tensors)
+    drift = replay(ReplayConfig(bundle=source, backend="torch", dtype="bfloat16", output=tmp_path / "bf16")).primary
+    assert drift.verdict != "pass" and any(t.verdict != "pass" for t in drift.tensors), drift.summary
+    assert all(r.kl_source.startswith("top-") for r in drift.requests)
