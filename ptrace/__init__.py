@@ -3,13 +3,16 @@
 The data flows one way: a backend runs the model, ``capture`` records it into a bundle
 (``bundle_spec``), ``replay`` re-runs a bundle and compares, ``reports`` renders the result.
 
-Python API::
+Python API (the subpackages are named ``capture`` and ``replay``, so the functions carry the
+object they act on)::
 
     import ptrace
-    path = ptrace.capture(ptrace.CaptureConfig(backend="torch", model="examples/tiny-qwen2",
-                                               random_input_ids=128, seed=42, output="b.zarr"))
-    bundle = ptrace.open_bundle(path)
-    bundle.tensor(0, "layers.0.out")
+    path = ptrace.capture_bundle(ptrace.CaptureConfig(
+        backend="torch", model="examples/tiny-qwen2", random_input_ids=128, seed=42, output="b.zarr"))
+    with ptrace.open_bundle(path) as bundle:
+        bundle.tensor(0, "layers.0.out")
+    result = ptrace.replay_bundle(ptrace.ReplayConfig(bundle=path, backend="torch", dtype="bfloat16"))
+    ptrace.write_report(result.primary, Path("report.html"))
 
 The names below are imported on first use, so that ``import ptrace`` (and ``ptrace --help``)
 stays fast: zarr and the engines load only when something needs them.
@@ -25,12 +28,16 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-_LAZY = {
-    "Bundle": "ptrace.bundle_spec",
-    "open_bundle": "ptrace.bundle_spec",
-    "validate_bundle": "ptrace.bundle_spec",
-    "CaptureConfig": "ptrace.capture",
-    "capture": "ptrace.capture",
+_LAZY = {  # public name -> (module, attribute)
+    "Bundle": ("ptrace.bundle_spec", "Bundle"),
+    "open_bundle": ("ptrace.bundle_spec", "open_bundle"),
+    "validate_bundle": ("ptrace.bundle_spec", "validate_bundle"),
+    "CaptureConfig": ("ptrace.capture.session", "CaptureConfig"),
+    "capture_bundle": ("ptrace.capture.session", "capture"),
+    "ReplayConfig": ("ptrace.replay.session", "ReplayConfig"),
+    "replay_bundle": ("ptrace.replay.session", "replay"),
+    "compare_bundles": ("ptrace.replay.compare", "compare"),
+    "write_report": ("ptrace.reports.html", "write_report"),
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -38,5 +45,6 @@ __all__ = ["__version__", *_LAZY]
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(module), attribute)
     raise AttributeError(f"module 'ptrace' has no attribute {name!r}")

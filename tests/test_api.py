@@ -1,0 +1,26 @@
+"""The top-level Python API: every documented name resolves to what it says, lazily."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import ptrace
+from tests.conftest import ROOT
+
+
+def test_public_names_resolve_even_after_the_subpackages_are_imported():
+    import ptrace.capture.session  # noqa: F401  (makes ``ptrace.capture`` the subpackage)
+    import ptrace.replay.session  # noqa: F401
+
+    assert callable(ptrace.capture_bundle) and callable(ptrace.replay_bundle)
+    assert callable(ptrace.compare_bundles) and callable(ptrace.write_report)
+    assert ptrace.open_bundle.__name__ == "open_bundle"
+    assert set(ptrace.__all__) >= {"capture_bundle", "replay_bundle", "compare_bundles", "open_bundle"}
+
+
+def test_import_is_light():
+    probe = subprocess.run([sys.executable, "-c", "import sys, ptrace; "
+                            "print(sorted(m for m in ('torch', 'zarr', 'numpy') if m in sys.modules))"],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert probe.stdout.strip() == "[]"
