@@ -11,7 +11,9 @@ tokens first differ, in a teacher-forced replay (both fed the reference's tokens
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,8 +24,8 @@ from ptrace.bundle_spec.reader import Bundle
 from ptrace.replay.metrics import RunningTotals, kl_full, kl_topk, row_errors
 from ptrace.replay.thresholds import FAIL, PASS, WARN, Thresholds, thresholds_for, worst
 
-#: Rows per block: bounds memory at (block rows x row size x 8 bytes x a few temporaries).
-BLOCK_BYTES = 32 << 20
+#: Rows per block, as float64 bytes: memory is bounded by this x a few temporaries x workers.
+BLOCK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -314,11 +316,19 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
 
     names = sort_forward(set(a.tensor_names) & set(b.tensor_names))
     missing = sorted(set(a.tensor_names) ^ set(b.tensor_names))
-    tensors = []
-    for done, name in enumerate(names):
-        tensors.append(_compare_tensor(a, b, name, alignments, thresholds))
+    # Tensors are independent and numpy releases the GIL: one worker per core.
+    done = 0
+
+    def one(name: str) -> TensorResult:
+        nonlocal done
+        result = _compare_tensor(a, b, name, alignments, thresholds)
+        done += 1
         if progress:
-            progress(done + 1, len(names))
+            progress(done, len(names))
+        return result
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        tensors = list(pool.map(one, names))
 
     first_tensor, first_position = _first_divergent(tensors)
     total = sum(len(r.tokens_a) for r in requests)
