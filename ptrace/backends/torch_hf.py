@@ -79,7 +79,7 @@ class TorchTensor(EngineTensor):
         var, mean = torch.var_mean(x, dim=1, correction=0)
         if bool(torch.isfinite(var).all()):  # the common case: one cheap check, no masking
             lo, hi = torch.aminmax(x, dim=1)
-            absmean = x.abs().mean(dim=1)
+            absmean = torch.linalg.vector_norm(x, ord=1, dim=1) / x.shape[1]  # no |x| temporary
             zeros = torch.zeros_like(mean)
             stats = torch.stack([lo, hi, mean, var.sqrt(), absmean, zeros, zeros], dim=1)
         else:
@@ -239,10 +239,10 @@ class TorchBackend(Backend):
             self._site = TensorSite("", index, step, start)
             out = self.model(input_ids=tokens, past_key_values=cache, use_cache=True,
                              logits_to_keep=0 if (step == 0 and all_logits) else 1)
-            logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)
             if step == 0 and sampling.prompt_logprobs:
-                _fill_prompt_logprobs(generation, logprobs[:-1], prompt, k)
-            last = logprobs[-1]
+                _fill_prompt_logprobs(generation, torch.log_softmax(out.logits[0, :-1].float(), dim=-1),
+                                      prompt, k)
+            last = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             token = _choose(out.logits[0, -1].float(), sampling, generator)
             values, ids = torch.topk(last, k) if k else (last[:0], last[:0].long())
             output.append(token)

@@ -42,10 +42,11 @@ def _chunk_rows(row_bytes: int) -> int:
 
 
 def _compressors(compress: bool) -> list:
-    # blosc+zstd level 1 with byte shuffle: measured ~3x faster than plain zstd on activations,
-    # and it compresses bf16/fp16 well. CRC-32C comes last so it checks the stored bytes.
+    # blosc+lz4 with byte shuffle: the fastest codec measured (float activations shrink little
+    # whatever the codec, but compression makes the zero padding of a last partial chunk free).
+    # CRC-32C comes last so it checks the stored bytes.
     if compress:
-        return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), Crc32cCodec()]
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
     return [Crc32cCodec()]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from ptrace.bundle_spec.schema import ModelInfo
@@ -18,12 +19,42 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "merges.txt", "special_tokens_map.json", "added_tokens.json")
 
 
+def _cache_file() -> Path:
+    root = os.environ.get("PTRACE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ptrace")
+    return Path(root) / "sha256.json"
+
+
+def _stat_key(path: Path) -> str:
+    """Identity of a file's current content as the file system sees it (like git's index)."""
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
 def sha256_file(path: Path, block: int = 8 << 20) -> str:
+    """sha256 of a file, remembered by (path, size, mtime, inode): real checkpoints are many GB,
+    and re-hashing them on every capture would cost seconds to minutes."""
+    cache_path = _cache_file()
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    key = _stat_key(path)
+    if isinstance(cache.get(key), str):
+        return cache[key]
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(block):
             digest.update(chunk)
-    return digest.hexdigest()
+    cache[key] = digest.hexdigest()
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        staged = cache_path.with_name(f"{cache_path.name}.{os.getpid()}")
+        staged.write_text(json.dumps(cache))
+        os.replace(staged, cache_path)
+    except OSError:
+        pass  # a read-only home only costs speed
+    return cache[key]
 
 
 def _combined(hashes: dict[str, str]) -> str:
