@@ -125,7 +125,8 @@ def _row_indices(positions: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 def _read_rows(bundle: Bundle, request: int, name: str, rows: np.ndarray) -> np.ndarray:
     """Rows (sorted indices) of a tensor, reading one contiguous slice."""
     block = bundle.tensor_rows(request, name, int(rows[0]), int(rows[-1]) + 1)
-    return block[rows - rows[0]]
+    contiguous = int(rows[-1]) - int(rows[0]) + 1 == rows.size
+    return block if contiguous else block[rows - rows[0]]
 
 
 # -- tokens -------------------------------------------------------------------------------------

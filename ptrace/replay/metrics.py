@@ -16,8 +16,12 @@ import numpy as np
 REL_EPS = 1e-8
 
 
+def _flat(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return np.asarray(block).reshape(block.shape[0], -1).astype(dtype, copy=False)
+
+
 def _flat64(block: np.ndarray) -> np.ndarray:
-    return np.asarray(block).reshape(block.shape[0], -1).astype(np.float64)
+    return _flat(block, np.dtype(np.float64))
 
 
 @dataclass(frozen=True)
@@ -38,19 +42,29 @@ class RowErrors:
 
 
 def row_errors(a: np.ndarray, b: np.ndarray) -> RowErrors:
+    """Elementwise work in float32 for inputs of 32 bits or less (bf16 and fp16 widen exactly;
+    the difference of two float32 values is rounded once, far below any threshold), every sum
+    accumulated in float64. float64 inputs stay float64."""
     if a.shape != b.shape:
         raise ValueError(f"cannot compare shapes {a.shape} and {b.shape}")
-    x, y = _flat64(a), _flat64(b)
+    work = np.dtype(np.float64 if max(a.dtype.itemsize, b.dtype.itemsize) > 4 else np.float32)
+    x, y = _flat(a, work), _flat(b, work)
+    size = x.shape[1]
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        diff = np.abs(x - y)
-        rel = diff / (np.abs(x) + REL_EPS)
-        dot = np.einsum("ij,ij->i", x, y)
-        norm_a = np.sqrt(np.einsum("ij,ij->i", x, x))
-        norm_b = np.sqrt(np.einsum("ij,ij->i", y, y))
+        diff = x - y
+        np.abs(diff, out=diff)
+        rel = np.abs(x)
+        rel += REL_EPS
+        np.divide(diff, rel, out=rel)
+        dot = np.einsum("ij,ij->i", x, y, dtype=np.float64)
+        norm_a = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+        norm_b = np.sqrt(np.einsum("ij,ij->i", y, y, dtype=np.float64))
         cos = _cosine(dot, norm_a, norm_b)
-    return RowErrors(max_abs=diff.max(axis=1, initial=0.0), mean_abs=diff.mean(axis=1),
-                     mean_rel=rel.mean(axis=1), cos=cos, thousandth=(rel <= 1e-3).mean(axis=1),
-                     dot=dot, norm_a=norm_a, norm_b=norm_b, size=x.shape[1])
+        return RowErrors(max_abs=diff.max(axis=1, initial=0.0).astype(np.float64),
+                         mean_abs=diff.sum(axis=1, dtype=np.float64) / size,
+                         mean_rel=rel.sum(axis=1, dtype=np.float64) / size, cos=cos,
+                         thousandth=np.count_nonzero(rel <= 1e-3, axis=1) / size,
+                         dot=dot, norm_a=norm_a, norm_b=norm_b, size=size)
 
 
 def _cosine(dot: np.ndarray, norm_a: np.ndarray, norm_b: np.ndarray) -> np.ndarray:
