@@ -19,7 +19,8 @@ from rich.text import Text
 
 class Console:
     def __init__(self) -> None:
-        self.out = RichConsole(soft_wrap=False, highlight=False)
+        # Piped output (logs, CI) gets a wide virtual terminal rather than rich's 80 columns.
+        self.out = RichConsole(soft_wrap=False, highlight=False, width=None if sys.stdout.isatty() else 160)
         self.err = RichConsole(stderr=True, soft_wrap=True, highlight=False)
         self.debug = False
 
