@@ -240,8 +240,7 @@ class TorchBackend(Backend):
             out = self.model(input_ids=tokens, past_key_values=cache, use_cache=True,
                              logits_to_keep=0 if (step == 0 and all_logits) else 1)
             if step == 0 and sampling.prompt_logprobs:
-                _fill_prompt_logprobs(generation, torch.log_softmax(out.logits[0, :-1].float(), dim=-1),
-                                      prompt, k)
+                _fill_prompt_logprobs(generation, out.logits[0, :-1].float(), prompt, k)
             last = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             token = _choose(out.logits[0, -1].float(), sampling, generator)
             values, ids = torch.topk(last, k) if k else (last[:0], last[:0].long())
@@ -383,9 +382,12 @@ def _choose(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Gen
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _fill_prompt_logprobs(generation: Generation, logprobs: torch.Tensor, prompt: np.ndarray,
+def _fill_prompt_logprobs(generation: Generation, logits: torch.Tensor, prompt: np.ndarray,
                           k: int) -> None:
-    """Row i of the prefill's logprobs predicts prompt token i+1 (SPEC.md section 2)."""
+    """Row i of the prefill's logits predicts prompt token i+1 (SPEC.md section 2).
+
+    log p = logit - logsumexp(row): only the picked entries are normalised, so no
+    [prompt, vocab] log-softmax is ever materialised (a quarter GB for 2048 x 32000)."""
     import torch
 
     positions = prompt.shape[0]
@@ -393,11 +395,12 @@ def _fill_prompt_logprobs(generation: Generation, logprobs: torch.Tensor, prompt
     top_ids = np.full((positions, k), -1, dtype=np.int64)
     top_lps = np.full((positions, k), np.nan, dtype=np.float32)
     if positions > 1:
-        targets = torch.as_tensor(prompt[1:], dtype=torch.long, device=logprobs.device)
-        token_lp[1:] = logprobs.gather(1, targets[:, None])[:, 0].cpu().numpy()
+        norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+        targets = torch.as_tensor(prompt[1:], dtype=torch.long, device=logits.device)
+        token_lp[1:] = (logits.gather(1, targets[:, None]) - norm)[:, 0].cpu().numpy()
         if k:
-            values, ids = torch.topk(logprobs, k, dim=-1)
-            top_ids[1:], top_lps[1:] = ids.cpu().numpy(), values.cpu().numpy()
+            values, ids = torch.topk(logits, k, dim=-1)
+            top_ids[1:], top_lps[1:] = ids.cpu().numpy(), (values - norm).cpu().numpy()
     generation.prompt_logprobs = token_lp
     generation.prompt_topk_ids = top_ids
     generation.prompt_topk_logprobs = top_lps

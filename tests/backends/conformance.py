@@ -139,6 +139,17 @@ class BackendTests:
         ids = generations[0].topk_ids
         np.testing.assert_allclose(np.take_along_axis(got, ids, 1), generations[0].topk_logprobs, atol=1e-4)
 
+    def test_prompt_logprobs_agree_with_logits(self, everything):
+        keep, generations = everything
+        prompt, generation = PROMPTS[1], generations[1]
+        if generation.prompt_logprobs is None:
+            pytest.skip("this engine gives no prompt logprobs")
+        expected = _log_softmax(keep.rows("logits", 1)[: len(prompt) - 1])
+        np.testing.assert_allclose(generation.prompt_logprobs[1:],
+                                   expected[np.arange(len(prompt) - 1), prompt[1:]], atol=1e-4)
+        np.testing.assert_allclose(generation.prompt_topk_logprobs[1:],
+                                   np.take_along_axis(expected, generation.prompt_topk_ids[1:], 1), atol=1e-4)
+
     def test_replacing_a_tensor_changes_what_follows(self, engine, everything):
         baseline, _ = everything
         after = Keep({"layers.0.mlp", "layers.0.out"})
@@ -166,3 +177,9 @@ class BackendTests:
         first = engine.generate(PROMPTS[:1], sampling)[0].output_ids
         engine.set_seed(0)
         assert engine.generate(PROMPTS[:1], sampling)[0].output_ids.tolist() == first.tolist()
+
+
+def _log_softmax(rows: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float64)
+    shifted = rows - rows.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
