@@ -43,6 +43,7 @@ test: setup browser
 
 bench: setup
 	$(PY) benchmarks/bench_capture.py
+	$(PY) benchmarks/bench_compare.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -39,7 +39,7 @@ def capture(
     logprobs: Annotated[int, typer.Option(
         rich_help_panel=opt.SAMPLING, help="How many top logprobs to record per step.")] = 20,
     stop_at_eos: Annotated[bool, typer.Option(
-        rich_help_panel=opt.SAMPLING,
+        "--stop-at-eos", rich_help_panel=opt.SAMPLING,
         help="Stop a request at EOS (default: always generate --max-new-tokens, so runs align).")] = False,
     tensors: Annotated[list[str] | None, typer.Option(
         "--tensors", "-t", rich_help_panel=opt.WHAT,
@@ -52,7 +52,7 @@ def capture(
         rich_help_panel=opt.WHAT,
         help="full = tensors + per-position stats (lossless); stats = stats only (small).")] = "full",
     no_prompt_logprobs: Annotated[bool, typer.Option(
-        rich_help_panel=opt.WHAT, help="Skip prompt logprobs (saves the LM head over the prompt).")] = False,
+        "--no-prompt-logprobs", rich_help_panel=opt.WHAT, help="Skip prompt logprobs (unless logits are captured, this also skips the LM head over the prompt).")] = False,
     overwrite: opt.Overwrite = False,
 ) -> None:
     """Run a model on one engine and freeze the run into a bundle.

@@ -27,7 +27,7 @@ EngineOption = Annotated[list[str] | None, typer.Option(
     "--engine-option", "-E", rich_help_panel=ENGINE, metavar="KEY=VALUE",
     help="Engine-specific option, repeatable (torch: attn_implementation=eager|sdpa).")]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Bundle to write (a *.zarr directory).")]
-Overwrite = Annotated[bool, typer.Option(help="Replace the output if it exists.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of text.")]
 
 

@@ -22,10 +22,10 @@ def replay(
         "--model", "-m", rich_help_panel=opt.ENGINE,
         help="Model directory (default: the path recorded in the bundle).")] = None,
     allow_model_mismatch: Annotated[bool, typer.Option(
-        rich_help_panel=opt.ENGINE, help="Replay even if the weights' fingerprint differs (recorded).")] = False,
+        "--allow-model-mismatch", rich_help_panel=opt.ENGINE, help="Replay even if the weights' fingerprint differs (recorded).")] = False,
     engine_option: opt.EngineOption = None,
     mode: Annotated[list[str] | None, typer.Option(
-        help="teacher-forced (fed the captured tokens: tensors stay aligned) and/or free-running "
+        metavar="MODE", help="teacher-forced (fed the captured tokens: tensors stay aligned) and/or free-running "
              "(own tokens: token agreement). Default: both.")] = None,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Prefix of the replay bundles (default: next to BUNDLE).")] = None,
