@@ -49,6 +49,7 @@ def describe(bundle: Bundle) -> dict[str, Any]:
                  | {"layers": model.num_layers, "hidden_size": model.config.get("hidden_size"),
                     "vocab_size": model.config.get("vocab_size")},
         "run": run.to_dict(),
+        "replay": bundle.replay_info(),
         "environment": bundle.environment.to_dict(),
         "requests": requests,
         "tensors": _tensor_rows(bundle),

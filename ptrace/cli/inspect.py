@@ -54,7 +54,10 @@ def inspect(
     console.print(_fields("Bundle", {
         "path": info["path"], "spec version": meta["spec_version"], "bundle id": meta["bundle_id"],
         "created": meta["created"], "written by": f"ptrace {meta['ptrace_version']}",
-        "mode": meta["mode"], "command": " ".join(meta["command"])}))
+        "mode": meta["mode"], "command": " ".join(meta["command"]),
+        **({"replay of": f"{info['replay']['source_path']} ({info['replay']['mode']}"
+                         f"{', different weights' if info['replay']['model_mismatch'] else ''})"}
+           if info["replay"] else {})}))
     console.print(_fields("Model", {
         "name": model["name"], "architecture": model["architecture"],
         "layers / hidden / vocab": f"{model['layers']} / {model['hidden_size']} / {model['vocab_size']}",
