@@ -32,14 +32,6 @@ def all_names(num_layers: int) -> list[str]:
     return names
 
 
-def is_canonical(name: str) -> bool:
-    """True for ``embed``, ``final_norm``, ``logits``, ``layers.{i}.{part}`` and ``x.*`` extras."""
-    if name in ("embed", "final_norm", "logits") or name.startswith(EXTRA_PREFIX):
-        return True
-    match = _LAYER_RE.match(name)
-    return bool(match) and match.group(2) in LAYER_PARTS
-
-
 def forward_key(name: str) -> tuple[int, int, int]:
     """Sort key putting names in forward order (extras last)."""
     if name == "embed":
