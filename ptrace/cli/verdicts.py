@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from ptrace.cli.console import console
 
@@ -39,23 +40,20 @@ def check_fail_on(fail_on: str | None) -> None:
 def emit(comparison, *, report: Path | None, json_out: Path | None, fail_on: str | None,
          title: str, prompts: list[str | None], commands: list[str]) -> None:
     """Print the verdict, write the report and JSON, and exit non-zero when asked to gate."""
+    from ptrace.replay.thresholds import at_least
     from ptrace.reports.html import write_report
 
     style = {"pass": "green", "warn": "yellow", "fail": "red"}[comparison.verdict]
-    from rich.text import Text
-
     console.print(Text(comparison.summary, style=style))
     if report is not None:
         write_report(comparison, report, title=title, prompts=prompts, commands=commands)
         console.print(f"report: {report}")
     if json_out is not None:
         data = comparison.to_dict()
-        text = json.dumps(data, indent=2, default=str)
         if str(json_out) == "-":
             console.json(data)
         else:
-            json_out.write_text(text)
+            json_out.write_text(json.dumps(data, indent=2, default=str))
             console.print(f"json: {json_out}")
-    rank = {"pass": 0, "warn": 1, "fail": 2}
-    if fail_on is not None and rank[comparison.verdict] >= rank[fail_on]:
+    if fail_on is not None and at_least(comparison.verdict, fail_on):
         raise typer.Exit(1)

@@ -50,6 +50,11 @@ def worst(verdicts: list[str]) -> str:
     return max(verdicts, key=_ORDER.__getitem__, default=PASS)
 
 
+def at_least(verdict: str, level: str) -> bool:
+    """Whether ``verdict`` is as bad as ``level`` or worse (``--fail-on``)."""
+    return _ORDER[verdict] >= _ORDER[level]
+
+
 def thresholds_for(dtype: str, overrides: dict[str, float] | None = None) -> Thresholds:
     base = DEFAULTS.get(dtype, DEFAULTS["float32"])
     return replace(base, **overrides) if overrides else base

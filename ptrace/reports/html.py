@@ -164,8 +164,7 @@ def render(comparison: Comparison, *, title: str = "ptrace report", prompts: lis
     return template.render(
         title=title, c=comparison, plot=_layer_plot(comparison), heatmap=_heatmap(comparison),
         timelines=_timeline(comparison), prompts=prompts or [],
-        run_rows=_side_by_side({k: v for k, v in comparison.a["run"].items()},
-                               {k: v for k, v in comparison.b["run"].items()}),
+        run_rows=_side_by_side(comparison.a["run"], comparison.b["run"]),
         env_rows=_side_by_side(comparison.a["environment"], comparison.b["environment"]),
         commands=commands or [],
     )
