@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ptrace.bundle_spec.schema import SamplingParams
-from ptrace.errors import BackendError, BackendUnavailableError, UsageError
+from ptrace.errors import BackendError, UsageError
 
 log = logging.getLogger("ptrace.backends")
 
@@ -106,6 +106,8 @@ class Backend(ABC):
     description: ClassVar[str] = ""
     #: Import names that must be importable for the engine to run (probed without importing).
     requires: ClassVar[tuple[str, ...]] = ()
+    #: The engine environment (``ptrace envs``) the engine runs in when this one lacks it.
+    environment: ClassVar[str | None] = None
     #: What to tell a user whose environment lacks the engine.
     install_hint: ClassVar[str] = ""
     #: Compute dtypes this engine accepts.

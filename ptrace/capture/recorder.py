@@ -57,8 +57,9 @@ class TensorRecorder(Interceptor):
         self.full = mode == "full"
         self.steps = steps
         self.seen: set[str] = set()
-        # request -> step -> (first position, rows): the positions actually captured
-        self._rows: dict[int, dict[int, tuple[int, int]]] = defaultdict(dict)
+        # request -> (step, first position) -> rows: the positions actually captured. A step MAY
+        # arrive in several chunks (vLLM's chunked prefill), each a span of its own.
+        self._rows: dict[int, dict[tuple[int, int], int]] = defaultdict(dict)
 
     def wants(self, name: str) -> bool:
         return name in self.names
@@ -67,10 +68,10 @@ class TensorRecorder(Interceptor):
         if site.step not in self.steps:
             return None
         rows = tensor.shape[0]
-        known = self._rows[site.request].setdefault(site.step, (site.start, rows))
-        if known != (site.start, rows):
+        known = self._rows[site.request].setdefault((site.step, site.start), rows)
+        if known != rows:
             raise RuntimeError(f"{site.name}: step {site.step} of request {site.request} covers "
-                               f"positions {site.start}+{rows}, other tensors {known[0]}+{known[1]}")
+                               f"positions {site.start}+{rows}, other tensors {site.start}+{known}")
         prefix = f"requests/{site.request}"
         self.writer.append_rows(f"{prefix}/stats/{site.name}", tensor.row_stats())
         if self.full:
@@ -87,4 +88,4 @@ class TensorRecorder(Interceptor):
         spans = sorted(self._rows.get(request, {}).items())
         if not spans:
             return np.zeros(0, dtype=np.int64)
-        return np.concatenate([np.arange(start, start + rows) for _, (start, rows) in spans]).astype(np.int64)
+        return np.concatenate([np.arange(start, start + rows) for (_, start), rows in spans]).astype(np.int64)

@@ -7,15 +7,22 @@ import os
 import random
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ptrace.backends.base import Backend, Interceptor, LoadOptions
-from ptrace.backends.registry import create_backend
+from ptrace.backends.registry import create_backend, engine_python
 from ptrace.bundle_spec import names as canonical
-from ptrace.bundle_spec.schema import Document, RequestRecord, RequestsInfo, RunInfo, SamplingParams
+from ptrace.bundle_spec.schema import (
+    Document,
+    RequestRecord,
+    RequestsInfo,
+    RunInfo,
+    SamplingParams,
+)
 from ptrace.bundle_spec.store import claim_output
 from ptrace.bundle_spec.writer import BundleWriter
 from ptrace.capture.environment import Redactor, collect_environment
@@ -61,11 +68,39 @@ class CaptureConfig:
     #: Teacher forcing: per request, the tokens to feed back instead of the engine's choices.
     forced_tokens: tuple[tuple[int, ...], ...] | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (the config crosses into engine environments as JSON)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CaptureConfig:
+        values = dict(data)
+        for name in ("prompts", "prompt_token_ids", "tensors", "command", "forced_tokens"):
+            if values.get(name) is not None:
+                values[name] = _tuples(values[name])
+        if values.get("prompts_file") is not None:
+            values["prompts_file"] = Path(values["prompts_file"])
+        return cls(**values)
+
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               seed=self.seed, max_new_tokens=self.max_new_tokens,
                               ignore_eos=self.ignore_eos, logprobs=self.logprobs,
                               prompt_logprobs=self.prompt_logprobs)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 #: Progress callback: ``(steps done, steps in total)``.
@@ -83,6 +118,8 @@ def _check(config: CaptureConfig) -> StepSelection:
 
 
 def _select_tensors(patterns: Sequence[str], num_layers: int) -> list[str]:
+    if tuple(patterns) == ("none",):  # tokens and logprobs only
+        return []
     known = canonical.all_names(num_layers)
     selected = canonical.select(known, patterns)
     unmatched = [p for p in patterns if not canonical.select(known, [p])]
@@ -101,54 +138,89 @@ def capture(config: CaptureConfig, *, progress: Progress | None = None,
     (this is how error-injection what-ifs are captured). ``documents`` are extra metadata
     documents to store (a replay's ``meta/replay``).
     """
-    steps = _check(config)
+    return capture_runs([config], progress=progress, interceptors=interceptors,
+                        documents=[documents])[0]
+
+
+def capture_runs(configs: Sequence[CaptureConfig], *, progress: Progress | None = None,
+                 interceptors: Sequence[Interceptor] = (),
+                 documents: Sequence[Sequence[Document]] | None = None) -> list[Path]:
+    """Several captures on one loaded engine (a replay's teacher-forced and free runs).
+
+    They must share backend, model, dtype, device and engine options. When the engine is not
+    installed here, they run in its engine environment (``ptrace envs``), in one process.
+    """
+    documents = list(documents) if documents is not None else [() for _ in configs]
+    engine = {(c.backend, str(c.model), c.dtype, c.device, tuple(sorted(c.engine_options.items())))
+              for c in configs}
+    if len(engine) != 1 or len(documents) != len(configs):
+        raise UsageError("capture_runs needs one engine setup for all its runs, and documents for each")
+    for config in configs:  # everything that can fail cheaply fails before the engine starts
+        _check(config)
+        claim_output(Path(config.output), config.overwrite)
+    model = describe_model(configs[0].model)
+    for config in configs:
+        _select_tensors(config.tensors, model.num_layers)
+    python = engine_python(configs[0].backend)
+    if python is not None:
+        if interceptors:
+            raise UsageError(f"backend {configs[0].backend} runs in its engine environment: Python "
+                             "interceptors cannot cross into it", hint=f"run this code with {python}")
+        from ptrace.capture.remote import run_in_environment
+
+        return run_in_environment(python, configs, documents, progress)
+    first = configs[0]
+    backend = create_backend(first.backend)
+    try:
+        backend.load(LoadOptions(Path(first.model), first.dtype, first.device, dict(first.engine_options)))
+        return [_capture_one(backend, config, model, progress, interceptors, docs)
+                for config, docs in zip(configs, documents, strict=True)]
+    finally:
+        backend.close()
+
+
+def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, progress: Progress | None,
+                 interceptors: Sequence[Interceptor], documents: Sequence[Document]) -> Path:
+    steps = StepSelection.parse(config.steps)
     output = Path(config.output)
-    claim_output(output, config.overwrite)  # before the expensive part, not after it
-    model = describe_model(config.model)
     names = _select_tensors(config.tensors, model.num_layers)
     command = list(config.command if config.command is not None else sys.argv)
     redactor = Redactor.from_environment(os.environ, command)
+    seeds = _seed_everything(backend, config.seed)
+    prompts = resolve_prompts(texts=config.prompts, prompts_file=config.prompts_file,
+                              token_ids=config.prompt_token_ids,
+                              random_input_ids=config.random_input_ids,
+                              num_requests=config.num_requests, seed=config.seed,
+                              tokenize=backend.tokenize)
+    sampling = config.sampling()
+    with BundleWriter(output, overwrite=config.overwrite) as writer:
+        recorder = TensorRecorder(writer, names, config.mode, steps)
+        total = len(prompts) * sampling.max_new_tokens
+        done = 0
 
-    backend = create_backend(config.backend)
-    try:
-        seeds = _seed_everything(backend, config.seed)
-        backend.load(LoadOptions(Path(config.model), config.dtype, config.device, dict(config.engine_options)))
-        prompts = resolve_prompts(texts=config.prompts, prompts_file=config.prompts_file,
-                                  token_ids=config.prompt_token_ids,
-                                  random_input_ids=config.random_input_ids,
-                                  num_requests=config.num_requests, seed=config.seed,
-                                  tokenize=backend.tokenize)
-        sampling = config.sampling()
-        with BundleWriter(output, overwrite=config.overwrite) as writer:
-            recorder = TensorRecorder(writer, names, config.mode, steps)
-            total = len(prompts) * sampling.max_new_tokens
-            done = 0
+        def on_step(_request: int, _step: int) -> None:
+            nonlocal done
+            done += 1
+            if progress:
+                progress(done, total)
 
-            def on_step(_request: int, _step: int) -> None:
-                nonlocal done
-                done += 1
-                if progress:
-                    progress(done, total)
+        forced = None if config.forced_tokens is None else [np.asarray(f, np.int64)
+                                                              for f in config.forced_tokens]
+        generations = backend.generate([p.ids for p in prompts], sampling,
+                                       [*interceptors, recorder], on_step, forced)
+        _check_coverage(backend, recorder, names, steps)
+        records = _write_requests(writer, backend, prompts, generations, recorder, forced)
+        run = RunInfo(backend=backend.name, backend_version=backend.version(), dtype=config.dtype,
+                      device=config.device, seeds=seeds, sampling=sampling,
+                      capture={"tensors": list(config.tensors), "steps": config.steps,
+                               "mode": config.mode},
+                      engine=backend.engine_info(), engine_options=dict(config.engine_options))
+        for document in (model, run, collect_environment(), RequestsInfo(tuple(records)), *documents):
+            writer.write_document(type(document).from_dict(redactor.scrub(document.to_dict())))
+        from ptrace import __version__
 
-            forced = None if config.forced_tokens is None else [np.asarray(f, np.int64)
-                                                                  for f in config.forced_tokens]
-            generations = backend.generate([p.ids for p in prompts], sampling,
-                                           [*interceptors, recorder], on_step, forced)
-            _check_coverage(backend, recorder, names, steps)
-            records = _write_requests(writer, backend, prompts, generations, recorder, forced)
-            run = RunInfo(backend=backend.name, backend_version=backend.version(), dtype=config.dtype,
-                          device=config.device, seeds=seeds, sampling=sampling,
-                          capture={"tensors": list(config.tensors), "steps": config.steps,
-                                   "mode": config.mode},
-                          engine=backend.engine_info(), engine_options=dict(config.engine_options))
-            for document in (model, run, collect_environment(), RequestsInfo(tuple(records)), *documents):
-                writer.write_document(type(document).from_dict(redactor.scrub(document.to_dict())))
-            from ptrace import __version__
-
-            return writer.commit(ptrace_version=__version__, command=redactor.scrub(command),
-                                 mode=config.mode, tensor_names=names)
-    finally:
-        backend.close()
+        return writer.commit(ptrace_version=__version__, command=redactor.scrub(command),
+                             mode=config.mode, tensor_names=names)
 
 
 def _seed_everything(backend: Backend, seed: int) -> dict[str, int]:
@@ -160,6 +232,8 @@ def _seed_everything(backend: Backend, seed: int) -> dict[str, int]:
 def _check_coverage(backend: Backend, recorder: TensorRecorder, names: list[str],
                     steps: StepSelection) -> None:
     """Never let an engine that silently skipped hooks produce an empty capture that looks fine."""
+    if not names:
+        return
     if not recorder.captured_any:  # no selected step ran (e.g. --steps beyond the end)
         raise UsageError("no step selected by --steps was run", hint="check --steps and --max-new-tokens")
     missing = [n for n in names if n not in recorder.seen]

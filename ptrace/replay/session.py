@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ptrace.bundle_spec import open_bundle
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.bundle_spec.schema import ReplayInfo
 from ptrace.capture.model import describe_model
-from ptrace.capture.session import CaptureConfig, Progress, capture
+from ptrace.capture.session import CaptureConfig, Progress, capture_runs
 from ptrace.errors import ModelError, UsageError
 from ptrace.replay.compare import Comparison, combine, compare
 
@@ -101,23 +100,27 @@ def replay(config: ReplayConfig, *, progress: Progress | None = None) -> ReplayR
             raise UsageError("the source's requests generated different numbers of tokens (EOS); "
                              "replay needs equal lengths", hint="capture without --stop-at-eos")
         sampling = run.sampling
-        bundles: dict[str, Path] = {}
+        runs = []
         for mode in config.modes:
             out = prefix.with_name(f"{prefix.name}.{mode.split('-')[0]}.zarr")
-            bundles[mode] = capture(CaptureConfig(
+            runs.append(CaptureConfig(
                 backend=config.backend, model=model_path, output=out, dtype=dtype, device=device,
                 prompt_token_ids=prompts, seed=run.seeds.get("python", sampling.seed),
                 max_new_tokens=max_new, temperature=sampling.temperature, top_p=sampling.top_p,
                 top_k=sampling.top_k, logprobs=sampling.logprobs, prompt_logprobs=sampling.prompt_logprobs,
-                ignore_eos=sampling.ignore_eos, tensors=tuple(source.tensor_names),
+                ignore_eos=sampling.ignore_eos, tensors=tuple(source.tensor_names) or ("none",),
                 steps=run.capture.get("steps"), mode=source.mode,
                 engine_options={**dict(run.engine_options), **config.engine_options} if config.backend == run.backend
                 else dict(config.engine_options),
                 overwrite=config.overwrite, command=config.command or ("ptrace", "replay", str(config.bundle)),
                 forced_tokens=outputs if mode == TEACHER else None,
-            ), progress=progress, documents=[ReplayInfo(
-                source_bundle_id=source.manifest.bundle_id, source_path=str(config.bundle), mode=mode,
-                model_mismatch=mismatch, model_path=str(model_path))])
+            ))
+        documents = [[ReplayInfo(source_bundle_id=source.manifest.bundle_id, source_path=str(config.bundle),
+                                 mode=mode, model_mismatch=mismatch, model_path=str(model_path))]
+                     for mode in config.modes]
+        # One engine load for both runs (in the engine's own environment if it is not here).
+        bundles = dict(zip(config.modes, capture_runs(runs, progress=progress, documents=documents),
+                           strict=True))
         comparisons = {}
         for mode, path in bundles.items():
             with open_bundle(path) as replayed:
