@@ -1,5 +1,7 @@
 # The two commands of the README:  `make demo` (the main job end to end)  and  `make test`.
-# Each sets up what it needs first, from nothing but Python >= 3.11 and a package index.
+# Each sets up what it needs first, from nothing but Python >= 3.11 and a package index:
+# the main environment (.venv: ptrace + torch) and one environment per engine (.venvs/vllm,
+# .venvs/ms), because vLLM and MindSpore pin versions that exclude each other.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,10 +13,13 @@ TORCH  ?= torch==2.13.0
 TRANSFORMERS ?= transformers==5.19.0
 MODEL  ?= examples/tiny-qwen2
 DEMO   ?= demo
+ENVS   := .venvs
+# The engine environments `make setup` creates (vllm-ms needs an Ascend NPU: `ptrace envs create vllm-ms`).
+ENGINES ?= vllm ms
 
 .PHONY: setup demo browser test bench clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(ENGINES:%=$(ENVS)/%/.installed)
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,15 +27,25 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[torch,test]" "$(TORCH)" "$(TRANSFORMERS)"
 	touch $@
 
+# `ptrace envs create` pins each engine; pytest is added for the engines' own conformance tests.
+$(ENVS)/%/.installed: $(VENV)/.installed
+	$(PTRACE) envs create $*
+	$(ENVS)/$*/bin/python -m pip install --quiet --disable-pip-version-check pytest
+	touch $@
+
 demo: setup
-	$(PTRACE) capture --backend torch --model $(MODEL) --random-input-ids 128 --seed 42 \
-		--max-new-tokens 20 --tensors '*' --output $(DEMO)/torch-fp32.zarr --overwrite
-	$(PTRACE) inspect $(DEMO)/torch-fp32.zarr
-	$(PTRACE) validate $(DEMO)/torch-fp32.zarr
-	$(PTRACE) replay $(DEMO)/torch-fp32.zarr --backend torch --dtype bfloat16 --output $(DEMO)/bf16 \
-		--report $(DEMO)/report.html --json $(DEMO)/result.json --overwrite
-	$(PTRACE) pack $(DEMO)/torch-fp32.zarr --overwrite
-	@echo "open $(DEMO)/report.html"
+	$(PTRACE) capture --backend ms --model $(MODEL) --random-input-ids 128 --seed 42 \
+		--max-new-tokens 20 --tensors '*' --output $(DEMO)/ms-fp32.zarr --overwrite
+	$(PTRACE) inspect $(DEMO)/ms-fp32.zarr
+	$(PTRACE) validate $(DEMO)/ms-fp32.zarr
+	$(PTRACE) replay $(DEMO)/ms-fp32.zarr --backend vllm --output $(DEMO)/vllm-fp32 \
+		--report $(DEMO)/ms-vs-vllm.html --json $(DEMO)/ms-vs-vllm.json --overwrite
+	$(PTRACE) replay $(DEMO)/ms-fp32.zarr --backend vllm --dtype bfloat16 --output $(DEMO)/vllm-bf16 \
+		--report $(DEMO)/ms-vs-vllm-bf16.html --json $(DEMO)/ms-vs-vllm-bf16.json --overwrite
+	$(PTRACE) replay $(DEMO)/ms-fp32.zarr --backend torch --output $(DEMO)/torch-fp32 \
+		--report $(DEMO)/ms-vs-torch.html --overwrite
+	$(PTRACE) pack $(DEMO)/ms-fp32.zarr --overwrite
+	@echo "open $(DEMO)/ms-vs-vllm.html and $(DEMO)/ms-vs-vllm-bf16.html"
 
 # The report test opens the HTML report in real headless Chromium (Debian's package).
 browser:
@@ -38,12 +53,16 @@ browser:
 	{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	{ echo "Chromium is needed by the report test: sudo apt-get install chromium" >&2; exit 1; }
 
+# Everything from the main environment (the engines through their environments), then each
+# engine's conformance suite inside its own environment.
 test: setup browser
-	$(PY) -m pytest -q
+	PTRACE_REQUIRE_ENGINES=1 $(PY) -m pytest -q
+	$(ENVS)/vllm/bin/python -m pytest -q -p no:cacheprovider tests/backends/test_vllm.py
+	$(ENVS)/ms/bin/python -m pytest -q -p no:cacheprovider tests/backends/test_mindformers.py
 
 bench: setup
 	$(PY) benchmarks/bench_capture.py
 	$(PY) benchmarks/bench_compare.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(ENVS) $(DEMO) .pytest_cache

@@ -13,13 +13,19 @@ recomputation, in every layer. Earlier positions can influence a new one only th
 and values, so the new rows are exactly what a KV-cache engine computes, and a what-if that
 replaces a value (or anything upstream of it) persists in the "cache" as it would there.
 
-Ascend NPUs are not supported yet: MindFormers runs Qwen2/Qwen3 there through its
-``parallel_core`` inference classes (paged KV cache, fused residual norms, ``@jit`` constructs),
-a different module tree that ptrace has not mapped or run.
+On an Ascend NPU (``--device npu``, ``npu:N`` or ``ascend``, where ``/dev/davinci*`` exists and
+MindSpore has its Ascend backend) the model is MindFormers' own ``InferenceQwen2ForCausalLM`` /
+``InferenceQwen3ForCausalLM`` (the "mcore" ``parallel_core`` inference classes), driven as
+MindFormers' own ``generate()`` drives them, with a real paged KV cache; see :class:`_AscendModel`.
+That path is UNTESTED ON HARDWARE: every MindFormers call it makes was checked against the
+installed mindformers 1.9.0 source, and the model builds, loads HF weights and runs up to its
+first Ascend-only kernel on a CPU, but no Ascend device ran it. Without an Ascend device,
+``--device npu`` is refused with one line.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -54,6 +60,14 @@ if TYPE_CHECKING:  # mindspore is imported where it is used, so listing backends
 #: HF ``model_type`` -> whether q/k/v projections carry a bias (the only Qwen2/Llama difference
 #: MindFormers' LlamaForCausalLM needs to know; Llama's own ``attention_bias`` overrides it).
 SUPPORTED_MODEL_TYPES = {"qwen2": True, "llama": False}
+#: HF ``model_type`` -> (module, config class, model class) of MindFormers' own inference classes,
+#: the models the Ascend path runs.
+ASCEND_MODEL_CLASSES = {
+    "qwen2": ("mindformers.models.qwen2", "Qwen2Config", "InferenceQwen2ForCausalLM"),
+    "qwen3": ("mindformers.models.qwen3", "Qwen3Config", "InferenceQwen3ForCausalLM"),
+}
+#: Dtypes of the Ascend path: its FlashAttentionScore and PagedAttention kernels take only these.
+ASCEND_DTYPES = ("float16", "bfloat16")
 #: Engine options (``--engine-option key=value``) this backend understands.
 ENGINE_OPTIONS = ("mode", "seq_length")
 #: Longest sequence (prompt + generated) the CPU model is built for unless ``seq_length`` says
@@ -144,35 +158,52 @@ class MindFormersBackend(Backend):
         if mode != "pynative":
             raise UsageError(f"unknown MindSpore mode {mode!r}", hint="the ms backend runs in mode=pynative")
         ms = _import_mindspore()
-        device_target = self._device_target(options.device)
+        device_target, device_id = self._device_target(options.device)
+        ascend = device_target == "Ascend"
+        if ascend and options.dtype not in ASCEND_DTYPES:
+            raise UsageError(f"backend ms on an Ascend NPU does not run {options.dtype}: MindFormers' "
+                             "FlashAttention and PagedAttention kernels take float16 or bfloat16 only",
+                             hint="pass --dtype bfloat16 (or float16)")
         ms.set_context(mode=ms.PYNATIVE_MODE)
-        ms.set_device(device_target)
+        ms.set_device(device_target, device_id)
         _check_dtype_runs(getattr(ms, options.dtype), device_target)
         self.hf_config = read_config(options.model_dir)
         model_type = self.hf_config.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelError(f"backend ms does not support model_type {model_type!r}",
-                             hint=f"it runs {', '.join(SUPPORTED_MODEL_TYPES)} models")
+        supported = ASCEND_MODEL_CLASSES if ascend else SUPPORTED_MODEL_TYPES
+        if model_type not in supported:
+            raise ModelError(f"backend ms does not support model_type {model_type!r} on {device_target}",
+                             hint=f"it runs {', '.join(supported)} models there "
+                                  f"({', '.join(ASCEND_MODEL_CLASSES)} on an Ascend NPU)")
         self.tokenizer = _load_tokenizer(options.model_dir)
         self.eos_ids = _eos_ids(options.model_dir, self.hf_config)
         seq_length = _positive_int(options.engine_options.get("seq_length", DEFAULT_SEQ_LENGTH), "seq_length")
-        self.engine: _CpuModel | None = _CpuModel(self, options, seq_length)
+        model = _AscendModel if ascend else _CpuModel
+        self.engine: _CpuModel | _AscendModel | None = model(self, options, seq_length)
 
     @staticmethod
-    def _device_target(device: str) -> str:
-        """MindSpore's name for ``--device`` (only the CPU for now; see the module docstring)."""
+    def _device_target(device: str) -> tuple[str, int | None]:
+        """MindSpore's device target and device id for ``--device``: the CPU, or an Ascend NPU
+        where one is visible and MindSpore can use it (module docstring)."""
         import mindspore as ms
 
-        kind = device.split(":")[0].lower()
+        kind, _, index = device.lower().partition(":")
         if kind == "cpu":
-            return "CPU"
+            return "CPU", None
         if kind in ("npu", "ascend"):
+            if index and not index.isdigit():
+                raise UsageError(f"device {device}: the NPU index must be a number (npu:0, npu:1, ...)")
+            if not glob.glob("/dev/davinci[0-9]*"):
+                raise BackendUnavailableError(
+                    f"device {device}: no Ascend NPU visible (no /dev/davinci*): "
+                    "the MindFormers Qwen2/Qwen3 path needs one",
+                    hint="use --device cpu, where MindFormers' legacy LlamaForCausalLM runs qwen2 and llama models")
             if not ms.hal.is_available("Ascend"):
-                raise BackendUnavailableError(f"device {device} requested but MindSpore sees no Ascend NPU",
-                                              hint="use --device cpu")
-            raise BackendUnavailableError("the ms backend does not run on Ascend NPUs yet",
-                                          hint="use --device cpu")
-        raise UsageError(f"backend ms runs on cpu (npu: not yet), not {device}")
+                raise BackendUnavailableError(
+                    f"device {device}: an Ascend NPU is present but this MindSpore {ms.__version__} "
+                    "cannot use it (no Ascend backend, or CANN is not set up)",
+                    hint="install MindSpore's Ascend build and source CANN's set_env.sh, or use --device cpu")
+            return "Ascend", int(index) if index else None
+        raise UsageError(f"backend ms runs on cpu or npu[:N] (an Ascend NPU), not {device}")
 
     # -- engine facts --------------------------------------------------------------------------
     def set_seed(self, seed: int) -> dict[str, int]:
@@ -428,6 +459,255 @@ class _CpuModel:
                     lambda t: t[0].reshape(-1, heads, head_dim), lambda t: t.reshape(1, -1, heads * head_dim))
             self.frozen_values[layer] = value
             return value
+        return value_hook
+
+
+class _AscendModel:
+    """MindFormers' own Qwen2/Qwen3 inference classes on an Ascend NPU. UNTESTED ON HARDWARE.
+
+    The model is ``InferenceQwen2ForCausalLM`` or ``InferenceQwen3ForCausalLM`` (mindformers 1.9),
+    built from the HF ``config.json`` and loaded from its safetensors through MindFormers' own
+    name mapping, and stepped as MindFormers' ``GenerationMixin.generate()`` steps it (mcore
+    branch): a paged KV cache (``_set_block_mgr``, ``_set_kv_cache``,
+    ``_set_lower_triangle_mask``), block tables and slot mappings from
+    ``block_mgr.assemble_pa_full_inputs`` (prefill) / ``assemble_pa_inc_inputs`` (decode), inputs
+    from ``prepare_inputs_for_generation_mcore``, and ``add_flags_custom_mcore`` before each step
+    (what ``forward_mcore`` does, except that its "set the prefill flag only once" shortcut, made
+    for compiled graphs, would leave the flag off for a second request's prefill in PyNative).
+
+    Execution: ``construct`` carries MindFormers' ``@jit``, which compiles unless
+    ``ENFORCE_EAGER=true`` (it also needs ``RUN_MODE=predict``); both are set around building and
+    every call, and MindSpore runs in PyNative mode, so cell hooks fire. Tokens are flattened
+    (``[tokens, hidden]``, no batch axis); with one request per call the rows are exactly the
+    step's positions: the whole prompt at the prefill, one position per decode step.
+
+    Canonical names (all of SPEC.md section 5), hooked on the mindformers 1.9 module tree
+    (``gpt = model.model``, ``layer = gpt.decoder.layers[i]``):
+
+    ============================  =============================================================
+    ``embed``                     ``gpt.embedding`` output
+    ``layers.{i}.attn_norm``      ``layer.input_layernorm`` output
+    ``layers.{i}.q`` / ``k``      ``self_attention.rotary_emb`` output ``(q, k)`` [tokens,
+                                  heads * head_dim] (after Qwen3's q/k norms), one RotaryEmbedding
+                                  cell shared by every layer: a pre-hook on each
+                                  ``layer.self_attention`` tells the hook which layer is running
+    ``layers.{i}.v``              ``self_attention.linear_qkv`` output, its last kv_heads * head_dim
+                                  columns (q, k, v are fused and split after the projection)
+    ``layers.{i}.attn``           ``layer.self_attention`` output (``post_self_attn_layernorm`` is
+                                  an identity for Qwen2/Qwen3)
+    ``layers.{i}.mlp_norm``       ``layer.pre_mlp_layernorm`` output
+    ``layers.{i}.mlp``            ``layer.mlp`` output
+    ``layers.{i}.out``            ``layer`` output: in mindformers 1.9 the layer adds both
+                                  residuals itself (its norms are not fused with the add), so the
+                                  output is the full residual stream, nothing deferred
+    ``final_norm``                ``gpt.decoder.final_layernorm`` output
+    ``logits``                    ``gpt.output_layer`` output, which ptrace calls itself
+    ============================  =============================================================
+
+    The model's own prefill computes logits for the last position only (``pre_gather_func``);
+    ptrace sets ``gpt.return_hidden_states`` (MindFormers' switch to return the final-norm rows and
+    skip the LM head, as vLLM-MindSpore does) and applies the model's own ``output_layer`` to every
+    new row, so ``logits`` and prompt logprobs cover all prompt positions. Replacements of q, k
+    and v happen before the attention kernel writes them into the paged cache, so a what-if
+    persists in later steps as in any KV-cache engine. If a hook does not fire on the hardware,
+    the capture's coverage check fails naming the tensors that were never produced.
+    """
+
+    def __init__(self, backend: MindFormersBackend, options: LoadOptions, seq_length: int) -> None:
+        import importlib
+
+        from mindformers.core.context import build_mf_context
+        from mindformers.core.context.build_context import MFContextOperator, is_legacy_model
+
+        self.backend = backend
+        hf = backend.hf_config
+        module_name, config_name, class_name = ASCEND_MODEL_CLASSES[hf["model_type"]]
+        module = importlib.import_module(module_name)
+        self.model_class = f"{module_name}.{class_name}"
+        # The mcore classes need MindFormers' context with use_legacy=False (their weight-name
+        # mapping refuses to run otherwise); MFContextOperator is a process-wide singleton.
+        build_mf_context({"run_mode": "predict", "use_legacy": False})
+        if is_legacy_model():
+            MFContextOperator.get_mf_ctx_instance().set_context(run_mode="predict", use_legacy=False)
+        self.config = getattr(module, config_name)(**self._config_values(hf, options.dtype, seq_length))
+        self.block_size = int(self.config.block_size)
+        self.seq_length = int(self.config.seq_length)
+        with self._eager():
+            self.model = getattr(module, class_name)(self.config)
+        self.model.set_train(False)
+        self.gpt = self.model.model
+        self._load_weights(options.model_dir)
+        self.gpt.return_hidden_states = True  # final-norm rows back; ptrace applies output_layer
+        self.model._set_block_mgr(1, self.seq_length)
+        self.model._set_kv_cache()
+        self.model._set_lower_triangle_mask()
+        self.num_layers = len(self.gpt.decoder.layers)
+        attention = self.gpt.decoder.layers[0].self_attention
+        self.head_dim = int(attention.hidden_size_per_attention_head)
+        self.n_heads = int(attention.num_attention_heads_per_partition)
+        self.n_kv_heads = int(attention.num_query_groups_per_partition)
+        self._layer = 0  # the layer whose self_attention is running (the rotary cell is shared)
+
+    def _config_values(self, hf: dict, dtype: str, seq_length: int) -> dict:
+        """MindFormers' Qwen2Config/Qwen3Config arguments: the HF config plus its own fields."""
+        scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind != "default":
+            raise ModelError(f"backend ms on an Ascend NPU does not pass rope_scaling type {kind!r} "
+                             "to MindFormers yet", hint="it runs models with default RoPE there")
+        values = {k: v for k, v in hf.items() if k not in ("rope_parameters", "rope_scaling", "dtype")}
+        if hf["model_type"] == "qwen2":
+            values["attention_bias"] = True  # HF Qwen2 always has q/k/v biases; MindFormers defaults off
+        # A whole number of cache blocks per sequence (BlockTables: seq_length // block_size).
+        block_size = 32  # Qwen2Config/Qwen3Config's own default
+        seq_length = -(-seq_length // block_size) * block_size
+        values.update(
+            rope_theta=_rope_theta(hf), rope_scaling=None, seq_length=seq_length, block_size=block_size,
+            num_blocks=seq_length // block_size,  # one request at a time, each at most seq_length
+            max_position_embeddings=max(hf.get("max_position_embeddings", seq_length), seq_length),
+            compute_dtype=dtype, params_dtype=dtype, rotary_dtype=dtype,
+            layernorm_compute_dtype="float32", softmax_compute_dtype="float32",  # as HF computes them
+        )
+        return values
+
+    def _load_weights(self, model_dir: Path) -> None:
+        """HF safetensors through MindFormers' own mapping; every parameter must be loaded.
+        (``InferModelMixin.load_weights`` step by step, to see which parameters it loaded.)"""
+        files = self.model.get_weights_files(str(model_dir))
+        if not files:
+            raise ModelError(f"{model_dir} has no .safetensors weights (the ms backend reads only those)")
+        loaded = self.gpt.load_weights(self.model._safetensors_weights_iterator(files),
+                                       self.model.generate_mapping(),
+                                       self.model.check_hf_weight(weights_files=files))
+        self.model.process_weights_after_loading(self.gpt)
+        missing = sorted(set(self.gpt.get_params_dict()) - set(loaded or ()))
+        if missing:
+            raise ModelError(f"{model_dir} does not fit MindFormers' {self.model_class}: "
+                             f"not loaded {missing[:5]}")
+
+    @staticmethod
+    def _eager() -> Any:
+        """The switches under which MindFormers' ``@jit`` construct runs eagerly (hooks fire)."""
+        return _environment(ENFORCE_EAGER="true", RUN_MODE="predict")
+
+    def info(self) -> dict[str, Any]:
+        config = self.model.transformer_config
+        return {
+            "model_class": self.model_class,
+            "compute_dtype": _dtype_name(config.compute_dtype),
+            "param_dtype": _dtype_name(config.params_dtype),
+            "layernorm_compute_dtype": _dtype_name(config.layernorm_compute_dtype),
+            "softmax_compute_dtype": _dtype_name(config.softmax_compute_dtype),
+            "rotary_dtype": _dtype_name(config.rotary_dtype),
+            "use_flash_attention": bool(config.use_flash_attention),
+            "seq_length": self.seq_length,
+            "kv_cache": f"paged: MindFormers BlockTables, block_size {self.block_size}, "
+                        f"{self.seq_length // self.block_size} blocks",
+            "execution": "PyNative, ENFORCE_EAGER=true (MindFormers' @jit construct runs eagerly)",
+            "hardware_validated": False,
+        }
+
+    def check_length(self, longest: int) -> None:
+        if longest > self.seq_length:
+            raise UsageError(f"a request needs {longest} positions but the ms backend's KV cache "
+                             f"holds {self.seq_length}", hint=f"pass --engine-option seq_length={longest}")
+
+    def start_request(self) -> None:
+        self.model.block_mgr.clear_cache()  # the previous request's blocks go back to the pool
+
+    def forward(self, sequence: list[int], start: int) -> np.ndarray:
+        """Logits (float32) of positions ``start:`` of ``sequence``: the prompt at the prefill
+        (``start == 0``), then the one new position."""
+        import mindspore as ms
+
+        prefill = start == 0
+        valid = np.array([len(sequence)], np.int32)
+        manager = self.model.block_mgr
+        if prefill:
+            block_tables, slots = manager.assemble_pa_full_inputs(len(sequence), valid, [False])
+        else:
+            block_tables, slots = manager.assemble_pa_inc_inputs(valid, [False])
+        inputs, prefill = self.model.prepare_inputs_for_generation_mcore(
+            input_ids=np.asarray(sequence[start:], np.int32), valid_length_each_example=valid,
+            block_tables=block_tables, slot_mapping=slots, prefill=prefill)
+        with self._eager():
+            self.model.add_flags_custom_mcore(is_prefill=prefill)
+            hidden = self.model(**inputs)  # [new positions, hidden] after the final norm
+            logits = self.gpt.output_layer(hidden)
+        return logits.astype(ms.float32).reshape(-1, logits.shape[-1]).asnumpy()
+
+    def install_hooks(self, wanted: set[str], hooks: ExitStack) -> None:
+        backend, gpt = self.backend, self.gpt
+
+        def hook(cell: Any, function: Callable, pre: bool = False) -> None:
+            handle = cell.register_forward_pre_hook(function) if pre else cell.register_forward_hook(function)
+            hooks.callback(handle.remove)
+
+        def on_rows(name: str) -> Callable:
+            def rows_hook(_cell: Any, _args: Any, output: ms.Tensor) -> ms.Tensor | None:
+                return backend._emit(name, output)  # rows are the step's positions already
+            return rows_hook
+
+        points = {"embed": gpt.embedding, "final_norm": gpt.decoder.final_layernorm,
+                  "logits": gpt.output_layer}
+        for i, layer in enumerate(gpt.decoder.layers):
+            points.update({
+                f"layers.{i}.attn_norm": layer.input_layernorm,
+                f"layers.{i}.attn": layer.self_attention,
+                f"layers.{i}.mlp_norm": layer.pre_mlp_layernorm,
+                f"layers.{i}.mlp": layer.mlp,
+                f"layers.{i}.out": layer,
+            })
+        for name, cell in points.items():
+            if name in wanted:
+                hook(cell, on_rows(name))
+        rotary_cells: dict[int, Any] = {}
+        rotary_wanted = any(f"layers.{i}.{part}" in wanted for i in range(self.num_layers) for part in "qk")
+        for i, layer in enumerate(gpt.decoder.layers):
+            if rotary_wanted:  # every layer, so that the shared rotary cell always knows its layer
+                hook(layer.self_attention, self._layer_marker(i), pre=True)
+                rotary_cells.setdefault(id(layer.self_attention.rotary_emb), layer.self_attention.rotary_emb)
+            if f"layers.{i}.v" in wanted:
+                hook(layer.self_attention.linear_qkv, self._value_hook(i))
+        for cell in rotary_cells.values():
+            hook(cell, self._rotary_hook(wanted))
+
+    def _layer_marker(self, layer: int) -> Callable:
+        def marker(_cell: Any, _args: Any) -> None:
+            self._layer = layer
+        return marker
+
+    def _rotary_hook(self, wanted: set[str]) -> Callable:
+        """q and k after the rotary embedding, [tokens, heads * head_dim] each."""
+        backend = self.backend
+        heads = {"q": self.n_heads, "k": self.n_kv_heads}
+
+        def rotary_hook(_cell: Any, _args: Any, output: tuple) -> tuple | None:
+            states = dict(zip(("q", "k"), output))
+            changed = False
+            for part in ("q", "k"):
+                name = f"layers.{self._layer}.{part}"
+                if name in wanted:
+                    rows = states[part].reshape(-1, heads[part], self.head_dim)
+                    new = backend._emit(name, rows)
+                    if new is not None:
+                        states[part], changed = new.reshape(states[part].shape), True
+            return (states["q"], states["k"]) if changed else None
+        return rotary_hook
+
+    def _value_hook(self, layer: int) -> Callable:
+        """v: the last kv_heads * head_dim columns of the fused q/k/v projection."""
+        from mindspore import ops
+
+        backend, name = self.backend, f"layers.{layer}.v"
+        width = self.n_kv_heads * self.head_dim
+
+        def value_hook(_cell: Any, _args: Any, qkv: ms.Tensor) -> ms.Tensor | None:
+            split = qkv.shape[-1] - width
+            new = backend._emit(name, qkv[:, split:].reshape(-1, self.n_kv_heads, self.head_dim))
+            if new is None:
+                return None
+            return ops.concat((qkv[:, :split], new.reshape(-1, width).astype(qkv.dtype)), axis=-1)
         return value_hook
 
 

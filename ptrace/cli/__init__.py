@@ -17,6 +17,7 @@ from ptrace.cli.backends import backends
 from ptrace.cli.capture import capture
 from ptrace.cli.compare import compare
 from ptrace.cli.console import console
+from ptrace.cli.envs import envs
 from ptrace.cli.inspect import inspect
 from ptrace.cli.pack import pack, unpack
 from ptrace.cli.replay import replay
@@ -52,6 +53,7 @@ app.command(rich_help_panel="Bundles")(validate)
 app.command(rich_help_panel="Bundles")(pack)
 app.command(rich_help_panel="Bundles")(unpack)
 app.command(rich_help_panel="Engines")(backends)
+app.add_typer(envs, name="envs", rich_help_panel="Engines")
 
 
 def main(argv: list[str] | None = None) -> None:

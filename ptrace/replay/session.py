@@ -108,7 +108,7 @@ def replay(config: ReplayConfig, *, progress: Progress | None = None) -> ReplayR
                 prompt_token_ids=prompts, seed=run.seeds.get("python", sampling.seed),
                 max_new_tokens=max_new, temperature=sampling.temperature, top_p=sampling.top_p,
                 top_k=sampling.top_k, logprobs=sampling.logprobs, prompt_logprobs=sampling.prompt_logprobs,
-                ignore_eos=sampling.ignore_eos, tensors=tuple(source.tensor_names) or ("none",),
+                ignore_eos=sampling.ignore_eos, tensors=tuple(run.capture.get("tensors") or ()) or ("none",),
                 steps=run.capture.get("steps"), mode=source.mode,
                 engine_options={**dict(run.engine_options), **config.engine_options} if config.backend == run.backend
                 else dict(config.engine_options),

@@ -33,7 +33,12 @@ class Keep(Interceptor):
         return self.names is None or name in self.names
 
     def on_tensor(self, site: TensorSite, tensor: EngineTensor) -> None:
-        self.seen[(site.name, site.request, site.step)] = (site, tensor.numpy())
+        key, rows = (site.name, site.request, site.step), tensor.numpy()
+        if key in self.seen:  # a step in chunks (chunked prefill) must continue where it stopped
+            first, earlier = self.seen[key]
+            assert site.start == first.start + earlier.shape[0], f"{key}: chunk at {site.start} leaves a gap"
+            site, rows = first, np.concatenate([earlier, rows])
+        self.seen[key] = (site, rows)
 
     def rows(self, name: str, request: int) -> np.ndarray:
         steps = sorted(s for (n, r, s) in self.seen if n == name and r == request)

@@ -84,10 +84,13 @@ def test_graph_mode_is_refused(example_model):
         engine.load(LoadOptions(example_model, engine_options={"mode": "graph"}))
 
 
-def test_npu_without_an_ascend_device_is_refused(example_model):
+@pytest.mark.skipif(bool(__import__("glob").glob("/dev/davinci[0-9]*")), reason="an Ascend NPU is present")
+@pytest.mark.parametrize("device", ["npu", "npu:1", "ascend"])
+def test_npu_without_an_ascend_device_is_refused(example_model, device):
     engine = create_backend("ms")
-    with pytest.raises(BackendUnavailableError, match="no Ascend NPU"):
-        engine.load(LoadOptions(example_model, device="npu"))
+    with pytest.raises(BackendUnavailableError, match=r"no Ascend NPU visible \(no /dev/davinci\*\)") as error:
+        engine.load(LoadOptions(example_model, "bfloat16", device))
+    assert "--device cpu" in error.value.hint
 
 
 def test_bfloat16_without_a_kernel_is_refused_with_a_hint(example_model):
