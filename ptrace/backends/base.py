@@ -97,6 +97,37 @@ class Generation:
     finish_reason: str = "length"
 
 
+class DecodeSteps:
+    """One request's decode-loop bookkeeping, for engines that drive their own loop (one step
+    per forward pass): what was chosen, when to stop, and which token to feed next."""
+
+    def __init__(self, sampling: SamplingParams, forced: np.ndarray | None, eos_ids: set[int]) -> None:
+        self.sampling, self.forced, self.eos_ids = sampling, forced, eos_ids
+        self.tokens: list[int] = []
+        self.top_ids: list[np.ndarray] = []
+        self.top_logprobs: list[np.ndarray] = []
+        self.finish_reason = "length"
+
+    def record(self, token: int, top_ids: np.ndarray, top_logprobs: np.ndarray) -> int | None:
+        """Record this step's choice; returns the token to feed next, or None when done.
+
+        Teacher forcing feeds ``forced[step]`` instead of the choice, and never stops at EOS."""
+        step = len(self.tokens)
+        self.tokens.append(int(token))
+        self.top_ids.append(np.asarray(top_ids, np.int64))
+        self.top_logprobs.append(np.asarray(top_logprobs, np.float32))
+        if token in self.eos_ids and not self.sampling.ignore_eos and self.forced is None:
+            self.finish_reason = "stop"
+            return None
+        if step + 1 == self.sampling.max_new_tokens:
+            return None
+        return int(token) if self.forced is None else int(self.forced[step])
+
+    def generation(self) -> Generation:
+        return Generation(output_ids=np.asarray(self.tokens, np.int64), topk_ids=np.stack(self.top_ids),
+                          topk_logprobs=np.stack(self.top_logprobs), finish_reason=self.finish_reason)
+
+
 class Backend(ABC):
     """One inference engine behind ptrace's interface."""
 
@@ -199,11 +230,13 @@ class Backend(ABC):
     @abstractmethod
     def vocab_size(self) -> int: ...
 
-    @abstractmethod
-    def tokenize(self, text: str) -> list[int]: ...
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text``, by the model's own tokenizer: every engine here loads the HF
+        tokenizer of the checkpoint into ``self.tokenizer``; one with another kind overrides this."""
+        return list(self.tokenizer(text)["input_ids"])
 
-    @abstractmethod
-    def detokenize(self, ids: Sequence[int]) -> str: ...
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
 
     @abstractmethod
     def version(self) -> str:

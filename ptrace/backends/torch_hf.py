@@ -20,6 +20,7 @@ import numpy as np
 
 from ptrace.backends.base import (
     Backend,
+    DecodeSteps,
     Generation,
     Interceptor,
     LoadOptions,
@@ -88,12 +89,6 @@ class TorchBackend(Backend):
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids))
-
     def version(self) -> str:
         import torch
 
@@ -154,39 +149,31 @@ class TorchBackend(Backend):
         generator = torch.Generator(device=self.device).manual_seed(sampling.seed + index)
         cache = transformers.DynamicCache()
         eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        steps = DecodeSteps(sampling, forced, set(eos if isinstance(eos, list) else [eos]) if eos is not None else set())
         all_logits = sampling.prompt_logprobs or "logits" in wanted
         k = sampling.logprobs
         tokens = torch.as_tensor(prompt, dtype=torch.long, device=self.device)[None]
-        start, output, top_ids, top_lps = 0, [], [], []
-        generation = Generation(output_ids=np.zeros(0, np.int64), topk_ids=np.zeros((0, k), np.int64),
-                                topk_logprobs=np.zeros((0, k), np.float32))
+        start, prompt_logprobs = 0, None
         for step in range(sampling.max_new_tokens):
             self._site = TensorSite("", index, step, start)
             out = self.model(input_ids=tokens, past_key_values=cache, use_cache=True,
                              logits_to_keep=0 if (step == 0 and all_logits) else 1)
             if step == 0 and sampling.prompt_logprobs:
-                _fill_prompt_logprobs(generation, out.logits[0, :-1].float(), prompt, k)
+                prompt_logprobs = _prompt_logprobs(out.logits[0, :-1].float(), prompt, k)
             last = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-            token = _choose(out.logits[0, -1].float(), sampling, generator)
             values, ids = torch.topk(last, k) if k else (last[:0], last[:0].long())
-            output.append(token)
-            top_ids.append(ids.cpu().numpy())
-            top_lps.append(values.cpu().numpy())
+            fed = steps.record(_choose(out.logits[0, -1].float(), sampling, generator),
+                               ids.cpu().numpy(), values.cpu().numpy())
             if on_step:
                 on_step(index, step)
-            if token in eos_ids and not sampling.ignore_eos and forced is None:
-                generation.finish_reason = "stop"
-                break
-            if step + 1 == sampling.max_new_tokens:
+            if fed is None:
                 break
             start += tokens.shape[1]
-            fed = token if forced is None else int(forced[step])
             tokens = torch.tensor([[fed]], dtype=torch.long, device=self.device)
         self._site = None
-        generation.output_ids = np.asarray(output, dtype=np.int64)
-        generation.topk_ids = np.stack(top_ids).astype(np.int64)
-        generation.topk_logprobs = np.stack(top_lps).astype(np.float32)
+        generation = steps.generation()
+        if prompt_logprobs is not None:
+            generation.prompt_logprobs, generation.prompt_topk_ids, generation.prompt_topk_logprobs = prompt_logprobs
         return generation
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -311,9 +298,10 @@ def _choose(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Gen
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _fill_prompt_logprobs(generation: Generation, logits: torch.Tensor, prompt: np.ndarray,
-                          k: int) -> None:
-    """Row i of the prefill's logits predicts prompt token i+1 (SPEC.md section 2).
+def _prompt_logprobs(logits: torch.Tensor, prompt: np.ndarray,
+                     k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row i of the prefill's logits predicts prompt token i+1 (SPEC.md section 2): the prompt
+    tokens' logprobs, and the top-k ids and logprobs per position.
 
     log p = logit - logsumexp(row): only the picked entries are normalised, so no
     [prompt, vocab] log-softmax is ever materialised (a quarter GB for 2048 x 32000)."""
@@ -330,6 +318,4 @@ def _fill_prompt_logprobs(generation: Generation, logits: torch.Tensor, prompt: 
         if k:
             values, ids = torch.topk(logits, k, dim=-1)
             top_ids[1:], top_lps[1:] = ids.cpu().numpy(), (values - norm).cpu().numpy()
-    generation.prompt_logprobs = token_lp
-    generation.prompt_topk_ids = top_ids
-    generation.prompt_topk_logprobs = top_lps
+    return token_lp, top_ids, top_lps

@@ -22,7 +22,6 @@ out (SPEC.md section 5, vLLM column):
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,12 +155,6 @@ class VllmBackend(Backend):
     @property
     def vocab_size(self) -> int:
         return int(self._config["vocab_size"])
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids))
 
     def version(self) -> str:
         import vllm

@@ -19,6 +19,7 @@ def capture(
     dtype: opt.Dtype = "float32",
     device: opt.Device = "cpu",
     engine_option: opt.EngineOption = None,
+    kv_cache_dtype: opt.KvCacheDtype = None,
     prompt: Annotated[list[str] | None, typer.Option(
         "--prompt", "-p", rich_help_panel=opt.INPUTS, help="Prompt text, repeatable (one request each).")] = None,
     prompts_file: Annotated[Path | None, typer.Option(
@@ -72,7 +73,7 @@ def capture(
         num_requests=num_requests, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, logprobs=logprobs, prompt_logprobs=not no_prompt_logprobs,
         ignore_eos=not stop_at_eos, tensors=patterns or DEFAULT_PATTERNS, steps=steps, mode=mode,
-        engine_options=opt.parse_key_values(engine_option), overwrite=overwrite,
+        engine_options=opt.engine_options(engine_option, kv_cache_dtype), overwrite=overwrite,
         command=("ptrace", *sys.argv[1:]),
     )
     with console.progress(f"capture on {backend}") as update:

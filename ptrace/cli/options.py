@@ -25,10 +25,24 @@ Dtype = Annotated[str, typer.Option(
 Device = Annotated[str, typer.Option(rich_help_panel=ENGINE, help="cpu, cuda, cuda:1, ...")]
 EngineOption = Annotated[list[str] | None, typer.Option(
     "--engine-option", "-E", rich_help_panel=ENGINE, metavar="KEY=VALUE",
-    help="Engine-specific option, repeatable (torch: attn_implementation=eager|sdpa).")]
+    help="Engine option, repeatable (torch: attn_implementation=eager; vllm: kv_cache_dtype, "
+         "block_size, max_num_batched_tokens, max_num_seqs, max_model_len, enforce_eager, "
+         "attention_backend; ms: seq_length, mode).")]
+KvCacheDtype = Annotated[str | None, typer.Option(
+    rich_help_panel=ENGINE, metavar="DTYPE",
+    help="KV cache dtype (vLLM: auto, fp8, fp8_e4m3, fp8_e5m2): the seed's knob for long-sequence "
+         "drift. Same as -E kv_cache_dtype=DTYPE.")]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Bundle to write (a *.zarr directory).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of text.")]
+
+
+def engine_options(items: list[str] | None, kv_cache_dtype: str | None = None) -> dict[str, str]:
+    """``-E KEY=VALUE`` items, plus the dedicated engine flags that are shortcuts for them."""
+    options = parse_key_values(items)
+    if kv_cache_dtype is not None:
+        options["kv_cache_dtype"] = kv_cache_dtype
+    return options
 
 
 def parse_key_values(items: list[str] | None) -> dict[str, str]:

@@ -24,6 +24,7 @@ def replay(
     allow_model_mismatch: Annotated[bool, typer.Option(
         "--allow-model-mismatch", rich_help_panel=opt.ENGINE, help="Replay even if the weights' fingerprint differs (recorded).")] = False,
     engine_option: opt.EngineOption = None,
+    kv_cache_dtype: opt.KvCacheDtype = None,
     mode: Annotated[list[str] | None, typer.Option(
         metavar="MODE", help="teacher-forced (fed the captured tokens: tensors stay aligned) and/or free-running "
              "(own tokens: token agreement). Default: both.")] = None,
@@ -39,9 +40,13 @@ def replay(
 ) -> None:
     """Replay a bundle on another engine, dtype or device; compare and write an HTML report.
 
-    Example: does bfloat16 reproduce the float32 capture, and where does it start to drift?
+    Examples: does vLLM reproduce a MindSpore capture; in bfloat16; with an fp8 KV cache?
 
-        ptrace replay run.zarr --backend torch --dtype bfloat16 --report report.html
+        ptrace replay ms.zarr --backend vllm --report report.html
+
+        ptrace replay ms.zarr --backend vllm --dtype bfloat16
+
+        ptrace replay ms.zarr --backend vllm --kv-cache-dtype fp8
     """
     from ptrace.replay.session import MODES, ReplayConfig
     from ptrace.replay.session import replay as run_replay
@@ -50,7 +55,7 @@ def replay(
     config = ReplayConfig(
         bundle=bundle, backend=backend, output=output, dtype=dtype, device=device, model=model,
         allow_model_mismatch=allow_model_mismatch, modes=tuple(mode or MODES),
-        engine_options=opt.parse_key_values(engine_option), overwrite=overwrite,
+        engine_options=opt.engine_options(engine_option, kv_cache_dtype), overwrite=overwrite,
         threshold_overrides=v.threshold_overrides(thresholds, pass_cos, pass_mean_abs),
         command=("ptrace", *sys.argv[1:]))
     with console.progress(f"replay on {backend}") as update:

@@ -120,3 +120,17 @@ def test_ms_float16_replay_differs_measurably_and_locally(fp32_bundle, tmp_path)
     errors = {t.name: t.mean_abs_err for t in c.tensors}
     assert errors["layers.3.out"] > errors["layers.0.out"], "errors grow through the layers"
     assert layer_index(c.first_divergent_tensor) in (None, 0, 1) or c.first_divergent_tensor == "logits"
+
+
+@vllm_env
+def test_fp8_kv_cache_replay_is_recorded_and_localized_to_attention(fp32_bundle, tmp_path):
+    """The seed document's long-sequence knob: an fp8 KV cache leaves k as computed (it is
+    captured before it is stored) and first shows in the attention output that reads the cache."""
+    result = replay(ReplayConfig(bundle=fp32_bundle, backend="vllm", output=tmp_path / "r",
+                                 engine_options={"kv_cache_dtype": "fp8"}, modes=("teacher-forced",)))
+    with open_bundle(result.bundles["teacher-forced"]) as replayed:
+        assert replayed.run.engine["kv_cache_dtype"] == "fp8"
+        assert replayed.run.engine_options == {"kv_cache_dtype": "fp8"}
+    tensors = {t.name: t for t in result.primary.tensors}
+    assert tensors["layers.0.k"].verdict == "pass" and tensors["layers.0.v"].verdict == "pass"
+    assert tensors["layers.0.attn"].min_cos_sim < 0.9999 < tensors["layers.0.k"].min_cos_sim
