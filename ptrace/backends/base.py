@@ -123,9 +123,13 @@ class DecodeSteps:
             return None
         return int(token) if self.forced is None else int(self.forced[step])
 
-    def generation(self) -> Generation:
-        return Generation(output_ids=np.asarray(self.tokens, np.int64), topk_ids=np.stack(self.top_ids),
-                          topk_logprobs=np.stack(self.top_logprobs), finish_reason=self.finish_reason)
+    def generation(self, prompt_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Generation:
+        """The request's result; ``prompt_logprobs`` = (token logprobs, top-k ids, top-k logprobs)."""
+        generation = Generation(output_ids=np.asarray(self.tokens, np.int64), topk_ids=np.stack(self.top_ids),
+                                topk_logprobs=np.stack(self.top_logprobs), finish_reason=self.finish_reason)
+        if prompt_logprobs is not None:
+            generation.prompt_logprobs, generation.prompt_topk_ids, generation.prompt_topk_logprobs = prompt_logprobs
+        return generation
 
 
 class Backend(ABC):

@@ -18,9 +18,11 @@ MindSpore has its Ascend backend) the model is MindFormers' own ``InferenceQwen2
 ``InferenceQwen3ForCausalLM`` (the "mcore" ``parallel_core`` inference classes), driven as
 MindFormers' own ``generate()`` drives them, with a real paged KV cache; see :class:`_AscendModel`.
 That path is UNTESTED ON HARDWARE: every MindFormers call it makes was checked against the
-installed mindformers 1.9.0 source, and the model builds, loads HF weights and runs up to its
-first Ascend-only kernel on a CPU, but no Ascend device ran it. Without an Ascend device,
-``--device npu`` is refused with one line.
+installed mindformers 1.9.0 source; on a CPU the model builds, loads HF weights and runs up to its
+first Ascend-only kernel (RmsNorm), and with its three Ascend-only kernels (RmsNorm,
+ApplyRotaryPosEmb, FlashAttention/PagedAttention with ReshapeAndCache) replaced by NumPy
+references it reproduced every canonical tensor, the tokens and what-ifs of the torch backend;
+but no Ascend device ran it. Without an Ascend device, ``--device npu`` is refused with one line.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, redirect_stdout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,7 @@ import numpy as np
 
 from ptrace.backends.base import (
     Backend,
+    DecodeSteps,
     EngineTensor,
     Generation,
     Interceptor,
@@ -157,8 +160,8 @@ class MindFormersBackend(Backend):
                              hint="drop --engine-option mode=graph; ptrace runs MindSpore in PyNative mode")
         if mode != "pynative":
             raise UsageError(f"unknown MindSpore mode {mode!r}", hint="the ms backend runs in mode=pynative")
+        device_target, device_id = self._device_target(options.device)  # before the noisy imports
         ms = _import_mindspore()
-        device_target, device_id = self._device_target(options.device)
         ascend = device_target == "Ascend"
         if ascend and options.dtype not in ASCEND_DTYPES:
             raise UsageError(f"backend ms on an Ascend NPU does not run {options.dtype}: MindFormers' "
@@ -184,8 +187,6 @@ class MindFormersBackend(Backend):
     def _device_target(device: str) -> tuple[str, int | None]:
         """MindSpore's device target and device id for ``--device``: the CPU, or an Ascend NPU
         where one is visible and MindSpore can use it (module docstring)."""
-        import mindspore as ms
-
         kind, _, index = device.lower().partition(":")
         if kind == "cpu":
             return "CPU", None
@@ -196,7 +197,9 @@ class MindFormersBackend(Backend):
                 raise BackendUnavailableError(
                     f"device {device}: no Ascend NPU visible (no /dev/davinci*): "
                     "the MindFormers Qwen2/Qwen3 path needs one",
-                    hint="use --device cpu, where MindFormers' legacy LlamaForCausalLM runs qwen2 and llama models")
+                    hint="use --device cpu, where MindFormers' legacy LlamaForCausalLM runs qwen2 and "
+                         "llama models")
+            ms = _import_mindspore()
             if not ms.hal.is_available("Ascend"):
                 raise BackendUnavailableError(
                     f"device {device}: an Ascend NPU is present but this MindSpore {ms.__version__} "
@@ -216,12 +219,6 @@ class MindFormersBackend(Backend):
     def vocab_size(self) -> int:
         return int(self.hf_config["vocab_size"])
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids))
-
     def version(self) -> str:
         import mindspore as ms
 
@@ -237,7 +234,8 @@ class MindFormersBackend(Backend):
             "mode": "PYNATIVE_MODE",
             "device_target": ms.get_context("device_target"),
             "deterministic": ms.get_context("deterministic"),
-            "jit_config": ms.get_context("jit_config"),
+            "jit_config": ms.get_context("jit_config"),  # includes jit_level
+            "precision_mode": (ms.get_context("ascend_config") or {}).get("precision_mode", "default"),
             "runtime_num_threads": ms.get_context("runtime_num_threads"),
             **self.engine.info(),
         }
@@ -268,37 +266,27 @@ class MindFormersBackend(Backend):
                       forced: np.ndarray | None) -> Generation:
         rng = np.random.default_rng(sampling.seed + index)
         k = sampling.logprobs
+        steps = DecodeSteps(sampling, forced, self.eos_ids)
         sequence = [int(t) for t in prompt]
-        output, top_ids, top_lps = [], [], []
-        generation = Generation(output_ids=np.zeros(0, np.int64), topk_ids=np.zeros((0, k), np.int64),
-                                topk_logprobs=np.zeros((0, k), np.float32))
+        prompt_logprobs = None
         self.engine.start_request()
         for step in range(sampling.max_new_tokens):
             start = 0 if step == 0 else len(sequence) - 1
             self._site = TensorSite("", index, step, start)
             logits = self.engine.forward(sequence, start)  # float32 [new positions, vocab]
             if step == 0 and sampling.prompt_logprobs:
-                _fill_prompt_logprobs(generation, logits[:-1], prompt, k)
+                prompt_logprobs = _prompt_logprobs(logits[:-1], prompt, k)
             last = logits[-1]
             logprobs = _log_softmax(last)
-            token = _choose(last, sampling, rng)
             ids = np.argsort(-logprobs, kind="stable")[:k]
-            output.append(token)
-            top_ids.append(ids)
-            top_lps.append(logprobs[ids])
+            fed = steps.record(_choose(last, sampling, rng), ids, logprobs[ids])
             if on_step:
                 on_step(index, step)
-            if token in self.eos_ids and not sampling.ignore_eos and forced is None:
-                generation.finish_reason = "stop"
+            if fed is None:
                 break
-            if step + 1 == sampling.max_new_tokens:
-                break
-            sequence.append(token if forced is None else int(forced[step]))
+            sequence.append(fed)
         self._site = None
-        generation.output_ids = np.asarray(output, dtype=np.int64)
-        generation.topk_ids = np.stack(top_ids).astype(np.int64)
-        generation.topk_logprobs = np.stack(top_lps).astype(np.float32)
-        return generation
+        return steps.generation(prompt_logprobs)
 
     # -- hooks ---------------------------------------------------------------------------------
     def _emit(self, name: str, rows: ms.Tensor) -> ms.Tensor | None:
@@ -517,7 +505,10 @@ class _AscendModel:
         import importlib
 
         from mindformers.core.context import build_mf_context
-        from mindformers.core.context.build_context import MFContextOperator, is_legacy_model
+        from mindformers.core.context.build_context import (
+            MFContextOperator,
+            is_legacy_model,
+        )
 
         self.backend = backend
         hf = backend.hf_config
@@ -548,7 +539,8 @@ class _AscendModel:
         self.n_kv_heads = int(attention.num_query_groups_per_partition)
         self._layer = 0  # the layer whose self_attention is running (the rotary cell is shared)
 
-    def _config_values(self, hf: dict, dtype: str, seq_length: int) -> dict:
+    @staticmethod
+    def _config_values(hf: dict, dtype: str, seq_length: int) -> dict:
         """MindFormers' Qwen2Config/Qwen3Config arguments: the HF config plus its own fields."""
         scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
         kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -866,8 +858,9 @@ def _choose(logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generat
     return int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
 
 
-def _fill_prompt_logprobs(generation: Generation, logits: np.ndarray, prompt: np.ndarray, k: int) -> None:
-    """Row i of the prefill's logits predicts prompt token i+1 (SPEC.md section 2)."""
+def _prompt_logprobs(logits: np.ndarray, prompt: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row i of the prefill's logits predicts prompt token i+1 (SPEC.md section 2): the prompt
+    tokens' logprobs, and the top-k ids and logprobs per position."""
     positions = prompt.shape[0]
     token_lp = np.full(positions, np.nan, dtype=np.float32)
     top_ids = np.full((positions, k), -1, dtype=np.int64)
@@ -879,6 +872,4 @@ def _fill_prompt_logprobs(generation: Generation, logits: np.ndarray, prompt: np
         if k:
             ids = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
             top_ids[1:], top_lps[1:] = ids, np.take_along_axis(logits, ids, axis=-1) - norm
-    generation.prompt_logprobs = token_lp
-    generation.prompt_topk_ids = top_ids
-    generation.prompt_topk_logprobs = top_lps
+    return token_lp, top_ids, top_lps

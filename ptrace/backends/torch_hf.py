@@ -171,10 +171,7 @@ class TorchBackend(Backend):
             start += tokens.shape[1]
             tokens = torch.tensor([[fed]], dtype=torch.long, device=self.device)
         self._site = None
-        generation = steps.generation()
-        if prompt_logprobs is not None:
-            generation.prompt_logprobs, generation.prompt_topk_ids, generation.prompt_topk_logprobs = prompt_logprobs
-        return generation
+        return steps.generation(prompt_logprobs)
 
     # -- hooks ---------------------------------------------------------------------------------
     def _emit(self, name: str, rows: torch.Tensor) -> torch.Tensor | None:

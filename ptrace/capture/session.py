@@ -18,6 +18,7 @@ from ptrace.backends.registry import create_backend, engine_python
 from ptrace.bundle_spec import names as canonical
 from ptrace.bundle_spec.schema import (
     Document,
+    ModelInfo,
     RequestRecord,
     RequestsInfo,
     RunInfo,
