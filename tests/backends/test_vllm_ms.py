@@ -1,0 +1,18 @@
+"""vllm-ms cannot run without an Ascend NPU: it must say so in one clear line, whatever is installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ptrace.backends.base import LoadOptions
+from ptrace.backends.vllm_engine import VllmMindSporeBackend
+from ptrace.errors import BackendUnavailableError
+
+
+@pytest.mark.skipif(any(Path("/dev").glob("davinci[0-9]*")), reason="an Ascend NPU is present")
+def test_without_an_ascend_npu_it_refuses_before_importing_anything(example_model):
+    with pytest.raises(BackendUnavailableError, match="needs an Ascend NPU") as error:
+        VllmMindSporeBackend().load(LoadOptions(example_model, "float16"))
+    assert "--backend vllm" in str(error.value)
