@@ -119,14 +119,12 @@ class VllmBackend(Backend):
             self.llm = vllm.LLM(**kwargs)
         except (OSError, ValueError) as exc:
             raise ModelError(f"vLLM cannot load {options.model_dir}: {exc}") from exc
-        self._kwargs = kwargs
         self._runner = _model_runner(self.llm)
         self.model = self._runner.get_model()
         self._decoder = self.model.model
         self._layers = list(self._decoder.layers)
         self.tokenizer = self.llm.get_tokenizer()
         self._config = config
-        self._seed = 0
 
     def _activate_platform(self, device: str) -> None:
         """Check that this vLLM build can run on ``device`` before the engine starts."""
@@ -149,7 +147,6 @@ class VllmBackend(Backend):
         import torch
 
         torch.manual_seed(seed)
-        self._seed = seed
         return {"torch": seed}
 
     @property
@@ -425,8 +422,8 @@ class _Hooks:
                 return logits
             if _is_view_of(hidden, final):  # vLLM's own prompt-logprob call over prompt rows
                 row = (hidden.data_ptr() - final.data_ptr()) // (final.stride(0) * final.element_size())
-                return self.prompt_logits.get(row, logits)[: logits.shape[0]] if row in self.prompt_logits \
-                    else logits
+                replaced = self.prompt_logits.get(row)
+                return logits if replaced is None else replaced[: logits.shape[0]]
             return self._emit_sampled_logits(original, logits, final)
         return compute_logits
 
