@@ -54,7 +54,7 @@ from ptrace.backends.base import (
 from ptrace.bundle_spec.names import all_names
 from ptrace.bundle_spec.schema import SamplingParams
 from ptrace.bundle_spec.stats import row_stats
-from ptrace.capture.model import read_config
+from ptrace.backends.model_dir import read_config
 from ptrace.errors import BackendUnavailableError, ModelError, UsageError
 
 if TYPE_CHECKING:  # mindspore is imported where it is used, so listing backends stays cheap

@@ -40,7 +40,7 @@ from ptrace.backends.base import (
 from ptrace.backends.torch_tensor import TorchTensor
 from ptrace.bundle_spec.names import all_names
 from ptrace.bundle_spec.schema import SamplingParams
-from ptrace.capture.model import read_config
+from ptrace.backends.model_dir import read_config
 from ptrace.errors import BackendError, BackendUnavailableError, ModelError, UsageError
 
 if TYPE_CHECKING:

@@ -17,9 +17,6 @@ LAYER_PARTS: tuple[str, ...] = ("attn_norm", "q", "k", "v", "attn", "mlp_norm", 
 #: What ``ptrace capture`` records when ``--tensors`` is not given.
 DEFAULT_PATTERNS: tuple[str, ...] = ("layers.*.out", "logits")
 
-#: Prefix of engine-specific extra tensors, never compared by default.
-EXTRA_PREFIX = "x."
-
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.([a-z_]+)$")
 
 

@@ -9,7 +9,6 @@ Everything read afterwards is checksummed chunk by chunk by Zarr's ``crc32c`` co
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +18,8 @@ import msgpack
 import numpy as np
 import zarr
 
-from ptrace.bundle_spec import dtypes
+from ptrace.bundle_spec import dtypes, layout
+from ptrace.bundle_spec.layout import request_array, stats_array, tensor_array
 from ptrace.bundle_spec.schema import (
     ROOT_ATTRIBUTE,
     SPEC_VERSION,
@@ -42,16 +42,8 @@ from ptrace.errors import (
 
 D = TypeVar("D", bound=Document)
 
-#: Arrays every request has (SPEC.md section 2); the rest are optional.
-REQUIRED_REQUEST_ARRAYS = ("prompt_ids", "output_ids", "topk_ids", "topk_logprobs", "positions")
-
-
 def _logical_dtype(node: zarr.Array) -> str:
     return node.attrs.get("ptrace", {}).get("dtype") or np.dtype(node.dtype).name
-
-
-def _request_path(request: int, leaf: str) -> str:
-    return f"requests/{request}/{leaf}"
 
 
 class Bundle:
@@ -155,26 +147,22 @@ class Bundle:
 
     # -- per request data --------------------------------------------------------------------
     def prompt_ids(self, request: int) -> np.ndarray:
-        return self._read(_request_path(request, "prompt_ids"))
+        return self._read(request_array(request, "prompt_ids"))
 
     def output_ids(self, request: int) -> np.ndarray:
-        return self._read(_request_path(request, "output_ids"))
+        return self._read(request_array(request, "output_ids"))
 
     def topk(self, request: int) -> tuple[np.ndarray, np.ndarray]:
         """Per decode step, the top-k token ids and their logprobs: two ``[N, k]`` arrays."""
-        return (self._read(_request_path(request, "topk_ids")),
-                self._read(_request_path(request, "topk_logprobs")))
-
-    def prompt_logprobs(self, request: int) -> np.ndarray | None:
-        path = _request_path(request, "prompt_logprobs")
-        return self._read(path) if path in self.manifest.arrays else None
+        return (self._read(request_array(request, "topk_ids")),
+                self._read(request_array(request, "topk_logprobs")))
 
     def positions(self, request: int) -> np.ndarray:
-        return self._read(_request_path(request, "positions"))
+        return self._read(request_array(request, "positions"))
 
     def input_ids(self, request: int) -> np.ndarray | None:
         """Tokens fed at every position, where they differ from prompt + outputs (teacher forcing)."""
-        path = _request_path(request, "input_ids")
+        path = request_array(request, "input_ids")
         return self._read(path) if path in self.manifest.arrays else None
 
     def replay_info(self) -> dict[str, Any] | None:
@@ -182,18 +170,18 @@ class Bundle:
         return self._read_document(ReplayInfo).to_dict() if ReplayInfo.path in self._root else None
 
     def has_tensor(self, request: int, name: str) -> bool:
-        return _request_path(request, f"tensors/{name}") in self.manifest.arrays
+        return tensor_array(request, name) in self.manifest.arrays
 
     def tensor(self, request: int, name: str) -> np.ndarray:
         """The full tensor ``[rows, ...]`` in its captured dtype (needs a ``--mode full`` capture)."""
         if not self.has_tensor(request, name):
             raise BundleError(self._missing_tensor_message(request, name),
                               hint=f"capture with --mode full --tensors '{name}'")
-        return self._read(_request_path(request, f"tensors/{name}"))
+        return self._read(tensor_array(request, name))
 
     def stats(self, request: int, name: str) -> np.ndarray:
         """Per-row statistics ``[rows, 7]`` (columns: ``bundle_spec.stats.COLUMNS``)."""
-        path = _request_path(request, f"stats/{name}")
+        path = stats_array(request, name)
         if path not in self.manifest.arrays:
             raise BundleError(self._missing_tensor_message(request, name),
                               hint=f"capture with --tensors '{name}'")
@@ -204,14 +192,7 @@ class Bundle:
         if not self.has_tensor(request, name):
             raise BundleError(self._missing_tensor_message(request, name),
                               hint=f"capture with --mode full --tensors '{name}'")
-        return self._read(_request_path(request, f"tensors/{name}"), slice(start, stop))
-
-    def iter_rows(self, request: int, name: str, rows: int = 1024) -> Iterator[tuple[int, np.ndarray]]:
-        """Stream a tensor in blocks of ``rows`` rows: ``(first_row, block)``, bounded memory."""
-        total = self.manifest.arrays[_request_path(request, f"tensors/{name}")].shape[0]
-        for start in range(0, total, rows):
-            yield start, self._read(_request_path(request, f"tensors/{name}"),
-                                    slice(start, min(start + rows, total)))
+        return self._read(tensor_array(request, name), slice(start, stop))
 
     def _missing_tensor_message(self, request: int, name: str) -> str:
         return f"{self.path}: request {request} has no tensor {name!r} (captured: " \
@@ -250,7 +231,7 @@ def validate_bundle(path: str | os.PathLike[str]) -> list[str]:
             except BundleError as exc:
                 problems.append(str(exc))
         expected = bundle.manifest.arrays
-        present = [p for p in _list_arrays(bundle._root) if not p.startswith("meta/")]
+        present = [p for p in _list_arrays(bundle._root) if not layout.is_metadata(p)]
         problems += [f"unexpected array {p} (not in the manifest)" for p in present if p not in expected]
         for array_path, record in expected.items():
             problems += _check_array(bundle, array_path, record)
@@ -286,20 +267,20 @@ def _check_requests(bundle: Bundle) -> list[str]:
     arrays = bundle.manifest.arrays
     for record in bundle.requests.requests:
         r = record.index
-        for leaf in REQUIRED_REQUEST_ARRAYS:
-            if _request_path(r, leaf) not in arrays:
+        for leaf in layout.REQUIRED_REQUEST_ARRAYS:
+            if request_array(r, leaf) not in arrays:
                 problems.append(f"request {r}: array {leaf} is missing")
         if problems:
             continue
-        rows = arrays[_request_path(r, "positions")].shape[0]
+        rows = arrays[request_array(r, "positions")].shape[0]
         for name in bundle.tensor_names:
-            for kind in ("stats", "tensors"):
-                entry = arrays.get(_request_path(r, f"{kind}/{name}"))
-                if entry is None and (kind == "stats" or bundle.mode == "full"):
+            for kind, path in ((layout.STATS, stats_array(r, name)), (layout.TENSORS, tensor_array(r, name))):
+                entry = arrays.get(path)
+                if entry is None and (kind == layout.STATS or bundle.mode == "full"):
                     problems.append(f"request {r}: {kind}/{name} is missing")
                 elif entry is not None and entry.shape[0] != rows:
                     problems.append(f"request {r}: {kind}/{name} has {entry.shape[0]} rows, "
                                     f"positions has {rows}")
-        if arrays[_request_path(r, "output_ids")].shape[0] != record.output_len:
+        if arrays[request_array(r, "output_ids")].shape[0] != record.output_len:
             problems.append(f"request {r}: output_ids length differs from meta/requests")
     return problems

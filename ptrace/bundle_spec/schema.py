@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
+from ptrace.bundle_spec import layout
 from ptrace.errors import BundleCorruptError
 
 #: The newest spec version this code reads and the one it writes.
@@ -75,7 +76,7 @@ class ArrayRecord(Document):
 
 @dataclass(frozen=True)
 class Manifest(Document):
-    path: ClassVar[str] = "meta/manifest"
+    path: ClassVar[str] = layout.MANIFEST
     _nested_maps: ClassVar[dict[str, type[Document]]] = {"arrays": ArrayRecord}
 
     spec_version: int
@@ -91,7 +92,7 @@ class Manifest(Document):
 
 @dataclass(frozen=True)
 class ModelInfo(Document):
-    path: ClassVar[str] = "meta/model"
+    path: ClassVar[str] = layout.MODEL
 
     model_path: str
     name: str
@@ -127,7 +128,7 @@ class SamplingParams(Document):
 
 @dataclass(frozen=True)
 class RunInfo(Document):
-    path: ClassVar[str] = "meta/run"
+    path: ClassVar[str] = layout.RUN
     _nested: ClassVar[dict[str, type[Document]]] = {"sampling": SamplingParams}
 
     backend: str
@@ -143,7 +144,7 @@ class RunInfo(Document):
 
 @dataclass(frozen=True)
 class EnvironmentInfo(Document):
-    path: ClassVar[str] = "meta/environment"
+    path: ClassVar[str] = layout.ENVIRONMENT
 
     python: Mapping[str, Any]
     os: Mapping[str, Any]
@@ -166,7 +167,7 @@ class RequestRecord(Document):
 
 @dataclass(frozen=True)
 class RequestsInfo(Document):
-    path: ClassVar[str] = "meta/requests"
+    path: ClassVar[str] = layout.REQUESTS
     _nested_lists: ClassVar[dict[str, type[Document]]] = {"requests": RequestRecord}
 
     requests: tuple[RequestRecord, ...]
@@ -176,7 +177,7 @@ class RequestsInfo(Document):
 class ReplayInfo(Document):
     """Present in a bundle made by ``ptrace replay``: what it replays, and how."""
 
-    path: ClassVar[str] = "meta/replay"
+    path: ClassVar[str] = layout.REPLAY
 
     source_bundle_id: str
     source_path: str

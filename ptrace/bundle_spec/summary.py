@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from ptrace.bundle_spec import stats as row_stats
+from ptrace.bundle_spec.layout import request_array, stats_array, tensor_array
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.bundle_spec.dtypes import numpy_dtype
 
@@ -18,12 +19,12 @@ def _tensor_rows(bundle: Bundle) -> list[dict[str, Any]]:
     for name in bundle.tensor_names:
         shape, dtype, nbytes, stats_blocks = None, None, 0, []
         for r in range(bundle.num_requests):
-            data = arrays.get(f"requests/{r}/tensors/{name}")
+            data = arrays.get(tensor_array(r, name))
             if data is not None:
                 shape = shape or list(data.shape)
                 dtype = data.dtype
                 nbytes += int(np.prod(data.shape)) * numpy_dtype(data.dtype).itemsize
-            if f"requests/{r}/stats/{name}" in arrays:
+            if stats_array(r, name) in arrays:
                 stats_blocks.append(bundle.stats(r, name))
         row_size = int(np.prod(shape[1:])) if shape else 1
         summary = row_stats.summarize(np.concatenate(stats_blocks), row_size) if stats_blocks else {}
@@ -40,7 +41,7 @@ def describe(bundle: Bundle) -> dict[str, Any]:
             **record.to_dict(),
             "prompt_ids": bundle.prompt_ids(record.index).tolist(),
             "output_ids": bundle.output_ids(record.index).tolist(),
-            "positions_captured": int(manifest.arrays[f"requests/{record.index}/positions"].shape[0]),
+            "positions_captured": int(manifest.arrays[request_array(record.index, "positions")].shape[0]),
         })
     return {
         "path": str(bundle.path),

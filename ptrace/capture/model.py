@@ -11,8 +11,9 @@ import json
 import os
 from pathlib import Path
 
+from ptrace.backends.model_dir import read_config
 from ptrace.bundle_spec.schema import ModelInfo
-from ptrace.errors import ModelError, ModelNotFoundError
+from ptrace.errors import ModelError
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
@@ -59,25 +60,6 @@ def sha256_file(path: Path, block: int = 8 << 20) -> str:
 
 def _combined(hashes: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{n}={h}\n" for n, h in sorted(hashes.items())).encode()).hexdigest()
-
-
-def read_config(model_dir: Path) -> dict:
-    """``config.json`` of a model directory, or a :class:`ModelError` saying what is wrong."""
-    if not model_dir.exists():
-        raise ModelNotFoundError(f"model directory {model_dir} does not exist")
-    if not model_dir.is_dir():
-        raise ModelError(f"{model_dir} is not a directory",
-                         hint="--model takes a directory with config.json, weights and tokenizer")
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise ModelError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{config_path} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("num_hidden_layers"), int):
-        raise ModelError(f"{config_path} lacks num_hidden_layers: not a decoder-only LM config")
-    return config
 
 
 def describe_model(model_dir: str | Path) -> ModelInfo:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ptrace.backends.base import EngineTensor, Interceptor, TensorSite
+from ptrace.bundle_spec.layout import stats_array, tensor_array
 from ptrace.bundle_spec.writer import BundleWriter
 from ptrace.errors import UsageError
 
@@ -23,7 +24,6 @@ class StepSelection:
     """
 
     ranges: tuple[tuple[int, int | None], ...] = ()  # inclusive; None = open end; () = all
-    text: str | None = None
 
     @classmethod
     def parse(cls, text: str | None) -> StepSelection:
@@ -40,7 +40,7 @@ class StepSelection:
             if last is not None and last < first:
                 raise UsageError(f"--steps: range {item!r} ends before it starts")
             ranges.append((first, last))
-        return cls(tuple(ranges), text)
+        return cls(tuple(ranges))
 
     def __contains__(self, step: int) -> bool:
         if not self.ranges:
@@ -72,10 +72,9 @@ class TensorRecorder(Interceptor):
         if known != rows:
             raise RuntimeError(f"{site.name}: step {site.step} of request {site.request} covers "
                                f"positions {site.start}+{rows}, other tensors {site.start}+{known}")
-        prefix = f"requests/{site.request}"
-        self.writer.append_rows(f"{prefix}/stats/{site.name}", tensor.row_stats())
+        self.writer.append_rows(stats_array(site.request, site.name), tensor.row_stats())
         if self.full:
-            self.writer.append_rows(f"{prefix}/tensors/{site.name}", tensor.numpy())
+            self.writer.append_rows(tensor_array(site.request, site.name), tensor.numpy())
         self.seen.add(site.name)
         return None
 

@@ -24,6 +24,7 @@ from ptrace.bundle_spec.schema import (
     RunInfo,
     SamplingParams,
 )
+from ptrace.bundle_spec.layout import request_array
 from ptrace.bundle_spec.store import claim_output
 from ptrace.bundle_spec.writer import BundleWriter
 from ptrace.capture.environment import Redactor, collect_environment
@@ -247,19 +248,18 @@ def _write_requests(writer: BundleWriter, backend: Backend, prompts: list[Prompt
                     recorder: TensorRecorder, forced: list[np.ndarray] | None) -> list[RequestRecord]:
     records = []
     for index, (prompt, generation) in enumerate(zip(prompts, generations, strict=True)):
-        prefix = f"requests/{index}"
-        writer.write_array(f"{prefix}/prompt_ids", prompt.ids)
+        writer.write_array(request_array(index, "prompt_ids"), prompt.ids)
         if forced is not None:  # what was fed differs from prompt + outputs (SPEC.md section 2)
             fed = forced[index][: len(generation.output_ids) - 1]
-            writer.write_array(f"{prefix}/input_ids", np.concatenate([prompt.ids, fed]))
-        writer.write_array(f"{prefix}/output_ids", generation.output_ids)
-        writer.write_array(f"{prefix}/topk_ids", generation.topk_ids)
-        writer.write_array(f"{prefix}/topk_logprobs", generation.topk_logprobs)
+            writer.write_array(request_array(index, "input_ids"), np.concatenate([prompt.ids, fed]))
+        writer.write_array(request_array(index, "output_ids"), generation.output_ids)
+        writer.write_array(request_array(index, "topk_ids"), generation.topk_ids)
+        writer.write_array(request_array(index, "topk_logprobs"), generation.topk_logprobs)
         for leaf in ("prompt_logprobs", "prompt_topk_ids", "prompt_topk_logprobs"):
             value = getattr(generation, leaf)
             if value is not None:
-                writer.write_array(f"{prefix}/{leaf}", value)
-        writer.write_array(f"{prefix}/positions", recorder.positions(index))
+                writer.write_array(request_array(index, leaf), value)
+        writer.write_array(request_array(index, "positions"), recorder.positions(index))
         records.append(RequestRecord(
             index=index, prompt=prompt.text, prompt_len=int(prompt.ids.shape[0]),
             output_len=int(generation.output_ids.shape[0]),

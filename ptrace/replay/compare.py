@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ptrace.bundle_spec.layout import tensor_array
 from ptrace.bundle_spec.names import forward_key, sort_forward
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.replay.metrics import RunningTotals, kl_full, kl_topk, row_errors
@@ -199,7 +200,7 @@ def _compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, _Alig
         wanted = aligned.positions
         if not wanted.size:
             continue
-        row_bytes = max(1, int(np.prod(a.manifest.arrays[f"requests/{request}/tensors/{name}"].shape[1:])) * 8)
+        row_bytes = max(1, int(np.prod(a.manifest.arrays[tensor_array(request, name)].shape[1:])) * 8)
         block = max(1, BLOCK_BYTES // row_bytes)
         for start in range(0, wanted.size, block):
             rows_a = _read_rows(a, request, name, aligned.rows_a[start:start + block])

@@ -74,7 +74,7 @@ class BackendTests:
     @pytest.fixture(scope="class")
     @classmethod
     def config(cls, engine):
-        from ptrace.capture.model import read_config
+        from ptrace.backends.model_dir import read_config
 
         return read_config(engine.options.model_dir)
 

@@ -14,7 +14,7 @@ from ptrace.backends.mindformers import MindFormersBackend
 from ptrace.backends.registry import create_backend, register_backend
 from ptrace.bundle_spec.names import all_names
 from ptrace.bundle_spec.schema import SamplingParams
-from ptrace.capture.model import read_config
+from ptrace.backends.model_dir import read_config
 from ptrace.errors import BackendUnavailableError, ModelError, UsageError
 from tests.backends.conformance import PROMPTS, BackendTests, Keep, Replace
 
