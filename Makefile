@@ -7,19 +7,17 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PTRACE := $(VENV)/bin/ptrace
-# torch 2.13.0 CPU build; the engines' own environments (vLLM, MindSpore) pin the same version.
-TORCH  ?= torch==2.13.0
+# torch's CPU build, the pin the engines' own environments share (read from ptrace, its one home).
+TORCH  ?= $(shell PYTHONPATH=. $(PYTHON) -c "from ptrace.backends.environments import TORCH; print(TORCH)")
 # The HF transformers version the torch backend is tested with (the [torch] extra allows >= 4.57.1).
 TRANSFORMERS ?= transformers==5.19.0
 MODEL  ?= examples/tiny-qwen2
 DEMO   ?= demo
 ENVS   := .venvs
-# The engine environments `make setup` creates (vllm-ms needs an Ascend NPU: `ptrace envs create vllm-ms`).
-ENGINES ?= vllm ms
 
 .PHONY: setup demo browser test bench clean
 
-setup: $(VENV)/.installed $(ENGINES:%=$(ENVS)/%/.installed)
+setup: $(VENV)/.installed $(ENVS)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +25,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[torch,test]" "$(TORCH)" "$(TRANSFORMERS)"
 	touch $@
 
-# `ptrace envs create` pins each engine; pytest is added for the engines' own conformance tests.
-$(ENVS)/%/.installed: $(VENV)/.installed
-	$(PTRACE) envs create $*
-	$(ENVS)/$*/bin/python -m pip install --quiet --disable-pip-version-check pytest
+# Every engine environment the backends declare for ordinary machines (`ptrace envs list`; vllm-ms
+# needs an Ascend NPU: `ptrace envs create vllm-ms`), with pytest for the engines' own tests.
+$(ENVS)/.installed: $(VENV)/.installed
+	$(PTRACE) envs create --all --with pytest
 	touch $@
 
 demo: setup
@@ -53,12 +51,12 @@ browser:
 	{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	{ echo "Chromium is needed by the report test: sudo apt-get install chromium" >&2; exit 1; }
 
-# Everything from the main environment (the engines through their environments), then each
-# engine's conformance suite inside its own environment.
+# Everything from the main environment (the engines through their environments), then the
+# backend tests inside each engine environment (there, the tests of the engines that run there).
 test: setup browser
 	PTRACE_REQUIRE_ENGINES=1 $(PY) -m pytest -q
-	$(ENVS)/vllm/bin/python -m pytest -q -p no:cacheprovider tests/backends/test_vllm.py
-	$(ENVS)/ms/bin/python -m pytest -q -p no:cacheprovider tests/backends/test_mindformers.py
+	$(PTRACE) envs list --pythons | while read -r env python; do \
+		PTRACE_TEST_ENVIRONMENT=$$env $$python -m pytest -q -p no:cacheprovider tests/backends || exit 1; done
 
 bench: setup
 	$(PY) benchmarks/bench_capture.py

@@ -14,12 +14,14 @@ import importlib.util
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from ptrace.backends.environments import EngineEnvironment
+from ptrace.bundle_spec.names import all_names
 from ptrace.bundle_spec.schema import SamplingParams
 from ptrace.errors import BackendError, UsageError
 
@@ -31,10 +33,86 @@ StepCallback = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class LoadOptions:
+    """What ``Backend.load`` takes. ``engine_options`` arrive as the user's strings (``-E``) and
+    reach ``_load`` parsed by the engine's declared :class:`EngineOption` schema."""
+
     model_dir: Path
     dtype: str = "float32"
     device: str = "cpu"
-    engine_options: Mapping[str, str] = field(default_factory=dict)
+    engine_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class EngineOption:
+    """One ``--engine-option KEY=VALUE`` an engine understands: its type, meaning and limits.
+
+    Declared on the backend class, so that validation, ``--help`` and ``ptrace backends`` all
+    read the same schema. ``default`` None means "the engine's own default" (nothing is passed).
+    """
+
+    name: str
+    type: type  # str, int, float or bool
+    help: str
+    default: Any = None
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+
+    def parse(self, value: Any, backend: str) -> Any:
+        """The typed value of ``value`` (a string from the command line, or already typed)."""
+        where = f"--engine-option {self.name}={value}"
+        text = str(value).strip()
+        if self.type is bool:
+            if isinstance(value, bool):
+                return value
+            if text.lower() not in _TRUE + _FALSE:
+                raise UsageError(f"{where}: backend {backend} expects true or false")
+            return text.lower() in _TRUE
+        try:
+            parsed = self.type(text)
+        except ValueError:
+            raise UsageError(f"{where}: backend {backend} expects {self.type.__name__}") from None
+        if self.choices and parsed not in self.choices:
+            raise UsageError(f"{where}: backend {backend} accepts {', '.join(self.choices)}")
+        if self.minimum is not None and parsed < self.minimum:
+            raise UsageError(f"{where}: backend {backend} needs at least {self.minimum:g}")
+        return parsed
+
+    def describe(self) -> str:
+        """``name (type[, choices][, default]): help``, for help texts."""
+        details = [self.type.__name__]
+        if self.choices:
+            details.append("|".join(self.choices))
+        if self.default is not None:
+            details.append(f"default {self.default}")
+        return f"{self.name} ({', '.join(details)}): {self.help}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type.__name__, "help": self.help,
+                "default": self.default, "choices": list(self.choices), "minimum": self.minimum}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do, declared so that commands refuse impossible requests before any
+    engine starts, and ``ptrace backends`` can say so."""
+
+    #: Canonical intermediate tensors are observable (False: tokens and logprobs only).
+    tensors: bool = True
+    #: Interceptors may replace tensors, KV cache included (error-injection what-ifs, splices).
+    replace: bool = True
+    #: Requests run together in one engine batch (True) or one after another (False).
+    batched: bool = False
+    #: Device kinds ``--device`` may name.
+    devices: tuple[str, ...] = ("cpu",)
+    #: Compute dtypes.
+    dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tensors": self.tensors, "replace": self.replace, "batched": self.batched,
+                "devices": list(self.devices), "dtypes": list(self.dtypes)}
 
 
 @dataclass(frozen=True)
@@ -133,7 +211,13 @@ class DecodeSteps:
 
 
 class Backend(ABC):
-    """One inference engine behind ptrace's interface."""
+    """One inference engine behind ptrace's interface.
+
+    Everything ptrace needs to know about an engine is declared here, on its class: the registry
+    (an entry point in the ``ptrace.backends`` group) finds the class, and ``ptrace backends``,
+    ``ptrace envs``, option validation, ``--help`` and the recorded package versions all read
+    these declarations. Adding an engine is one module and one entry point.
+    """
 
     #: Registry name (``--backend``).
     name: ClassVar[str]
@@ -142,33 +226,66 @@ class Backend(ABC):
     #: Import names that must be importable for the engine to run (probed without importing).
     requires: ClassVar[tuple[str, ...]] = ()
     #: The engine environment (``ptrace envs``) the engine runs in when this one lacks it.
-    environment: ClassVar[str | None] = None
-    #: What to tell a user whose environment lacks the engine.
-    install_hint: ClassVar[str] = ""
-    #: Compute dtypes this engine accepts.
-    dtypes: ClassVar[tuple[str, ...]] = ("float32", "float16", "bfloat16")
+    environment: ClassVar[EngineEnvironment | None] = None
+    #: Distributions whose versions decide this engine's numerics (recorded in every bundle).
+    packages: ClassVar[tuple[str, ...]] = ()
+    #: The ``--engine-option`` schema.
+    options: ClassVar[tuple[EngineOption, ...]] = ()
+    #: What the engine can do.
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self) -> None:
-        self.options: LoadOptions | None = None
+        self.load_options: LoadOptions | None = None
 
     # -- discovery -----------------------------------------------------------------------------
     @classmethod
     def probe(cls) -> str | None:
-        """Why this engine cannot run here (cheap: no import), or None if it looks runnable."""
+        """Why this engine is not installed here (cheap: no import), or None if it looks runnable."""
         missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
         if missing:
             return f"{', '.join(missing)} not installed"
         return None
 
+    @classmethod
+    def missing_hardware(cls) -> str | None:
+        """Why the engine can run on no device of this machine (cheap), or None. Unlike
+        :meth:`probe`, no engine environment can help."""
+        return None
+
+    @classmethod
+    def install_hint(cls) -> str | None:
+        """What to tell a user whose environment lacks the engine."""
+        if cls.environment is not None:
+            return f"create its environment with: ptrace envs create {cls.environment.name} (or: make setup)"
+        return None
+
+    @classmethod
+    def parse_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
+        """``given`` checked and typed by :attr:`options`, declared defaults filled in."""
+        schema = {option.name: option for option in cls.options}
+        unknown = sorted(set(given) - set(schema))
+        if unknown:
+            raise UsageError(f"backend {cls.name} has no engine option {', '.join(unknown)}",
+                             hint=f"it understands {', '.join(schema) or 'none'} (see `ptrace backends`)")
+        parsed = {name: option.default for name, option in schema.items() if option.default is not None}
+        parsed.update({name: schema[name].parse(value, cls.name) for name, value in given.items()})
+        return parsed
+
     # -- template methods ----------------------------------------------------------------------
     def load(self, options: LoadOptions) -> None:
-        """Load the model; ``options.dtype`` must be one of :attr:`dtypes`."""
-        if options.dtype not in self.dtypes:
+        """Load the model; the dtype, device kind and engine options must be declared ones."""
+        capabilities = self.capabilities
+        if options.dtype not in capabilities.dtypes:
             raise UsageError(f"backend {self.name} does not support dtype {options.dtype}",
-                             hint=f"choose one of {', '.join(self.dtypes)}")
+                             hint=f"choose one of {', '.join(capabilities.dtypes)}")
+        kind = options.device.split(":")[0].lower()
+        if kind not in capabilities.devices:
+            raise UsageError(f"backend {self.name} does not run on {options.device}",
+                             hint=f"it runs on {', '.join(capabilities.devices)}")
+        options = replace(options, engine_options=self.parse_options(options.engine_options))
         log.info("loading %s on %s (%s, %s)", options.model_dir, self.name, options.dtype, options.device)
         self._load(options)
-        self.options = options
+        self.load_options = options
 
     def generate(self, prompts: Sequence[np.ndarray], sampling: SamplingParams,
                  interceptors: Sequence[Interceptor] = (),
@@ -179,8 +296,11 @@ class Backend(ABC):
         ``forced`` (teacher forcing): per request, the tokens to feed back instead of the
         engine's own choices; the outputs still record what the engine would have chosen.
         """
-        if self.options is None:
+        if self.load_options is None:
             raise BackendError(f"backend {self.name}: generate() before load()")
+        if not self.capabilities.tensors and self.wanted_tensors(interceptors):
+            raise UsageError(f"backend {self.name} cannot observe intermediate tensors: it captures "
+                             "tokens and logprobs only", hint="pass --tensors none")
         if sampling.max_new_tokens < 1:
             raise UsageError("max_new_tokens must be at least 1")
         vocab = self.vocab_size
@@ -233,6 +353,15 @@ class Backend(ABC):
     @property
     @abstractmethod
     def vocab_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def num_layers(self) -> int:
+        """Decoder layers of the loaded model."""
+
+    def wanted_tensors(self, interceptors: Sequence[Interceptor]) -> set[str]:
+        """The canonical tensors some interceptor wants: engines hook only these."""
+        return {name for name in all_names(self.num_layers) if any(i.wants(name) for i in interceptors)}
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text``, by the model's own tokenizer: every engine here loads the HF

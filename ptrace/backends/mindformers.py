@@ -43,7 +43,9 @@ import numpy as np
 
 from ptrace.backends.base import (
     Backend,
+    Capabilities,
     DecodeSteps,
+    EngineOption,
     EngineTensor,
     Generation,
     Interceptor,
@@ -51,9 +53,9 @@ from ptrace.backends.base import (
     StepCallback,
     TensorSite,
 )
-from ptrace.bundle_spec.names import all_names
 from ptrace.bundle_spec.schema import SamplingParams
 from ptrace.bundle_spec.stats import row_stats
+from ptrace.backends.environments import TORCH, EngineEnvironment
 from ptrace.backends.model_dir import read_config
 from ptrace.errors import BackendUnavailableError, ModelError, UsageError
 
@@ -71,8 +73,6 @@ ASCEND_MODEL_CLASSES = {
 }
 #: Dtypes of the Ascend path: its FlashAttentionScore and PagedAttention kernels take only these.
 ASCEND_DTYPES = ("float16", "bfloat16")
-#: Engine options (``--engine-option key=value``) this backend understands.
-ENGINE_OPTIONS = ("mode", "seq_length")
 #: Longest sequence (prompt + generated) the CPU model is built for unless ``seq_length`` says
 #: otherwise: its causal mask is a [seq_length, seq_length] tensor.
 DEFAULT_SEQ_LENGTH = 4096
@@ -144,22 +144,23 @@ class MindFormersBackend(Backend):
     name = "ms"
     description = "MindSpore Transformers (MindFormers)"
     requires = ("mindspore", "mindformers")
-    environment = "ms"
-    install_hint = "create its environment with: ptrace envs create ms"
-    dtypes = ("float32", "float16", "bfloat16")
+    environment = EngineEnvironment(
+        "ms", requirements=("mindformers==1.9.0", "mindspore==2.9.0", TORCH, "numpy<2"),
+        first=(TORCH,), note="MindSpore 2.9 + MindFormers 1.9 (CPU, or Ascend with its driver)")
+    packages = ("mindspore", "mindformers", "mindstudio-probe", "transformers", "tokenizers")
+    options = (
+        EngineOption("mode", str, "MindSpore execution mode (GRAPH mode drops the hooks: refused)",
+                     default="pynative", choices=("pynative", "graph")),
+        EngineOption("seq_length", int, "longest sequence the model is built for", default=DEFAULT_SEQ_LENGTH,
+                     minimum=1),
+    )
+    capabilities = Capabilities(devices=("cpu", "npu", "ascend"))
 
     def _load(self, options: LoadOptions) -> None:
-        unknown = sorted(set(options.engine_options) - set(ENGINE_OPTIONS))
-        if unknown:
-            raise UsageError(f"backend ms has no engine option {', '.join(unknown)}",
-                             hint=f"it understands {', '.join(ENGINE_OPTIONS)}")
-        mode = options.engine_options.get("mode", "pynative").lower()
-        if mode == "graph":
+        if options.engine_options["mode"] == "graph":
             raise UsageError("backend ms cannot capture in MindSpore GRAPH mode: the graph compiler "
                              "silently drops the cell hooks that see the tensors",
                              hint="drop --engine-option mode=graph; ptrace runs MindSpore in PyNative mode")
-        if mode != "pynative":
-            raise UsageError(f"unknown MindSpore mode {mode!r}", hint="the ms backend runs in mode=pynative")
         device_target, device_id = self._device_target(options.device)  # before the noisy imports
         ms = _import_mindspore()
         ascend = device_target == "Ascend"
@@ -179,7 +180,7 @@ class MindFormersBackend(Backend):
                                   f"({', '.join(ASCEND_MODEL_CLASSES)} on an Ascend NPU)")
         self.tokenizer = _load_tokenizer(options.model_dir)
         self.eos_ids = _eos_ids(options.model_dir, self.hf_config)
-        seq_length = _positive_int(options.engine_options.get("seq_length", DEFAULT_SEQ_LENGTH), "seq_length")
+        seq_length = options.engine_options["seq_length"]
         model = _AscendModel if ascend else _CpuModel
         self.engine: _CpuModel | _AscendModel | None = model(self, options, seq_length)
 
@@ -219,6 +220,10 @@ class MindFormersBackend(Backend):
     def vocab_size(self) -> int:
         return int(self.hf_config["vocab_size"])
 
+    @property
+    def num_layers(self) -> int:
+        return self.engine.num_layers
+
     def version(self) -> str:
         import mindspore as ms
 
@@ -249,8 +254,7 @@ class MindFormersBackend(Backend):
                   forced: list[np.ndarray] | None) -> list[Generation]:
         longest = max(len(p) for p in prompts) + sampling.max_new_tokens - 1
         self.engine.check_length(longest)
-        wanted = {name for name in all_names(self.engine.num_layers)
-                  if any(i.wants(name) for i in interceptors)}
+        wanted = self.wanted_tensors(interceptors)
         results = []
         with ExitStack() as hooks:
             self._site: TensorSite | None = None
@@ -716,16 +720,6 @@ def _check_dtype_runs(dtype: Any, device_target: str) -> None:
             f"MindSpore has no {name} matrix multiplication on {device_target} "
             f"({str(exc).splitlines()[0]})",
             hint="use --dtype float32 or float16" if name == "bfloat16" else "use --dtype float32") from exc
-
-
-def _positive_int(value: str | int, name: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise UsageError(f"engine option {name} must be a positive integer, not {value!r}")
-    return number
 
 
 def _llama_config(hf: dict, dtype: str, seq_length: int) -> Any:

@@ -1,8 +1,10 @@
-"""Backend discovery: entry points in the ``ptrace.backends`` group, loaded only when chosen.
+"""Backend discovery: entry points in the ``ptrace.backends`` group, loaded only when asked for.
 
-Listing backends and probing them imports no engine, so ``ptrace --help`` and ``ptrace
-backends`` stay fast in an environment with no engine at all. A backend module that fails to
-import reports its error instead of breaking the CLI.
+An engine is one module and one entry point: the module's :class:`~ptrace.backends.base.Backend`
+subclass declares everything else (environment, options, capabilities, packages), and this
+module is the only place that enumerates engines. Backend modules import no engine at module
+level, so loading a class to read its declarations is cheap; a module that fails to import
+reports its error instead of breaking the CLI.
 """
 
 from __future__ import annotations
@@ -15,17 +17,10 @@ from pathlib import Path
 
 from ptrace.backends import environments
 from ptrace.backends.base import Backend
+from ptrace.backends.environments import EngineEnvironment
 from ptrace.errors import BackendUnavailableError, UnknownBackendError
 
 GROUP = "ptrace.backends"
-
-#: Backends that ship with ptrace, so a source checkout works without installed entry points.
-BUILTIN: dict[str, str] = {
-    "torch": "ptrace.backends.torch_hf:TorchBackend",
-    "vllm": "ptrace.backends.vllm_engine:VllmBackend",
-    "vllm-ms": "ptrace.backends.vllm_engine:VllmMindSporeBackend",
-    "ms": "ptrace.backends.mindformers:MindFormersBackend",
-}
 
 _registered: dict[str, type[Backend]] = {}
 
@@ -54,12 +49,38 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
 
 
 def entries() -> dict[str, BackendEntry]:
-    found = {name: BackendEntry(name, target) for name, target in BUILTIN.items()}
-    for ep in entry_points(group=GROUP):
-        found[ep.name] = BackendEntry(ep.name, ep.value)
+    found = {ep.name: BackendEntry(ep.name, ep.value) for ep in entry_points(group=GROUP)}
     for name, cls in _registered.items():
         found[name] = BackendEntry(name, f"{cls.__module__}:{cls.__qualname__}")
     return dict(sorted(found.items()))
+
+
+def loadable() -> dict[str, type[Backend]]:
+    """Every backend class that imports (broken plugins are left out: ``ptrace backends`` says why)."""
+    classes = {}
+    for name, entry in entries().items():
+        try:
+            classes[name] = entry.load()
+        except BackendUnavailableError:
+            continue
+    return classes
+
+
+def engine_environments() -> dict[str, EngineEnvironment]:
+    """The engine environments the backends declare, by name."""
+    return {cls.environment.name: cls.environment for cls in loadable().values() if cls.environment}
+
+
+def engine_environment(name: str) -> EngineEnvironment:
+    known = engine_environments()
+    if name not in known:
+        raise UnknownBackendError(f"unknown engine environment {name!r}", hint=f"known: {', '.join(known)}")
+    return known[name]
+
+
+def recorded_packages() -> tuple[str, ...]:
+    """Distributions every backend declares as deciding its numerics, once each."""
+    return tuple(dict.fromkeys(p for cls in loadable().values() for p in cls.packages))
 
 
 def _known_class(name: str) -> type[Backend]:
@@ -67,7 +88,11 @@ def _known_class(name: str) -> type[Backend]:
     if name not in known:
         raise UnknownBackendError(f"unknown backend {name!r}",
                                   hint=f"known backends: {', '.join(known)}")
-    return known[name].load()
+    cls = known[name].load()
+    hardware = cls.missing_hardware()
+    if hardware:  # no environment can help: refuse before anything starts
+        raise BackendUnavailableError(f"backend {name!r} cannot run on this machine: {hardware}")
+    return cls
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -75,8 +100,7 @@ def backend_class(name: str) -> type[Backend]:
     cls = _known_class(name)
     reason = cls.probe()
     if reason:
-        raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}",
-                                      hint=cls.install_hint or None)
+        raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}", hint=cls.install_hint())
     return cls
 
 
@@ -89,13 +113,13 @@ def engine_python(name: str) -> Path | None:
     if reason is None:
         return None
     if cls.environment is not None and not os.environ.get(environments.CHILD_MARKER):
-        python = environments.python_of(cls.environment)
+        python = environments.python_of(cls.environment.name)
         if python is not None:
             return python
         raise BackendUnavailableError(
-            f"backend {name!r} needs its engine environment {cls.environment!r}, which does not exist "
-            f"({environments.location(cls.environment)})", hint=cls.install_hint or None)
-    raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}", hint=cls.install_hint or None)
+            f"backend {name!r} needs its engine environment {cls.environment.name!r}, which does not exist "
+            f"({environments.location(cls.environment.name)})", hint=cls.install_hint())
+    raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}", hint=cls.install_hint())
 
 
 def create_backend(name: str) -> Backend:

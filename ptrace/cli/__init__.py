@@ -13,6 +13,7 @@ from typing import Annotated
 import click
 import typer
 
+from ptrace.cli import options as opt
 from ptrace.cli.backends import backends
 from ptrace.cli.capture import capture
 from ptrace.cli.compare import compare
@@ -56,9 +57,21 @@ app.command(rich_help_panel="Engines")(backends)
 app.add_typer(envs, name="envs", rich_help_panel="Engines")
 
 
+def _document_engine_options(command: click.Command) -> None:
+    """Fill in ``-E``'s help from the backends' option schemas (only when a command's help is
+    shown: reading the schemas imports every backend module)."""
+    for parameter in command.params:
+        if parameter.name == opt.ENGINE_OPTION_PARAMETER:
+            parameter.help = opt.engine_option_help()
+
+
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
     try:
-        code = app(args=argv, standalone_mode=False)
+        command = typer.main.get_command(app)
+        if args and args[0] in command.commands and {"--help", "-h"} & set(args):
+            _document_engine_options(command.commands[args[0]])
+        code = command.main(args=args, prog_name="ptrace", standalone_mode=False)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.ClickException as exc:

@@ -1,4 +1,4 @@
-"""``ptrace envs``: the engines' own Python environments (list them, create one)."""
+"""``ptrace envs``: the engines' own Python environments (list them, create them)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,23 @@ envs = typer.Typer(help="Engine environments: each engine in its own Python envi
 
 
 @envs.command("list")
-def list_environments(as_json: opt.Json = False) -> None:
+def list_environments(
+    as_json: opt.Json = False,
+    pythons: Annotated[bool, typer.Option(
+        "--pythons", help="Print only 'NAME PYTHON' of each environment that exists (for scripts).")] = False,
+) -> None:
     """Where each engine environment is, and whether it exists."""
     from ptrace.backends import environments
+    from ptrace.backends.registry import engine_environments
 
-    rows = [{"name": name, "path": str(environments.location(name)),
-             "python": str(p) if (p := environments.python_of(name)) else None,
-             "variable": spec.variable, "note": spec.note} for name, spec in environments.ENVIRONMENTS.items()]
+    rows = [{**spec.to_dict(), "path": str(environments.location(name)),
+             "python": str(p) if (p := environments.python_of(name)) else None}
+            for name, spec in engine_environments().items()]
+    if pythons:
+        for row in rows:
+            if row["python"]:
+                console.print(Text(f"{row['name']} {row['python']}"))
+        return
     if as_json:
         console.json(rows)
         return
@@ -36,23 +46,35 @@ def list_environments(as_json: opt.Json = False) -> None:
 
 @envs.command("create")
 def create_environment(
-    name: Annotated[str, typer.Argument(help="vllm, ms or vllm-ms (see `ptrace envs list`).")],
+    names: Annotated[list[str] | None, typer.Argument(
+        metavar="[NAME]...", help="Environments to create (see `ptrace envs list`).")] = None,
+    every: Annotated[bool, typer.Option(
+        "--all", help="Every environment this machine can use (those of NPU-only engines only on request).")] = False,
     python: Annotated[str | None, typer.Option(help="Python interpreter for the new environment.")] = None,
     requirement: Annotated[list[str] | None, typer.Option(
         "--requirement", "-r", metavar="SPEC",
         help="Install these instead of the default pins, repeatable (e.g. vllm==0.11.0 for CUDA).")] = None,
+    also: Annotated[list[str] | None, typer.Option(
+        "--with", metavar="SPEC", help="Install these too, repeatable (e.g. pytest).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show pip's output.")] = False,
 ) -> None:
-    """Create (or update) an engine environment with its engine and ptrace installed: minutes, GBs.
+    """Create (or update) engine environments with their engine and ptrace installed: minutes, GBs.
 
     Example: ptrace envs create vllm   then   ptrace capture --backend vllm ... from anywhere.
     """
     import sys
 
     from ptrace.backends import environments
+    from ptrace.backends.registry import engine_environment, engine_environments
+    from ptrace.errors import UsageError
 
-    spec = environments.environment(name)
-    console.print(f"creating {name} in {environments.location(name)}: {' '.join(requirement or spec.requirements)}")
-    created = environments.create(name, python=python or sys.executable,
-                                  requirements=tuple(requirement or ()), quiet=not verbose)
-    console.success(f"ready: {created}")
+    if every == bool(names):
+        raise UsageError("name the environments to create, or pass --all", hint="see `ptrace envs list`")
+    specs = ([s for s in engine_environments().values() if s.default] if every
+             else [engine_environment(name) for name in names or ()])
+    for spec in specs:
+        console.print(f"creating {spec.name} in {environments.location(spec.name)}: "
+                      f"{' '.join(requirement or spec.requirements)}")
+        created = environments.create(spec, python=python or sys.executable, requirements=tuple(requirement or ()),
+                                      also=tuple(also or ()), quiet=not verbose)
+        console.success(f"ready: {created}")

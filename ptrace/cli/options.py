@@ -23,11 +23,12 @@ Model = Annotated[Path, typer.Option(
 Dtype = Annotated[str, typer.Option(
     rich_help_panel=ENGINE, help="Compute dtype: float32, float16, bfloat16 or float64.")]
 Device = Annotated[str, typer.Option(rich_help_panel=ENGINE, help="cpu, cuda, cuda:1, ...")]
+#: Replaced by :func:`engine_option_help` when help is shown (reading every backend's schema
+#: costs an import of each backend module, which plain commands need not pay).
+ENGINE_OPTION_PARAMETER = "engine_option"
 EngineOption = Annotated[list[str] | None, typer.Option(
     "--engine-option", "-E", rich_help_panel=ENGINE, metavar="KEY=VALUE",
-    help="Engine option, repeatable (torch: attn_implementation=eager; vllm: kv_cache_dtype, "
-         "block_size, max_num_batched_tokens, max_num_seqs, max_model_len, enforce_eager, "
-         "attention_backend; ms: seq_length, mode).")]
+    help="Engine option, repeatable: see `ptrace backends` for each engine's keys.")]
 KvCacheDtype = Annotated[str | None, typer.Option(
     rich_help_panel=ENGINE, metavar="DTYPE",
     help="KV cache dtype (vLLM: auto, fp8, fp8_e4m3, fp8_e5m2): the seed's knob for long-sequence "
@@ -35,6 +36,16 @@ KvCacheDtype = Annotated[str | None, typer.Option(
 Output = Annotated[Path, typer.Option("--output", "-o", help="Bundle to write (a *.zarr directory).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of text.")]
+
+
+def engine_option_help() -> str:
+    """``-E``'s help, from every backend's declared option schema."""
+    from ptrace.backends.registry import loadable
+
+    engines = [f"{name}: " + ", ".join(o.describe().split(":")[0] for o in cls.options)
+               for name, cls in loadable().items() if cls.options]
+    return ("Engine option, repeatable. " + "; ".join(engines) +
+            ". Their meanings: `ptrace backends`.")
 
 
 def engine_options(items: list[str] | None, kv_cache_dtype: str | None = None) -> dict[str, str]:

@@ -76,7 +76,7 @@ class BackendTests:
     def config(cls, engine):
         from ptrace.backends.model_dir import read_config
 
-        return read_config(engine.options.model_dir)
+        return read_config(engine.load_options.model_dir)
 
     @pytest.fixture(scope="class")
     @classmethod

@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("mindspore")
 pytest.importorskip("mindformers")
+pytestmark = pytest.mark.backend("ms")
 
 from ptrace.backends.base import LoadOptions
 from ptrace.backends.mindformers import MindFormersBackend

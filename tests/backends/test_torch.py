@@ -7,6 +7,8 @@ import pytest
 
 from tests.backends.conformance import PROMPTS, BackendTests
 
+pytestmark = pytest.mark.backend("torch")
+
 
 class TestTorchBackend(BackendTests):
     backend = "torch"

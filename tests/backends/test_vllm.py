@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.backend("vllm")
 
 from ptrace.backends.base import LoadOptions  # noqa: E402
 from ptrace.backends.registry import create_backend  # noqa: E402
@@ -102,5 +103,5 @@ def test_teacher_forcing_feeds_the_given_tokens(example_model):
 
 
 def test_unknown_engine_option_is_refused(example_model):
-    with pytest.raises(UsageError, match="unknown vLLM engine option"):
+    with pytest.raises(UsageError, match="has no engine option no_such_option"):
         _engine(example_model, no_such_option=1)

@@ -66,7 +66,10 @@ def test_existing_output_needs_overwrite(tmp_path, example_model, full_bundle):
 class _NotInstalled(Backend):
     name = "not-installed-engine"
     requires = ("ptrace_engine_that_is_not_installed",)
-    install_hint = "install it with: pip install 'ptrace[imaginary]'"
+
+    @classmethod
+    def install_hint(cls) -> str:
+        return "install it with: pip install 'ptrace[imaginary]'"
 
 
 @pytest.fixture
