@@ -32,7 +32,7 @@ import torch
 import transformers
 
 from ptrace.bundle_spec import BundleWriter, open_bundle
-from ptrace.capture import CaptureConfig, capture
+from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny-qwen2"
@@ -67,9 +67,7 @@ def plain_generate(model_dir: Path, prompt: np.ndarray) -> None:
 
 def run_capture(model_dir: Path, prompt_len: int, out: Path, mode: str, tensors: tuple[str, ...],
                 prompt_logprobs: bool = True) -> None:
-    capture(CaptureConfig(backend="torch", model=model_dir, output=out, random_input_ids=prompt_len,
-                          seed=42, max_new_tokens=NEW_TOKENS, mode=mode, tensors=tensors,
-                          prompt_logprobs=prompt_logprobs, overwrite=True, command=("bench",)))
+    capture(CaptureConfig(backend="torch", model=model_dir, output=out, random_input_ids=prompt_len, overwrite=True, command=("bench",), sampling=SamplingParams(seed=42, max_new_tokens=NEW_TOKENS, prompt_logprobs=prompt_logprobs), settings=CaptureSettings(mode=mode, tensors=tensors)))
 
 
 def captured_tensors(bundle_path: Path) -> tuple[dict[str, np.ndarray], int]:

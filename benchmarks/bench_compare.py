@@ -26,7 +26,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_capture import EXAMPLE, make_large_model  # noqa: E402
 
-from ptrace.capture import CaptureConfig, capture  # noqa: E402
+from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture  # noqa: E402
 from ptrace.replay.session import TEACHER, ReplayConfig, replay  # noqa: E402
 
 MEASURE = """
@@ -61,9 +61,7 @@ def measure(a: Path, b: Path) -> dict:
 
 
 def make_pair(model: Path, requests: int, prompt_len: int, new_tokens: int, scratch: Path) -> tuple[Path, Path]:
-    source = capture(CaptureConfig(backend="torch", model=model, output=scratch / f"a{requests}.zarr",
-                                   random_input_ids=prompt_len, num_requests=requests, seed=1,
-                                   max_new_tokens=new_tokens, tensors=("*",), overwrite=True, command=("bench",)))
+    source = capture(CaptureConfig(backend="torch", model=model, output=scratch / f"a{requests}.zarr", random_input_ids=prompt_len, num_requests=requests, overwrite=True, command=("bench",), sampling=SamplingParams(seed=1, max_new_tokens=new_tokens), settings=CaptureSettings(tensors=("*",))))
     other = replay(ReplayConfig(bundle=source, backend="torch", modes=(TEACHER,), overwrite=True,
                                 output=scratch / f"b{requests}")).bundles[TEACHER]
     return source, other

@@ -8,7 +8,8 @@ object they act on)::
 
     import ptrace
     path = ptrace.capture_bundle(ptrace.CaptureConfig(
-        backend="torch", model="examples/tiny-qwen2", random_input_ids=128, seed=42, output="b.zarr"))
+        backend="torch", model="examples/tiny-qwen2", random_input_ids=128, output="b.zarr",
+        sampling=ptrace.SamplingParams(seed=42), settings=ptrace.CaptureSettings(tensors=("*",))))
     with ptrace.open_bundle(path) as bundle:
         bundle.tensor(0, "layers.0.out")
     result = ptrace.replay_bundle(ptrace.ReplayConfig(bundle=path, backend="torch", dtype="bfloat16"))
@@ -33,6 +34,8 @@ _LAZY = {  # public name -> (module, attribute)
     "open_bundle": ("ptrace.bundle_spec", "open_bundle"),
     "validate_bundle": ("ptrace.bundle_spec", "validate_bundle"),
     "CaptureConfig": ("ptrace.capture.session", "CaptureConfig"),
+    "CaptureSettings": ("ptrace.bundle_spec.schema", "CaptureSettings"),
+    "SamplingParams": ("ptrace.bundle_spec.schema", "SamplingParams"),
     "capture_bundle": ("ptrace.capture.session", "capture"),
     "ReplayConfig": ("ptrace.replay.session", "ReplayConfig"),
     "replay_bundle": ("ptrace.replay.session", "replay"),

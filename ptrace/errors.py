@@ -39,6 +39,10 @@ class ModelNotFoundError(ModelError, FileNotFoundError):
     """The model directory does not exist."""
 
 
+class ModelMismatchError(ModelError):
+    """The replay model's weights are not the ones the bundle was captured with."""
+
+
 class BackendError(PtraceError, RuntimeError):
     """An engine failed, or cannot run here."""
 

@@ -30,19 +30,16 @@ def example_model() -> Path:
 @pytest.fixture(scope="session")
 def full_bundle(tmp_path_factory: pytest.TempPathFactory, example_model: Path) -> Path:
     """Every canonical tensor of two random prompts of different lengths, float32, greedy."""
-    from ptrace.capture import CaptureConfig, capture
+    from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
 
     out = tmp_path_factory.mktemp("bundles") / "full.zarr"
-    return capture(CaptureConfig(backend="torch", model=example_model, output=out,
-                                 prompts=("The capital of France is", "Hello, how are you today? I"),
-                                 max_new_tokens=6, tensors=("*",), seed=42, command=("test",)))
+    return capture(CaptureConfig(backend="torch", model=example_model, output=out, prompts=("The capital of France is", "Hello, how are you today? I"), command=("test",), sampling=SamplingParams(max_new_tokens=6, seed=42), settings=CaptureSettings(tensors=("*",))))
 
 
 @pytest.fixture(scope="session")
 def fp32_bundle(tmp_path_factory: pytest.TempPathFactory, example_model: Path) -> Path:
     """The seed document's stage-1 input on the reference engine, every canonical tensor."""
-    from ptrace.capture import CaptureConfig, capture
+    from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
 
     out = tmp_path_factory.mktemp("replays") / "fp32.zarr"
-    return capture(CaptureConfig(backend="torch", model=example_model, output=out, random_input_ids=48,
-                                 num_requests=2, seed=42, max_new_tokens=8, tensors=("*",), command=("test",)))
+    return capture(CaptureConfig(backend="torch", model=example_model, output=out, random_input_ids=48, num_requests=2, command=("test",), sampling=SamplingParams(seed=42, max_new_tokens=8), settings=CaptureSettings(tensors=("*",))))

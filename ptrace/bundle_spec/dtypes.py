@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from ptrace.errors import BundleCorruptError
+from ptrace.errors import BundleCorruptError, BundleError
 
 #: Logical dtypes that Zarr cannot hold natively -> (numpy type, storage type).
 _BIT_STORED: dict[str, tuple[np.dtype, np.dtype]] = {
@@ -27,7 +27,8 @@ def logical_name(dtype: np.dtype) -> str:
     name = np.dtype(dtype).name
     if name in _BIT_STORED or name in _NATIVE:
         return name
-    raise TypeError(f"dtype {name} cannot be stored in a ptrace bundle")
+    raise BundleError(f"dtype {name} cannot be stored in a ptrace bundle",
+                      hint="spec v1 stores float64/32/16, bfloat16, float8 and integer tensors")
 
 
 def numpy_dtype(logical: str) -> np.dtype:

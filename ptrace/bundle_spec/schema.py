@@ -8,11 +8,13 @@ serialising them is the writer's job (msgpack), not theirs.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 from ptrace.bundle_spec import layout
+from ptrace.bundle_spec.names import DEFAULT_PATTERNS
 from ptrace.errors import BundleCorruptError
 
 #: The newest spec version this code reads and the one it writes.
@@ -21,13 +23,16 @@ SPEC_VERSION = 1
 ROOT_ATTRIBUTE = "ptrace_bundle"
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """``value`` as msgpack/JSON-able data: documents as maps, tuples as lists, paths as strings."""
     if isinstance(value, Document):
         return value.to_dict()
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     return value
 
 
@@ -40,7 +45,7 @@ class Document:
     _nested_lists: ClassVar[dict[str, type[Document]]] = {}
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
@@ -127,9 +132,22 @@ class SamplingParams(Document):
 
 
 @dataclass(frozen=True)
+class CaptureSettings(Document):
+    """What a capture records (``run.capture``): a replay reads it back whole and records the same,
+    so a setting added here is recorded, replayed and compared with no other edit."""
+
+    #: Glob patterns over canonical names (``("none",)``: tokens and logprobs only).
+    tensors: tuple[str, ...] = DEFAULT_PATTERNS
+    #: Steps to record (``0`` = prefill, ``s`` = decode of token s); None = every step.
+    steps: str | None = None
+    #: "full" (tensors and statistics) or "stats" (statistics only).
+    mode: str = "full"
+
+
+@dataclass(frozen=True)
 class RunInfo(Document):
     path: ClassVar[str] = layout.RUN
-    _nested: ClassVar[dict[str, type[Document]]] = {"sampling": SamplingParams}
+    _nested: ClassVar[dict[str, type[Document]]] = {"sampling": SamplingParams, "capture": CaptureSettings}
 
     backend: str
     backend_version: str
@@ -137,7 +155,7 @@ class RunInfo(Document):
     device: str
     seeds: Mapping[str, int]
     sampling: SamplingParams
-    capture: Mapping[str, Any]
+    capture: CaptureSettings
     engine: Mapping[str, Any] = field(default_factory=dict)
     engine_options: Mapping[str, Any] = field(default_factory=dict)
 

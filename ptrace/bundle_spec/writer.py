@@ -30,6 +30,7 @@ from ptrace.bundle_spec.schema import (
     Manifest,
 )
 from ptrace.bundle_spec.store import claim_output, replace_path
+from ptrace.errors import BundleError
 
 #: Target size of one chunk. Big enough to amortise per-chunk overhead, small enough that a
 #: reader streams tensors in bounded memory.
@@ -128,7 +129,8 @@ class BundleWriter:
         if stream is None:
             stream = self._streams[path] = self._create_stream(path, rows, compress)
         elif rows.shape[1:] != stream.array.shape[1:]:
-            raise ValueError(f"{path}: rows of shape {rows.shape[1:]} after {stream.array.shape[1:]}")
+            raise BundleError(f"{self.path}: {path} gets rows of shape {rows.shape[1:]} after "
+                              f"{stream.array.shape[1:]}")
         stream.add(rows)
 
     def _create_stream(self, path: str, rows: np.ndarray, compress: bool,

@@ -11,7 +11,7 @@ import numpy as np
 from ptrace.backends.base import EngineTensor, Interceptor, TensorSite
 from ptrace.bundle_spec.layout import stats_array, tensor_array
 from ptrace.bundle_spec.writer import BundleWriter
-from ptrace.errors import UsageError
+from ptrace.errors import BackendError, UsageError
 
 _ITEM = re.compile(r"^(\d+)(?:-(\d*))?$")
 
@@ -70,7 +70,7 @@ class TensorRecorder(Interceptor):
         rows = tensor.shape[0]
         known = self._rows[site.request].setdefault((site.step, site.start), rows)
         if known != rows:
-            raise RuntimeError(f"{site.name}: step {site.step} of request {site.request} covers "
+            raise BackendError(f"{site.name}: step {site.step} of request {site.request} covers "
                                f"positions {site.start}+{rows}, other tensors {site.start}+{known}")
         self.writer.append_rows(stats_array(site.request, site.name), tensor.row_stats())
         if self.full:

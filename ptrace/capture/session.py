@@ -17,12 +17,14 @@ from ptrace.backends.base import Backend, Interceptor, LoadOptions
 from ptrace.backends.registry import create_backend, engine_python
 from ptrace.bundle_spec import names as canonical
 from ptrace.bundle_spec.schema import (
+    CaptureSettings,
     Document,
     ModelInfo,
     RequestRecord,
     RequestsInfo,
     RunInfo,
     SamplingParams,
+    plain,
 )
 from ptrace.bundle_spec.layout import request_array
 from ptrace.bundle_spec.store import claim_output
@@ -40,7 +42,12 @@ MODES = ("full", "stats")
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    """Everything ``ptrace capture`` takes; the CLI builds one of these from its flags."""
+    """Everything ``ptrace capture`` takes; the CLI builds one of these from its flags.
+
+    ``sampling`` and ``settings`` are the documents the bundle records (``run.sampling``,
+    ``run.capture``): a replay passes the source's documents back whole, so nothing it should
+    repeat can be dropped on the way.
+    """
 
     backend: str
     model: str | Path
@@ -53,17 +60,10 @@ class CaptureConfig:
     prompt_token_ids: tuple[tuple[int, ...], ...] = ()
     random_input_ids: int | None = None
     num_requests: int = 1
-    seed: int = 0
-    max_new_tokens: int = 20
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    logprobs: int = 20
-    prompt_logprobs: bool = True
-    ignore_eos: bool = True
-    tensors: tuple[str, ...] = canonical.DEFAULT_PATTERNS
-    steps: str | None = None
-    mode: str = "full"
+    #: How tokens are chosen; its seed also seeds python, numpy, the engine and random inputs.
+    sampling: SamplingParams = SamplingParams()
+    #: What to record.
+    settings: CaptureSettings = CaptureSettings()
     engine_options: Mapping[str, str] = field(default_factory=dict)
     overwrite: bool = False
     command: tuple[str, ...] | None = None
@@ -72,33 +72,16 @@ class CaptureConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (the config crosses into engine environments as JSON)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CaptureConfig:
-        values = dict(data)
-        for name in ("prompts", "prompt_token_ids", "tensors", "command", "forced_tokens"):
-            if values.get(name) is not None:
-                values[name] = _tuples(values[name])
+        values = {name: _tuples(value) for name, value in data.items()}
+        values["sampling"] = SamplingParams.from_dict(data.get("sampling", {}))
+        values["settings"] = CaptureSettings.from_dict(data.get("settings", {}))
         if values.get("prompts_file") is not None:
             values["prompts_file"] = Path(values["prompts_file"])
         return cls(**values)
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              seed=self.seed, max_new_tokens=self.max_new_tokens,
-                              ignore_eos=self.ignore_eos, logprobs=self.logprobs,
-                              prompt_logprobs=self.prompt_logprobs)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
 
 
 def _tuples(value: Any) -> Any:
@@ -110,13 +93,14 @@ Progress = Callable[[int, int], None]
 
 
 def _check(config: CaptureConfig) -> StepSelection:
-    if config.mode not in MODES:
-        raise UsageError(f"unknown mode {config.mode!r}", hint="use --mode full or --mode stats")
-    if config.max_new_tokens < 1:
+    sampling = config.sampling
+    if config.settings.mode not in MODES:
+        raise UsageError(f"unknown mode {config.settings.mode!r}", hint="use --mode full or --mode stats")
+    if sampling.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
-    if config.temperature < 0 or not 0 < config.top_p <= 1 or config.top_k < 0 or config.logprobs < 0:
+    if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 or sampling.logprobs < 0:
         raise UsageError("sampling needs temperature >= 0, 0 < top-p <= 1, top-k >= 0, logprobs >= 0")
-    return StepSelection.parse(config.steps)
+    return StepSelection.parse(config.settings.steps)
 
 
 def _select_tensors(patterns: Sequence[str], num_layers: int) -> list[str]:
@@ -162,7 +146,7 @@ def capture_runs(configs: Sequence[CaptureConfig], *, progress: Progress | None 
         claim_output(Path(config.output), config.overwrite)
     model = describe_model(configs[0].model)
     for config in configs:
-        _select_tensors(config.tensors, model.num_layers)
+        _select_tensors(config.settings.tensors, model.num_layers)
     python = engine_python(configs[0].backend)
     if python is not None:
         if interceptors:
@@ -183,20 +167,20 @@ def capture_runs(configs: Sequence[CaptureConfig], *, progress: Progress | None 
 
 def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, progress: Progress | None,
                  interceptors: Sequence[Interceptor], documents: Sequence[Document]) -> Path:
-    steps = StepSelection.parse(config.steps)
+    settings, sampling = config.settings, config.sampling
+    steps = StepSelection.parse(settings.steps)
     output = Path(config.output)
-    names = _select_tensors(config.tensors, model.num_layers)
+    names = _select_tensors(settings.tensors, model.num_layers)
     command = list(config.command if config.command is not None else sys.argv)
     redactor = Redactor.from_environment(os.environ, command)
-    seeds = _seed_everything(backend, config.seed)
+    seeds = _seed_everything(backend, sampling.seed)
     prompts = resolve_prompts(texts=config.prompts, prompts_file=config.prompts_file,
                               token_ids=config.prompt_token_ids,
                               random_input_ids=config.random_input_ids,
-                              num_requests=config.num_requests, seed=config.seed,
+                              num_requests=config.num_requests, seed=sampling.seed,
                               tokenize=backend.tokenize)
-    sampling = config.sampling()
     with BundleWriter(output, overwrite=config.overwrite) as writer:
-        recorder = TensorRecorder(writer, names, config.mode, steps)
+        recorder = TensorRecorder(writer, names, settings.mode, steps)
         total = len(prompts) * sampling.max_new_tokens
         done = 0
 
@@ -214,15 +198,14 @@ def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, prog
         records = _write_requests(writer, backend, prompts, generations, recorder, forced)
         run = RunInfo(backend=backend.name, backend_version=backend.version(), dtype=config.dtype,
                       device=config.device, seeds=seeds, sampling=sampling,
-                      capture={"tensors": list(config.tensors), "steps": config.steps,
-                               "mode": config.mode},
+                      capture=settings,
                       engine=backend.engine_info(), engine_options=dict(config.engine_options))
         for document in (model, run, collect_environment(), RequestsInfo(tuple(records)), *documents):
             writer.write_document(type(document).from_dict(redactor.scrub(document.to_dict())))
         from ptrace import __version__
 
         return writer.commit(ptrace_version=__version__, command=redactor.scrub(command),
-                             mode=config.mode, tensor_names=names)
+                             mode=settings.mode, tensor_names=names)
 
 
 def _seed_everything(backend: Backend, seed: int) -> dict[str, int]:

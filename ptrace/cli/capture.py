@@ -63,6 +63,7 @@ def capture(
         ptrace capture -b torch -m examples/tiny-qwen2 --random-input-ids 128 --seed 42 -o run.zarr
     """
     from ptrace.bundle_spec.names import DEFAULT_PATTERNS
+    from ptrace.bundle_spec.schema import CaptureSettings, SamplingParams
     from ptrace.capture import CaptureConfig
     from ptrace.capture import capture as run_capture
 
@@ -70,9 +71,11 @@ def capture(
     config = CaptureConfig(
         backend=backend, model=model, output=output, dtype=dtype, device=device,
         prompts=tuple(prompt or ()), prompts_file=prompts_file, random_input_ids=random_input_ids,
-        num_requests=num_requests, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, top_k=top_k, logprobs=logprobs, prompt_logprobs=not no_prompt_logprobs,
-        ignore_eos=not stop_at_eos, tensors=patterns or DEFAULT_PATTERNS, steps=steps, mode=mode,
+        num_requests=num_requests,
+        sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                max_new_tokens=max_new_tokens, ignore_eos=not stop_at_eos, logprobs=logprobs,
+                                prompt_logprobs=not no_prompt_logprobs),
+        settings=CaptureSettings(tensors=patterns or DEFAULT_PATTERNS, steps=steps, mode=mode),
         engine_options=opt.engine_options(engine_option, kv_cache_dtype), overwrite=overwrite,
         command=("ptrace", *sys.argv[1:]),
     )

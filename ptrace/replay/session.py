@@ -11,7 +11,7 @@ Two modes, both by default:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ptrace.bundle_spec import open_bundle
@@ -19,15 +19,11 @@ from ptrace.bundle_spec.reader import Bundle
 from ptrace.bundle_spec.schema import ReplayInfo
 from ptrace.capture.model import describe_model
 from ptrace.capture.session import CaptureConfig, Progress, capture_runs
-from ptrace.errors import ModelError, UsageError
+from ptrace.errors import ModelError, ModelMismatchError, UsageError
 from ptrace.replay.compare import Comparison, combine, compare
 
 TEACHER, FREE = "teacher-forced", "free-running"
 MODES = (TEACHER, FREE)
-
-
-class ModelMismatchError(ModelError):
-    """The replay model's weights are not the ones the bundle was captured with."""
 
 
 @dataclass(frozen=True)
@@ -99,18 +95,13 @@ def replay(config: ReplayConfig, *, progress: Progress | None = None) -> ReplayR
         if any(len(o) != max_new for o in outputs):
             raise UsageError("the source's requests generated different numbers of tokens (EOS); "
                              "replay needs equal lengths", hint="capture without --stop-at-eos")
-        sampling = run.sampling
         runs = []
         for mode in config.modes:
             out = prefix.with_name(f"{prefix.name}.{mode.split('-')[0]}.zarr")
-            runs.append(CaptureConfig(
+            runs.append(CaptureConfig(  # the source's sampling and capture settings, whole
                 backend=config.backend, model=model_path, output=out, dtype=dtype, device=device,
-                prompt_token_ids=prompts, seed=run.seeds.get("python", sampling.seed),
-                max_new_tokens=max_new, temperature=sampling.temperature, top_p=sampling.top_p,
-                top_k=sampling.top_k, logprobs=sampling.logprobs, prompt_logprobs=sampling.prompt_logprobs,
-                ignore_eos=sampling.ignore_eos, tensors=tuple(run.capture.get("tensors") or ()) or ("none",),
-                steps=run.capture.get("steps"), mode=source.mode,
-                engine_options={**dict(run.engine_options), **config.engine_options} if config.backend == run.backend
+                prompt_token_ids=prompts, sampling=replace(run.sampling, max_new_tokens=max_new),
+                settings=run.capture, engine_options={**dict(run.engine_options), **config.engine_options} if config.backend == run.backend
                 else dict(config.engine_options),
                 overwrite=config.overwrite, command=config.command or ("ptrace", "replay", str(config.bundle)),
                 forced_tokens=outputs if mode == TEACHER else None,

@@ -8,7 +8,7 @@ import pytest
 
 from ptrace.backends import environments
 from ptrace.backends.registry import engine_environment, engine_environments
-from ptrace.capture import CaptureConfig
+from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams
 from ptrace.errors import UnknownBackendError
 from tests.cli.test_cli import _one_line_error
 from tests.conftest import run_cli
@@ -44,6 +44,8 @@ def test_envs_list_reports_each_environment(tmp_path):
 
 def test_capture_config_crosses_as_json():
     config = CaptureConfig(backend="vllm", model="m", output="o.zarr", prompt_token_ids=((1, 2), (3,)),
+                           sampling=SamplingParams(temperature=0.5, seed=3),
+                           settings=CaptureSettings(tensors=("layers.*.k",), steps="0-2", mode="stats"),
                            forced_tokens=((4,), (5,)), engine_options={"block_size": "16"}, command=("x",))
     assert CaptureConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 

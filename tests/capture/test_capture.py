@@ -13,7 +13,7 @@ import pytest
 from ptrace.bundle_spec import open_bundle, validate_bundle
 from ptrace.bundle_spec.names import all_names
 from ptrace.bundle_spec.stats import row_stats
-from ptrace.capture import CaptureConfig, capture
+from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
 from ptrace.errors import BundleExistsError, BundleIncompleteError, UsageError
 from tests.backends.conformance import Keep
 from tests.conftest import ROOT
@@ -44,9 +44,7 @@ def test_full_capture_reads_back(full_bundle):
 def test_engine_tensors_are_stored_bit_exact(tmp_path, example_model, dtype):
     """What the engine produced (seen by an interceptor) is what the bundle gives back."""
     keep = Keep({"layers.1.out", "layers.1.k", "logits"})
-    path = capture(CaptureConfig(backend="torch", model=example_model, output=tmp_path / "b.zarr",
-                                 dtype=dtype, random_input_ids=9, max_new_tokens=3,
-                                 tensors=("layers.1.out", "layers.1.k", "logits")), interceptors=[keep])
+    path = capture(CaptureConfig(backend="torch", model=example_model, output=tmp_path / "b.zarr", dtype=dtype, random_input_ids=9, sampling=SamplingParams(max_new_tokens=3), settings=CaptureSettings(tensors=("layers.1.out", "layers.1.k", "logits"))), interceptors=[keep])
     with open_bundle(path) as bundle:
         for name in ("layers.1.out", "layers.1.k", "logits"):
             stored = bundle.tensor(0, name)
@@ -55,8 +53,7 @@ def test_engine_tensors_are_stored_bit_exact(tmp_path, example_model, dtype):
 
 
 def test_seed_document_random_input(tmp_path, example_model):
-    path = capture(CaptureConfig(backend="torch", model=example_model, output=tmp_path / "b.zarr",
-                                 random_input_ids=128, seed=42, max_new_tokens=2, mode="stats"))
+    path = capture(CaptureConfig(backend="torch", model=example_model, output=tmp_path / "b.zarr", random_input_ids=128, sampling=SamplingParams(seed=42, max_new_tokens=2), settings=CaptureSettings(mode="stats")))
     np.random.seed(42)
     expected = np.random.randint(100, 2000, size=(1, 128))
     with open_bundle(path) as bundle:
@@ -65,9 +62,7 @@ def test_seed_document_random_input(tmp_path, example_model):
 
 
 def test_stats_mode_and_step_selection(tmp_path, example_model, full_bundle):
-    path = capture(CaptureConfig(backend="torch", model=example_model, output=tmp_path / "s.zarr",
-                                 prompts=("The capital of France is", "Hello, how are you today? I"),
-                                 max_new_tokens=6, seed=42, mode="stats", steps="0,3-4"))
+    path = capture(CaptureConfig(backend="torch", model=example_model, output=tmp_path / "s.zarr", prompts=("The capital of France is", "Hello, how are you today? I"), sampling=SamplingParams(max_new_tokens=6, seed=42), settings=CaptureSettings(mode="stats", steps="0,3-4")))
     assert validate_bundle(path) == []
     with open_bundle(path) as stats, open_bundle(full_bundle) as full:
         prompt_len = stats.requests.requests[0].prompt_len
@@ -88,13 +83,13 @@ def test_capture_refuses_existing_output_before_running(tmp_path, example_model,
 def test_bad_options_are_usage_errors(tmp_path, example_model):
     base = dict(backend="torch", model=example_model, output=tmp_path / "x.zarr")
     with pytest.raises(UsageError, match="matches no canonical tensor"):
-        capture(CaptureConfig(**base, random_input_ids=4, tensors=("layers.*.nonsense",)))
+        capture(CaptureConfig(**base, random_input_ids=4, settings=CaptureSettings(tensors=("layers.*.nonsense",))))
     with pytest.raises(UsageError, match="exactly one input source"):
         capture(CaptureConfig(**base, random_input_ids=4, prompts=("hi",)))
     with pytest.raises(UsageError, match="--steps"):
-        capture(CaptureConfig(**base, random_input_ids=4, steps="3-1"))
+        capture(CaptureConfig(**base, random_input_ids=4, settings=CaptureSettings(steps="3-1")))
     with pytest.raises(UsageError, match="no step selected"):
-        capture(CaptureConfig(**base, random_input_ids=4, max_new_tokens=2, steps="5-"))
+        capture(CaptureConfig(**base, random_input_ids=4, sampling=SamplingParams(max_new_tokens=2), settings=CaptureSettings(steps="5-")))
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "x.zarr.partial").exists()
 
 

@@ -80,11 +80,10 @@ def test_thresholds(mean_abs, cos, expected):
 
 
 def test_stats_only_bundles_are_compared_by_their_statistics(example_model, tmp_path):
-    from ptrace.capture import CaptureConfig, capture
+    from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
     from ptrace.replay.session import ReplayConfig, replay
 
-    source = capture(CaptureConfig(backend="torch", model=example_model, output=tmp_path / "s.zarr",
-                                   random_input_ids=16, max_new_tokens=4, mode="stats", command=("t",)))
+    source = capture(CaptureConfig(backend="torch", model=example_model, output=tmp_path / "s.zarr", random_input_ids=16, command=("t",), sampling=SamplingParams(max_new_tokens=4), settings=CaptureSettings(mode="stats")))
     same = replay(ReplayConfig(bundle=source, backend="torch", output=tmp_path / "same")).primary
     assert same.verdict == "pass" and all(t.stats_only for t in same.tensors)
     drift = replay(ReplayConfig(bundle=source, backend="torch", dtype="bfloat16", output=tmp_path / "bf16")).primary

@@ -15,7 +15,7 @@ import pytest
 from ptrace.backends.environments import python_of
 from ptrace.bundle_spec import open_bundle
 from ptrace.bundle_spec.names import layer_index
-from ptrace.capture import CaptureConfig, capture
+from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
 from ptrace.replay.session import ReplayConfig, replay
 from ptrace.reports.html import write_report
 
@@ -51,8 +51,7 @@ def assert_fp32_agreement(source, replayed_with, tmp_path, **options):
 def vllm_batch(tmp_path_factory, example_model):
     """Four prompts of different lengths captured on vLLM in one engine call, every tensor."""
     out = tmp_path_factory.mktemp("vllm") / "batch.zarr"
-    return capture(CaptureConfig(backend="vllm", model=example_model, output=out, prompts=BATCH,
-                                 max_new_tokens=6, tensors=("*",), seed=1, command=("test",)))
+    return capture(CaptureConfig(backend="vllm", model=example_model, output=out, prompts=BATCH, command=("test",), sampling=SamplingParams(max_new_tokens=6, seed=1), settings=CaptureSettings(tensors=("*",))))
 
 
 @vllm_env
@@ -98,9 +97,7 @@ def test_vllm_bfloat16_replay_gives_a_sensible_report(fp32_bundle, tmp_path):
 
 @ms_env
 def test_ms_capture_replays_on_torch_in_float32(tmp_path, example_model):
-    source = capture(CaptureConfig(backend="ms", model=example_model, output=tmp_path / "ms.zarr",
-                                   random_input_ids=32, num_requests=2, seed=42, max_new_tokens=6,
-                                   tensors=("*",), command=("test",)))
+    source = capture(CaptureConfig(backend="ms", model=example_model, output=tmp_path / "ms.zarr", random_input_ids=32, num_requests=2, command=("test",), sampling=SamplingParams(seed=42, max_new_tokens=6), settings=CaptureSettings(tensors=("*",))))
     with open_bundle(source) as bundle:
         assert bundle.run.backend == "ms" and bundle.run.engine["mode"] == "PYNATIVE_MODE"
     assert_fp32_agreement(source, "torch", tmp_path)

@@ -12,7 +12,8 @@ from safetensors.numpy import load_file, save_file
 
 from ptrace.bundle_spec import open_bundle, validate_bundle
 from ptrace.bundle_spec.names import layer_index
-from ptrace.replay.session import FREE, TEACHER, ModelMismatchError, ReplayConfig, replay
+from ptrace.errors import ModelMismatchError
+from ptrace.replay.session import FREE, TEACHER, ReplayConfig, replay
 from tests.conftest import run_cli
 
 
@@ -30,6 +31,25 @@ def test_same_engine_same_dtype_agrees_everywhere(fp32_bundle, tmp_path):
     with open_bundle(result.bundles[TEACHER]) as teacher:
         assert teacher.replay_info()["mode"] == TEACHER
         assert teacher.input_ids(0) is not None
+
+
+def test_replay_records_the_sources_capture_settings_and_sampling_whole(example_model, tmp_path):
+    """Every field of run.capture and run.sampling, set to a non-default value, comes back
+    unchanged in the replay: a new setting cannot be forgotten on the way."""
+    from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
+
+    sampling = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, seed=11, max_new_tokens=3,
+                              ignore_eos=True, logprobs=4, prompt_logprobs=False)
+    settings = CaptureSettings(tensors=("layers.1.*", "logits"), steps="0-1", mode="stats")
+    defaults = (SamplingParams(), CaptureSettings())
+    assert all(getattr(doc, f) != getattr(default, f) for doc, default in zip((sampling, settings), defaults)
+               for f in type(doc).__dataclass_fields__ if f != "ignore_eos"), "every field must be non-default"
+    source = capture(CaptureConfig(backend="torch", model=example_model, output=tmp_path / "s.zarr",
+                                   random_input_ids=6, sampling=sampling, settings=settings, command=("t",)))
+    result = replay(ReplayConfig(bundle=source, backend="torch", output=tmp_path / "r"))
+    for path in result.bundles.values():
+        with open_bundle(path) as replayed:
+            assert replayed.run.capture == settings and replayed.run.sampling == sampling
 
 
 def test_bfloat16_replay_drifts_and_is_localized(fp32_bundle, tmp_path):

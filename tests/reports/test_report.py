@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ptrace.capture import CaptureConfig, capture
+from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
 from ptrace.replay.session import TEACHER, ReplayConfig, replay
 from ptrace.reports.html import render
 from tests.conftest import ROOT
@@ -21,9 +21,7 @@ HOSTILE = "<script>alert(1)</script>"
 def hostile_report(tmp_path_factory, example_model) -> tuple[Path, str]:
     """A bf16 replay of a capture whose prompt tries to inject a script."""
     tmp = tmp_path_factory.mktemp("report")
-    source = capture(CaptureConfig(backend="torch", model=example_model, output=tmp / "src.zarr",
-                                   prompts=(f"Hello {HOSTILE} world", "Second prompt"), max_new_tokens=6,
-                                   tensors=("*",), command=("ptrace", "capture", HOSTILE)))
+    source = capture(CaptureConfig(backend="torch", model=example_model, output=tmp / "src.zarr", prompts=(f"Hello {HOSTILE} world", "Second prompt"), command=("ptrace", "capture", HOSTILE), sampling=SamplingParams(max_new_tokens=6), settings=CaptureSettings(tensors=("*",))))
     result = replay(ReplayConfig(bundle=source, backend="torch", dtype="bfloat16", output=tmp / "r"))
     html = render(result.primary, title="test", prompts=[f"Hello {HOSTILE} world", "Second prompt"],
                   commands=[f"ptrace compare {source} {result.bundles[TEACHER]}"])
