@@ -83,7 +83,9 @@ def recorded_packages() -> tuple[str, ...]:
     return tuple(dict.fromkeys(p for cls in loadable().values() for p in cls.packages))
 
 
-def _known_class(name: str) -> type[Backend]:
+def declared_class(name: str) -> type[Backend]:
+    """The class of backend ``name`` (its declarations), wherever it runs; refused at once when
+    this machine lacks the hardware it needs."""
     known = entries()
     if name not in known:
         raise UnknownBackendError(f"unknown backend {name!r}",
@@ -97,7 +99,7 @@ def _known_class(name: str) -> type[Backend]:
 
 def backend_class(name: str) -> type[Backend]:
     """The class of backend ``name``, checked runnable here; raises with what to do if it is not."""
-    cls = _known_class(name)
+    cls = declared_class(name)
     reason = cls.probe()
     if reason:
         raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}", hint=cls.install_hint())
@@ -108,7 +110,7 @@ def engine_python(name: str) -> Path | None:
     """Where backend ``name`` runs: None for this process, or the Python of its engine environment.
 
     Raises with what to do when it can run nowhere (no engine here, no environment made)."""
-    cls = _known_class(name)
+    cls = declared_class(name)
     reason = cls.probe()
     if reason is None:
         return None

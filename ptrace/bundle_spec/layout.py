@@ -14,6 +14,7 @@ RUN = "meta/run"
 ENVIRONMENT = "meta/environment"
 REQUESTS = "meta/requests"
 REPLAY = "meta/replay"
+WHATIF = "meta/whatif"
 
 #: Arrays every request has.
 REQUIRED_REQUEST_ARRAYS = ("prompt_ids", "output_ids", "topk_ids", "topk_logprobs", "positions")

@@ -30,6 +30,7 @@ from ptrace.bundle_spec.schema import (
     ReplayInfo,
     RequestsInfo,
     RunInfo,
+    WhatIfInfo,
 )
 from ptrace.bundle_spec.store import open_read_store
 from ptrace.errors import (
@@ -164,6 +165,10 @@ class Bundle:
         """Tokens fed at every position, where they differ from prompt + outputs (teacher forcing)."""
         path = request_array(request, "input_ids")
         return self._read(path) if path in self.manifest.arrays else None
+
+    def whatif_info(self) -> dict[str, Any] | None:
+        """``meta/whatif`` if this run was perturbed on purpose (SPEC.md section 3.7)."""
+        return self._read_document(WhatIfInfo).to_dict() if WhatIfInfo.path in self._root else None
 
     def replay_info(self) -> dict[str, Any] | None:
         """``meta/replay`` if this bundle is a replay of another one (SPEC.md section 3.6)."""

@@ -203,3 +203,39 @@ class ReplayInfo(Document):
     mode: str
     model_mismatch: bool = False
     model_path: str = ""
+
+
+@dataclass(frozen=True)
+class WhatIfSpec(Document):
+    """One error injection (or load-time change) of a what-if run, as data (SPEC.md section 3.7).
+
+    ``kind`` names what is done (``noise``, ``ulp``, ``cast``, ``scale``, ``zero``, ``splice``,
+    ``config``, ``engine``); the selectors say where: canonical-name globs, and optionally steps,
+    absolute positions, layers and requests. ``params`` are the kind's own (``std``, ``dtype``...).
+    """
+
+    kind: str
+    tensors: tuple[str, ...] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+    #: Step selection text (``0`` = prefill, ``1-`` = every decode step); None = every step.
+    steps: str | None = None
+    #: Inclusive absolute position range ``FIRST-LAST`` (``0-99``); None = every position.
+    positions: str | None = None
+    #: Layer range (``0-3``) restricting per-layer names; None = every layer.
+    layers: str | None = None
+    #: Request indices; empty = every request.
+    requests: tuple[int, ...] = ()
+    #: Seed of random kinds (noise, ulp): each site draws from (seed, request, step, name, position).
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class WhatIfInfo(Document):
+    """Present in a bundle whose run was perturbed on purpose (``ptrace whatif``)."""
+
+    path: ClassVar[str] = layout.WHATIF
+    _nested_lists: ClassVar[dict[str, type[Document]]] = {"injections": WhatIfSpec}
+
+    injections: tuple[WhatIfSpec, ...]
+    #: One line saying what was done, for reports.
+    label: str = ""

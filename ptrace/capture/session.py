@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from contextlib import ExitStack
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ptrace.backends.base import Backend, Interceptor, LoadOptions
-from ptrace.backends.registry import create_backend, engine_python
+from ptrace.backends.registry import create_backend, declared_class, engine_python
 from ptrace.bundle_spec import names as canonical
 from ptrace.bundle_spec.schema import (
     CaptureSettings,
@@ -24,6 +26,8 @@ from ptrace.bundle_spec.schema import (
     RequestsInfo,
     RunInfo,
     SamplingParams,
+    WhatIfInfo,
+    WhatIfSpec,
     plain,
 )
 from ptrace.bundle_spec.layout import request_array
@@ -32,6 +36,8 @@ from ptrace.bundle_spec.writer import BundleWriter
 from ptrace.capture.environment import Redactor, collect_environment
 from ptrace.capture.inputs import Prompt, resolve_prompts
 from ptrace.capture.model import describe_model
+from ptrace.bundle_spec.reader import open_bundle
+from ptrace.capture import whatif
 from ptrace.capture.recorder import StepSelection, TensorRecorder
 from ptrace.errors import BackendError, UsageError
 
@@ -69,6 +75,10 @@ class CaptureConfig:
     command: tuple[str, ...] | None = None
     #: Teacher forcing: per request, the tokens to feed back instead of the engine's choices.
     forced_tokens: tuple[tuple[int, ...], ...] | None = None
+    #: Error-injection what-ifs applied to this run (``ptrace.capture.whatif``), recorded in
+    #: ``meta/whatif``; ``splice`` takes its values from ``whatif_source``.
+    whatifs: tuple[WhatIfSpec, ...] = ()
+    whatif_source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (the config crosses into engine environments as JSON)."""
@@ -79,6 +89,7 @@ class CaptureConfig:
         values = {name: _tuples(value) for name, value in data.items()}
         values["sampling"] = SamplingParams.from_dict(data.get("sampling", {}))
         values["settings"] = CaptureSettings.from_dict(data.get("settings", {}))
+        values["whatifs"] = tuple(WhatIfSpec.from_dict(w) for w in data.get("whatifs", ()))
         if values.get("prompts_file") is not None:
             values["prompts_file"] = Path(values["prompts_file"])
         return cls(**values)
@@ -137,16 +148,20 @@ def capture_runs(configs: Sequence[CaptureConfig], *, progress: Progress | None 
     installed here, they run in its engine environment (``ptrace envs``), in one process.
     """
     documents = list(documents) if documents is not None else [() for _ in configs]
-    engine = {(c.backend, str(c.model), c.dtype, c.device, tuple(sorted(c.engine_options.items())))
-              for c in configs}
+    engine = {(c.backend, str(c.model), c.dtype, c.device, tuple(sorted(c.engine_options.items())),
+               tuple(sorted(json.dumps(plain(s), sort_keys=True) for s in c.whatifs
+                            if not whatif.kind_of(s).on_tensors))) for c in configs}
     if len(engine) != 1 or len(documents) != len(configs):
         raise UsageError("capture_runs needs one engine setup for all its runs, and documents for each")
+    declared = declared_class(configs[0].backend)
+    model = describe_model(configs[0].model)
     for config in configs:  # everything that can fail cheaply fails before the engine starts
         _check(config)
         claim_output(Path(config.output), config.overwrite)
-    model = describe_model(configs[0].model)
-    for config in configs:
-        _select_tensors(config.settings.tensors, model.num_layers)
+        if _select_tensors(config.settings.tensors, model.num_layers) and not declared.capabilities.tensors:
+            raise UsageError(f"backend {declared.name} cannot observe intermediate tensors: it captures "
+                             "tokens and logprobs only", hint="pass --tensors none")
+        _check_whatifs(config, declared, model.num_layers)
     python = engine_python(configs[0].backend)
     if python is not None:
         if interceptors:
@@ -156,13 +171,33 @@ def capture_runs(configs: Sequence[CaptureConfig], *, progress: Progress | None 
 
         return run_in_environment(python, configs, documents, progress)
     first = configs[0]
+    overrides, engine_overrides = whatif.load_time(first.whatifs)
     backend = create_backend(first.backend)
-    try:
-        backend.load(LoadOptions(Path(first.model), first.dtype, first.device, dict(first.engine_options)))
+    with ExitStack() as cleanup:
+        model_dir = Path(first.model)
+        if overrides:  # a model config what-if: the same weights under a changed config.json
+            model_dir = cleanup.enter_context(whatif.patched_model(model_dir, overrides))
+            model = replace(describe_model(model_dir), model_path=model.model_path, name=model.name)
+        cleanup.callback(backend.close)
+        backend.load(LoadOptions(model_dir, first.dtype, first.device,
+                                 {**first.engine_options, **engine_overrides}))
         return [_capture_one(backend, config, model, progress, interceptors, docs)
                 for config, docs in zip(configs, documents, strict=True)]
-    finally:
-        backend.close()
+
+
+def _check_whatifs(config: CaptureConfig, backend: type[Backend], num_layers: int) -> None:
+    if not config.whatifs:
+        return
+    if not backend.capabilities.replace and any(whatif.kind_of(s).on_tensors for s in config.whatifs):
+        raise UsageError(f"backend {backend.name} cannot replace tensors: its what-ifs are load-time ones "
+                         "(config, engine) only")
+    if any(whatif.kind_of(s).needs_source for s in config.whatifs):
+        if config.whatif_source is None:
+            raise UsageError("a splice what-if needs the bundle to take values from")
+        with open_bundle(config.whatif_source) as source:
+            whatif.check(config.whatifs, num_layers=num_layers, source=source)
+    else:
+        whatif.check(config.whatifs, num_layers=num_layers, source=None)
 
 
 def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, progress: Progress | None,
@@ -192,14 +227,20 @@ def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, prog
 
         forced = None if config.forced_tokens is None else [np.asarray(f, np.int64)
                                                               for f in config.forced_tokens]
-        generations = backend.generate([p.ids for p in prompts], sampling,
-                                       [*interceptors, recorder], on_step, forced)
+        injections = whatif.WhatIfInterceptor(config.whatifs, model.num_layers, config.whatif_source)
+        try:
+            generations = backend.generate([p.ids for p in prompts], sampling,
+                                           [*interceptors, injections, recorder], on_step, forced)
+        finally:
+            injections.close()
         _check_coverage(backend, recorder, names, steps)
         records = _write_requests(writer, backend, prompts, generations, recorder, forced)
         run = RunInfo(backend=backend.name, backend_version=backend.version(), dtype=config.dtype,
                       device=config.device, seeds=seeds, sampling=sampling,
                       capture=settings,
                       engine=backend.engine_info(), engine_options=dict(config.engine_options))
+        if config.whatifs:
+            documents = [*documents, WhatIfInfo(tuple(config.whatifs), whatif.labels(config.whatifs))]
         for document in (model, run, collect_environment(), RequestsInfo(tuple(records)), *documents):
             writer.write_document(type(document).from_dict(redactor.scrub(document.to_dict())))
         from ptrace import __version__
