@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ptrace.bundle_spec import open_bundle
 from ptrace.bundle_spec.reader import Bundle
-from ptrace.bundle_spec.schema import ReplayInfo
+from ptrace.bundle_spec.schema import CaptureSettings, Document, ReplayInfo, SamplingParams, WhatIfSpec
 from ptrace.capture.model import describe_model
 from ptrace.capture.session import CaptureConfig, Progress, capture_runs
 from ptrace.errors import ModelError, ModelMismatchError, UsageError
@@ -80,35 +80,10 @@ def _check_model(source: Bundle, config: ReplayConfig) -> tuple[Path, bool]:
 
 
 def replay(config: ReplayConfig, *, progress: Progress | None = None) -> ReplayResult:
-    unknown = set(config.modes) - set(MODES)
-    if unknown or not config.modes:
-        raise UsageError(f"unknown replay mode(s) {', '.join(sorted(unknown)) or '(none)'}",
-                         hint=f"modes are {', '.join(MODES)}")
     with open_bundle(config.bundle) as source:
-        model_path, mismatch = _check_model(source, config)
-        run = source.run
-        dtype, device = config.dtype or run.dtype, config.device or run.device
-        prefix = config.output or default_output(Path(config.bundle), config.backend, dtype, device)
-        prompts = tuple(tuple(source.prompt_ids(r).tolist()) for r in range(source.num_requests))
-        outputs = tuple(tuple(source.output_ids(r).tolist()) for r in range(source.num_requests))
-        max_new = max(len(o) for o in outputs)
-        if any(len(o) != max_new for o in outputs):
-            raise UsageError("the source's requests generated different numbers of tokens (EOS); "
-                             "replay needs equal lengths", hint="capture without --stop-at-eos")
-        runs = []
-        for mode in config.modes:
-            out = prefix.with_name(f"{prefix.name}.{mode.split('-')[0]}.zarr")
-            runs.append(CaptureConfig(  # the source's sampling and capture settings, whole
-                backend=config.backend, model=model_path, output=out, dtype=dtype, device=device,
-                prompt_token_ids=prompts, sampling=replace(run.sampling, max_new_tokens=max_new),
-                settings=run.capture, engine_options={**dict(run.engine_options), **config.engine_options} if config.backend == run.backend
-                else dict(config.engine_options),
-                overwrite=config.overwrite, command=config.command or ("ptrace", "replay", str(config.bundle)),
-                forced_tokens=outputs if mode == TEACHER else None,
-            ))
-        documents = [[ReplayInfo(source_bundle_id=source.manifest.bundle_id, source_path=str(config.bundle),
-                                 mode=mode, model_mismatch=mismatch, model_path=str(model_path))]
-                     for mode in config.modes]
+        plan = ReplayPlan.of(source, config)
+        prefix = config.output or default_output(Path(config.bundle), config.backend, plan.dtype, plan.device)
+        runs, documents = plan.runs(prefix)
         # One engine load for both runs (in the engine's own environment if it is not here).
         bundles = dict(zip(config.modes, capture_runs(runs, progress=progress, documents=documents),
                            strict=True))
@@ -117,3 +92,58 @@ def replay(config: ReplayConfig, *, progress: Progress | None = None) -> ReplayR
             with open_bundle(path) as replayed:
                 comparisons[mode] = compare(source, replayed, threshold_overrides=config.threshold_overrides)
     return ReplayResult(source=Path(config.bundle), bundles=bundles, comparisons=comparisons)
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """What every run replaying a bundle shares: the source's inputs, sampling and capture
+    settings, the engine setup, and the modes. ``runs`` makes the captures of one replay (or of
+    one what-if, with its injections)."""
+
+    config: ReplayConfig
+    source_id: str
+    model_path: Path
+    mismatch: bool
+    dtype: str
+    device: str
+    prompts: tuple[tuple[int, ...], ...]
+    outputs: tuple[tuple[int, ...], ...]
+    sampling: SamplingParams
+    settings: CaptureSettings
+    engine_options: dict[str, str]
+
+    @classmethod
+    def of(cls, source: Bundle, config: ReplayConfig) -> ReplayPlan:
+        unknown = set(config.modes) - set(MODES)
+        if unknown or not config.modes:
+            raise UsageError(f"unknown replay mode(s) {', '.join(sorted(unknown)) or '(none)'}",
+                             hint=f"modes are {', '.join(MODES)}")
+        model_path, mismatch = _check_model(source, config)
+        run = source.run
+        outputs = tuple(tuple(source.output_ids(r).tolist()) for r in range(source.num_requests))
+        max_new = max(len(o) for o in outputs)
+        if any(len(o) != max_new for o in outputs):
+            raise UsageError("the source's requests generated different numbers of tokens (EOS); "
+                             "replay needs equal lengths", hint="capture without --stop-at-eos")
+        same_engine = config.backend == run.backend
+        return cls(config=config, source_id=source.manifest.bundle_id, model_path=model_path, mismatch=mismatch,
+                   dtype=config.dtype or run.dtype, device=config.device or run.device,
+                   prompts=tuple(tuple(source.prompt_ids(r).tolist()) for r in range(source.num_requests)),
+                   outputs=outputs, sampling=replace(run.sampling, max_new_tokens=max_new), settings=run.capture,
+                   engine_options={**(dict(run.engine_options) if same_engine else {}), **config.engine_options})
+
+    def runs(self, prefix: Path, whatifs: tuple[WhatIfSpec, ...] = ()) -> tuple[list[CaptureConfig], list[list[Document]]]:
+        """The captures (one per mode, written to ``prefix.<mode>.zarr``) and their documents."""
+        config = self.config
+        runs, documents = [], []
+        for mode in config.modes:
+            runs.append(CaptureConfig(  # the source's sampling and capture settings, whole
+                backend=config.backend, model=self.model_path, output=prefix.with_name(f"{prefix.name}.{mode.split('-')[0]}.zarr"),
+                dtype=self.dtype, device=self.device, prompt_token_ids=self.prompts, sampling=self.sampling,
+                settings=self.settings, engine_options=self.engine_options, overwrite=config.overwrite,
+                command=config.command or ("ptrace", "replay", str(config.bundle)),
+                forced_tokens=self.outputs if mode == TEACHER else None,
+                whatifs=whatifs, whatif_source=str(config.bundle) if whatifs else None))
+            documents.append([ReplayInfo(source_bundle_id=self.source_id, source_path=str(config.bundle),
+                                         mode=mode, model_mismatch=self.mismatch, model_path=str(self.model_path))])
+        return runs, documents
