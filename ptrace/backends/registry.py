@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import tomllib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -49,7 +50,22 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
 
 
 def entries() -> dict[str, BackendEntry]:
-    found = {ep.name: BackendEntry(ep.name, ep.value) for ep in entry_points(group=GROUP)}
+    """Every backend: ptrace's own entry points, other distributions' (out-of-tree engines), and
+    classes registered directly.
+
+    ptrace's own come from the code being run: in a source checkout from its ``pyproject.toml``
+    (which may be newer than what an editable install recorded, or never installed at all),
+    else from the installed distribution's metadata."""
+    checkout = environments.source_checkout()
+    own: dict[str, str] = {}
+    if checkout is not None:
+        project = tomllib.loads((checkout / "pyproject.toml").read_text())["project"]
+        own = dict(project.get("entry-points", {}).get(GROUP, {}))
+    found = {name: BackendEntry(name, target) for name, target in own.items()}
+    for ep in entry_points(group=GROUP):
+        is_ptrace = ep.dist is not None and ep.dist.name == "ptrace"
+        if not (is_ptrace and checkout is not None):
+            found.setdefault(ep.name, BackendEntry(ep.name, ep.value))
     for name, cls in _registered.items():
         found[name] = BackendEntry(name, f"{cls.__module__}:{cls.__qualname__}")
     return dict(sorted(found.items()))
