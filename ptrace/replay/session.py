@@ -20,7 +20,7 @@ from ptrace.bundle_spec.schema import ReplayInfo
 from ptrace.capture.model import describe_model
 from ptrace.capture.session import CaptureConfig, Progress, capture_runs
 from ptrace.errors import ModelError, UsageError
-from ptrace.replay.compare import Comparison, combine, compare
+from ptrace.compare import Comparison, combine, compare
 
 TEACHER, FREE = "teacher-forced", "free-running"
 MODES = (TEACHER, FREE)
