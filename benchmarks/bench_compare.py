@@ -32,7 +32,7 @@ from ptrace.replay.session import TEACHER, ReplayConfig, replay  # noqa: E402
 MEASURE = """
 import json, re, sys, time
 from ptrace.bundle_spec import open_bundle
-from ptrace.replay.compare import compare
+from ptrace.compare import compare
 a, b = open_bundle(sys.argv[1]), open_bundle(sys.argv[2])
 volume = 0
 for bundle in (a, b):

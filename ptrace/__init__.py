@@ -1,10 +1,11 @@
 """ptrace: capture, replay and compare LLM inference runs across engines.
 
 The data flows one way: a backend runs the model, ``capture`` records it into a bundle
-(``bundle_spec``), ``replay`` re-runs a bundle and compares, ``reports`` renders the result.
+(``bundle_spec``), ``replay`` re-runs a bundle, ``compare`` compares two, ``reports`` renders the
+result.
 
-Python API (the subpackages are named ``capture`` and ``replay``, so the functions carry the
-object they act on)::
+Python API (the subpackages are named ``capture``, ``replay`` and ``compare``, so the functions
+carry the object they act on)::
 
     import ptrace
     path = ptrace.capture_bundle(ptrace.CaptureConfig(
@@ -39,7 +40,8 @@ _LAZY = {  # public name -> (module, attribute)
     "capture_bundle": ("ptrace.capture.session", "capture"),
     "ReplayConfig": ("ptrace.replay.session", "ReplayConfig"),
     "replay_bundle": ("ptrace.replay.session", "replay"),
-    "compare_bundles": ("ptrace.replay.compare", "compare"),
+    "compare_bundles": ("ptrace.compare", "compare"),
+    "Comparison": ("ptrace.compare", "Comparison"),
     "write_report": ("ptrace.reports.html", "write_report"),
 }
 

@@ -29,6 +29,11 @@ class UsageError(PtraceError, ValueError):
     exit_code = 2
 
 
+class ComparisonError(UsageError):
+    """Two bundles cannot be compared: they are not runs of the same inputs, or a tensor's shape
+    differs between them (a different model)."""
+
+
 class ModelError(PtraceError, ValueError):
     """A model directory is missing, incomplete or malformed."""
 

@@ -11,10 +11,12 @@ from tests.conftest import ROOT
 
 def test_public_names_resolve_even_after_the_subpackages_are_imported():
     import ptrace.capture.session  # noqa: F401  (makes ``ptrace.capture`` the subpackage)
+    import ptrace.compare
     import ptrace.replay.session  # noqa: F401
 
     assert callable(ptrace.capture_bundle) and callable(ptrace.replay_bundle)
-    assert callable(ptrace.compare_bundles) and callable(ptrace.write_report)
+    assert ptrace.compare_bundles is ptrace.compare.compare and callable(ptrace.write_report)
+    assert ptrace.Comparison is ptrace.compare.Comparison
     assert ptrace.open_bundle.__name__ == "open_bundle"
     assert set(ptrace.__all__) >= {"capture_bundle", "replay_bundle", "compare_bundles", "open_bundle"}
 

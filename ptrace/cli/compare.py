@@ -26,17 +26,10 @@ def compare(
     Works with no engine installed: it only reads the bundles.
     """
     from ptrace.bundle_spec import open_bundle
-    from ptrace.errors import UsageError
-    from ptrace.replay.compare import compare as run_compare
+    from ptrace.compare import compare as run_compare
 
     v.check_fail_on(fail_on)
     overrides = v.threshold_overrides(thresholds, pass_cos, pass_mean_abs)
-    with open_bundle(reference) as a, open_bundle(other) as b:
-        try:
-            with console.progress("comparing tensors") as update:
-                comparison = run_compare(a, b, threshold_overrides=overrides, progress=update)
-        except ValueError as exc:
-            raise UsageError(f"cannot compare {reference} with {other}: {exc}") from None
-        prompts = [r.prompt for r in a.requests.requests]
-    v.emit(comparison, report=report, json_out=json_out, fail_on=fail_on,
-           title=f"ptrace: {reference.name} vs {other.name}", prompts=prompts, commands=[])
+    with open_bundle(reference) as a, open_bundle(other) as b, console.progress("comparing tensors") as update:
+        comparison = run_compare(a, b, threshold_overrides=overrides, progress=update)
+    v.emit(comparison, report=report, json_out=json_out, fail_on=fail_on)

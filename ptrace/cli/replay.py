@@ -62,13 +62,5 @@ def replay(
         result = run_replay(config, progress=update)
     for mode, path in result.bundles.items():
         console.print(f"{mode} replay: {path}")
-    comparison = result.primary
     target = report or next(iter(result.bundles.values())).with_suffix("").with_suffix(".report.html")
-    from ptrace.bundle_spec import open_bundle
-
-    with open_bundle(bundle) as source:
-        prompts = [r.prompt for r in source.requests.requests]
-    commands = [f"ptrace compare {bundle} {path}" for path in result.bundles.values()]
-    v.emit(comparison, report=target, json_out=json_out, fail_on=fail_on,
-           title=f"ptrace: {comparison.a['backend']} {comparison.a['dtype']} vs "
-                 f"{comparison.b['backend']} {comparison.b['dtype']}", prompts=prompts, commands=commands)
+    v.emit(result.primary, report=target, json_out=json_out, fail_on=fail_on)

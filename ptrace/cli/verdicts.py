@@ -27,7 +27,7 @@ PassMeanAbs = Annotated[float | None, typer.Option(rich_help_panel=VERDICT, help
 
 
 def threshold_overrides(path: Path | None, pass_cos: float | None, pass_mean_abs: float | None) -> dict[str, float]:
-    from ptrace.replay.thresholds import load_overrides
+    from ptrace.compare.thresholds import load_overrides
 
     return load_overrides(path, {"pass_cos": pass_cos, "pass_mean_abs": pass_mean_abs})
 
@@ -37,23 +37,22 @@ def check_fail_on(fail_on: str | None) -> None:
         raise typer.BadParameter("use warn or fail", param_hint="--fail-on")
 
 
-def emit(comparison, *, report: Path | None, json_out: Path | None, fail_on: str | None,
-         title: str, prompts: list[str | None], commands: list[str]) -> None:
+def emit(comparison, *, report: Path | None, json_out: Path | None, fail_on: str | None) -> None:
     """Print the verdict, write the report and JSON, and exit non-zero when asked to gate."""
-    from ptrace.replay.thresholds import at_least
+    from ptrace.compare.thresholds import at_least
     from ptrace.reports.html import write_report
 
     style = {"pass": "green", "warn": "yellow", "fail": "red"}[comparison.verdict]
     console.print(Text(comparison.summary, style=style))
     if report is not None:
-        write_report(comparison, report, title=title, prompts=prompts, commands=commands)
+        write_report(comparison, report)
         console.print(f"report: {report}")
     if json_out is not None:
         data = comparison.to_dict()
         if str(json_out) == "-":
             console.json(data)
         else:
-            json_out.write_text(json.dumps(data, indent=2, default=str))
+            json_out.write_text(json.dumps(data, indent=2, allow_nan=False))
             console.print(f"json: {json_out}")
     if fail_on is not None and at_least(comparison.verdict, fail_on):
         raise typer.Exit(1)

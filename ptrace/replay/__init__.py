@@ -1,1 +1,1 @@
-"""Replay: re-run a bundle on another engine, dtype or device and compare (issue #3)."""
+"""Replay: re-run a bundle on another engine, dtype or device (``session``); ``ptrace.compare`` compares."""

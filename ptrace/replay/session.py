@@ -19,8 +19,8 @@ from ptrace.bundle_spec.reader import Bundle
 from ptrace.bundle_spec.schema import CaptureSettings, Document, ReplayInfo, SamplingParams, WhatIfSpec
 from ptrace.capture.model import describe_model
 from ptrace.capture.session import CaptureConfig, Progress, capture_runs
+from ptrace.compare import Comparison, combine, compare
 from ptrace.errors import ModelError, ModelMismatchError, UsageError
-from ptrace.replay.compare import Comparison, combine, compare
 
 TEACHER, FREE = "teacher-forced", "free-running"
 MODES = (TEACHER, FREE)

@@ -1,6 +1,6 @@
 """The HTML diff report: one self-contained file (inline CSS and SVG, no script, no network).
 
-It renders a :class:`~ptrace.replay.compare.Comparison` and never recomputes a metric: this
+It renders a :class:`~ptrace.compare.Comparison` and never recomputes a metric: this
 module only turns numbers into geometry (plot coordinates, colours) and hands everything to a
 jinja2 template with autoescaping on, so any string that came from a bundle (a prompt holding
 ``<script>``, a path, an environment value) is shown as text, never run.
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import jinja2
 
 from ptrace.bundle_spec.names import layer_index
-from ptrace.replay.compare import Comparison
+from ptrace.compare import Comparison
 
 PLOT_W, PLOT_H, MARGIN, LEGEND = 760, 220, 48, 120
 HEATMAP_COLUMNS = 200
@@ -157,20 +157,34 @@ def _timeline(comparison: Comparison) -> list[dict[str, Any]]:
     return timelines
 
 
-def render(comparison: Comparison, *, title: str = "ptrace report", prompts: list[str | None] | None = None,
-           commands: list[str] | None = None) -> str:
-    """The report as one HTML string."""
+def _title(c: Comparison) -> str:
+    """A replay is named by what changed (engine, dtype); two other bundles by their files."""
+    replay = c.b["replay"]
+    if replay is not None and replay["source_bundle_id"] == c.a["bundle_id"]:
+        return f"ptrace: {c.a['backend']} {c.a['dtype']} vs {c.b['backend']} {c.b['dtype']}"
+    return f"ptrace: {PurePath(c.a['path']).name} vs {PurePath(c.b['path']).name}"
+
+
+def _commands(c: Comparison) -> list[str]:
+    """The comparisons that reproduce this report from the bundles (two for a replay that ran
+    in both modes: tensors from one run, tokens from the other)."""
+    others = [c.b["path"], *([c.b["token_run_path"]] if "token_run_path" in c.b else [])]
+    return [f"ptrace compare {c.a['path']} {other}" for other in others]
+
+
+def render(comparison: Comparison) -> str:
+    """The report as one HTML string, from the comparison alone (it may come from JSON)."""
     template = _environment().get_template("report.html.j2")
     return template.render(
-        title=title, c=comparison, plot=_layer_plot(comparison), heatmap=_heatmap(comparison),
-        timelines=_timeline(comparison), prompts=prompts or [],
+        title=_title(comparison), c=comparison, plot=_layer_plot(comparison), heatmap=_heatmap(comparison),
+        timelines=_timeline(comparison), prompts=comparison.a.get("prompts", []),
         run_rows=_side_by_side(comparison.a["run"], comparison.b["run"]),
         env_rows=_side_by_side(comparison.a["environment"], comparison.b["environment"]),
-        commands=commands or [],
+        commands=_commands(comparison),
     )
 
 
-def write_report(comparison: Comparison, path: Path, **kwargs: Any) -> Path:
+def write_report(comparison: Comparison, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(comparison, **kwargs), encoding="utf-8")
+    path.write_text(render(comparison), encoding="utf-8")
     return path

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from ptrace.bundle_spec import open_bundle
 from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
-from ptrace.replay.session import TEACHER, ReplayConfig, replay
-from ptrace.reports.html import render
+from ptrace.compare import Comparison, compare
+from ptrace.replay.session import ReplayConfig, replay
+from ptrace.reports.html import render, write_report
 from tests.conftest import ROOT
+from tests.synthetic import SyntheticRequest, write_bundle
 
 HOSTILE = "<script>alert(1)</script>"
 
@@ -23,11 +26,36 @@ def hostile_report(tmp_path_factory, example_model) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("report")
     source = capture(CaptureConfig(backend="torch", model=example_model, output=tmp / "src.zarr", prompts=(f"Hello {HOSTILE} world", "Second prompt"), command=("ptrace", "capture", HOSTILE), sampling=SamplingParams(max_new_tokens=6), settings=CaptureSettings(tensors=("*",))))
     result = replay(ReplayConfig(bundle=source, backend="torch", dtype="bfloat16", output=tmp / "r"))
-    html = render(result.primary, title="test", prompts=[f"Hello {HOSTILE} world", "Second prompt"],
-                  commands=[f"ptrace compare {source} {result.bundles[TEACHER]}"])
+    html = render(result.primary)
+    assert "<title>ptrace: torch float32 vs torch bfloat16</title>" in html
+    assert all(f"ptrace compare {source} {path}" in html for path in result.bundles.values())
+    assert render(_through_json(result.primary)) == html, "the report renders from the --json output alone"
     path = tmp / "report.html"
     path.write_text(html)
     return path, html
+
+
+def _through_json(comparison: Comparison) -> Comparison:
+    """What a later reader of ``--json`` output gets back."""
+    return Comparison.from_dict(json.loads(json.dumps(comparison.to_dict(), allow_nan=False)))
+
+
+@pytest.mark.parametrize("mode", ["full", "stats"])
+def test_report_renders_the_same_from_the_json_output_alone(tmp_path, mode):
+    """compare -> to_dict -> JSON -> from_dict -> write_report: the same HTML, with no bundle."""
+    requests = [SyntheticRequest((1, 2, 3), (4, 5, 6, 7), text="first prompt"),
+                SyntheticRequest((3, 2), (1, 5, 6), text="second prompt")]
+    flipped = [requests[0], SyntheticRequest((3, 2), (1, 7, 7), text="second prompt")]
+    with (open_bundle(write_bundle(tmp_path / "a.zarr", requests, mode=mode)) as a,
+          open_bundle(write_bundle(tmp_path / "b.zarr", flipped, mode=mode, noise=0.05)) as b):
+        comparison = compare(a, b)
+    shutil.rmtree(tmp_path / "a.zarr")
+    shutil.rmtree(tmp_path / "b.zarr")
+    original = write_report(comparison, tmp_path / "original.html").read_text()
+    again = write_report(_through_json(comparison), tmp_path / "again.html").read_text()
+    assert again == original
+    assert "first prompt" in original and "second prompt" in original
+    assert "ptrace: a.zarr vs b.zarr" in original and f"ptrace compare {tmp_path / 'a.zarr'}" in original
 
 
 def test_everything_from_a_bundle_is_escaped(hostile_report):

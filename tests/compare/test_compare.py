@@ -6,12 +6,10 @@ import json
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-
-from ptrace.replay.metrics import kl_full, kl_topk, log_softmax, row_errors
-from ptrace.replay.thresholds import Thresholds
+from ptrace.bundle_spec import open_bundle
+from ptrace.compare import combine, compare
 from tests.conftest import ROOT
+from tests.synthetic import SyntheticRequest, write_bundle
 
 BLOCK_ENGINES = """
 import sys
@@ -44,39 +42,7 @@ def test_compare_refuses_bundles_of_different_inputs(fp32_bundle, full_bundle):
     from tests.conftest import run_cli
 
     result = run_cli("compare", fp32_bundle, full_bundle)
-    assert result.returncode != 0 and "cannot compare" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_row_errors_match_the_seed_documents_formulas():
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((3, 64))
-    b = a + rng.standard_normal((3, 64)) * 1e-3
-    errors = row_errors(a.astype(np.float32), b.astype(np.float32))
-    x, y = a.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64)
-    np.testing.assert_allclose(errors.mean_abs, np.abs(x - y).mean(1))
-    np.testing.assert_allclose(errors.mean_rel, (np.abs(x - y) / (np.abs(x) + 1e-8)).mean(1))
-    np.testing.assert_allclose(errors.cos, (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1))
-    assert (row_errors(a, a).cos == 1).all() and (row_errors(a, a).max_abs == 0).all()
-
-
-def test_topk_kl_is_exact_with_the_whole_vocabulary_and_a_lower_bound_otherwise():
-    rng = np.random.default_rng(1)
-    la, lb = rng.standard_normal((4, 50)) * 3, rng.standard_normal((4, 50)) * 3
-    exact = kl_full(la, lb)
-    pa, pb = log_softmax(la), log_softmax(lb)
-    order_a, order_b = np.argsort(-pa, 1), np.argsort(-pb, 1)
-    full = kl_topk(order_a, np.take_along_axis(pa, order_a, 1), order_b, np.take_along_axis(pb, order_b, 1))
-    np.testing.assert_allclose(full, exact, rtol=1e-9)
-    k = 10
-    approx = kl_topk(order_a[:, :k], np.take_along_axis(pa, order_a, 1)[:, :k],
-                     order_b[:, :k], np.take_along_axis(pb, order_b, 1)[:, :k])
-    assert (approx >= 0).all() and np.isfinite(approx).all()
-
-
-@pytest.mark.parametrize(("mean_abs", "cos", "expected"), [(1e-5, 0.9999, "pass"), (1e-3, 0.9999, "warn"),
-                                                           (1e-5, 0.995, "warn"), (0.5, 0.5, "fail")])
-def test_thresholds(mean_abs, cos, expected):
-    assert Thresholds(1e-4, 0.999, 1e-2, 0.99).verdict(mean_abs, cos) == expected
+    assert result.returncode == 2 and "cannot compare" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_stats_only_bundles_are_compared_by_their_statistics(example_model, tmp_path):
@@ -89,3 +55,19 @@ def test_stats_only_bundles_are_compared_by_their_statistics(example_model, tmp_
     drift = replay(ReplayConfig(bundle=source, backend="torch", dtype="bfloat16", output=tmp_path / "bf16")).primary
     assert drift.verdict != "pass" and any(t.verdict != "pass" for t in drift.tensors), drift.summary
     assert all(r.kl_source.startswith("top-") for r in drift.requests)
+
+
+def test_combine_takes_tensors_from_one_run_and_tokens_with_their_texts_from_the_other(tmp_path):
+    prompt, outputs, flipped = (1, 2, 3), (4, 5, 6, 7), (4, 9, 9, 9)
+    source = write_bundle(tmp_path / "a.zarr", [SyntheticRequest(prompt, outputs)])
+    # fed the source's tokens, the teacher-forced run flips at step 1 only; the free run goes its own way
+    forced = write_bundle(tmp_path / "t.zarr", [SyntheticRequest(prompt, (4, 9, 6, 7), fed=outputs[:-1])],
+                          noise=0.01)
+    free = write_bundle(tmp_path / "f.zarr", [SyntheticRequest(prompt, flipped)])
+    with open_bundle(source) as a, open_bundle(forced) as t, open_bundle(free) as f:
+        tensors, tokens = compare(a, t), compare(a, f)
+    c = combine(tensors=tensors, tokens=tokens)
+    assert c.tensors == tensors.tensors and c.requests == tokens.requests
+    assert c.b["path"] == str(forced) and c.b["token_run_path"] == str(free)
+    assert c.b["output_tokens"] == [["t4", "t9", "t9", "t9"]] == tokens.b["output_tokens"]
+    assert c.first_divergent_step == 1 and c.summary.startswith(c.verdict.upper())

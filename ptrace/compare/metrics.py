@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ptrace.errors import ComparisonError
+
 #: Denominator guard for relative errors (the seed document's ``|h1| + 1e-8``).
 REL_EPS = 1e-8
 
@@ -46,7 +48,8 @@ def row_errors(a: np.ndarray, b: np.ndarray) -> RowErrors:
     the difference of two float32 values is rounded once, far below any threshold), every sum
     accumulated in float64. float64 inputs stay float64."""
     if a.shape != b.shape:
-        raise ValueError(f"cannot compare shapes {a.shape} and {b.shape}")
+        raise ComparisonError(f"cannot compare rows of shapes {a.shape} and {b.shape}",
+                              hint="both runs must use the same model architecture")
     work = np.dtype(np.float64 if max(a.dtype.itemsize, b.dtype.itemsize) > 4 else np.float32)
     x, y = _flat(a, work), _flat(b, work)
     size = x.shape[1]

@@ -9,6 +9,7 @@ other run reproduces the reference at the reference's precision.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -55,9 +56,19 @@ def at_least(verdict: str, level: str) -> bool:
     return _ORDER[verdict] >= _ORDER[level]
 
 
+def _check_known(names: Iterable[str], where: str) -> None:
+    known = {f.name for f in fields(Thresholds)}
+    if unknown := set(names) - known:
+        raise UsageError(f"{where}unknown threshold(s) {', '.join(sorted(unknown))}",
+                         hint=f"known: {', '.join(sorted(known))}")
+
+
 def thresholds_for(dtype: str, overrides: dict[str, float] | None = None) -> Thresholds:
     base = DEFAULTS.get(dtype, DEFAULTS["float32"])
-    return replace(base, **overrides) if overrides else base
+    if not overrides:
+        return base
+    _check_known(overrides, "")
+    return replace(base, **overrides)
 
 
 def load_overrides(path: Path | None, flags: dict[str, float | None]) -> dict[str, float]:
@@ -68,11 +79,9 @@ def load_overrides(path: Path | None, flags: dict[str, float | None]) -> dict[st
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise UsageError(f"cannot read thresholds file {path}: {exc}") from None
-        known = {f.name for f in fields(Thresholds)}
-        unknown = set(data) - known
-        if unknown:
-            raise UsageError(f"{path}: unknown threshold(s) {', '.join(sorted(unknown))}",
-                             hint=f"known: {', '.join(sorted(known))}")
+        if not isinstance(data, dict) or not all(isinstance(v, int | float) for v in data.values()):
+            raise UsageError(f"{path}: expected a JSON object of numbers", hint='e.g. {"pass_cos": 0.9999}')
+        _check_known(data, f"{path}: ")
         overrides.update({k: float(v) for k, v in data.items()})
     overrides.update({k: v for k, v in flags.items() if v is not None})
     return overrides

@@ -1,0 +1,108 @@
+"""Compare two bundles: tokens, tensors, distributions; then localize the divergence.
+
+Engine-free by design (it reads bundles, never runs a model), so ``ptrace compare`` works on a
+laptop with neither engine installed. The result is plain data (:class:`Comparison`) holding
+everything the report shows, so a report renders without the bundles.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+from ptrace.bundle_spec.names import sort_forward
+from ptrace.bundle_spec.reader import Bundle
+from ptrace.compare.align import align
+from ptrace.compare.localize import first_divergent, first_nonfinite, largest_local_error
+from ptrace.compare.results import Comparison, TensorResult
+from ptrace.compare.summary import with_summary
+from ptrace.compare.tensors import compare_tensor
+from ptrace.compare.thresholds import FAIL, PASS, WARN, thresholds_for, worst
+from ptrace.compare.tokens import compare_request
+from ptrace.errors import ComparisonError
+
+_SAME_INPUTS = "compare a bundle with a replay of it (`ptrace replay`), or two captures of the same prompts"
+
+
+def _run_summary(bundle: Bundle) -> dict[str, Any]:
+    """What the report shows of one run."""
+    run = bundle.run
+    records = bundle.requests.requests
+    return {
+        "path": str(bundle.path), "bundle_id": bundle.manifest.bundle_id, "backend": run.backend,
+        "backend_version": run.backend_version, "dtype": run.dtype, "device": run.device,
+        "mode": bundle.mode, "command": list(bundle.manifest.command), "model": bundle.model.name,
+        "model_fingerprint": bundle.model.fingerprint, "run": run.to_dict(),
+        "environment": bundle.environment.to_dict(), "replay": bundle.replay_info(),
+        "output_tokens": [list(r.output_tokens) for r in records],
+        "prompts": [r.prompt for r in records],
+    }
+
+
+def _check_same_inputs(a: Bundle, b: Bundle) -> None:
+    if a.num_requests != b.num_requests:
+        raise ComparisonError(f"cannot compare {a.path} with {b.path}: the bundles have {a.num_requests} "
+                              f"and {b.num_requests} requests", hint=_SAME_INPUTS)
+    for r in range(a.num_requests):
+        if a.prompt_ids(r).tolist() != b.prompt_ids(r).tolist():
+            raise ComparisonError(f"cannot compare {a.path} with {b.path}: request {r} has different "
+                                  "prompts in the two bundles: not the same run", hint=_SAME_INPUTS)
+
+
+def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> Comparison:
+    """Compare run ``b`` against reference run ``a`` (same inputs; engines, dtypes may differ)."""
+    thresholds = thresholds_for(a.run.dtype, threshold_overrides)
+    _check_same_inputs(a, b)
+    alignments = {r: align(a, b, r) for r in range(a.num_requests)}
+    requests = [compare_request(a, b, r, alignments[r], thresholds) for r in range(a.num_requests)]
+
+    names = sort_forward(set(a.tensor_names) & set(b.tensor_names))
+    missing = sorted(set(a.tensor_names) ^ set(b.tensor_names))
+    # Tensors are independent and numpy releases the GIL: one worker per core.
+    done = 0
+
+    def one(name: str) -> TensorResult:
+        nonlocal done
+        result = compare_tensor(a, b, name, alignments, thresholds)
+        done += 1
+        if progress:
+            progress(done, len(names))
+        return result
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        tensors = list(pool.map(one, names))
+
+    first_tensor, first_position = first_divergent(tensors)
+    total = sum(len(r.tokens_a) for r in requests)
+    matched = sum(r.token_match_rate * min(len(r.tokens_a), len(r.tokens_b)) for r in requests)
+    first_step = min((r.first_divergent_step for r in requests if r.first_divergent_step is not None),
+                     default=None)
+    token_verdicts = [PASS if r.divergence is None and r.first_divergent_step is None
+                      else WARN if r.divergence is not None and r.divergence.near_tie else FAIL
+                      for r in requests]
+    return with_summary(Comparison(
+        verdict=worst([t.verdict for t in tensors] + token_verdicts), summary="",
+        token_match_rate=matched / total if total else 1.0, first_divergent_step=first_step,
+        first_divergent_tensor=first_tensor, first_divergent_position=first_position,
+        largest_local_error=largest_local_error(tensors),
+        first_nonfinite=first_nonfinite(a, "a", names) or first_nonfinite(b, "b", names),
+        thresholds=thresholds.to_dict(), tensors=tensors, requests=requests,
+        a=_run_summary(a), b=_run_summary(b), missing=missing))
+
+
+def combine(*, tensors: Comparison, tokens: Comparison) -> Comparison:
+    """One result from two replays of the same bundle: tensor metrics from one (teacher-forced,
+    aligned at every position), token agreement from the other (free-running).
+
+    Run B's summary is the tensor run's, with the token run's generated token texts (they
+    belong with the token results) and its path under ``token_run_path``."""
+    if tensors is tokens:
+        return tensors
+    b = {**tensors.b, "output_tokens": tokens.b["output_tokens"], "token_run_path": tokens.b["path"]}
+    return with_summary(replace(
+        tensors, token_match_rate=tokens.token_match_rate, first_divergent_step=tokens.first_divergent_step,
+        requests=tokens.requests, verdict=worst([tensors.verdict, tokens.verdict]), b=b))

@@ -1,0 +1,88 @@
+"""Per-tensor agreement over the comparable positions, streamed in blocks of rows.
+
+Memory stays bounded by the block size whatever the bundle size: rows are read a block at a
+time and folded into running totals (:class:`~ptrace.compare.metrics.RunningTotals`). Where a
+run captured only statistics (``--mode stats``), the tensor is compared by its statistics.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ptrace.bundle_spec.layout import tensor_array
+from ptrace.bundle_spec.reader import Bundle
+from ptrace.compare.align import Alignment, read_rows
+from ptrace.compare.metrics import RunningTotals, row_errors
+from ptrace.compare.results import TensorResult
+from ptrace.compare.thresholds import FAIL, PASS, WARN, Thresholds
+from ptrace.errors import ComparisonError
+
+#: Rows per block, as float64 bytes: memory is bounded by this x a few temporaries x workers.
+BLOCK_BYTES = 16 << 20
+
+
+def _row_shape(bundle: Bundle, request: int, name: str) -> tuple[int, ...]:
+    return tuple(bundle.manifest.arrays[tensor_array(request, name)].shape[1:])
+
+
+def compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignment],
+                   thresholds: Thresholds) -> TensorResult:
+    if not all(a.has_tensor(r, name) and b.has_tensor(r, name) for r in alignments):
+        return compare_stats(a, b, name, alignments, thresholds)
+    totals = RunningTotals()
+    index: list[np.ndarray] = []
+    for request, aligned in alignments.items():
+        wanted = aligned.positions
+        if not wanted.size:
+            continue
+        shape, shape_b = _row_shape(a, request, name), _row_shape(b, request, name)
+        if shape != shape_b:
+            raise ComparisonError(f"cannot compare {a.path} with {b.path}: tensor {name} has rows of shape "
+                                  f"{shape} in one and {shape_b} in the other",
+                                  hint="both runs must use the same model architecture")
+        block = max(1, BLOCK_BYTES // max(1, int(np.prod(shape)) * 8))
+        for start in range(0, wanted.size, block):
+            rows_a = read_rows(a, request, name, aligned.rows_a[start:start + block])
+            rows_b = read_rows(b, request, name, aligned.rows_b[start:start + block])
+            totals.add(row_errors(rows_a, rows_b))
+            index.append(wanted[start:start + block])
+    mean_abs, cos = totals.rows_of("mean_abs"), totals.rows_of("cos")
+    verdicts = [thresholds.verdict(m, c) for m, c in zip(mean_abs, cos)]
+    failing = [i for i, v in enumerate(verdicts) if v == FAIL]
+    flat_index = np.concatenate(index) if index else np.zeros(0, np.int64)
+    return TensorResult(
+        name=name, verdict=thresholds.verdict(totals.mean_abs, totals.cos) if totals.rows else PASS,
+        positions=totals.rows, max_abs_err=totals.max_abs, mean_abs_err=totals.mean_abs,
+        mean_rel_err=totals.mean_rel, cos_sim=totals.cos,
+        min_cos_sim=float(cos.min()) if cos.size else float("nan"),
+        thousandth_ratio=totals.thousandth,
+        first_fail_position=int(flat_index[failing[0]]) if failing else None,
+        position_index=flat_index.tolist(), position_mean_abs=mean_abs.tolist(), position_cos=cos.tolist())
+
+
+def compare_stats(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignment],
+                  thresholds: Thresholds) -> TensorResult:
+    """Stats-only bundles: compare per-position mean |x| and std instead of elements."""
+    diffs, index = [], []
+    for request, aligned in alignments.items():
+        wanted = aligned.positions
+        if not wanted.size:
+            continue
+        sa = a.stats(request, name)[aligned.rows_a]
+        sb = b.stats(request, name)[aligned.rows_b]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rel = np.abs(sa[:, [3, 4]] - sb[:, [3, 4]]) / (np.abs(sa[:, [3, 4]]) + 1e-8)
+        diffs.append(np.nanmax(rel, axis=1))
+        index.append(wanted)
+    rel = np.concatenate(diffs) if diffs else np.zeros(0)
+    worst_rel = float(rel.max()) if rel.size else 0.0
+    # A relative change of the row's scale is compared with the mean-abs thresholds.
+    verdict = PASS if worst_rel < thresholds.pass_mean_abs else WARN if worst_rel < thresholds.warn_mean_abs else FAIL
+    flat_index = np.concatenate(index) if index else np.zeros(0, np.int64)
+    failing = np.flatnonzero(rel >= thresholds.warn_mean_abs)
+    nan = float("nan")
+    return TensorResult(
+        name=name, verdict=verdict, positions=int(rel.size), max_abs_err=nan, mean_abs_err=nan,
+        mean_rel_err=float(rel.mean()) if rel.size else nan, cos_sim=nan, min_cos_sim=nan,
+        thousandth_ratio=nan, first_fail_position=int(flat_index[failing[0]]) if failing.size else None,
+        stats_only=True, position_index=flat_index.tolist(), position_mean_abs=rel.tolist(), position_cos=[])
