@@ -16,7 +16,7 @@ from typing import Any
 from ptrace.bundle_spec.names import sort_forward
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.compare.align import align
-from ptrace.compare.localize import first_divergent, first_nonfinite, largest_local_error
+from ptrace.compare.localize import earliest, first_divergent, first_nonfinite, largest_local_error
 from ptrace.compare.results import Comparison, TensorResult
 from ptrace.compare.summary import with_summary
 from ptrace.compare.tensors import compare_tensor
@@ -76,7 +76,10 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         tensors = list(pool.map(one, names))
 
-    first_tensor, first_position = first_divergent(tensors)
+    divergent = first_divergent(tensors)
+    requests = [replace(r, first_divergent_tensor=divergent.get(r.index, (None, None))[0],
+                        first_divergent_position=divergent.get(r.index, (None, None))[1]) for r in requests]
+    first_request, first_tensor, first_position = earliest(divergent) or (None, None, None)
     total = sum(len(r.tokens_a) for r in requests)
     matched = sum(r.token_match_rate * min(len(r.tokens_a), len(r.tokens_b)) for r in requests)
     first_step = min((r.first_divergent_step for r in requests if r.first_divergent_step is not None),
@@ -88,7 +91,7 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
         verdict=worst([t.verdict for t in tensors] + token_verdicts), summary="",
         token_match_rate=matched / total if total else 1.0, first_divergent_step=first_step,
         first_divergent_tensor=first_tensor, first_divergent_position=first_position,
-        largest_local_error=largest_local_error(tensors),
+        first_divergent_request=first_request, largest_local_error=largest_local_error(tensors),
         first_nonfinite=first_nonfinite(a, "a", names) or first_nonfinite(b, "b", names),
         thresholds=thresholds.to_dict(), tensors=tensors, requests=requests,
         a=_run_summary(a), b=_run_summary(b), missing=missing))
@@ -103,6 +106,10 @@ def combine(*, tensors: Comparison, tokens: Comparison) -> Comparison:
     if tensors is tokens:
         return tensors
     b = {**tensors.b, "output_tokens": tokens.b["output_tokens"], "token_run_path": tokens.b["path"]}
+    located = {r.index: r for r in tensors.requests}  # where each request diverges: from the tensors
+    requests = [replace(r, first_divergent_tensor=located[r.index].first_divergent_tensor,
+                        first_divergent_position=located[r.index].first_divergent_position)
+                for r in tokens.requests]
     return with_summary(replace(
         tensors, token_match_rate=tokens.token_match_rate, first_divergent_step=tokens.first_divergent_step,
-        requests=tokens.requests, verdict=worst([tensors.verdict, tokens.verdict]), b=b))
+        requests=requests, verdict=worst([tensors.verdict, tokens.verdict]), b=b))

@@ -12,14 +12,36 @@ from ptrace.bundle_spec.reader import Bundle
 from ptrace.compare.results import TensorResult
 
 
-def first_divergent(tensors: list[TensorResult]) -> tuple[str | None, int | None]:
-    """The earliest failing tensor in forward order at the earliest failing position."""
-    failing = [t for t in tensors if t.first_fail_position is not None]
-    if not failing:
-        return None, None
-    position = min(t.first_fail_position for t in failing)
-    first = min((t for t in failing if t.first_fail_position == position), key=lambda t: forward_key(t.name))
-    return first.name, position
+def first_divergent(tensors: list[TensorResult]) -> dict[int, tuple[str, int]]:
+    """Per request: the earliest tensor in forward order whose normwise relative error rises
+    above its noise floor at some position, and the earliest such position.
+
+    Forward order first, position second: an error made in layer k is inherited by every later
+    tensor, and amplified it may cross the floor at an earlier position there than in layer k;
+    the tensor where it *starts* is what the user hunts. Requests are never pooled: each prompt
+    is its own run."""
+    found: dict[int, tuple[str, int]] = {}
+    for tensor in sorted(tensors, key=lambda t: forward_key(t.name)):
+        rel = np.asarray(tensor.position_rel, dtype=np.float64)
+        above = ~(rel <= tensor.noise_floor)  # NaN counts as divergent
+        if not above.any():
+            continue
+        requests = np.asarray(tensor.position_request, dtype=np.int64)[above]
+        positions = np.asarray(tensor.position_index, dtype=np.int64)[above]
+        for request in np.unique(requests):
+            if int(request) not in found:
+                found[int(request)] = (tensor.name, int(positions[requests == request].min()))
+    return found
+
+
+def earliest(per_request: dict[int, tuple[str, int]]) -> tuple[int, str, int] | None:
+    """Across requests: (request, tensor, position) of the divergence earliest in forward order
+    (then position, then request)."""
+    if not per_request:
+        return None
+    request, (name, position) = min(per_request.items(),
+                                    key=lambda item: (forward_key(item[1][0]), item[1][1], item[0]))
+    return request, name, position
 
 
 def largest_local_error(results: list[TensorResult]) -> str | None:

@@ -36,10 +36,14 @@ class RowErrors:
     cos: np.ndarray
     #: msprobe's "one-thousandth" ratio: share of elements with relative error <= 1e-3.
     thousandth: np.ndarray
+    #: normwise relative error ``||a - b|| / ||a||``: scale-free, so one floor fits every tensor
+    #: (0 where both rows are 0, inf where only ``a`` is)
+    rel: np.ndarray
     # sums kept so that blocks fold into exact whole-tensor numbers
     dot: np.ndarray
     norm_a: np.ndarray
     norm_b: np.ndarray
+    norm_diff: np.ndarray
     size: int
 
 
@@ -63,11 +67,21 @@ def row_errors(a: np.ndarray, b: np.ndarray) -> RowErrors:
         norm_a = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
         norm_b = np.sqrt(np.einsum("ij,ij->i", y, y, dtype=np.float64))
         cos = _cosine(dot, norm_a, norm_b)
+        # |a - b| is rounded once in the work dtype (relative 6e-8 in float32) and squared in
+        # float64, so errors near a dtype's unit roundoff neither vanish nor underflow.
+        norm_diff = np.sqrt(np.einsum("ij,ij->i", diff, diff, dtype=np.float64))
         return RowErrors(max_abs=diff.max(axis=1, initial=0.0).astype(np.float64),
                          mean_abs=diff.sum(axis=1, dtype=np.float64) / size,
                          mean_rel=rel.sum(axis=1, dtype=np.float64) / size, cos=cos,
                          thousandth=np.count_nonzero(rel <= 1e-3, axis=1) / size,
-                         dot=dot, norm_a=norm_a, norm_b=norm_b, size=size)
+                         rel=normwise(norm_diff, norm_a), dot=dot, norm_a=norm_a, norm_b=norm_b,
+                         norm_diff=norm_diff, size=size)
+
+
+def normwise(norm_diff: np.ndarray, norm_a: np.ndarray) -> np.ndarray:
+    """``||a - b|| / ||a||``, with 0/0 = 0 (both zero) and x/0 = inf."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(norm_diff == 0, 0.0, norm_diff / norm_a)
 
 
 def _cosine(dot: np.ndarray, norm_a: np.ndarray, norm_b: np.ndarray) -> np.ndarray:
@@ -90,6 +104,7 @@ class RunningTotals:
     dot: float = 0.0
     sq_a: float = 0.0
     sq_b: float = 0.0
+    sq_diff: float = 0.0
     size: int = 0
     per_row: list[RowErrors] = field(default_factory=list)
 
@@ -106,6 +121,7 @@ class RunningTotals:
         self.dot += float(errors.dot.sum())
         self.sq_a += float((errors.norm_a**2).sum())
         self.sq_b += float((errors.norm_b**2).sum())
+        self.sq_diff += float((errors.norm_diff**2).sum())
         self.per_row.append(errors)
 
     @property
@@ -119,6 +135,13 @@ class RunningTotals:
     @property
     def thousandth(self) -> float:
         return self.sum_thousandth / self.rows if self.rows else float("nan")
+
+    @property
+    def rel(self) -> float:
+        """Normwise relative error of the whole tensor (every compared row)."""
+        if not self.rows:
+            return float("nan")
+        return float(normwise(np.array([np.sqrt(self.sq_diff)]), np.array([np.sqrt(self.sq_a)]))[0])
 
     @property
     def cos(self) -> float:

@@ -92,10 +92,18 @@ class TensorResult(Result):
     thousandth_ratio: float
     first_fail_position: int | None
     stats_only: bool = False
-    #: per compared position, for plots: absolute positions, mean abs error and cosine
+    #: normwise relative error ``||b - a|| / ||a||`` over every compared row (for stats-only
+    #: tensors: the largest relative change of a row's scale)
+    rel_err: float = math.nan
+    #: below this relative error a difference is rounding, not divergence (``compare.noise``)
+    noise_floor: float = 0.0
+    #: per compared position, for plots: the request, absolute position, mean abs error, cosine
+    #: and normwise relative error
+    position_request: list[int] = field(default_factory=list, repr=False)
     position_index: list[int] = field(default_factory=list, repr=False)
     position_mean_abs: list[float] = field(default_factory=list, repr=False)
     position_cos: list[float] = field(default_factory=list, repr=False)
+    position_rel: list[float] = field(default_factory=list, repr=False)
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,10 @@ class RequestResult(Result):
     kl_source: str
     topk_a: list[list[int]] = field(repr=False, default_factory=list)
     topk_b: list[list[int]] = field(repr=False, default_factory=list)
+    #: where this request's runs part ways: the earliest tensor in forward order whose error
+    #: rises above the noise floor, and the earliest position where it does
+    first_divergent_tensor: str | None = None
+    first_divergent_position: int | None = None
 
 
 @dataclass(frozen=True)
@@ -147,3 +159,7 @@ class Comparison(Result):
     a: dict[str, Any]
     b: dict[str, Any]
     missing: list[str]
+    #: the request whose divergence ``first_divergent_tensor``/``_position`` describe
+    first_divergent_request: int | None = None
+    #: what "divergent" was measured against: "noise floor" (``compare.noise``) or "calibration"
+    localized_by: str = "noise floor"

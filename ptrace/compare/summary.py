@@ -1,32 +1,66 @@
-"""The one sentence at the top of the report and of ``ptrace compare``'s output."""
+"""The one sentence at the top of the report and of ``ptrace compare``'s output.
+
+It answers the user's three questions in order: do the tokens agree; where do the runs part ways
+(above the noise floor, ``compare.noise``); and is the difference large enough to matter (the
+pass/warn/fail thresholds, naming the limit that tripped).
+"""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from ptrace.compare.results import Comparison
-from ptrace.compare.thresholds import WARN
+from ptrace.compare.results import Comparison, TensorResult
+from ptrace.compare.thresholds import PASS, Thresholds, worst
 
 
-def summarize(c: Comparison) -> str:
+def _tokens(c: Comparison) -> str:
     total = sum(len(r.tokens_a) for r in c.requests)
     same = round(c.token_match_rate * total)
     if c.first_divergent_step is None:
-        tokens = f"tokens identical for {same}/{total} steps"
-    else:
-        tie = any(r.divergence is not None and r.divergence.near_tie for r in c.requests)
-        tokens = (f"tokens agree for {same}/{total} steps, first divergence at step "
-                  f"{c.first_divergent_step}{' (a near-tie flip)' if tie else ''}")
+        return f"tokens identical for {same}/{total} steps"
+    tie = any(r.divergence is not None and r.divergence.near_tie for r in c.requests)
+    return (f"tokens agree for {same}/{total} steps, first divergence at step "
+            f"{c.first_divergent_step}{' (a near-tie flip)' if tie else ''}")
+
+
+def _worst_ratio(t: TensorResult) -> float:
+    rel = [r for r in t.position_rel if r == r]  # NaN-free
+    return max(rel, default=0.0) / t.noise_floor if t.noise_floor else 0.0
+
+
+def _where(c: Comparison) -> str:
     if c.first_divergent_tensor is not None:
-        result = next(t for t in c.tensors if t.name == c.first_divergent_tensor)
-        where = (f"first divergent tensor {c.first_divergent_tensor} at position {c.first_divergent_position}"
-                 + (f", cos {result.cos_sim:.6g}" if not result.stats_only else ""))
-    elif warned := [t.name for t in c.tensors if t.verdict == WARN]:
-        where = f"no tensor fails, {len(warned)} warn (first: {warned[0]})"
-    else:
-        worst_cos = min((t.cos_sim for t in c.tensors if not t.stats_only), default=None)
-        where = "every tensor within tolerance" + (f" (worst cos {worst_cos:.7g})" if worst_cos is not None else "")
-    summary = f"{c.verdict.upper()}: {tokens}; {where}"
+        tensor = next(t for t in c.tensors if t.name == c.first_divergent_tensor)
+        at = [r for req, pos, r in zip(tensor.position_request, tensor.position_index, tensor.position_rel)
+              if req == c.first_divergent_request and pos == c.first_divergent_position]
+        size = f": relative error {at[0]:.3g}, {at[0] / tensor.noise_floor:.3g}x the {c.localized_by}" \
+            if at and tensor.noise_floor else ""
+        return (f"runs part ways at {c.first_divergent_tensor} (request {c.first_divergent_request}, "
+                f"position {c.first_divergent_position}{size})")
+    measured = [t for t in c.tensors if t.position_rel]
+    if measured and all(max(t.position_rel) == 0 for t in measured if not t.stats_only):
+        return "every captured tensor is bit-identical"
+    if not measured:
+        return "no tensor to compare"
+    worst = max(measured, key=_worst_ratio)
+    return (f"every difference is within rounding noise (largest: {worst.name} at "
+            f"{_worst_ratio(worst):.2g}x the noise floor)")
+
+
+def _size(c: Comparison) -> str:
+    thresholds = Thresholds(**c.thresholds)
+    level = worst([t.verdict for t in c.tensors])
+    if level == PASS:
+        return "every tensor within tolerance"
+    first = next(t for t in c.tensors if t.verdict == level)  # forward order: the earliest at the worst level
+    count = sum(t.verdict == level for t in c.tensors)
+    what = (f"its scale changes by {first.rel_err:.3g}" if first.stats_only
+            else thresholds.tripped(first.mean_abs_err, first.cos_sim))
+    return f"{count} tensor(s) {level}, first {first.name}: {what}"
+
+
+def summarize(c: Comparison) -> str:
+    summary = f"{c.verdict.upper()}: {_tokens(c)}; {_where(c)}; {_size(c)}"
     if c.first_nonfinite:
         summary += f"; first NaN/Inf in {c.first_nonfinite['tensor']} ({c.first_nonfinite['bundle']})"
     return summary

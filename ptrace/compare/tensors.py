@@ -11,6 +11,7 @@ import numpy as np
 
 from ptrace.bundle_spec.layout import tensor_array
 from ptrace.bundle_spec.reader import Bundle
+from ptrace.compare import noise
 from ptrace.compare.align import Alignment, read_rows
 from ptrace.compare.metrics import RunningTotals, row_errors
 from ptrace.compare.results import TensorResult
@@ -27,10 +28,12 @@ def _row_shape(bundle: Bundle, request: int, name: str) -> tuple[int, ...]:
 
 def compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignment],
                    thresholds: Thresholds) -> TensorResult:
+    floor = noise.floor(name, a.run.dtype, b.run.dtype, a.model.num_layers)
     if not all(a.has_tensor(r, name) and b.has_tensor(r, name) for r in alignments):
-        return compare_stats(a, b, name, alignments, thresholds)
+        return compare_stats(a, b, name, alignments, thresholds, floor)
     totals = RunningTotals()
     index: list[np.ndarray] = []
+    requests: list[np.ndarray] = []
     for request, aligned in alignments.items():
         wanted = aligned.positions
         if not wanted.size:
@@ -46,6 +49,7 @@ def compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignm
             rows_b = read_rows(b, request, name, aligned.rows_b[start:start + block])
             totals.add(row_errors(rows_a, rows_b))
             index.append(wanted[start:start + block])
+            requests.append(np.full(index[-1].size, request, np.int64))
     mean_abs, cos = totals.rows_of("mean_abs"), totals.rows_of("cos")
     verdicts = [thresholds.verdict(m, c) for m, c in zip(mean_abs, cos)]
     failing = [i for i, v in enumerate(verdicts) if v == FAIL]
@@ -57,13 +61,19 @@ def compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignm
         min_cos_sim=float(cos.min()) if cos.size else float("nan"),
         thousandth_ratio=totals.thousandth,
         first_fail_position=int(flat_index[failing[0]]) if failing else None,
-        position_index=flat_index.tolist(), position_mean_abs=mean_abs.tolist(), position_cos=cos.tolist())
+        rel_err=totals.rel, noise_floor=floor,
+        position_request=(np.concatenate(requests) if requests else np.zeros(0, np.int64)).tolist(),
+        position_index=flat_index.tolist(), position_mean_abs=mean_abs.tolist(), position_cos=cos.tolist(),
+        position_rel=totals.rows_of("rel").tolist())
 
 
 def compare_stats(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignment],
-                  thresholds: Thresholds) -> TensorResult:
-    """Stats-only bundles: compare per-position mean |x| and std instead of elements."""
-    diffs, index = [], []
+                  thresholds: Thresholds, floor: float) -> TensorResult:
+    """Stats-only bundles: compare per-position mean |x| and std instead of elements.
+
+    The relative change of a row's scale (its std or mean |x|) stands in for the row's normwise
+    relative error, which needs the elements, and is held against the same noise floor."""
+    diffs, index, requests = [], [], []
     for request, aligned in alignments.items():
         wanted = aligned.positions
         if not wanted.size:
@@ -74,6 +84,7 @@ def compare_stats(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignme
             rel = np.abs(sa[:, [3, 4]] - sb[:, [3, 4]]) / (np.abs(sa[:, [3, 4]]) + 1e-8)
         diffs.append(np.nanmax(rel, axis=1))
         index.append(wanted)
+        requests.append(np.full(wanted.size, request, np.int64))
     rel = np.concatenate(diffs) if diffs else np.zeros(0)
     worst_rel = float(rel.max()) if rel.size else 0.0
     # A relative change of the row's scale is compared with the mean-abs thresholds.
@@ -85,4 +96,7 @@ def compare_stats(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignme
         name=name, verdict=verdict, positions=int(rel.size), max_abs_err=nan, mean_abs_err=nan,
         mean_rel_err=float(rel.mean()) if rel.size else nan, cos_sim=nan, min_cos_sim=nan,
         thousandth_ratio=nan, first_fail_position=int(flat_index[failing[0]]) if failing.size else None,
-        stats_only=True, position_index=flat_index.tolist(), position_mean_abs=rel.tolist(), position_cos=[])
+        stats_only=True, rel_err=worst_rel if rel.size else nan, noise_floor=floor,
+        position_request=(np.concatenate(requests) if requests else np.zeros(0, np.int64)).tolist(),
+        position_index=flat_index.tolist(), position_mean_abs=rel.tolist(), position_cos=[],
+        position_rel=rel.tolist())

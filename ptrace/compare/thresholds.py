@@ -35,6 +35,17 @@ class Thresholds:
             return WARN
         return FAIL
 
+    def tripped(self, mean_abs: float, cos: float) -> str:
+        """Which limit a verdict other than pass broke, in words (``mean abs error 0.002 >= 1e-4``)."""
+        level = self.verdict(mean_abs, cos)
+        if level == PASS:
+            return ""
+        limit_abs, limit_cos = ((self.warn_mean_abs, self.warn_cos) if level == FAIL
+                                else (self.pass_mean_abs, self.pass_cos))
+        if not mean_abs < limit_abs:
+            return f"mean abs error {mean_abs:.3g} >= {limit_abs:g}"
+        return f"cosine {cos:.7g} <= {limit_cos:g}"
+
     def to_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

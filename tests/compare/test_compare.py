@@ -34,7 +34,8 @@ def test_compare_runs_with_no_engine_installed(fp32_bundle, tmp_path):
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
-    assert data["verdict"] in ("warn", "fail") and data["first_divergent_tensor"]
+    # bfloat16 rounding is large for float32's thresholds, but it is rounding: no divergence
+    assert data["verdict"] in ("warn", "fail") and data["first_divergent_tensor"] is None
     assert (tmp_path / "c.html").stat().st_size > 1000
 
 
@@ -67,7 +68,10 @@ def test_combine_takes_tensors_from_one_run_and_tokens_with_their_texts_from_the
     with open_bundle(source) as a, open_bundle(forced) as t, open_bundle(free) as f:
         tensors, tokens = compare(a, t), compare(a, f)
     c = combine(tensors=tensors, tokens=tokens)
-    assert c.tensors == tensors.tensors and c.requests == tokens.requests
+    assert c.tensors == tensors.tensors
+    assert [(r.tokens_b, r.first_divergent_step) for r in c.requests] == \
+        [(r.tokens_b, r.first_divergent_step) for r in tokens.requests]
+    assert [r.first_divergent_tensor for r in c.requests] == [r.first_divergent_tensor for r in tensors.requests]
     assert c.b["path"] == str(forced) and c.b["token_run_path"] == str(free)
     assert c.b["output_tokens"] == [["t4", "t9", "t9", "t9"]] == tokens.b["output_tokens"]
     assert c.first_divergent_step == 1 and c.summary.startswith(c.verdict.upper())

@@ -52,13 +52,12 @@ def test_replay_records_the_sources_capture_settings_and_sampling_whole(example_
             assert replayed.run.capture == settings and replayed.run.sampling == sampling
 
 
-def test_bfloat16_replay_drifts_and_is_localized(fp32_bundle, tmp_path):
+def test_bfloat16_replay_drifts_within_rounding_noise(fp32_bundle, tmp_path):
     c = replay(ReplayConfig(bundle=fp32_bundle, backend="torch", dtype="bfloat16", output=tmp_path / "r")).primary
-    assert c.verdict in ("warn", "fail"), c.summary
-    assert c.first_divergent_tensor is not None and c.first_divergent_position is not None
-    # bfloat16 rounding starts at the very first layers and positions, not at the end of the model
-    first_layer = layer_index(c.first_divergent_tensor)
-    assert first_layer is not None and first_layer <= 1, c.first_divergent_tensor
+    assert c.verdict in ("warn", "fail"), c.summary  # large for float32's thresholds ...
+    assert c.first_divergent_tensor is None, c.summary  # ... but rounding, not divergence
+    assert all(0 < max(t.position_rel) <= t.noise_floor for t in c.tensors), "every tensor rounds, none diverges"
+    assert "within rounding noise" in c.summary
     errors = {t.name: t.mean_abs_err for t in c.tensors}
     assert errors["layers.3.out"] > errors["layers.0.out"] > 0, "errors grow through the layers"
     assert all(0 < t.cos_sim < 1 for t in c.tensors if t.name.endswith(".out"))
@@ -101,6 +100,6 @@ def test_cli_replay_writes_report_and_json_and_gates(fp32_bundle, tmp_path):
     assert result.returncode == (1 if data["verdict"] == "fail" else 0), result.stderr
     assert data["verdict"] in ("warn", "fail") and 0 <= data["token_match_rate"] <= 1
     assert data["first_divergent_step"] is None or isinstance(data["first_divergent_step"], int)
-    assert isinstance(data["first_divergent_tensor"], str)
-    assert {"name", "verdict", "max_abs_err", "mean_abs_err", "cos_sim"} <= set(data["tensors"][0])
-    assert report.is_file() and "first divergent tensor" in report.read_text()
+    assert data["first_divergent_tensor"] is None  # bfloat16 rounding is no divergence
+    assert {"name", "verdict", "max_abs_err", "mean_abs_err", "cos_sim", "rel_err", "noise_floor"} <= set(data["tensors"][0])
+    assert report.is_file() and "within rounding noise" in report.read_text()
