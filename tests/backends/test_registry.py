@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import tomllib
+from pathlib import Path
 
+from ptrace.backends.base import Backend
+from ptrace.backends.registry import BackendEntry
 from tests.cli.test_cli import _one_line_error
 from tests.conftest import run_cli
 
@@ -81,3 +85,13 @@ def test_recorded_packages_come_from_the_backends(tmp_path):
     names = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={**os.environ, **env}, check=True).stdout
     assert "fake-engine-runtime" in names and "vllm-cpu" in names and "mindformers" in names
+
+
+def test_every_declared_entry_point_names_its_backend_class():
+    """pyproject.toml's entry points (what an install registers) import and name their engines."""
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    declared = pyproject["project"]["entry-points"]["ptrace.backends"]
+    assert {"torch", "vllm", "vllm-ms", "ms"} <= set(declared)
+    for name, target in declared.items():
+        cls = BackendEntry(name, target).load()
+        assert issubclass(cls, Backend) and cls.name == name, target

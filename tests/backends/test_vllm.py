@@ -91,11 +91,12 @@ def test_teacher_forcing_feeds_the_given_tokens(example_model):
     forced = [np.array([5, 6, 7]), np.array([8, 9, 10])]
     keep = Keep({"embed"})
     taught = engine.generate(PROMPTS, sampling, [keep], forced=forced)
+    table = Keep({"embed"})  # the forced tokens as prompts: their rows of the embedding table
+    engine.generate(forced, SamplingParams(max_new_tokens=1, logprobs=0), [table])
     engine.close()
-    for request, prompt in enumerate(PROMPTS):
+    for request in range(len(PROMPTS)):
         fed = np.concatenate([keep.seen[("embed", request, s)][1] for s in range(1, 4)])
-        table = keep.seen[("embed", request, 0)][1]  # the embeddings of the prompt tokens
-        assert fed.shape == (3, table.shape[1])
+        np.testing.assert_array_equal(fed, table.seen[("embed", request, 0)][1])  # step s fed forced[s-1]
         np.testing.assert_allclose(taught[request].topk_logprobs[0], free[request].topk_logprobs[0])
         assert taught[request].output_ids[0] == free[request].output_ids[0]  # step 0 sees the prompt only
         assert taught[request].output_ids.tolist() == taught[request].topk_ids[:, 0].tolist()

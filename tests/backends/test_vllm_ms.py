@@ -8,7 +8,7 @@ import pytest
 
 from ptrace.backends.base import LoadOptions
 from ptrace.backends.registry import backend_class, engine_python
-from ptrace.backends.vllm_engine import VllmMindSporeBackend
+from ptrace.backends.vllm import VllmMindSporeBackend
 from ptrace.errors import BackendUnavailableError
 
 pytestmark = [pytest.mark.backend("vllm-ms"),

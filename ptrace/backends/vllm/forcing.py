@@ -3,7 +3,9 @@ vLLM's ``LogitsProcessor``, which vLLM requires of every logits processor)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar
 
 import torch
 from vllm.v1.sample.logits_processor import (
@@ -12,21 +14,35 @@ from vllm.v1.sample.logits_processor import (
     MoveDirectionality,
 )
 
-from ptrace.backends.vllm_engine import FORCED_KEY, REQUEST_KEY
-
-if TYPE_CHECKING:
-    from ptrace.backends.vllm_engine import _Hooks
+#: Keys of ``SamplingParams.extra_args``: the tokens to force, ptrace's request index.
+_FORCED_KEY, _REQUEST_KEY = "ptrace_forced_tokens", "ptrace_request"
 
 
 class ForcedTokens(LogitsProcessor):
     """Forces each teacher-forced request's next fed token, and records the greedy choice first.
 
     vLLM (v1) computes the raw logprobs before it calls logits processors, so the recorded
-    logprobs stay the model's own. ``observer`` is the running capture's hooks (one engine per
-    process); it keeps ``{request: {step: argmax}}``, what the engine would have chosen.
+    logprobs stay the model's own. While :meth:`recording`, ``choices`` keeps
+    ``{request: {step: argmax}}``, what the engine would have chosen (one engine per process, so
+    one class-wide record).
     """
 
-    observer: ClassVar[_Hooks | None] = None
+    choices: ClassVar[dict[int, dict[int, int]] | None] = None
+
+    @staticmethod
+    def request_args(tokens: Sequence[int], request: int) -> dict[str, Any]:
+        """``SamplingParams.extra_args`` that make request ``request`` be fed ``tokens``."""
+        return {_FORCED_KEY: [int(token) for token in tokens], _REQUEST_KEY: request}
+
+    @classmethod
+    @contextmanager
+    def recording(cls) -> Iterator[dict[int, dict[int, int]]]:
+        """The greedy choices at every forced step inside the ``with`` block."""
+        cls.choices = {}
+        try:
+            yield cls.choices
+        finally:
+            cls.choices = None
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
         self.rows: dict[int, tuple[list[int], list[int], int]] = {}  # batch row -> (forced, outputs, request)
@@ -41,8 +57,8 @@ class ForcedTokens(LogitsProcessor):
             self.rows.pop(index, None)
         for index, params, _prompt, outputs in batch_update.added:
             extra = (params.extra_args or {}) if params is not None else {}
-            if FORCED_KEY in extra:
-                self.rows[index] = (extra[FORCED_KEY], outputs, int(extra[REQUEST_KEY]))
+            if _FORCED_KEY in extra:
+                self.rows[index] = (extra[_FORCED_KEY], outputs, int(extra[_REQUEST_KEY]))
             else:
                 self.rows.pop(index, None)
         for first, second, direction in batch_update.moved:
@@ -55,8 +71,8 @@ class ForcedTokens(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         for row, (forced, outputs, request) in self.rows.items():
             step = len(outputs)  # the request's running output list: tokens chosen so far
-            if self.observer is not None:  # a partial prefill's entry is overwritten by its last chunk's
-                self.observer.forced_choices.setdefault(request, {})[step] = int(logits[row].argmax())
+            if self.choices is not None:  # a partial prefill's entry is overwritten by its last chunk's
+                self.choices.setdefault(request, {})[step] = int(logits[row].argmax())
             if step < len(forced):
                 token = forced[step]
                 value = logits[row, token].clone()

