@@ -11,7 +11,6 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from ptrace.bundle_spec import open_bundle, validate_bundle
-from ptrace.bundle_spec.names import layer_index
 from ptrace.errors import ModelMismatchError
 from ptrace.replay.session import FREE, TEACHER, ReplayConfig, replay
 from tests.conftest import run_cli
