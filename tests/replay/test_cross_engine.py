@@ -14,7 +14,6 @@ import pytest
 
 from ptrace.backends.environments import python_of
 from ptrace.bundle_spec import open_bundle
-from ptrace.bundle_spec.names import layer_index
 from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
 from ptrace.replay.session import ReplayConfig, replay
 from ptrace.reports.html import write_report
@@ -86,13 +85,12 @@ def test_vllm_bfloat16_replay_gives_a_sensible_report(fp32_bundle, tmp_path):
     c = replay(ReplayConfig(bundle=fp32_bundle, backend="vllm", dtype="bfloat16", output=tmp_path / "r")).primary
     assert c.verdict in ("warn", "fail"), c.summary
     assert c.token_match_rate > 0.5, "bfloat16 keeps most greedy tokens of a peaked model"
-    first_layer = layer_index(c.first_divergent_tensor)
-    assert first_layer is not None and first_layer <= 1, c.first_divergent_tensor
+    assert c.first_divergent_tensor is None and "within rounding noise" in c.summary, c.summary
     errors = {t.name: t.mean_abs_err for t in c.tensors}
     assert errors["layers.3.out"] > errors["layers.0.out"] > 0, "errors grow through the layers"
     report = write_report(c, tmp_path / "report.html")
     html = report.read_text()
-    assert "vllm" in html and "bfloat16" in html and c.first_divergent_tensor in html
+    assert "vllm" in html and "bfloat16" in html and "within rounding noise" in html
 
 
 @ms_env
@@ -111,12 +109,11 @@ def test_torch_capture_replays_on_ms_in_float32(fp32_bundle, tmp_path):
 @ms_env
 def test_ms_float16_replay_differs_measurably_and_locally(fp32_bundle, tmp_path):
     c = replay(ReplayConfig(bundle=fp32_bundle, backend="ms", dtype="float16", output=tmp_path / "r")).primary
-    assert c.first_divergent_tensor is not None, c.summary
+    assert c.first_divergent_tensor is None, "float16 rounding is no divergence: " + c.summary
     outs = [t for t in c.tensors if t.name.endswith(".out")]
     assert all(1e-7 < t.mean_abs_err and 0.999 < t.min_cos_sim < 1 for t in outs), "measurable, not broken"
     errors = {t.name: t.mean_abs_err for t in c.tensors}
     assert errors["layers.3.out"] > errors["layers.0.out"], "errors grow through the layers"
-    assert layer_index(c.first_divergent_tensor) in (None, 0, 1) or c.first_divergent_tensor == "logits"
 
 
 @vllm_env
@@ -131,3 +128,4 @@ def test_fp8_kv_cache_replay_is_recorded_and_localized_to_attention(fp32_bundle,
     tensors = {t.name: t for t in result.primary.tensors}
     assert tensors["layers.0.k"].verdict == "pass" and tensors["layers.0.v"].verdict == "pass"
     assert tensors["layers.0.attn"].min_cos_sim < 0.9999 < tensors["layers.0.k"].min_cos_sim
+    assert result.primary.first_divergent_tensor == "layers.0.attn", result.primary.summary
