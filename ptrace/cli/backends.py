@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from rich.table import Table
 from rich.text import Text
 
 from ptrace.cli import options as opt
@@ -28,7 +27,7 @@ def backends(as_json: opt.Json = False) -> None:
     if as_json:
         console.json(rows)
         return
-    table = Table("backend", "status", "description")
+    table = console.table("backend", "status", "description")
     for row in rows:
         status = Text(f"ready ({row['runs_in']})", "green") if row["available"] else Text(row["reason"], "yellow")
         table.add_row(row["name"], status, row["description"])

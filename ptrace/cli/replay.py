@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -68,7 +69,7 @@ def replay(
 
     with open_bundle(bundle) as source:
         prompts = [r.prompt for r in source.requests.requests]
-    commands = [f"ptrace compare {bundle} {path}" for path in result.bundles.values()]
+    commands = [shlex.join(["ptrace", "compare", str(bundle), str(path)]) for path in result.bundles.values()]
     v.emit(comparison, report=target, json_out=json_out, fail_on=fail_on,
            title=f"ptrace: {comparison.a['backend']} {comparison.a['dtype']} vs "
                  f"{comparison.b['backend']} {comparison.b['dtype']}", prompts=prompts, commands=commands)

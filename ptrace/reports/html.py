@@ -9,6 +9,7 @@ jinja2 template with autoescaping on, so any string that came from a bundle (a p
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ def _environment() -> jinja2.Environment:
                              autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _number
+    env.filters["shell"] = shlex.join  # a command line as a shell would need it typed
     return env
 
 
