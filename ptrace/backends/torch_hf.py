@@ -76,9 +76,10 @@ class TorchBackend(Backend):
         attn = options.engine_options["attn_implementation"]
         transformers.utils.logging.disable_progress_bar()
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(options.model_dir)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(options.model_dir, trust_remote_code=False)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
                 options.model_dir, dtype=getattr(torch, options.dtype), attn_implementation=attn,
+                trust_remote_code=False,
             ).to(device).eval()
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"transformers cannot load {options.model_dir}: {exc}") from exc

@@ -4,7 +4,7 @@
 convert between the directory and zip forms.
 """
 
-from ptrace.bundle_spec.reader import Bundle, open_bundle, validate_bundle
+from ptrace.bundle_spec.reader import Bundle, open_bundle
 from ptrace.bundle_spec.schema import (
     SPEC_VERSION,
     EnvironmentInfo,
@@ -16,6 +16,7 @@ from ptrace.bundle_spec.schema import (
     SamplingParams,
 )
 from ptrace.bundle_spec.store import pack, unpack
+from ptrace.bundle_spec.validation import validate_bundle
 from ptrace.bundle_spec.writer import BundleWriter
 
 __all__ = [

@@ -22,10 +22,15 @@ _NATIVE = {"float64", "float32", "float16", "int64", "int32", "int16", "int8",
            "uint64", "uint32", "uint16", "uint8", "bool"}
 
 
+def is_logical(name: str) -> bool:
+    """Whether ``name`` is one of the spec's logical dtypes."""
+    return name in _BIT_STORED or name in _NATIVE
+
+
 def logical_name(dtype: np.dtype) -> str:
     """The spec's name for a numpy dtype (``bfloat16`` for ml_dtypes' bfloat16)."""
     name = np.dtype(dtype).name
-    if name in _BIT_STORED or name in _NATIVE:
+    if is_logical(name):
         return name
     raise BundleError(f"dtype {name} cannot be stored in a ptrace bundle",
                       hint="spec v1 stores float64/32/16, bfloat16, float8 and integer tensors")

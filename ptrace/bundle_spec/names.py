@@ -56,3 +56,10 @@ def layer_index(name: str) -> int | None:
     """The layer number of a per-layer name, else None."""
     match = _LAYER_RE.match(name)
     return int(match.group(1)) if match else None
+
+
+def is_recordable(name: str) -> bool:
+    """Whether a bundle may hold a tensor of this name: canonical, or an ``x.`` engine extra."""
+    if "/" in name:
+        return False
+    return forward_key(name)[0] < 4 or (name.startswith("x.") and len(name) > 2)

@@ -1,24 +1,32 @@
-"""Reading and validating bundles.
+"""Reading bundles, defensively: they travel with bug reports and are opened by strangers.
 
 ``open_bundle`` checks, before anything else is trusted: that the path is a ptrace bundle, that
 its spec version is one this code reads, and that its writer finished (SPEC.md section 7).
-Everything read afterwards is checksummed chunk by chunk by Zarr's ``crc32c`` codec;
-``validate_bundle`` additionally re-computes every array's whole-content CRC-32C.
+Every array is checked when first opened against the spec's codecs and dtypes and against
+limits derived from what is actually stored (SPEC.md section 8), so a declaration cannot make a
+reader allocate or iterate without bound; every metadata document is bounded in size and depth
+and typed strictly. Everything read afterwards is checksummed chunk by chunk by Zarr's
+``crc32c`` codec; ``validate_bundle`` additionally re-computes every array's whole-content CRC-32C.
+Whatever a bundle holds, a reader fails with a :class:`~ptrace.errors.BundleCorruptError` that
+names the bundle and the node.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
-import google_crc32c
 import msgpack
 import numpy as np
 import zarr
+from zarr.abc.codec import BytesBytesCodec
+from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.core.chunk_grids import RegularChunkGrid
 
-from ptrace.bundle_spec import dtypes, layout
+from ptrace.bundle_spec import dtypes
 from ptrace.bundle_spec.layout import request_array, stats_array, tensor_array
 from ptrace.bundle_spec.schema import (
     ROOT_ATTRIBUTE,
@@ -39,12 +47,81 @@ from ptrace.errors import (
     BundleIncompleteError,
     BundleVersionError,
     NotABundleError,
+    PtraceError,
 )
 
 D = TypeVar("D", bound=Document)
 
-def _logical_dtype(node: zarr.Array) -> str:
-    return node.attrs.get("ptrace", {}).get("dtype") or np.dtype(node.dtype).name
+#: The most one chunk may hold (logical bytes): what one chunk read allocates. ptrace writes
+#: chunks of about 4 MiB (or one row, when a row is larger).
+MAX_CHUNK_BYTES = 64 << 20
+#: Chunks that are declared but not stored read as the fill value without costing a byte on
+#: disk; a bundle may have a few (older writers skipped all-zero chunks), never more than this.
+MAX_ABSENT_CHUNKS = 1024
+MAX_ABSENT_BYTES = 256 << 20
+#: The deepest nesting a metadata document may have (ptrace's own are about 5 deep).
+MAX_METADATA_DEPTH = 64
+
+_VALIDATE_HINT = "run `ptrace validate` on it for a full check"
+#: What a metadata document may hold besides maps and lists.
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+def error_reason(exc: BaseException) -> str:
+    """An exception as a short clause for an error line (library messages can be long)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= 160 else text[:159] + "…"
+
+
+def logical_dtype(node: zarr.Array) -> str:
+    return node.attrs["ptrace"]["dtype"] if "ptrace" in node.attrs else np.dtype(node.dtype).name
+
+
+def _array_problem(node: zarr.Array) -> str | None:
+    """Why an array breaks SPEC.md section 4's rules for its metadata, or None."""
+    if node.ndim < 1:
+        return "has no axis"
+    if not isinstance(node.metadata.chunk_grid, RegularChunkGrid):
+        return "does not use a regular chunk grid"
+    codecs = node.metadata.codecs
+    if len(codecs) < 2 or not isinstance(codecs[0], BytesCodec) or not isinstance(codecs[-1], Crc32cCodec) \
+            or not all(isinstance(codec, BytesBytesCodec) for codec in codecs[1:]):
+        return "does not use the codecs bytes -> compressors -> crc32c"
+    if codecs[0].endian is not None and codecs[0].endian.value != "little":
+        return "is not little endian"
+    attribute = node.attrs.get("ptrace", {"dtype": np.dtype(node.dtype).name})
+    logical = attribute.get("dtype") if isinstance(attribute, dict) else None
+    if not isinstance(logical, str) or not dtypes.is_logical(logical) \
+            or dtypes.storage_dtype(logical) != np.dtype(node.dtype):
+        return f"has dtype {np.dtype(node.dtype).name} tagged {logical!r}, not a logical dtype stored as such"
+    chunk_bytes = math.prod(node.chunks) * np.dtype(node.dtype).itemsize
+    if chunk_bytes > MAX_CHUNK_BYTES:
+        return f"declares chunks of {chunk_bytes} bytes (the most a reader accepts is {MAX_CHUNK_BYTES})"
+    return None
+
+
+def _unpack_document(payload: bytes) -> Any:
+    """Decode one metadata document: plain msgpack values only, bounded in depth.
+
+    The walk is iterative, so a document nested a thousand levels deep is refused here instead of
+    exhausting Python's recursion in whatever reads it next.
+    """
+    def refuse_extension(code: int, data: bytes) -> Any:
+        raise ValueError(f"msgpack extension type {code} is not allowed")
+
+    data = msgpack.unpackb(payload, raw=False, strict_map_key=True, ext_hook=refuse_extension)
+    pending = [(data, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise ValueError(f"nested more than {MAX_METADATA_DEPTH} levels deep")
+        if isinstance(value, dict):
+            pending.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            pending.extend((v, depth + 1) for v in value)
+        elif not isinstance(value, _PLAIN):
+            raise ValueError(f"msgpack value of type {type(value).__name__} is not allowed")
+    return data
 
 
 class Bundle:
@@ -54,14 +131,20 @@ class Bundle:
         self.path = Path(path)
         self._store = open_read_store(self.path)
         self._nodes: dict[str, zarr.Array] = {}
+        self._absent_chunks = self._absent_bytes = 0
         try:
-            self._root = zarr.open_group(self._store, mode="r")
-        except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError) as exc:
-            raise NotABundleError(f"{self.path} is not a ptrace bundle (no Zarr group: {exc})") from None
+            self._root = zarr.open_group(self._store, mode="r", zarr_format=3)
+        except PtraceError:
+            raise
+        except Exception as exc:  # any malformed root metadata: not something we can read
+            raise NotABundleError(f"{self.path} is not a ptrace bundle "
+                                  f"(no Zarr v3 group: {error_reason(exc)})") from None
         marker = self._root.attrs.get(ROOT_ATTRIBUTE)
-        if not isinstance(marker, dict) or not isinstance(marker.get("spec_version"), int):
-            raise NotABundleError(f"{self.path} is a Zarr store but not a ptrace bundle")
-        self.spec_version: int = marker["spec_version"]
+        version = marker.get("spec_version") if isinstance(marker, dict) else None
+        if type(version) is not int:
+            raise NotABundleError(f"{self.path} is a Zarr store but not a ptrace bundle "
+                                  f"(no integer {ROOT_ATTRIBUTE}.spec_version attribute)")
+        self.spec_version: int = version
         if self.spec_version > SPEC_VERSION:
             raise BundleVersionError(
                 f"{self.path} uses bundle spec version {self.spec_version}; this ptrace reads up to "
@@ -79,43 +162,85 @@ class Bundle:
         self.manifest: Manifest = manifest
 
     # -- low level ---------------------------------------------------------------------------
+    def _corrupt(self, path: str, what: str, hint: str | None = _VALIDATE_HINT) -> BundleCorruptError:
+        return BundleCorruptError(f"{self.path}: {path} {what}", hint=hint)
+
+    def _has_node(self, path: str) -> bool:
+        return self._store.is_stored(f"{path}/zarr.json")
+
     def _node(self, path: str) -> zarr.Array:
-        """The array at ``path`` (KeyError if absent); opened once, since opening reads metadata."""
+        """The array at ``path`` (KeyError if absent), checked once (opening reads metadata)."""
         node = self._nodes.get(path)
-        if node is None:
+        if node is not None:
+            return node
+        if not self._has_node(path):
+            raise KeyError(path)
+        try:
             node = self._root[path]
-            if not isinstance(node, zarr.Array):
-                raise BundleCorruptError(f"{self.path}: {path} is a group, expected an array")
-            self._nodes[path] = node
+        except PtraceError:
+            raise
+        except Exception as exc:
+            raise self._corrupt(path, f"has malformed Zarr metadata ({error_reason(exc)})") from None
+        if not isinstance(node, zarr.Array):
+            raise self._corrupt(path, "is a group, expected an array")
+        problem = _array_problem(node)
+        if problem:
+            raise self._corrupt(path, problem)
+        self._count_absent_chunks(path, node)
+        self._nodes[path] = node
         return node
+
+    def _count_absent_chunks(self, path: str, node: zarr.Array) -> None:
+        """Refuse declarations that the stored chunks do not back (SPEC.md section 8).
+
+        A chunk that is declared but not stored reads as the fill value: cheap to declare
+        (``shape: [10**11]``), costly to read. What a bundle may leave absent is bounded, over
+        all its arrays together, before any chunk is read.
+        """
+        stored = self._store.count_stored(f"{path}/") - 1  # its zarr.json
+        absent = node.nchunks - stored
+        if absent <= 0:
+            return
+        self._absent_chunks += absent
+        self._absent_bytes += absent * math.prod(node.chunks) * np.dtype(node.dtype).itemsize
+        if self._absent_chunks > MAX_ABSENT_CHUNKS or self._absent_bytes > MAX_ABSENT_BYTES:
+            raise self._corrupt(path, f"declares shape {list(node.shape)} in {node.nchunks} chunks but "
+                                      f"stores {max(stored, 0)}: its declared size is corrupt")
 
     def _read(self, path: str, selection: Any = Ellipsis) -> np.ndarray:
         try:
             node = self._node(path)
         except KeyError:
-            raise BundleCorruptError(f"{self.path}: array {path} is missing") from None
+            raise self._corrupt(path, "is missing") from None
         try:
             data = node[selection]
-        except (ValueError, OSError) as exc:
-            raise BundleCorruptError(f"{self.path}: {path} is corrupted ({exc})",
-                                     hint="run `ptrace validate` for a full check") from None
-        return dtypes.from_storage(np.asarray(data), _logical_dtype(node))
+        except PtraceError:
+            raise
+        except Exception as exc:  # a checksum, a codec, a truncated chunk: all corruption
+            raise self._corrupt(path, f"is corrupted ({error_reason(exc)})") from None
+        return dtypes.from_storage(np.asarray(data), logical_dtype(node))
 
     def _read_document(self, kind: type[D]) -> D:
-        raw = self._read(kind.path) if kind.path in self._root else None
-        if raw is None:
+        if not self._has_node(kind.path):
             raise KeyError(kind.path)
+        node = self._node(kind.path)
+        if node.ndim != 1 or np.dtype(node.dtype) != np.uint8 or node.nchunks > 1:
+            raise self._corrupt(kind.path, "is not a one-chunk uint8 array (a metadata document)")
+        raw = self._read(kind.path)
         try:
-            data = msgpack.unpackb(raw.tobytes(), raw=False, strict_map_key=True)
+            data = _unpack_document(raw.tobytes())
         except (ValueError, msgpack.UnpackException) as exc:
-            raise BundleCorruptError(f"{self.path}: {kind.path} is not valid msgpack ({exc})") from None
-        return kind.from_dict(data)
+            raise self._corrupt(kind.path, f"is not a valid metadata document ({error_reason(exc)})") from None
+        try:
+            return kind.from_dict(data)
+        except BundleCorruptError as exc:
+            raise BundleCorruptError(f"{self.path}: {exc}", hint=_VALIDATE_HINT) from None
 
     def _document(self, kind: type[Document]) -> Any:
         try:
             return self._read_document(kind)
         except KeyError:
-            raise BundleCorruptError(f"{self.path}: {kind.path} is missing") from None
+            raise self._corrupt(kind.path, "is missing") from None
 
     # -- metadata ----------------------------------------------------------------------------
     @cached_property
@@ -159,7 +284,13 @@ class Bundle:
                 self._read(request_array(request, "topk_logprobs")))
 
     def positions(self, request: int) -> np.ndarray:
-        return self._read(request_array(request, "positions"))
+        """The captured positions: strictly increasing (SPEC.md section 6), else the bundle is corrupt."""
+        path = request_array(request, "positions")
+        positions = self._read(path)
+        if positions.ndim != 1 or positions.dtype != np.int64 or (positions.size and positions[0] < 0) \
+                or np.any(np.diff(positions) <= 0):
+            raise self._corrupt(path, "is not a strictly increasing list of non-negative int64 positions")
+        return positions
 
     def input_ids(self, request: int) -> np.ndarray | None:
         """Tokens fed at every position, where they differ from prompt + outputs (teacher forcing)."""
@@ -172,7 +303,7 @@ class Bundle:
 
     def replay_info(self) -> dict[str, Any] | None:
         """``meta/replay`` if this bundle is a replay of another one (SPEC.md section 3.6)."""
-        return self._read_document(ReplayInfo).to_dict() if ReplayInfo.path in self._root else None
+        return self._read_document(ReplayInfo).to_dict() if self._has_node(ReplayInfo.path) else None
 
     def has_tensor(self, request: int, name: str) -> bool:
         return tensor_array(request, name) in self.manifest.arrays
@@ -217,75 +348,3 @@ class Bundle:
 def open_bundle(path: str | os.PathLike[str]) -> Bundle:
     """Open a complete bundle (directory or zip), or raise a :class:`~ptrace.errors.BundleError`."""
     return Bundle(path)
-
-
-def _list_arrays(group: zarr.Group) -> list[str]:
-    return sorted(name for name, node in group.members(max_depth=None) if isinstance(node, zarr.Array))
-
-
-def validate_bundle(path: str | os.PathLike[str]) -> list[str]:
-    """Every problem found in a bundle, as one line each; an empty list means valid.
-
-    Opening problems (not a bundle, newer spec, incomplete) raise, as they do for every reader.
-    """
-    problems: list[str] = []
-    with open_bundle(path) as bundle:
-        for document in (ModelInfo, RunInfo, EnvironmentInfo, RequestsInfo):
-            try:
-                bundle._document(document)
-            except BundleError as exc:
-                problems.append(str(exc))
-        expected = bundle.manifest.arrays
-        present = [p for p in _list_arrays(bundle._root) if not layout.is_metadata(p)]
-        problems += [f"unexpected array {p} (not in the manifest)" for p in present if p not in expected]
-        for array_path, record in expected.items():
-            problems += _check_array(bundle, array_path, record)
-        if not problems:
-            problems += _check_requests(bundle)
-    return problems
-
-
-def _check_array(bundle: Bundle, path: str, record: Any) -> list[str]:
-    try:
-        node = bundle._node(path)
-    except KeyError:
-        return [f"array {path} is missing"]
-    logical = _logical_dtype(node)
-    if tuple(node.shape) != tuple(record.shape) or logical != record.dtype:
-        return [f"array {path} is {logical}{list(node.shape)}, the manifest says "
-                f"{record.dtype}{list(record.shape)}"]
-    crc = 0
-    try:
-        for start in range(0, node.shape[0], node.chunks[0]):
-            block = node[start:start + node.chunks[0]]
-            crc = google_crc32c.extend(crc, np.ascontiguousarray(block).reshape(-1).view(np.uint8))
-    except (ValueError, OSError) as exc:
-        return [f"array {path}: corrupted chunk ({exc})"]
-    if crc != record.crc32c:
-        return [f"array {path}: content checksum {crc:#010x} != manifest {record.crc32c:#010x} "
-                "(a chunk is missing or was replaced)"]
-    return []
-
-
-def _check_requests(bundle: Bundle) -> list[str]:
-    problems = []
-    arrays = bundle.manifest.arrays
-    for record in bundle.requests.requests:
-        r = record.index
-        for leaf in layout.REQUIRED_REQUEST_ARRAYS:
-            if request_array(r, leaf) not in arrays:
-                problems.append(f"request {r}: array {leaf} is missing")
-        if problems:
-            continue
-        rows = arrays[request_array(r, "positions")].shape[0]
-        for name in bundle.tensor_names:
-            for kind, path in ((layout.STATS, stats_array(r, name)), (layout.TENSORS, tensor_array(r, name))):
-                entry = arrays.get(path)
-                if entry is None and (kind == layout.STATS or bundle.mode == "full"):
-                    problems.append(f"request {r}: {kind}/{name} is missing")
-                elif entry is not None and entry.shape[0] != rows:
-                    problems.append(f"request {r}: {kind}/{name} has {entry.shape[0]} rows, "
-                                    f"positions has {rows}")
-        if arrays[request_array(r, "output_ids")].shape[0] != record.output_len:
-            problems.append(f"request {r}: output_ids length differs from meta/requests")
-    return problems

@@ -1,16 +1,23 @@
 """The metadata documents of a bundle (SPEC.md section 3), one frozen dataclass each.
 
-Each has ``to_dict``/``from_dict``; ``from_dict`` ignores unknown keys (newer writers may add
-some) and reports a missing required key as a corrupt bundle. The documents are plain data:
-serialising them is the writer's job (msgpack), not theirs.
+Each has ``to_dict``/``from_dict``. ``from_dict`` ignores unknown keys (newer writers may add
+some), and checks every known key strictly against its field's annotation: a bool is a bool
+(``complete: "false"`` is refused, not truthy), an int is an int and not a bool
+(``spec_version: true`` is refused), a float may be written as an int, lists and maps are checked
+element by element. A missing required key or a wrong type is a corrupt bundle, reported with
+the key's path inside the document. The documents are plain data: serialising them is the
+writer's job (msgpack), not theirs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, ClassVar, Self
 
 from ptrace.bundle_spec import layout
@@ -36,37 +43,63 @@ def plain(value: Any) -> Any:
     return value
 
 
+def _describe(value: Any) -> str:
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 40 else shown[:39] + '…'}"
+
+
+def _typed(value: Any, annotation: Any, where: str) -> Any:
+    """``value`` checked against a field annotation (and converted: lists to tuples, ints to floats)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if isinstance(annotation, type) and issubclass(annotation, Document):
+        return annotation.from_dict(value, where)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (choice,) = [arg for arg in args if arg is not type(None)]
+        return _typed(value, choice, where)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is Mapping and isinstance(value, dict):
+        return {_typed(k, args[0], f"{where} key"): _typed(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation in (bool, str) and isinstance(value, annotation):
+        return value
+    expected = getattr(annotation, "__name__", None) or getattr(origin, "__name__", str(annotation))
+    raise BundleCorruptError(f"{where} is {_describe(value)}, expected {expected}")
+
+
 class Document:
-    """Mixin: dict round-trip for a frozen dataclass; ``_nested`` names fields holding documents."""
+    """Mixin: dict round-trip for a frozen dataclass, typed by its field annotations."""
 
     path: ClassVar[str] = ""
-    _nested: ClassVar[dict[str, type[Document]]] = {}
-    _nested_maps: ClassVar[dict[str, type[Document]]] = {}
-    _nested_lists: ClassVar[dict[str, type[Document]]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Self:
-        if not isinstance(data, Mapping):
-            raise BundleCorruptError(f"{cls.path or cls.__name__} is not a map")
+    @cache
+    def _field_types(cls) -> dict[str, Any]:
+        return typing.get_type_hints(cls)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str | None = None) -> Self:
+        where = where or cls.path or cls.__name__
+        if not isinstance(data, dict):
+            raise BundleCorruptError(f"{where} is {_describe(data)}, expected a map")
+        hints = cls._field_types()
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             if f.name not in data:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise BundleCorruptError(f"{cls.path or cls.__name__} lacks the key {f.name!r}")
+                    raise BundleCorruptError(f"{where} lacks the key {f.name!r}")
                 continue
-            value = data[f.name]
-            if f.name in cls._nested:
-                value = cls._nested[f.name].from_dict(value)
-            elif f.name in cls._nested_maps:
-                value = {k: cls._nested_maps[f.name].from_dict(v) for k, v in value.items()}
-            elif f.name in cls._nested_lists:
-                value = tuple(cls._nested_lists[f.name].from_dict(v) for v in value)
-            elif isinstance(value, list):
-                value = tuple(value)
-            kwargs[f.name] = value
+            kwargs[f.name] = _typed(data[f.name], hints[f.name], f"{where}.{f.name}")
         return cls(**kwargs)
 
 
@@ -82,7 +115,6 @@ class ArrayRecord(Document):
 @dataclass(frozen=True)
 class Manifest(Document):
     path: ClassVar[str] = layout.MANIFEST
-    _nested_maps: ClassVar[dict[str, type[Document]]] = {"arrays": ArrayRecord}
 
     spec_version: int
     ptrace_version: str
@@ -147,7 +179,6 @@ class CaptureSettings(Document):
 @dataclass(frozen=True)
 class RunInfo(Document):
     path: ClassVar[str] = layout.RUN
-    _nested: ClassVar[dict[str, type[Document]]] = {"sampling": SamplingParams, "capture": CaptureSettings}
 
     backend: str
     backend_version: str
@@ -186,7 +217,6 @@ class RequestRecord(Document):
 @dataclass(frozen=True)
 class RequestsInfo(Document):
     path: ClassVar[str] = layout.REQUESTS
-    _nested_lists: ClassVar[dict[str, type[Document]]] = {"requests": RequestRecord}
 
     requests: tuple[RequestRecord, ...]
 
@@ -234,7 +264,6 @@ class WhatIfInfo(Document):
     """Present in a bundle whose run was perturbed on purpose (``ptrace whatif``)."""
 
     path: ClassVar[str] = layout.WHATIF
-    _nested_lists: ClassVar[dict[str, type[Document]]] = {"injections": WhatIfSpec}
 
     injections: tuple[WhatIfSpec, ...]
     #: One line saying what was done, for reports.

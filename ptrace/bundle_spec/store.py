@@ -1,33 +1,272 @@
 """Where a bundle's bytes live: a ``*.zarr`` directory or the same content in one zip file.
 
 The zip form exists to attach a bundle to a bug report; every reader accepts both, so users
-never unpack before reading.
+never unpack before reading. Bundles travel between strangers, so both stores are read
+defensively (SPEC.md section 8): a directory store never follows a symbolic link nor reads
+anything but regular files under its root, and a zip is refused unless every member is stored
+uncompressed, once, with sizes that agree with the bytes actually in the archive, so that no
+read and no ``unpack`` ever produces more bytes than the file holds.
 """
 
 from __future__ import annotations
 
+import abc
+import bisect
 import os
 import shutil
+import stat
+import struct
 import zipfile
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path, PurePosixPath
 
-from zarr.abc.store import Store
+from zarr.abc.store import ByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore, ZipStore
 
-from ptrace.errors import BundleError, BundleExistsError, BundleNotFoundError, NotABundleError
+from ptrace.errors import (
+    BundleCorruptError,
+    BundleError,
+    BundleExistsError,
+    BundleNotFoundError,
+    NotABundleError,
+)
+
+_LINK_HINT = "ptrace never follows links inside a bundle: replace the link by a copy of its target, or remove it"
+_ZIP_HINT = "make the zip with `ptrace pack` (members stored, each once)"
 
 
-def open_read_store(path: str | os.PathLike[str]) -> Store:
-    """A read-only Zarr store over a bundle directory or zip file."""
+class BundleStore(abc.ABC):
+    """What readers need beyond Zarr's store API: what is stored, to weigh declarations against."""
+
+    @abc.abstractmethod
+    def stored_keys(self) -> list[str]:
+        """Every stored key, sorted."""
+
+    def is_stored(self, key: str) -> bool:
+        keys = self.stored_keys()
+        at = bisect.bisect_left(keys, key)
+        return at < len(keys) and keys[at] == key
+
+    def count_stored(self, prefix: str) -> int:
+        """How many stored keys start with ``prefix``."""
+        keys = self.stored_keys()
+        return bisect.bisect_left(keys, prefix + "\U0010ffff") - bisect.bisect_left(keys, prefix)
+
+
+class DirectoryStore(BundleStore, LocalStore):
+    """A read-only ``LocalStore`` that reads only regular files under its root, through no link.
+
+    Every key is resolved one path component at a time with ``lstat``: a symbolic link anywhere
+    on the way (pointing anywhere, even inside the bundle) or a file that is not a regular file
+    (a FIFO would block forever) is refused, so no byte from outside the bundle is ever read.
+    """
+
+    def __init__(self, root: Path | str, *, read_only: bool = True) -> None:
+        super().__init__(root, read_only=True)
+        self._keys: list[str] | None = None
+
+    def _refuse(self, path: Path, mode: int) -> BundleCorruptError:
+        name = path.relative_to(self.root).as_posix()
+        if stat.S_ISLNK(mode):
+            return BundleCorruptError(f"{self.root}: {name} is a symbolic link", hint=_LINK_HINT)
+        return BundleCorruptError(f"{self.root}: {name} is not a regular file",
+                                  hint="a bundle holds only directories and regular files: remove it")
+
+    def _lookup(self, key: str) -> tuple[Path, int] | None:
+        """The path of ``key`` and its ``lstat`` mode, or None when nothing is there."""
+        path = self.root
+        parts = [part for part in key.split("/") if part]
+        if any(part in (".", "..") or "\0" in part for part in parts):
+            raise BundleCorruptError(f"{self.root}: invalid key {key!r}")
+        mode = os.lstat(path).st_mode
+        for part in parts:
+            if not stat.S_ISDIR(mode):
+                return None
+            path = path / part
+            try:
+                mode = os.lstat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if stat.S_ISLNK(mode):
+                raise self._refuse(path, mode)
+        return path, mode
+
+    def _file(self, key: str) -> Path | None:
+        """The regular file holding ``key``, or None when nothing is stored there."""
+        found = self._lookup(key)
+        if found is None or stat.S_ISDIR(found[1]):
+            return None
+        if not stat.S_ISREG(found[1]):
+            raise self._refuse(*found)
+        return found[0]
+
+    def stored_keys(self) -> list[str]:
+        """Every regular file of the bundle, from one walk that follows no link (and refuses one)."""
+        if self._keys is None:
+            keys = []
+            for directory, dirs, files in os.walk(self.root, followlinks=False):
+                for name in (*dirs, *files):
+                    path = Path(directory, name)
+                    mode = os.lstat(path).st_mode
+                    if stat.S_ISLNK(mode):
+                        raise self._refuse(path, mode)
+                    if stat.S_ISREG(mode):
+                        keys.append(path.relative_to(self.root).as_posix())
+                    elif not stat.S_ISDIR(mode):
+                        raise self._refuse(path, mode)
+            self._keys = sorted(keys)
+        return self._keys
+
+    # -- the Store API, each call checked ---------------------------------------------------
+    def get_sync(self, key: str, *, prototype: BufferPrototype | None = None,
+                 byte_range: ByteRequest | None = None) -> Buffer | None:
+        if self._file(key) is None:
+            return None
+        return super().get_sync(key, prototype=prototype, byte_range=byte_range)
+
+    async def get(self, key: str, prototype: BufferPrototype | None = None,
+                  byte_range: ByteRequest | None = None) -> Buffer | None:
+        if self._file(key) is None:
+            return None
+        return await super().get(key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype: BufferPrototype,
+                                 key_ranges: Iterable[tuple[str, ByteRequest | None]]) -> list[Buffer | None]:
+        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
+
+    async def exists(self, key: str) -> bool:
+        return self._file(key) is not None
+
+    async def getsize(self, key: str) -> int:
+        path = self._file(key)
+        if path is None:
+            raise FileNotFoundError(key)
+        return path.stat().st_size
+
+    async def list(self) -> AsyncIterator[str]:
+        for key in self.stored_keys():
+            yield key
+
+    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
+        for key in self.stored_keys():
+            if key.startswith(prefix):
+                yield key
+
+    async def list_dir(self, prefix: str) -> AsyncIterator[str]:
+        found = self._lookup(prefix)
+        if found is None or not stat.S_ISDIR(found[1]):
+            return
+        for entry in sorted(os.listdir(found[0])):
+            yield entry
+
+
+class ArchiveStore(BundleStore, ZipStore):
+    """A read-only ``ZipStore`` over an archive whose members were checked by :func:`check_archive`."""
+
+    def __init__(self, path: Path | str) -> None:
+        super().__init__(path, mode="r", read_only=True)
+        self._keys: list[str] | None = None
+
+    def stored_keys(self) -> list[str]:
+        if self._keys is None:
+            with zipfile.ZipFile(self.path) as archive:
+                self._keys = sorted(archive.namelist())
+        return self._keys
+
+    def _get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        try:
+            return super()._get(key, prototype, byte_range)
+        except (zipfile.BadZipFile, EOFError, OSError) as exc:
+            raise BundleCorruptError(f"{self.path}: zip member {key} cannot be read ({exc})",
+                                     hint=_ZIP_HINT) from None
+
+
+def open_read_store(path: str | os.PathLike[str]) -> DirectoryStore | ArchiveStore:
+    """A read-only Zarr store over a bundle directory or zip file (checked as described above)."""
     path = Path(path)
     if path.is_dir():
-        return LocalStore(path, read_only=True)
+        return DirectoryStore(path.resolve())
     if path.is_file():
         if not zipfile.is_zipfile(path):
             raise NotABundleError(f"{path} is a file but not a zip: not a ptrace bundle",
                                   hint="bundles are *.zarr directories or *.zarr.zip files")
-        return ZipStore(path, mode="r")
+        check_archive(path)
+        return ArchiveStore(path)
     raise BundleNotFoundError(f"no bundle at {path}")
+
+
+#: A zip local file header (APPNOTE 4.3.7): signature, version, flags, method, time, date, crc,
+#: compressed size, uncompressed size, name length, extra length.
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+_ZIP64_SIZE = 0xFFFFFFFF
+_DATA_DESCRIPTOR_FLAG = 0x08
+_ENCRYPTED_FLAG = 0x01
+
+
+def check_archive(path: Path) -> None:
+    """Refuse a zip whose members a reader or ``unpack`` could be fooled by.
+
+    Members must be stored (not compressed: a deflated member can inflate far beyond the
+    archive), unencrypted, regular files with a relative path inside the bundle, present once
+    (other zip tools may read the other copy), and their sizes in the central directory and in
+    their local header must agree with each other and fit in the file: so the stored bytes of all
+    members together never exceed the archive's size.
+    """
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive, path.open("rb") as raw:
+            members = archive.infolist()
+            seen: set[str] = set()
+            total = 0
+            for member in members:
+                problem = _member_problem(member, raw, size, seen)
+                if problem:
+                    raise BundleCorruptError(f"{path}: zip member {member.filename!r} {problem}", hint=_ZIP_HINT)
+                seen.add(member.filename)
+                total += member.compress_size
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, struct.error, ValueError) as exc:
+        if isinstance(exc, BundleError):
+            raise
+        raise BundleCorruptError(f"{path} is not a readable zip ({exc})", hint=_ZIP_HINT) from None
+    if total > size:
+        raise BundleCorruptError(f"{path}: its members declare {total} bytes but the archive holds {size} "
+                                 "(overlapping members)", hint=_ZIP_HINT)
+
+
+def _member_problem(member: zipfile.ZipInfo, raw, size: int, seen: set[str]) -> str | None:
+    name = PurePosixPath(member.filename)
+    if member.filename in seen:
+        return "appears twice"
+    if name.is_absolute() or ".." in name.parts or "\\" in member.filename:
+        return "escapes the bundle"
+    if member.compress_type != zipfile.ZIP_STORED:
+        return f"is compressed (zip method {member.compress_type}); bundle members are stored"
+    if member.flag_bits & _ENCRYPTED_FLAG:
+        return "is encrypted"
+    if stat.S_ISLNK(member.external_attr >> 16):
+        return "is a symbolic link"
+    if member.file_size != member.compress_size:
+        return f"declares {member.file_size} bytes but stores {member.compress_size}"
+    raw.seek(member.header_offset)
+    header = raw.read(_LOCAL_HEADER.size)
+    if len(header) < _LOCAL_HEADER.size:
+        return "has a truncated local header"
+    signature, _, flags, method, _, _, _, stored, plain, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+    if signature != b"PK\x03\x04":
+        return "has no local header where the directory says"
+    if method != member.compress_type:
+        return "has a local header that disagrees with the directory (method)"
+    if not flags & _DATA_DESCRIPTOR_FLAG and _ZIP64_SIZE not in (stored, plain) and \
+            (stored, plain) != (member.compress_size, member.file_size):
+        return "has a local header that disagrees with the directory (sizes)"
+    encoding = "utf-8" if member.flag_bits & 0x800 else "cp437"
+    if raw.read(name_len) != member.orig_filename.encode(encoding):
+        return "has a local header that disagrees with the directory (name)"
+    end = member.header_offset + _LOCAL_HEADER.size + name_len + extra_len + member.compress_size
+    if end > size:
+        return f"declares {member.compress_size} bytes past the end of the archive"
+    return None
 
 
 def claim_output(path: Path, overwrite: bool) -> None:
@@ -38,7 +277,7 @@ def claim_output(path: Path, overwrite: bool) -> None:
 
 def replace_path(staged: Path, final: Path) -> None:
     """Move a finished staging path over ``final``: the last, atomic step of every write."""
-    if final.exists():
+    if final.exists() or final.is_symlink():
         if final.is_dir() and not final.is_symlink():
             shutil.rmtree(final)
         else:
@@ -47,23 +286,32 @@ def replace_path(staged: Path, final: Path) -> None:
 
 
 def pack(bundle_dir: Path, zip_path: Path, *, overwrite: bool = False) -> Path:
-    """Write a bundle directory as one zip (members stored, not deflated: chunks are compressed)."""
+    """Write a bundle directory as one zip (members stored, not deflated: chunks are compressed).
+
+    A symbolic link or special file anywhere in the directory is refused, never followed: a
+    zip made for a bug report must not carry a file the link points to.
+    """
     from ptrace.bundle_spec.reader import open_bundle
 
     claim_output(zip_path, overwrite)
     if not bundle_dir.is_dir():
         raise BundleError(f"{bundle_dir} is not a bundle directory")
     open_bundle(bundle_dir).close()  # refuse to pack something that does not read as complete
+    files = DirectoryStore(bundle_dir.resolve()).stored_keys()  # refuses links and special files
     staged = zip_path.with_name(zip_path.name + ".partial")
     with zipfile.ZipFile(staged, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for file in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
-            archive.write(file, file.relative_to(bundle_dir).as_posix())
+        for key in files:
+            archive.write(bundle_dir / key, key)
     replace_path(staged, zip_path)
     return zip_path
 
 
 def unpack(zip_path: Path, bundle_dir: Path, *, overwrite: bool = False) -> Path:
-    """Extract a zipped bundle into a directory, refusing members that would escape it."""
+    """Extract a zipped bundle into a directory.
+
+    ``open_bundle`` checks the archive first (:func:`check_archive`), so what is written is at
+    most the archive's own size and stays inside ``bundle_dir``.
+    """
     from ptrace.bundle_spec.reader import open_bundle
 
     claim_output(bundle_dir, overwrite)
@@ -71,11 +319,11 @@ def unpack(zip_path: Path, bundle_dir: Path, *, overwrite: bool = False) -> Path
     staged = bundle_dir.with_name(bundle_dir.name + ".partial")
     if staged.exists():
         shutil.rmtree(staged)
-    with zipfile.ZipFile(zip_path) as archive:
-        for member in archive.infolist():
-            name = PurePosixPath(member.filename)
-            if name.is_absolute() or ".." in name.parts:
-                raise NotABundleError(f"{zip_path}: member {member.filename!r} escapes the bundle")
-        archive.extractall(staged)
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            archive.extractall(staged)
+    except (zipfile.BadZipFile, EOFError) as exc:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise BundleCorruptError(f"{zip_path}: cannot extract ({exc})", hint=_ZIP_HINT) from None
     replace_path(staged, bundle_dir)
     return bundle_dir

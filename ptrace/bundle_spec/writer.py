@@ -38,6 +38,11 @@ CHUNK_BYTES = 4 << 20
 MAX_CHUNK_ROWS = 8192
 
 
+#: Store every chunk, all-zero ones included: a chunk that is not stored reads as the fill
+#: value, indistinguishable from a deleted one, and readers bound how many may be absent.
+_EVERY_CHUNK = {"write_empty_chunks": True}
+
+
 def _chunk_rows(row_bytes: int) -> int:
     return int(max(1, min(MAX_CHUNK_ROWS, CHUNK_BYTES // max(row_bytes, 1))))
 
@@ -112,7 +117,7 @@ class BundleWriter:
         payload = np.frombuffer(msgpack.packb(data, use_bin_type=True), dtype=np.uint8)
         array = self._root.create_array(
             path, shape=payload.shape, dtype=np.uint8, chunks=payload.shape,
-            serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0,
+            serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0, config=_EVERY_CHUNK,
         )
         array[...] = payload
 
@@ -143,7 +148,7 @@ class BundleWriter:
             path, shape=(0, *row_shape), dtype=dtypes.storage_dtype(logical),
             chunks=(chunk_rows, *row_shape) if row_shape else (chunk_rows,),
             serializer=BytesCodec(endian="little"), compressors=_compressors(compress),
-            fill_value=0, attributes={"ptrace": {"dtype": logical}},
+            fill_value=0, attributes={"ptrace": {"dtype": logical}}, config=_EVERY_CHUNK,
         )
         return _Stream(array=array, logical=logical, chunk_rows=chunk_rows)
 

@@ -2,12 +2,16 @@
 
 ``main`` is the only place errors become exit codes: a :class:`~ptrace.errors.PtraceError`
 prints one line on stderr; anything else too, unless ``--debug`` asks for the traceback.
+Libraries' warnings and logs stay off stderr unless ``--debug``; everything that is printed
+goes through the console, which escapes control characters (``console.py``).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import traceback
+import warnings
 from typing import Annotated
 
 import click
@@ -42,8 +46,13 @@ def _global(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
 ) -> None:
     console.debug = debug
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = console.log_handler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR, handlers=[handler], force=True)
+    logging.getLogger("ptrace").setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.captureWarnings(debug)
+    if not debug:
+        warnings.simplefilter("ignore")
 
 
 app.command(rich_help_panel="Run")(capture)
@@ -82,12 +91,13 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     except PtraceError as exc:
         if console.debug:
-            raise
+            console.traceback(traceback.format_exc())
         console.error(str(exc))
         code = exc.exit_code
     except Exception as exc:  # an engine's own failure: still one line, with the way to more
         if console.debug:
-            raise
-        console.error(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
+            console.traceback(traceback.format_exc())
+        more = "" if console.debug else " (run with --debug for the traceback)"
+        console.error(f"{type(exc).__name__}: {exc}{more}")
         code = 1
     sys.exit(code if isinstance(code, int) else 0)

@@ -3,7 +3,6 @@ is imported: only the backends' declarations are read)."""
 
 from __future__ import annotations
 
-from rich.table import Table
 from rich.text import Text
 
 from ptrace.cli import options as opt
@@ -33,7 +32,7 @@ def backends(as_json: opt.Json = False) -> None:
     if as_json:
         console.json(rows)
         return
-    table = Table("backend", "status", "description", "can", "engine options")
+    table = console.table("backend", "status", "description", "can", "engine options")
     for row in rows:
         status = Text(f"ready ({row['runs_in']})", "green") if row["available"] else Text(row["reason"], "yellow")
         caps = row["capabilities"] or {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from ptrace.cli import options as opt
@@ -37,7 +36,7 @@ def list_environments(
     if as_json:
         console.json(rows)
         return
-    table = Table("environment", "status", "path", "what")
+    table = console.table("environment", "status", "path", "what")
     for row in rows:
         status = Text("ready", "green") if row["python"] else Text(f"missing: ptrace envs create {row['name']}", "yellow")
         table.add_row(row["name"], status, row["path"], row["note"])

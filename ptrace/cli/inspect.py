@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-from rich.text import Text
 
 from ptrace.cli import options as opt
 from ptrace.cli.console import console
@@ -28,12 +28,21 @@ def _short(text: str | None, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _at(document: Any, *keys: str) -> Any:
+    """A value inside a free-form metadata map (section 3.4 of SPEC.md), or "?" where it is absent."""
+    for key in keys:
+        if not isinstance(document, dict) or key not in document:
+            return "?"
+        document = document[key]
+    return document
+
+
 def _fields(title: str, items: dict[str, Any]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left", title_style="bold")
+    table = console.table(title=title, show_header=False, title_justify="left", title_style="bold")
     table.add_column(style="cyan")
     table.add_column()
     for key, value in items.items():
-        table.add_row(Text(key), Text(str(value)))
+        table.add_row(key, value)
     return table
 
 
@@ -54,7 +63,7 @@ def inspect(
     console.print(_fields("Bundle", {
         "path": info["path"], "spec version": meta["spec_version"], "bundle id": meta["bundle_id"],
         "created": meta["created"], "written by": f"ptrace {meta['ptrace_version']}",
-        "mode": meta["mode"], "command": " ".join(meta["command"]),
+        "mode": meta["mode"], "command": shlex.join(meta["command"]),
         **({"replay of": f"{info['replay']['source_path']} ({info['replay']['mode']}"
                          f"{', different weights' if info['replay']['model_mismatch'] else ''})"}
            if info["replay"] else {})}))
@@ -70,19 +79,21 @@ def inspect(
         "max new tokens": sampling["max_new_tokens"], "top logprobs": sampling["logprobs"],
         "engine": run["engine"]}))
     packages = {k: v for k, v in env["packages"].items() if v}
+    accelerators = _at(env, "hardware", "accelerators")
     console.print(_fields("Environment", {
-        "python": env["python"]["version"], "os": env["os"]["platform"], "cpu": env["hardware"]["cpu"],
-        "accelerators": ", ".join(a["name"] for a in env["hardware"]["accelerators"]) or "none",
+        "python": _at(env, "python", "version"), "os": _at(env, "os", "platform"), "cpu": _at(env, "hardware", "cpu"),
+        "accelerators": ", ".join(str(_at(a, "name")) for a in accelerators) if isinstance(accelerators, list)
+                        else accelerators,
         "packages": ", ".join(f"{k} {v}" for k, v in packages.items()),
         "numerics env": env["env"] or "none"}))
-    requests = Table(title="Requests", title_justify="left", title_style="bold")
+    requests = console.table(title="Requests", title_justify="left", title_style="bold")
     for column in ("#", "prompt", "tokens in", "tokens out", "generated"):
         requests.add_column(column)
     for r in info["requests"]:
-        requests.add_row(str(r["index"]), Text(_short(r["prompt"], 40)), str(r["prompt_len"]),
-                         str(r["output_len"]), Text(_short(r["output_text"], 60)))
+        requests.add_row(r["index"], _short(r["prompt"], 40), r["prompt_len"], r["output_len"],
+                         _short(r["output_text"], 60))
     console.print(requests)
-    tensors = Table(title=f"Tensors ({meta['mode']} mode)", title_justify="left", title_style="bold")
+    tensors = console.table(title=f"Tensors ({meta['mode']} mode)", title_justify="left", title_style="bold")
     tensors.add_column("name", no_wrap=True)
     for column in ("rows×shape (req 0)", "dtype", "size", "mean |x|", "max |x|", "NaN/Inf"):
         tensors.add_column(column, no_wrap=True)
@@ -90,7 +101,7 @@ def inspect(
         s = t["stats"]
         peak = max(abs(s.get("min", 0.0)), abs(s.get("max", 0.0))) if s else float("nan")
         shape = "×".join(map(str, t["shape_request0"])) if t["shape_request0"] else "stats only"
-        tensors.add_row(Text(t["name"]), shape, str(t["dtype"] or "-"),
+        tensors.add_row(t["name"], shape, t["dtype"] or "-",
                         _size(t["bytes"]), f"{s.get('abs_mean', float('nan')):.4g}", f"{peak:.4g}",
                         f"{s.get('nan_count', 0)}/{s.get('inf_count', 0)}")
     console.print(tensors)

@@ -23,7 +23,7 @@ def validate(
         console.json({"path": str(bundle), "valid": not problems, "problems": problems})
     elif problems:
         for problem in problems:
-            console.error(problem)
+            console.error(f"{bundle}: {problem}")
     else:
         console.success(f"{bundle}: valid ptrace bundle")
     if problems:

@@ -9,6 +9,7 @@ jinja2 template with autoescaping on, so any string that came from a bundle (a p
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Mapping
 from pathlib import Path, PurePath
 from typing import Any
@@ -27,6 +28,7 @@ def _environment() -> jinja2.Environment:
                              autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _number
+    env.filters["shell"] = shlex.join  # a command line as a shell would need it typed
     return env
 
 
@@ -169,7 +171,7 @@ def _commands(c: Comparison) -> list[str]:
     """The comparisons that reproduce this report from the bundles (two for a replay that ran
     in both modes: tensors from one run, tokens from the other)."""
     others = [c.b["path"], *([c.b["token_run_path"]] if "token_run_path" in c.b else [])]
-    return [f"ptrace compare {c.a['path']} {other}" for other in others]
+    return [shlex.join(["ptrace", "compare", c.a["path"], other]) for other in others]
 
 
 def render(comparison: Comparison) -> str:

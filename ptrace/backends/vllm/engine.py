@@ -85,7 +85,7 @@ class VllmBackend(Backend):
             "model": str(options.model_dir), "dtype": options.dtype, "enforce_eager": True,
             "enable_prefix_caching": False, "max_logprobs": -1, "logits_processors": [ForcedTokens],
             "max_model_len": min(int(config.get("max_position_embeddings", 4096)), 8192),
-            "seed": 0,
+            "seed": 0, "trust_remote_code": False,
         }
         kwargs.update(options.engine_options)
         if "attention_backend" in kwargs:

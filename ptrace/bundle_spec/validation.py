@@ -1,0 +1,192 @@
+"""``validate_bundle``: every rule of SPEC.md that a bundle can break, one line per problem.
+
+Opening problems (not a bundle, newer spec, incomplete, a symbolic link, a malformed zip) raise,
+as they do for every reader. Everything else is collected: metadata documents, the manifest,
+every node, every array's metadata, chunks and whole-content checksum, and the per-request
+invariants of sections 2 and 6 (positions strictly increasing included). Declared sizes are
+weighed against what is stored before any chunk is read (``Bundle._node``), so this returns in
+time proportional to the bundle's bytes, whatever it declares.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any
+
+import google_crc32c
+import numpy as np
+import zarr
+
+from ptrace.bundle_spec import layout, names
+from ptrace.bundle_spec.dtypes import is_logical
+from ptrace.bundle_spec.layout import request_array, stats_array, tensor_array
+from ptrace.bundle_spec.reader import MAX_CHUNK_BYTES, Bundle, error_reason, logical_dtype, open_bundle
+from ptrace.bundle_spec.schema import ArrayRecord, EnvironmentInfo, ModelInfo, ReplayInfo, RequestsInfo, RunInfo
+from ptrace.bundle_spec.stats import COLUMNS
+from ptrace.errors import BundleError
+
+#: How many bytes of rows the whole-content checksum reads at once (whole chunks at a time).
+_READ_BYTES = 16 << 20
+_BUNDLE_ID = re.compile(r"^[0-9a-f]{32}$")
+_REQUEST_ARRAY = re.compile(r"^requests/(0|[1-9][0-9]*)/(.+)$")
+
+
+def validate_bundle(path: str | os.PathLike[str]) -> list[str]:
+    """Every problem found in a bundle, as one line each; an empty list means valid."""
+    problems: list[str] = []
+    with open_bundle(path) as bundle:
+        for document in (ModelInfo, RunInfo, EnvironmentInfo, RequestsInfo):
+            problems += _attempt(bundle, bundle._document, document)
+        if bundle._has_node(ReplayInfo.path):
+            problems += _attempt(bundle, bundle._document, ReplayInfo)
+        problems += _check_manifest(bundle)
+        problems += _check_nodes(bundle)
+        for array_path, record in bundle.manifest.arrays.items():
+            problems += _check_array(bundle, array_path, record)
+        if not problems:
+            problems += _check_requests(bundle)
+    return problems
+
+
+def _line(bundle: Bundle, exc: BundleError) -> str:
+    """A reader's error as a problem line: its message without the bundle path or the hint."""
+    return exc.args[0].removeprefix(f"{bundle.path}: ")
+
+
+def _attempt(bundle: Bundle, check, *args: Any) -> list[str]:
+    """Run one check, turning the error it raises into a problem line."""
+    try:
+        check(*args)
+    except BundleError as exc:
+        return [_line(bundle, exc)]
+    return []
+
+
+def _check_manifest(bundle: Bundle) -> list[str]:
+    manifest, problems = bundle.manifest, []
+    if manifest.spec_version != bundle.spec_version:
+        problems.append(f"meta/manifest: spec_version {manifest.spec_version} differs from the root "
+                        f"attribute's {bundle.spec_version}")
+    if not _BUNDLE_ID.match(manifest.bundle_id):
+        problems.append("meta/manifest: bundle_id is not 32 lowercase hex digits")
+    if manifest.mode not in ("full", "stats"):
+        problems.append(f"meta/manifest: mode {manifest.mode!r} is neither 'full' nor 'stats'")
+    problems += [f"meta/manifest: tensor name {name!r} is neither canonical nor an x. extra"
+                 for name in manifest.tensor_names if not names.is_recordable(name)]
+    for path, record in manifest.arrays.items():
+        if not _REQUEST_ARRAY.match(path) or any(part in ("", ".", "..") for part in path.split("/")):
+            problems.append(f"meta/manifest: array path {path!r} is not a request's array (section 2)")
+        elif any(size < 0 for size in record.shape) or not is_logical(record.dtype):
+            problems.append(f"meta/manifest: array {path} declares {record.dtype}{list(record.shape)}")
+    return problems
+
+
+def _check_nodes(bundle: Bundle) -> list[str]:
+    """Node names, and arrays that exist but are not listed (section 2 and 4)."""
+    problems = []
+    nodes = [key.removesuffix("zarr.json").rstrip("/") for key in bundle._store.stored_keys()
+             if key == "zarr.json" or key.endswith("/zarr.json")]
+    for node in nodes:
+        if any(part.startswith("__") for part in node.split("/")):
+            problems.append(f"node {node} has a name beginning with __ (reserved)")
+        if node and not layout.is_metadata(node) and node not in bundle.manifest.arrays:
+            try:
+                if isinstance(bundle._root[node], zarr.Array):
+                    problems.append(f"unexpected array {node} (not in the manifest)")
+            except BundleError as exc:
+                problems.append(_line(bundle, exc))
+            except Exception as exc:  # malformed metadata of a node nobody lists
+                problems.append(f"unexpected node {node} with malformed metadata ({error_reason(exc)})")
+    return problems
+
+
+def _check_array(bundle: Bundle, path: str, record: ArrayRecord) -> list[str]:
+    try:
+        node = bundle._node(path)
+    except KeyError:
+        return [f"array {path} is missing"]
+    except BundleError as exc:
+        return [_line(bundle, exc)]
+    logical = logical_dtype(node)
+    if tuple(node.shape) != tuple(record.shape) or logical != record.dtype:
+        return [f"array {path} is {logical}{list(node.shape)}, the manifest says "
+                f"{record.dtype}{list(record.shape)}"]
+    row_bytes = math.prod(node.shape[1:]) * np.dtype(node.dtype).itemsize
+    chunk_rows = node.chunks[0]
+    if chunk_rows * row_bytes > MAX_CHUNK_BYTES:
+        return [f"array {path}: one block of chunk rows holds {chunk_rows * row_bytes} bytes "
+                f"(chunks do not span whole rows); a reader holds at most {MAX_CHUNK_BYTES} at once"]
+    step = chunk_rows * max(1, _READ_BYTES // max(1, chunk_rows * row_bytes))
+    crc = 0
+    try:
+        for start in range(0, node.shape[0], step):
+            block = bundle._read(path, slice(start, start + step))
+            crc = google_crc32c.extend(crc, np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+    except BundleError as exc:
+        reason = exc.args[0].removeprefix(f"{bundle.path}: {path} is corrupted ")
+        return [f"array {path}: corrupted chunk {reason}"]
+    if crc != record.crc32c:
+        return [f"array {path}: content checksum {crc:#010x} != manifest {record.crc32c:#010x} "
+                "(a chunk is missing or was replaced)"]
+    return []
+
+
+def _check_requests(bundle: Bundle) -> list[str]:
+    """The per-request invariants of sections 2 and 6 (run only on arrays that passed their own checks)."""
+    problems = []
+    arrays = bundle.manifest.arrays
+    records = bundle.requests.requests
+    for position, record in enumerate(records):
+        if record.index != position:
+            problems.append(f"meta/requests: request {position} has index {record.index}")
+    known = {str(position) for position in range(len(records))}
+    problems += [f"array {path} belongs to no request of meta/requests" for path in arrays
+                 if _REQUEST_ARRAY.match(path).group(1) not in known]
+    if problems:
+        return problems
+    for record in records:
+        problems += _check_request(bundle, record, arrays)
+    return problems
+
+
+def _check_request(bundle: Bundle, record: Any, arrays: dict[str, ArrayRecord]) -> list[str]:
+    r, problems = record.index, []
+    missing = [leaf for leaf in layout.REQUIRED_REQUEST_ARRAYS if request_array(r, leaf) not in arrays]
+    if missing:
+        return [f"request {r}: array {leaf} is missing" for leaf in missing]
+    prompt, generated = record.prompt_len, record.output_len
+    topk_shape = arrays[request_array(r, "topk_ids")].shape
+    k = topk_shape[1] if len(topk_shape) == 2 else "k"
+    rows = arrays[request_array(r, "positions")].shape[0]
+    expected = {"prompt_ids": ("int64", [prompt]), "output_ids": ("int64", [generated]),
+                "positions": ("int64", [rows]), "topk_ids": ("int64", [generated, k]),
+                "topk_logprobs": ("float32", [generated, k]), "input_ids": ("int64", [prompt + generated - 1]),
+                "prompt_logprobs": ("float32", [prompt]), "prompt_topk_ids": ("int64", [prompt, k]),
+                "prompt_topk_logprobs": ("float32", [prompt, k])}
+    for leaf, (dtype, shape) in expected.items():
+        entry = arrays.get(request_array(r, leaf))
+        if entry is not None and (entry.dtype != dtype or list(entry.shape) != shape):
+            problems.append(f"request {r}: {leaf} is {entry.dtype}{list(entry.shape)}, expected {dtype}{shape} "
+                            f"(meta/requests says {prompt} prompt and {generated} generated tokens)")
+    problems += _attempt(bundle, _check_positions, bundle, r, prompt + max(generated - 1, 0))
+    for name in bundle.tensor_names:
+        for kind, path in ((layout.STATS, stats_array(r, name)), (layout.TENSORS, tensor_array(r, name))):
+            entry = arrays.get(path)
+            if entry is None and (kind == layout.STATS or bundle.mode == "full"):
+                problems.append(f"request {r}: {kind}/{name} is missing")
+            elif entry is not None and entry.shape[0] != rows:
+                problems.append(f"request {r}: {kind}/{name} has {entry.shape[0]} rows, positions has {rows}")
+            elif entry is not None and kind == layout.STATS and \
+                    (entry.dtype != "float64" or list(entry.shape) != [rows, len(COLUMNS)]):
+                problems.append(f"request {r}: stats/{name} is {entry.dtype}{list(entry.shape)}, expected "
+                                f"float64{[rows, len(COLUMNS)]}")
+    return problems
+
+
+def _check_positions(bundle: Bundle, request: int, fed: int) -> None:
+    positions = bundle.positions(request)  # refuses positions that are not strictly increasing
+    if positions.size and positions[-1] >= fed:
+        raise bundle._corrupt(request_array(request, "positions"),
+                              f"reaches position {positions[-1]}, past the {fed} positions fed")

@@ -1,0 +1,366 @@
+"""Hostile and broken bundles (SPEC.md section 8): bundles travel with bug reports, every reader is safe.
+
+Each test forges one kind of bundle an attacker or an unlucky user could hand over, with the
+checksums recomputed so that the payload reaches the parsers, and checks the SPEC's MUST: refused
+with a one-line error naming the bundle and the node, quickly, without following links, without
+allocating or writing what the bundle merely declares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import google_crc32c
+import msgpack
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.storage import LocalStore
+
+from ptrace.bundle_spec import open_bundle, pack, validate_bundle
+from ptrace.errors import BundleCorruptError, NotABundleError
+from tests.bundle_spec.test_roundtrip import write_minimal
+from tests.conftest import run_cli
+
+SECRET = "TOP-SECRET-CONTENT-0123456789"
+
+
+@pytest.fixture
+def bundle(tmp_path) -> Path:
+    tensor = np.random.default_rng(0).standard_normal((12, 8)).astype(np.float32)
+    write_minimal(tmp_path / "b.zarr", {"layers.0.out": tensor, "logits": tensor * 2})
+    return tmp_path / "b.zarr"
+
+
+@pytest.fixture
+def secret(tmp_path) -> Path:
+    path = tmp_path / "secret.txt"
+    path.write_text(SECRET * 100)
+    return path
+
+
+# -- forging tools: change a bundle the way an attacker would, checksums and all ---------------------
+def read_document(bundle: Path, path: str) -> dict:
+    group = zarr.open_group(LocalStore(bundle, read_only=True), mode="r")
+    return msgpack.unpackb(group[path][...].tobytes(), raw=False)
+
+
+def forge_document(bundle: Path, path: str, data: dict | bytes) -> None:
+    """Replace a metadata document by ``data`` (a map, or raw bytes), with a valid chunk checksum."""
+    payload = np.frombuffer(data if isinstance(data, bytes) else msgpack.packb(data, use_bin_type=True), np.uint8)
+    group = zarr.open_group(LocalStore(bundle), mode="r+")
+    array = group.create_array(path, shape=payload.shape, dtype=np.uint8, chunks=payload.shape,
+                               serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0,
+                               overwrite=True)
+    array[...] = payload
+
+
+def edit_manifest(bundle: Path, **changes) -> dict:
+    manifest = read_document(bundle, "meta/manifest") | changes
+    forge_document(bundle, "meta/manifest", manifest)
+    return manifest
+
+
+def forge_array(bundle: Path, path: str, data: np.ndarray) -> None:
+    """Replace an array's content and its manifest record (shape, CRC), as a consistent forger would."""
+    group = zarr.open_group(LocalStore(bundle), mode="r+")
+    array = group.create_array(path, shape=data.shape, dtype=data.dtype, chunks=data.shape or (1,),
+                               serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0,
+                               attributes={"ptrace": {"dtype": data.dtype.name}}, overwrite=True)
+    array[...] = data
+    manifest = read_document(bundle, "meta/manifest")
+    manifest["arrays"][path] = {"shape": list(data.shape), "dtype": data.dtype.name,
+                                "crc32c": google_crc32c.value(np.ascontiguousarray(data).tobytes())}
+    forge_document(bundle, "meta/manifest", manifest)
+
+
+def edit_zarr_json(bundle: Path, node: str, **changes) -> None:
+    path = bundle / node / "zarr.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+def one_line_error(result) -> str:
+    assert result.returncode != 0, result.stdout
+    for noise in ("Traceback", "Task exception", "Warning", "RecursionError"):
+        assert noise not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+# -- symbolic links: never followed ------------------------------------------------------------------
+def test_pack_refuses_a_link_and_leaks_nothing(bundle, secret, tmp_path):
+    (bundle / "notes.txt").symlink_to(secret)
+    with pytest.raises(BundleCorruptError, match="notes.txt is a symbolic link"):
+        pack(bundle, tmp_path / "b.zarr.zip")
+    assert not (tmp_path / "b.zarr.zip").exists()
+    line = one_line_error(run_cli("pack", bundle, "-o", tmp_path / "c.zarr.zip"))
+    assert "symbolic link" in line and SECRET not in line
+    assert not (tmp_path / "c.zarr.zip").exists()
+
+
+def test_readers_refuse_a_chunk_that_is_a_link(bundle, secret, tmp_path):
+    chunk = bundle / "requests/0/tensors/logits/c/0/0"
+    outside = tmp_path / "outside-chunk"
+    shutil.move(chunk, outside)  # the very same bytes: only the link is wrong
+    chunk.symlink_to(outside)
+    with pytest.raises(BundleCorruptError, match="symbolic link"):
+        open_bundle(bundle)
+    chunk.unlink()
+    chunk.symlink_to(secret)  # a link to another file: its bytes must never be quoted
+    for command in ("validate", "inspect"):
+        line = one_line_error(run_cli(command, bundle))
+        assert "requests/0/tensors/logits/c/0/0 is a symbolic link" in line and SECRET not in line
+
+
+def test_readers_refuse_a_node_that_is_a_link_inside_the_bundle(bundle):
+    shutil.rmtree(bundle / "requests/0/stats/logits")
+    (bundle / "requests/0/stats/logits").symlink_to(bundle / "requests/0/stats/layers.0.out")
+    with pytest.raises(BundleCorruptError, match="symbolic link"):
+        validate_bundle(bundle)
+
+
+def test_readers_refuse_special_files_instead_of_blocking(bundle):
+    chunk = bundle / "requests/0/tensors/logits/c/0/0"
+    chunk.unlink()
+    os.mkfifo(chunk)  # reading a FIFO blocks forever
+    line = one_line_error(run_cli("validate", bundle, timeout=60))
+    assert "not a regular file" in line
+
+
+def test_zip_member_that_is_a_link_is_refused(bundle, tmp_path):
+    archive = pack(bundle, tmp_path / "b.zarr.zip")
+    with zipfile.ZipFile(archive, "a") as zipped:
+        link = zipfile.ZipInfo("notes.txt")
+        link.external_attr = 0o120777 << 16
+        zipped.writestr(link, "/etc/passwd")
+    with pytest.raises(BundleCorruptError, match="symbolic link"):
+        open_bundle(archive)
+
+
+# -- denial of service: declarations are weighed against what is stored ------------------------------
+def test_enormous_declared_shape_is_refused_in_seconds(bundle):
+    """A manifest and zarr.json that agree on ~10**11 rows of which nothing is stored."""
+    rows = 10**11
+    edit_zarr_json(bundle, "requests/0/tensors/logits", shape=[rows, 8])
+    manifest = read_document(bundle, "meta/manifest")
+    manifest["arrays"]["requests/0/tensors/logits"]["shape"] = [rows, 8]
+    forge_document(bundle, "meta/manifest", manifest)
+    started = time.monotonic()
+    result = run_cli("validate", bundle, timeout=60)
+    assert time.monotonic() - started < 20
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "requests/0/tensors/logits declares shape [100000000000, 8]" in result.stderr
+    assert "declared size is corrupt" in result.stderr
+    with open_bundle(bundle) as opened, pytest.raises(BundleCorruptError, match="declared size is corrupt"):
+        opened.tensor(0, "logits")
+
+
+def test_huge_chunks_are_refused_before_allocation(bundle):
+    node = json.loads((bundle / "requests/0/tensors/logits/zarr.json").read_text())
+    node["chunk_grid"]["configuration"]["chunk_shape"] = [2**31, 8]
+    (bundle / "requests/0/tensors/logits/zarr.json").write_text(json.dumps(node))
+    with open_bundle(bundle) as opened, pytest.raises(BundleCorruptError, match="declares chunks of"):
+        opened.tensor(0, "logits")
+
+
+def test_many_absent_tiny_chunks_are_refused(bundle):
+    node = json.loads((bundle / "requests/0/tensors/logits/zarr.json").read_text())
+    node["chunk_grid"]["configuration"]["chunk_shape"] = [1, 1]  # 96 declared, 1 stored ...
+    node["shape"] = [200_000, 8]  # ... and now 1.6 million
+    (bundle / "requests/0/tensors/logits/zarr.json").write_text(json.dumps(node))
+    started = time.monotonic()
+    with open_bundle(bundle) as opened, pytest.raises(BundleCorruptError, match="declared size is corrupt"):
+        opened.tensor(0, "logits")
+    assert time.monotonic() - started < 5
+
+
+def _rezip(bundle: Path, archive: Path, compression: int = zipfile.ZIP_STORED, extra: tuple = ()) -> Path:
+    with zipfile.ZipFile(archive, "w", compression=compression) as zipped:
+        for file in sorted(p for p in bundle.rglob("*") if p.is_file()):
+            zipped.write(file, file.relative_to(bundle).as_posix())
+        for name, data in extra:
+            zipped.writestr(name, data)
+    return archive
+
+
+def test_deflated_zip_members_are_refused_and_never_unpacked(bundle, tmp_path):
+    archive = _rezip(bundle, tmp_path / "b.zarr.zip", zipfile.ZIP_DEFLATED)
+    with pytest.raises(BundleCorruptError, match="is compressed"):
+        open_bundle(archive)
+    line = one_line_error(run_cli("unpack", archive, "-o", tmp_path / "out.zarr"))
+    assert "is compressed" in line and str(archive) in line
+    assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "out.zarr.partial").exists()
+
+
+def _central_entry(data: bytes, name: str) -> int:
+    """Where the zip's central directory entry for ``name`` starts (APPNOTE 4.3.12)."""
+    at = data.index(b"PK\x01\x02")
+    while data[at + 46:at + 46 + int.from_bytes(data[at + 28:at + 30], "little")] != name.encode():
+        at = data.index(b"PK\x01\x02", at + 4)
+    return at
+
+
+def test_zip_member_whose_declared_size_disagrees_is_refused(bundle, tmp_path):
+    archive = pack(bundle, tmp_path / "b.zarr.zip")
+    data = bytearray(archive.read_bytes())
+    entry = _central_entry(data, "requests/0/tensors/logits/c/0/0")
+    data[entry + 24:entry + 28] = (2**31).to_bytes(4, "little")  # uncompressed size: 2 GiB
+    archive.write_bytes(bytes(data))
+    with pytest.raises(BundleCorruptError, match="declares 2147483648 bytes but stores"):
+        open_bundle(archive)
+    data[entry + 20:entry + 24] = (2**31).to_bytes(4, "little")  # and compressed size: past the end
+    archive.write_bytes(bytes(data))
+    with pytest.raises(BundleCorruptError, match="sizes|past the end"):
+        open_bundle(archive)
+
+
+def test_deeply_nested_metadata_is_refused_without_recursion(bundle):
+    model = read_document(bundle, "meta/model")
+    nested: dict = {}
+    for _ in range(1000):
+        nested = {"x": nested}
+    model["config"] = nested
+    forge_document(bundle, "meta/model", model)
+    with open_bundle(bundle) as opened, pytest.raises(BundleCorruptError, match="meta/model .*nested more than"):
+        opened.model
+    line = one_line_error(run_cli("inspect", bundle))
+    assert str(bundle) in line and "meta/model" in line
+
+
+@pytest.mark.parametrize("value, message", [(msgpack.ExtType(42, b"payload"), "extension type 42"),
+                                            (msgpack.Timestamp(0), "type Timestamp")])
+def test_msgpack_extension_types_are_refused(bundle, value, message):
+    model = read_document(bundle, "meta/model")
+    model["config"] = {"when": value}
+    forge_document(bundle, "meta/model", model)
+    with open_bundle(bundle) as opened, pytest.raises(BundleCorruptError, match=message):
+        opened.model
+
+
+# -- silent acceptance: types are strict, every invariant is checked --------------------------------
+@pytest.mark.parametrize("changes, message", [
+    ({"complete": "false"}, "meta/manifest.complete is str 'false', expected bool"),
+    ({"spec_version": True}, "meta/manifest.spec_version is bool True, expected int"),
+    ({"tensor_names": "logits"}, "meta/manifest.tensor_names is str"),
+    ({"arrays": {"requests/0/positions": {"shape": [12.0], "dtype": "int64", "crc32c": 0}}},
+     r"meta/manifest.arrays.requests/0/positions.shape\[0\] is float 12.0, expected int"),
+])
+def test_metadata_types_are_strict(bundle, changes, message):
+    edit_manifest(bundle, **changes)
+    with pytest.raises(BundleCorruptError, match=message):
+        open_bundle(bundle)
+
+
+def test_request_records_are_typed_strictly(bundle):
+    requests = read_document(bundle, "meta/requests")
+    requests["requests"][0]["prompt_len"] = True
+    forge_document(bundle, "meta/requests", requests)
+    problems = validate_bundle(bundle)
+    assert any("meta/requests.requests[0].prompt_len is bool True, expected int" in p for p in problems), problems
+
+
+def test_root_spec_version_must_be_an_integer(bundle):
+    meta = json.loads((bundle / "zarr.json").read_text())
+    meta["attributes"]["ptrace_bundle"]["spec_version"] = True
+    (bundle / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(NotABundleError, match="spec_version"):
+        open_bundle(bundle)
+
+
+def test_duplicate_zip_members_are_refused(bundle, tmp_path):
+    manifest_chunk = (bundle / "meta/manifest/c/0").read_bytes()
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        archive = _rezip(bundle, tmp_path / "b.zarr.zip", extra=(("meta/manifest/c/0", manifest_chunk),))
+    with pytest.raises(BundleCorruptError, match="'meta/manifest/c/0' appears twice"):
+        open_bundle(archive)
+
+
+def test_positions_must_strictly_increase(bundle):
+    from ptrace import compare_bundles
+
+    other = bundle.with_name("other.zarr")
+    shutil.copytree(bundle, other)
+    positions = np.arange(12, dtype=np.int64)
+    positions[[3, 4]] = positions[[4, 3]]
+    forge_array(other, "requests/0/positions", positions)
+    assert any("positions is not a strictly increasing" in p for p in validate_bundle(other))
+    with open_bundle(bundle) as a, open_bundle(other) as b:
+        with pytest.raises(BundleCorruptError, match="requests/0/positions"):
+            b.positions(0)
+        with pytest.raises(BundleCorruptError, match="requests/0/positions"):
+            compare_bundles(a, b)
+
+
+def test_positions_past_the_fed_tokens_are_refused(bundle):
+    forge_array(bundle, "requests/0/positions", np.arange(100, 112, dtype=np.int64))
+    assert any("reaches position 111" in p for p in validate_bundle(bundle))
+
+
+def test_every_spec_invariant_of_a_request_is_checked(bundle):
+    forge_array(bundle, "requests/0/prompt_ids", np.arange(3, dtype=np.int64))  # meta/requests says 11
+    forge_array(bundle, "requests/0/topk_logprobs", np.zeros((2, 3), np.float64))  # float32 in the spec
+    problems = validate_bundle(bundle)
+    assert any("prompt_ids is int64[3], expected int64[11]" in p for p in problems), problems
+    assert any("topk_logprobs is float64[2, 3], expected float32[2, 3]" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("entry", ["../../../etc/passwd", "requests/0/../../x", "meta/model"])
+def test_manifest_paths_outside_the_requests_are_refused(bundle, entry):
+    manifest = read_document(bundle, "meta/manifest")
+    manifest["arrays"][entry] = {"shape": [1], "dtype": "uint8", "crc32c": 0}
+    forge_document(bundle, "meta/manifest", manifest)
+    assert any(f"array path {entry!r} is not a request's array" in p for p in validate_bundle(bundle))
+
+
+# -- one line, not noise -----------------------------------------------------------------------------
+def test_stray_file_prints_no_library_warning(bundle):
+    (bundle / "notes.txt").write_text("hello")
+    result = run_cli("validate", bundle)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+@pytest.mark.parametrize("garbage", ["{not json", json.dumps({"zarr_format": 3, "node_type": "array",
+                                                                "shape": "many"})])
+def test_malformed_array_metadata_is_one_line_naming_the_node(bundle, garbage):
+    (bundle / "requests/0/stats/logits/zarr.json").write_text(garbage)
+    for command in ("inspect", "compare"):
+        args = (command, bundle) if command == "inspect" else (command, bundle, bundle)
+        line = one_line_error(run_cli(*args))
+        assert str(bundle) in line and "requests/0/stats/logits" in line and "malformed Zarr metadata" in line
+    result = run_cli("validate", bundle)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "Task exception" not in result.stderr
+    assert "requests/0/stats/logits has malformed Zarr metadata" in result.stderr
+
+
+def test_garbage_metadata_document_is_one_line_naming_it(bundle):
+    forge_document(bundle, "meta/run", b"\xc1\xc1\xc1 not msgpack")
+    line = one_line_error(run_cli("inspect", bundle))
+    assert str(bundle) in line and "meta/run is not a valid metadata document" in line
+
+
+def test_truncated_zip_is_one_line(bundle, tmp_path):
+    archive = pack(bundle, tmp_path / "b.zarr.zip")
+    archive.write_bytes(archive.read_bytes()[:-200])
+    line = one_line_error(run_cli("inspect", archive))
+    assert str(archive) in line
+
+
+def test_corrupt_zip_member_is_one_line_naming_the_member(bundle, tmp_path):
+    archive = pack(bundle, tmp_path / "b.zarr.zip")
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zipped:
+        member = zipped.getinfo("requests/0/stats/logits/c/0/0")
+    start = member.header_offset + 30 + len(member.filename) + len(member.extra)
+    data[start + 20] ^= 0xFF  # the zip's own CRC-32 of the member now fails
+    archive.write_bytes(bytes(data))
+    line = one_line_error(run_cli("inspect", archive))
+    assert "requests/0/stats/logits" in line and str(archive) in line
+    line = one_line_error(run_cli("unpack", archive, "-o", tmp_path / "out.zarr"))
+    assert not (tmp_path / "out.zarr").exists()
