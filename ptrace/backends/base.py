@@ -150,6 +150,31 @@ class EngineTensor(ABC):
         """A tensor of the same shape, dtype and device holding ``array``'s values."""
 
 
+class NativeTensor(EngineTensor):
+    """An :class:`EngineTensor` over one of the engine's own tensors, kept as ``native`` (which
+    the engine's hooks take back when an interceptor replaced it)."""
+
+    def __init__(self, native: Any) -> None:
+        self.native = native
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.native.shape)
+
+
+def layer_modules(layers: Sequence[Any], attn_norm: str, attn: str, mlp_norm: str,
+                  mlp: str) -> dict[str, Any]:
+    """Canonical name -> the decoder-layer module whose output it is (SPEC.md section 5), given
+    the attribute names an engine's decoder layer gives those modules; ``layers.{i}.out`` is the
+    layer itself."""
+    parts = {"attn_norm": attn_norm, "attn": attn, "mlp_norm": mlp_norm, "mlp": mlp}
+    modules: dict[str, Any] = {}
+    for i, layer in enumerate(layers):
+        modules.update({f"layers.{i}.{part}": getattr(layer, attribute) for part, attribute in parts.items()})
+        modules[f"layers.{i}.out"] = layer
+    return modules
+
+
 class Interceptor(ABC):
     """Sees (and may replace) canonical tensors as the engine produces them."""
 
@@ -173,41 +198,6 @@ class Generation:
     prompt_topk_logprobs: np.ndarray | None = None
     prompt_logprobs: np.ndarray | None = None
     finish_reason: str = "length"
-
-
-class DecodeSteps:
-    """One request's decode-loop bookkeeping, for engines that drive their own loop (one step
-    per forward pass): what was chosen, when to stop, and which token to feed next."""
-
-    def __init__(self, sampling: SamplingParams, forced: np.ndarray | None, eos_ids: set[int]) -> None:
-        self.sampling, self.forced, self.eos_ids = sampling, forced, eos_ids
-        self.tokens: list[int] = []
-        self.top_ids: list[np.ndarray] = []
-        self.top_logprobs: list[np.ndarray] = []
-        self.finish_reason = "length"
-
-    def record(self, token: int, top_ids: np.ndarray, top_logprobs: np.ndarray) -> int | None:
-        """Record this step's choice; returns the token to feed next, or None when done.
-
-        Teacher forcing feeds ``forced[step]`` instead of the choice, and never stops at EOS."""
-        step = len(self.tokens)
-        self.tokens.append(int(token))
-        self.top_ids.append(np.asarray(top_ids, np.int64))
-        self.top_logprobs.append(np.asarray(top_logprobs, np.float32))
-        if token in self.eos_ids and not self.sampling.ignore_eos and self.forced is None:
-            self.finish_reason = "stop"
-            return None
-        if step + 1 == self.sampling.max_new_tokens:
-            return None
-        return int(token) if self.forced is None else int(self.forced[step])
-
-    def generation(self, prompt_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Generation:
-        """The request's result; ``prompt_logprobs`` = (token logprobs, top-k ids, top-k logprobs)."""
-        generation = Generation(output_ids=np.asarray(self.tokens, np.int64), topk_ids=np.stack(self.top_ids),
-                                topk_logprobs=np.stack(self.top_logprobs), finish_reason=self.finish_reason)
-        if prompt_logprobs is not None:
-            generation.prompt_logprobs, generation.prompt_topk_ids, generation.prompt_topk_logprobs = prompt_logprobs
-        return generation
 
 
 class Backend(ABC):

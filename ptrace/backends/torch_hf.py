@@ -1,8 +1,8 @@
 """PyTorch + HF transformers: the reference most people trust (``--backend torch``).
 
-The model runs one request at a time in a hand-written decode loop over a ``DynamicCache``
-(no batching, no padding), so every forward pass maps to one step of one request and every
-activation row to one position. Canonical tensors come from forward hooks on the HF modules,
+The model runs one request at a time in ptrace's own decode loop (:mod:`.sequential`) over a
+``DynamicCache`` (no batching, no padding), so every forward pass maps to one step of one request
+and every activation row to one position. Canonical tensors come from forward hooks on the HF modules,
 except q/k/v: HF applies the rotary embedding in a plain function, so ptrace registers an
 attention implementation that wraps the model's own one and sees q, k, v exactly as they enter
 attention (k and v are then the KV cache's own storage, so a replaced k or v persists in the
@@ -18,19 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ptrace.backends.base import (
-    Backend,
-    Capabilities,
-    DecodeSteps,
-    EngineOption,
-    Generation,
-    Interceptor,
-    LoadOptions,
-    StepCallback,
-    TensorSite,
-)
+from ptrace.backends.base import Capabilities, EngineOption, LoadOptions, layer_modules
+from ptrace.backends.sequential import SequentialBackend
 from ptrace.backends.torch_tensor import TorchTensor
-from ptrace.bundle_spec.schema import SamplingParams
 from ptrace.errors import BackendError, BackendUnavailableError, ModelError
 
 if TYPE_CHECKING:  # torch is imported where it is used, so listing backends stays cheap
@@ -49,7 +39,7 @@ def _wrapped_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     return module._ptrace_inner_attention(module, query, key, value, *args, **kwargs)
 
 
-class TorchBackend(Backend):
+class TorchBackend(SequentialBackend):
     name = "torch"
     description = "PyTorch + HF transformers (reference implementation)"
     requires = ("torch", "transformers")
@@ -60,6 +50,7 @@ class TorchBackend(Backend):
                      "flash_attention_2, ...)", default="sdpa"),
     )
     capabilities = Capabilities(devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16", "float64"))
+    tensor_type = TorchTensor
 
     @classmethod
     def install_hint(cls) -> str:
@@ -76,7 +67,8 @@ class TorchBackend(Backend):
         attn = options.engine_options["attn_implementation"]
         transformers.utils.logging.disable_progress_bar()
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(options.model_dir, trust_remote_code=False)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(options.model_dir,
+                                                                        trust_remote_code=False)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
                 options.model_dir, dtype=getattr(torch, options.dtype), attn_implementation=attn,
                 trust_remote_code=False,
@@ -88,6 +80,9 @@ class TorchBackend(Backend):
         decoder = self.model.get_decoder()
         self._layers = list(decoder.layers)
         self._final_norm = decoder.norm
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        self._cache: transformers.DynamicCache | None = None
 
     # -- engine facts --------------------------------------------------------------------------
     def set_seed(self, seed: int) -> dict[str, int]:
@@ -138,64 +133,24 @@ class TorchBackend(Backend):
         return info
 
     # -- generation ----------------------------------------------------------------------------
-    def _generate(self, prompts: list[np.ndarray], sampling: SamplingParams,
-                  interceptors: list[Interceptor], on_step: StepCallback | None,
-                  forced: list[np.ndarray] | None) -> list[Generation]:
-        import torch
-
-        wanted = self.wanted_tensors(interceptors)
-        results = []
-        with ExitStack() as hooks, torch.inference_mode():
-            self._site: TensorSite | None = None
-            self._interceptors = interceptors
-            self._install_hooks(wanted, hooks)
-            for index, prompt in enumerate(prompts):
-                results.append(self._generate_one(index, prompt, sampling, wanted, on_step,
-                                                  None if forced is None else forced[index]))
-        return results
-
-    def _generate_one(self, index: int, prompt: np.ndarray, sampling: SamplingParams,
-                      wanted: set[str], on_step: StepCallback | None,
-                      forced: np.ndarray | None) -> Generation:
-        import torch
+    def _start_request(self) -> None:
         import transformers
 
-        generator = torch.Generator(device=self.device).manual_seed(sampling.seed + index)
-        cache = transformers.DynamicCache()
-        eos = self.model.generation_config.eos_token_id
-        steps = DecodeSteps(sampling, forced, set(eos if isinstance(eos, list) else [eos]) if eos is not None else set())
-        all_logits = sampling.prompt_logprobs or "logits" in wanted
-        k = sampling.logprobs
-        tokens = torch.as_tensor(prompt, dtype=torch.long, device=self.device)[None]
-        start, prompt_logprobs = 0, None
-        for step in range(sampling.max_new_tokens):
-            self._site = TensorSite("", index, step, start)
-            out = self.model(input_ids=tokens, past_key_values=cache, use_cache=True,
-                             logits_to_keep=0 if (step == 0 and all_logits) else 1)
-            if step == 0 and sampling.prompt_logprobs:
-                prompt_logprobs = _prompt_logprobs(out.logits[0, :-1].float(), prompt, k)
-            last = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-            values, ids = torch.topk(last, k) if k else (last[:0], last[:0].long())
-            fed = steps.record(_choose(out.logits[0, -1].float(), sampling, generator),
-                               ids.cpu().numpy(), values.cpu().numpy())
-            if on_step:
-                on_step(index, step)
-            if fed is None:
-                break
-            start += tokens.shape[1]
-            tokens = torch.tensor([[fed]], dtype=torch.long, device=self.device)
-        self._site = None
-        return steps.generation(prompt_logprobs)
+        self._cache = transformers.DynamicCache()
+
+    def _forward(self, sequence: list[int], start: int, prompt_rows: bool) -> np.ndarray:
+        import torch
+
+        tokens = torch.as_tensor(sequence[start:], dtype=torch.long, device=self.device)[None]
+        # The LM head runs over every prompt position only when something needs those logits.
+        every_row = start == 0 and (prompt_rows or "logits" in self._wanted)
+        with torch.inference_mode():
+            out = self.model(input_ids=tokens, past_key_values=self._cache, use_cache=True,
+                             logits_to_keep=0 if every_row else 1)
+            rows = out.logits[0] if prompt_rows else out.logits[0, -1:]
+            return rows.float().cpu().numpy()
 
     # -- hooks ---------------------------------------------------------------------------------
-    def _emit(self, name: str, rows: torch.Tensor) -> torch.Tensor | None:
-        """Show one tensor (rows = positions) to the interceptors; the replacement, if any."""
-        if self._site is None:
-            return None
-        site = TensorSite(name, self._site.request, self._site.step, self._site.start)
-        new = self._intercept(self._interceptors, site, TorchTensor(rows))
-        return None if new is None else new.native
-
     def _install_hooks(self, wanted: set[str], hooks: ExitStack) -> None:
         def on_output(module: torch.nn.Module, name: str) -> None:
             def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
@@ -211,15 +166,8 @@ class TorchBackend(Backend):
             "embed": self.model.get_input_embeddings(),
             "final_norm": self._final_norm,
             "logits": self.model.get_output_embeddings(),
+            **layer_modules(self._layers, "input_layernorm", "self_attn", "post_attention_layernorm", "mlp"),
         }
-        for i, layer in enumerate(self._layers):
-            points.update({
-                f"layers.{i}.attn_norm": layer.input_layernorm,
-                f"layers.{i}.attn": layer.self_attn,
-                f"layers.{i}.mlp_norm": layer.post_attention_layernorm,
-                f"layers.{i}.mlp": layer.mlp,
-                f"layers.{i}.out": layer,
-            })
         for name, module in points.items():
             if name in wanted:
                 on_output(module, name)
@@ -288,45 +236,3 @@ def _forget(obj: object, names: Sequence[str]) -> None:
     for name in names:
         if hasattr(obj, name):
             delattr(obj, name)
-
-
-def _choose(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:
-    """Greedy argmax, or seeded sampling with temperature, top-k and top-p."""
-    import torch
-
-    if sampling.greedy:
-        return int(torch.argmax(logits))
-    scores = logits / sampling.temperature
-    if sampling.top_k > 0:
-        kth = torch.topk(scores, min(sampling.top_k, scores.numel())).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        ordered, order = torch.sort(scores, descending=True)
-        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
-        drop = cumulative - torch.softmax(ordered, dim=-1) >= sampling.top_p
-        scores = scores.scatter(0, order, ordered.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def _prompt_logprobs(logits: torch.Tensor, prompt: np.ndarray,
-                     k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row i of the prefill's logits predicts prompt token i+1 (SPEC.md section 2): the prompt
-    tokens' logprobs, and the top-k ids and logprobs per position.
-
-    log p = logit - logsumexp(row): only the picked entries are normalised, so no
-    [prompt, vocab] log-softmax is ever materialised (a quarter GB for 2048 x 32000)."""
-    import torch
-
-    positions = prompt.shape[0]
-    token_lp = np.full(positions, np.nan, dtype=np.float32)
-    top_ids = np.full((positions, k), -1, dtype=np.int64)
-    top_lps = np.full((positions, k), np.nan, dtype=np.float32)
-    if positions > 1:
-        norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-        targets = torch.as_tensor(prompt[1:], dtype=torch.long, device=logits.device)
-        token_lp[1:] = (logits.gather(1, targets[:, None]) - norm)[:, 0].cpu().numpy()
-        if k:
-            values, ids = torch.topk(logits, k, dim=-1)
-            top_ids[1:], top_lps[1:] = ids.cpu().numpy(), (values - norm).cpu().numpy()
-    return token_lp, top_ids, top_lps

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import ml_dtypes
 import numpy as np
 
-from ptrace.backends.base import EngineTensor
+from ptrace.backends.base import NativeTensor
 
 if TYPE_CHECKING:  # torch is imported where it is used, so listing backends stays cheap
     import torch
@@ -28,13 +28,8 @@ def _bit_views() -> dict:
     }
 
 
-class TorchTensor(EngineTensor):
-    def __init__(self, native: torch.Tensor) -> None:
-        self.native = native
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.native.shape)
+class TorchTensor(NativeTensor):
+    native: torch.Tensor
 
     @property
     def dtype(self) -> str:

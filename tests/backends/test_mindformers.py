@@ -143,3 +143,55 @@ def test_llama_family_agrees_with_torch(tiny_llama):
         logits[name] = keep.rows("logits", 0)
     assert tokens["ms"] == tokens["torch"]
     np.testing.assert_allclose(logits["ms"], logits["torch"], atol=5e-5)
+
+
+#: tokenizer_config.json as transformers 5.19 saves the example's tokenizer (PreTrainedTokenizerFast
+#: is TokenizersBackend there): transformers 4.57, which MindFormers pins, has no such class.
+TRANSFORMERS_5_TOKENIZER_CONFIG = {
+    "backend": "tokenizers", "bos_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
+    "eos_token": "<|endoftext|>", "is_local": True, "local_files_only": False,
+    "model_input_names": ["input_ids", "attention_mask"], "model_max_length": 32768,
+    "pad_token": "<|endoftext|>", "tokenizer_class": "TokenizersBackend", "unk_token": None,
+}
+
+
+def _copy_model(example_model, path, skip=()):
+    import shutil
+
+    for item in example_model.iterdir():
+        if item.name not in skip:
+            shutil.copy(item, path / item.name)
+    return path
+
+
+def test_a_tokenizer_saved_by_transformers_5_loads(tmp_path, example_model):
+    import json
+
+    import transformers
+
+    model = _copy_model(example_model, tmp_path)
+    (model / "tokenizer_config.json").write_text(json.dumps(TRANSFORMERS_5_TOKENIZER_CONFIG))
+    with pytest.raises(ValueError, match="TokenizersBackend"):  # what the fallback is for
+        transformers.AutoTokenizer.from_pretrained(model)
+    engine = create_backend("ms")
+    engine.load(LoadOptions(model))
+    reference = transformers.AutoTokenizer.from_pretrained(example_model)
+    text = "The capital of France is Paris.\n  Two  spaces<|endoftext|>"
+    ids = engine.tokenize(text)
+    assert ids == reference(text)["input_ids"]
+    assert engine.detokenize(ids) == reference.decode(ids) == text
+    assert engine.tokenizer.eos_token == "<|endoftext|>"
+
+
+def test_token_ids_need_no_tokenizer(tmp_path, example_model):
+    """A replay feeds token ids: it runs where the tokenizer cannot load; text fails with one line."""
+    from ptrace.backends.model_dir import read_config
+
+    model = _copy_model(example_model, tmp_path, skip=("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                                       "merges.txt", "special_tokens_map.json"))
+    engine = create_backend("ms")
+    engine.load(LoadOptions(model))
+    generation = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2, logprobs=1))[0]
+    assert len(generation.output_ids) == 2 and engine.vocab_size == read_config(model)["vocab_size"]
+    with pytest.raises(ModelError, match="cannot load the tokenizer"):
+        engine.tokenize("hello")
