@@ -232,6 +232,12 @@ def parse(text: str) -> WhatIfSpec:
     return spec
 
 
+def split_joined(text: str) -> list[str]:
+    """``noise:...+splice:...`` -> its injections ('+' before a kind name joins them; a '+' in
+    a number such as 1e+3 does not)."""
+    return re.split(r"\+(?=[a-z_]+(?::|$))", text)
+
+
 def _number(value: str) -> Any:
     """Numbers as numbers (sweepable), anything else as given."""
     for cast in (int, float):
@@ -242,21 +248,25 @@ def _number(value: str) -> Any:
     return value
 
 
-def read_file(path: Path) -> list[WhatIfSpec]:
-    """``--inject-file``: a JSON list of spec maps (SPEC.md section 3.7), or one map."""
+def read_file(path: Path) -> list[tuple[WhatIfSpec, ...]]:
+    """``--inject-file``: a JSON list of what-ifs, each a spec map (SPEC.md section 3.7) or a
+    list of them applied together in one run."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"cannot read what-if file {path}: {exc}") from None
-    specs = []
-    for item in data if isinstance(data, list) else [data]:
-        try:
-            spec = WhatIfSpec.from_dict(item)
-        except PtraceError as exc:
-            raise UsageError(f"{path}: {exc}") from None
-        kind_of(spec).check(spec)
-        specs.append(spec)
-    return specs
+    runs = []
+    for entry in data if isinstance(data, list) else [data]:
+        specs = []
+        for item in entry if isinstance(entry, list) else [entry]:
+            try:
+                spec = WhatIfSpec.from_dict(item)
+            except PtraceError as exc:
+                raise UsageError(f"{path}: {exc}") from None
+            kind_of(spec).check(spec)
+            specs.append(spec)
+        runs.append(tuple(specs))
+    return runs
 
 
 def describe(spec: WhatIfSpec) -> str:

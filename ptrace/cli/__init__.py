@@ -25,6 +25,7 @@ from ptrace.cli.console import console
 from ptrace.cli.envs import envs
 from ptrace.cli.inspect import inspect
 from ptrace.cli.pack import pack, unpack
+from ptrace.cli import replay as replay_command
 from ptrace.cli.replay import replay
 from ptrace.cli.validate import validate
 from ptrace.errors import PtraceError
@@ -57,6 +58,7 @@ def _global(
 
 app.command(rich_help_panel="Run")(capture)
 app.command(rich_help_panel="Run")(replay)
+app.command("whatif", rich_help_panel="Run", help=replay_command.WHATIF_HELP)(replay)
 app.command(rich_help_panel="Compare")(compare)
 app.command(rich_help_panel="Bundles")(inspect)
 app.command(rich_help_panel="Bundles")(validate)

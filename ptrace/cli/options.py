@@ -64,3 +64,21 @@ def parse_key_values(items: list[str] | None) -> dict[str, str]:
             raise UsageError(f"--engine-option {item!r} is not KEY=VALUE")
         options[key.strip()] = value.strip()
     return options
+
+
+WHATIF = "What-ifs (error injection)"
+
+Inject = Annotated[list[str] | None, typer.Option(
+    "--inject", "-i", rich_help_panel=WHATIF, metavar="SPEC",
+    help="A what-if, repeatable (each one run on its own): KIND:GLOBS[:KEY=VALUE]..., e.g. "
+         "noise:layers.*.k,layers.*.v:std=1e-3:positions=0-99 (kinds: noise, ulp, cast, scale, zero, "
+         "splice, config, engine; selectors steps=, positions=, layers=, requests=, seed=). Join "
+         "injections that act together with '+'.")]
+InjectFile = Annotated[Path | None, typer.Option(
+    rich_help_panel=WHATIF, metavar="FILE",
+    help="JSON list of what-ifs; each one a spec map (SPEC.md 3.7) or a list of them applied together.")]
+Sweep = Annotated[str | None, typer.Option(
+    rich_help_panel=WHATIF, metavar="PARAM=V1,V2,...",
+    help="Run every what-if once per value of one numeric parameter (e.g. std=1e-5,1e-4,1e-3,1e-2).")]
+Repeats = Annotated[int, typer.Option(
+    rich_help_panel=WHATIF, min=1, help="Runs per what-if and sweep value, each with another noise seed.")]

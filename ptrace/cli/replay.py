@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from ptrace.cli import options as opt
 from ptrace.cli import verdicts as v
@@ -14,6 +15,7 @@ from ptrace.cli.console import console
 
 
 def replay(
+    ctx: typer.Context,
     bundle: Annotated[Path, typer.Argument(help="The captured bundle (*.zarr or *.zarr.zip).")],
     backend: opt.Backend,
     dtype: Annotated[str | None, typer.Option(rich_help_panel=opt.ENGINE, help="Override the captured dtype.")] = None,
@@ -37,6 +39,10 @@ def replay(
     thresholds: v.ThresholdsFile = None,
     pass_cos: v.PassCos = None,
     pass_mean_abs: v.PassMeanAbs = None,
+    inject: opt.Inject = None,
+    inject_file: opt.InjectFile = None,
+    sweep: opt.Sweep = None,
+    repeats: opt.Repeats = 1,
 ) -> None:
     """Replay a bundle on another engine, dtype or device; compare and write an HTML report.
 
@@ -47,20 +53,62 @@ def replay(
         ptrace replay ms.zarr --backend vllm --dtype bfloat16
 
         ptrace replay ms.zarr --backend vllm --kv-cache-dtype fp8
+
+    With --inject the replay is also run with errors injected on purpose (see `ptrace whatif`).
     """
     from ptrace.replay.session import MODES, ReplayConfig
     from ptrace.replay.session import replay as run_replay
 
     v.check_fail_on(fail_on)
+    whatifs = _whatifs(inject, inject_file)
+    if ctx.info_name == "whatif" and not whatifs:
+        raise typer.BadParameter("name at least one what-if", param_hint="--inject / --inject-file")
     config = ReplayConfig(
         bundle=bundle, backend=backend, output=output, dtype=dtype, device=device, model=model,
         allow_model_mismatch=allow_model_mismatch, modes=tuple(mode or MODES),
         engine_options=opt.engine_options(engine_option, kv_cache_dtype), overwrite=overwrite,
         threshold_overrides=v.threshold_overrides(thresholds, pass_cos, pass_mean_abs),
         command=("ptrace", *sys.argv[1:]))
+    if whatifs:
+        from ptrace.capture.whatif import sweep_values
+        from ptrace.replay.whatif import WhatIfConfig, default_output, run_whatifs
+
+        with console.progress(f"what-ifs on {backend}") as update:
+            comparison = run_whatifs(WhatIfConfig(config, whatifs, sweep and sweep_values(sweep), repeats),
+                                     progress=update)
+        for result in comparison.whatifs:
+            console.print(Text(result.sentence))
+        folder = output or default_output(bundle, backend, comparison.b["dtype"], comparison.b["device"])
+        v.emit(comparison, report=report or folder / "report.html", json_out=json_out, fail_on=fail_on)
+        return
     with console.progress(f"replay on {backend}") as update:
         result = run_replay(config, progress=update)
     for mode, path in result.bundles.items():
         console.print(f"{mode} replay: {path}")
     target = report or next(iter(result.bundles.values())).with_suffix("").with_suffix(".report.html")
     v.emit(result.primary, report=target, json_out=json_out, fail_on=fail_on)
+
+
+def _whatifs(inject: list[str] | None, inject_file: Path | None) -> tuple:
+    """Every what-if given: ``--inject`` texts ('+' joins injections of one run), then the file's."""
+    from ptrace.capture import whatif
+
+    runs = [tuple(whatif.parse(part) for part in whatif.split_joined(text)) for text in inject or []]
+    if inject_file is not None:
+        runs += whatif.read_file(inject_file)
+    return tuple(runs)
+
+
+WHATIF_HELP = """Replay a bundle with errors injected on purpose, and watch them propagate.
+
+Each --inject is one what-if, run (teacher-forced and free-running) next to an unperturbed baseline replay on the same engine, dtype and device; the report and --json say, per what-if, how many requests diverge and where, the KL, the first affected tensor and how the error grows through the layers. --sweep and --repeats make curves.
+
+The seed document's case 3.2 (KV-cache noise -> divergence), four noise levels:
+
+    ptrace whatif run.zarr -b vllm -i 'noise:layers.*.k,layers.*.v:std=1:positions=0-99' --sweep std=1e-3,1e-2,1e-1,1
+
+Case 3.1 (would float16 rounding of one layer's attention explain it?):
+
+    ptrace whatif run.zarr -b torch -i 'cast:layers.2.attn:dtype=float16' -i 'cast:layers.2.q,layers.2.k:dtype=float16'
+
+Also: splice (the reference's value), config (rms_norm_eps=...), engine (kv_cache_dtype=fp8). """

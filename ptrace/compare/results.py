@@ -141,6 +141,101 @@ class RequestResult(Result):
 
 
 @dataclass(frozen=True)
+class Propagation(Result):
+    """One tensor's error against a baseline: normwise relative error ``||x - x0|| / ||x0||``."""
+
+    tensor: str
+    error: float
+
+
+@dataclass(frozen=True)
+class WhatIfResult(Result):
+    """What one error-injection run did, against the unperturbed baseline replay on the same
+    engine, dtype and device (``ptrace whatif``)."""
+
+    #: one line naming the injections (``noise std=0.001 in layers.*.k,layers.*.v``)
+    label: str
+    #: the injections, as recorded in ``meta/whatif`` (SPEC.md section 3.7)
+    spec: list[dict[str, Any]]
+    sweep_param: str | None
+    sweep_value: float | None
+    repeat: int
+    #: share of requests whose free-running tokens differ from the baseline's (0..1)
+    divergence_rate: float
+    token_match_rate: float
+    #: per request: the first step whose token differs from the baseline's, or None
+    first_divergent_step: list[int | None]
+    #: KL(baseline || what-if) of the next-token distributions, teacher-forced
+    mean_kl: float
+    max_kl: float
+    #: the earliest tensor in forward order that differs from the baseline at all
+    first_affected_tensor: str | None
+    #: error per tensor, forward order, from the first affected one on
+    propagation: list[Propagation]
+    #: error at the last layer output over error at the first affected tensor
+    amplification: float | None
+    #: against the source (the reference): verdict, summary, first divergent tensor
+    vs_source: dict[str, Any]
+    sentence: str
+    bundles: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CalibratedTensor(Result):
+    """One tensor's error in the calibration run (a trusted engine at the replay's dtype), and the
+    replay's error as a multiple of it (the "double benchmark")."""
+
+    name: str
+    #: the calibration run's normwise relative error against the reference: overall, per position
+    rel_err: float
+    position_rel: list[float] = field(default_factory=list, repr=False)
+    #: replay error / calibration error: mean over positions, and the largest
+    ratio_mean: float = math.nan
+    ratio_max: float = math.nan
+    within: bool = True
+
+
+@dataclass(frozen=True)
+class Calibration(Result):
+    """The calibration replay and what it says of the replay (``--calibrate``)."""
+
+    backend: str
+    dtype: str
+    device: str
+    path: str
+    #: limits on the ratios (``compare.calibration``)
+    limits: dict[str, float]
+    tensors: list[CalibratedTensor]
+    #: every tensor within the limits: the replay's error is what its dtype explains
+    within: bool
+    sentence: str
+
+
+@dataclass(frozen=True)
+class LocalError(Result):
+    """One layer's own error (its input spliced from the reference) against the error it shows
+    in the plain replay (inherited from the layers before it, plus its own)."""
+
+    tensor: str
+    local_error: float
+    propagated_error: float
+    #: propagated / local: how much of the error this layer inherits
+    amplification: float | None
+
+
+@dataclass(frozen=True)
+class Bisection(Result):
+    """The smallest set of layers whose output, spliced from the reference, restores the
+    reference's tokens (in the spirit of Polygraphy's ``debug precision``)."""
+
+    layers: list[int]
+    restored_requests: int
+    total_requests: int
+    tried: list[dict[str, Any]] = field(default_factory=list)
+    sentence: str = ""
+
+
+@dataclass(frozen=True)
 class Comparison(Result):
     """Run ``b`` against reference run ``a``. ``a`` and ``b`` summarise the runs (paths,
     engines, settings, environment, prompts, token texts): all the report shows of them."""
@@ -163,3 +258,12 @@ class Comparison(Result):
     first_divergent_request: int | None = None
     #: what "divergent" was measured against: "noise floor" (``compare.noise``) or "calibration"
     localized_by: str = "noise floor"
+    #: error-injection what-ifs run on this replay (``ptrace whatif``, ``replay --inject``)
+    whatifs: list[WhatIfResult] = field(default_factory=list)
+    #: the calibration replay (``--calibrate``) when B's dtype or device differs from A's
+    calibration: Calibration | None = None
+    #: per-layer local error (``--localize``), and where it came from: "measured" (a splice
+    #: replay) or "heuristic" (error growth between consecutive tensors of this comparison)
+    local_errors: list[LocalError] = field(default_factory=list)
+    local_error_source: str = "heuristic"
+    bisection: Bisection | None = None

@@ -14,9 +14,8 @@ per noise seed, so the results make curves: divergence rate and KL against the s
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from ptrace.bundle_spec.schema import WhatIfSpec, plain
 from ptrace.capture import whatif
 from ptrace.capture.session import Progress, capture_runs
 from ptrace.compare import Comparison, combine, compare
+from ptrace.compare.results import Propagation, WhatIfResult
 from ptrace.errors import UsageError
 from ptrace.replay.session import FREE, TEACHER, ReplayConfig, ReplayPlan
 
@@ -43,76 +43,6 @@ class WhatIfConfig:
     repeats: int = 1
 
 
-@dataclass(frozen=True)
-class Propagation:
-    """One tensor's error against the baseline: normwise relative error ``||x - x0|| / ||x0||``."""
-
-    tensor: str
-    error: float
-
-
-@dataclass(frozen=True)
-class WhatIfResult:
-    """What one what-if run did, against the unperturbed baseline (plain data, JSON-able)."""
-
-    label: str
-    spec: list[dict[str, Any]]
-    sweep_param: str | None
-    sweep_value: float | None
-    repeat: int
-    #: Share of requests whose free-running tokens differ from the baseline's (0..1).
-    divergence_rate: float
-    token_match_rate: float
-    #: Per request: the first step whose token differs from the baseline's, or None.
-    first_divergent_step: list[int | None]
-    #: KL(baseline || what-if) of the next-token distributions, teacher-forced: mean and max.
-    mean_kl: float
-    max_kl: float
-    #: The earliest tensor (forward order) that differs from the baseline at all: the injection point.
-    first_affected_tensor: str | None
-    #: Error per tensor in forward order, from the first affected one on.
-    propagation: list[Propagation]
-    #: Error at the last layer output over error at the first affected tensor.
-    amplification: float | None
-    #: Against the source (the reference): verdict and one sentence.
-    vs_source: dict[str, Any]
-    sentence: str
-    bundles: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return _finite(asdict(self))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> WhatIfResult:
-        values = dict(data)
-        values["propagation"] = [Propagation(**p) for p in data.get("propagation", [])]
-        return cls(**values)
-
-
-@dataclass(frozen=True)
-class WhatIfOutcome:
-    """The baseline replay's comparison with the source, and every what-if's result."""
-
-    baseline: Comparison
-    whatifs: list[WhatIfResult]
-    bundles: dict[str, str]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"baseline": self.baseline.to_dict(), "whatifs": [w.to_dict() for w in self.whatifs],
-                "bundles": self.bundles}
-
-
-def _finite(value: Any) -> Any:
-    """Strict JSON: non-finite floats become None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def default_output(bundle: Path, backend: str, dtype: str, device: str) -> Path:
     stem = bundle.name.removesuffix(".zip").removesuffix(".zarr")
     return bundle.with_name(f"{stem}.whatif-{backend}-{dtype}-{device.replace(':', '')}")
@@ -127,21 +57,23 @@ class _Run:
 
 
 def _grid(config: WhatIfConfig) -> list[_Run]:
+    """Every run: each what-if once per sweep value (if it has the swept parameter, else once),
+    each of those once per repeat (noise seeds seed, seed + 1, ...)."""
     if not config.whatifs:
         raise UsageError("no what-if to run", hint="pass --inject SPEC (e.g. noise:layers.*.k:std=1e-3)")
     if config.repeats < 1:
         raise UsageError("--repeats must be at least 1")
+    param, values = config.sweep or (None, ())
+    if param is not None and not any(_sweepable(s, param) for specs in config.whatifs for s in specs):
+        raise UsageError(f"--sweep {param}: no what-if has a parameter {param}")
     runs = []
-    values: tuple[float | None, ...] = config.sweep[1] if config.sweep else (None,)
     for i, specs in enumerate(config.whatifs):
-        for j, value in enumerate(values):
-            swept = tuple(whatif.swept(s, config.sweep[0], value) if config.sweep and _sweepable(s, config.sweep[0])
-                          else s for s in specs)
-            if config.sweep and swept == specs and not any(_sweepable(s, config.sweep[0]) for s in specs):
-                raise UsageError(f"--sweep {config.sweep[0]}: what-if {whatif.labels(specs)} has no such parameter")
+        swept = param is not None and any(_sweepable(s, param) for s in specs)
+        for j, value in enumerate(values if swept else (None,)):
+            changed = tuple(whatif.swept(s, param, value) if swept and _sweepable(s, param) else s for s in specs)
             for k in range(config.repeats):
-                seeded = tuple(replace(s, seed=s.seed + k) for s in swept)
-                name = f"w{i}" + (f"-v{j}" if config.sweep else "") + (f"-r{k}" if config.repeats > 1 else "")
+                seeded = tuple(replace(s, seed=s.seed + k) for s in changed)
+                name = f"w{i}" + (f"-v{j}" if swept else "") + (f"-r{k}" if config.repeats > 1 else "")
                 runs.append(_Run(name, seeded, value, k))
     return runs
 
@@ -156,7 +88,9 @@ def _load_key(specs: tuple[WhatIfSpec, ...]) -> str:
     return json.dumps(whatif.load_time(specs), sort_keys=True, default=str)
 
 
-def run_whatifs(config: WhatIfConfig, *, progress: Progress | None = None) -> WhatIfOutcome:
+def run_whatifs(config: WhatIfConfig, *, progress: Progress | None = None) -> Comparison:
+    """Run the baseline and every what-if; the baseline's comparison with the source, with every
+    what-if's result in ``whatifs``."""
     replay_config = config.replay
     grid = _grid(config)
     with open_bundle(replay_config.bundle) as source:
@@ -189,9 +123,7 @@ def run_whatifs(config: WhatIfConfig, *, progress: Progress | None = None) -> Wh
         baseline = _replay_comparison(source, bundles["baseline"], replay_config.threshold_overrides)
         results = [_result(run, bundles["baseline"], bundles[run.name], source, config,
                            replay_config.threshold_overrides) for run in grid]
-    return WhatIfOutcome(baseline=baseline, whatifs=results,
-                         bundles={f"{name}.{mode}": str(path) for name, modes in bundles.items()
-                                  for mode, path in modes.items()})
+    return replace(baseline, whatifs=results)
 
 
 def _replay_comparison(reference: Any, runs: dict[str, Path], overrides: dict[str, float]) -> Comparison:

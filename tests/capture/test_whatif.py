@@ -9,23 +9,45 @@ import pytest
 from ptrace.bundle_spec import open_bundle
 from ptrace.bundle_spec.names import sort_forward
 from ptrace.bundle_spec.schema import WhatIfSpec
-from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
-from ptrace.capture import whatif
+from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture, whatif
+from ptrace.capture.session import capture_runs
 from ptrace.errors import UsageError
+from tests.replay.test_cross_engine import ms_env, vllm_env
 
 SAMPLING = SamplingParams(max_new_tokens=4, seed=3)
 SETTINGS = CaptureSettings(tensors=("*",))
+#: The scenarios every engine runs: name -> (injections, whether they take values from "base").
+SCENARIOS = {
+    "base": "",
+    "zero-noise": "noise:layers.*.k,layers.*.v:std=0",
+    "kv-noise": "noise:layers.*.k,layers.*.v:std=1e-2:positions=0-3:steps=0",
+    "cast": "cast:layers.2.attn:dtype=bfloat16",
+    "noisy": "noise:layers.1.mlp:rel=0.1",
+    "ulp": "ulp:embed:steps=0",
+}
+SPLICED = "noise:layers.1.mlp:rel=0.1+splice:layers.*.out"
+ENGINES = [pytest.param("torch"), pytest.param("vllm", marks=vllm_env), pytest.param("ms", marks=ms_env)]
 
 
-def _run(model, out, *specs, source=None, tensors=SETTINGS):
-    return capture(CaptureConfig(backend="torch", model=model, output=out, random_input_ids=12, num_requests=2,
-                                 sampling=SAMPLING, settings=tensors, whatifs=tuple(specs),
-                                 whatif_source=None if source is None else str(source), command=("t",)))
+def _config(model, out, text, source=None, tensors=SETTINGS, backend="torch"):
+    specs = tuple(whatif.parse(part) for part in whatif.split_joined(text)) if text else ()
+    return CaptureConfig(backend=backend, model=model, output=out, random_input_ids=12, num_requests=2,
+                         sampling=SAMPLING, settings=tensors, whatifs=specs,
+                         whatif_source=None if source is None else str(source), command=("t",))
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, example_model):
-    return _run(example_model, tmp_path_factory.mktemp("whatif") / "base.zarr")
+@pytest.fixture(scope="module", params=ENGINES)
+def runs(request, tmp_path_factory, example_model):
+    """Every scenario on one engine: one engine load for the tensor what-ifs (two for the splice,
+    which needs the baseline first), one for the config what-if."""
+    backend = request.param
+    folder = tmp_path_factory.mktemp(f"whatif-{backend}")
+    paths = dict(zip(SCENARIOS, capture_runs([_config(example_model, folder / f"{name}.zarr", text, backend=backend)
+                                              for name, text in SCENARIOS.items()])))
+    paths["spliced"] = capture(_config(example_model, folder / "spliced.zarr", SPLICED, source=paths["base"],
+                                       backend=backend))
+    paths["eps"] = capture(_config(example_model, folder / "eps.zarr", "config:rms_norm_eps=0.1", backend=backend))
+    return paths
 
 
 def _fed(bundle, request):
@@ -50,18 +72,20 @@ def _differences(a, b) -> dict[str, list[int]]:
     return found
 
 
-def test_zero_noise_is_bit_identical(baseline, example_model, tmp_path):
-    run = _run(example_model, tmp_path / "n0.zarr", whatif.parse("noise:layers.*.k,layers.*.v:std=0"))
-    assert _differences(baseline, run) == {}
-    with open_bundle(run) as bundle:
+def _names(path):
+    with open_bundle(path) as bundle:
+        return bundle.tensor_names
+
+
+def test_zero_noise_is_bit_identical(runs):
+    assert _differences(runs["base"], runs["zero-noise"]) == {}
+    with open_bundle(runs["zero-noise"]) as bundle:
         assert bundle.whatif_info()["injections"][0]["kind"] == "noise"
 
 
-def test_kv_noise_at_the_prefill_changes_later_steps_not_earlier_tensors(baseline, example_model, tmp_path):
-    spec = whatif.parse("noise:layers.*.k,layers.*.v:std=1e-2:positions=0-3:steps=0")
-    diffs = _differences(baseline, _run(example_model, tmp_path / "kv.zarr", spec))
-    first = next(iter(diffs))
-    assert first == "layers.0.k", diffs.keys()
+def test_kv_noise_at_the_prefill_changes_later_steps_not_earlier_tensors(runs):
+    diffs = _differences(runs["base"], runs["kv-noise"])
+    assert next(iter(diffs)) == "layers.0.k", diffs.keys()
     assert diffs["layers.0.k"] and max(diffs["layers.0.k"]) <= 3, "only positions 0-3 were perturbed"
     for untouched in ("embed", "layers.0.attn_norm", "layers.0.q"):
         assert untouched not in diffs
@@ -69,45 +93,33 @@ def test_kv_noise_at_the_prefill_changes_later_steps_not_earlier_tensors(baselin
     assert any(p >= prompt_len for p in diffs["layers.3.out"]), "decode steps read the noisy cache"
 
 
-def test_cast_to_bfloat16_starts_the_error_exactly_there(baseline, example_model, tmp_path):
-    diffs = _differences(baseline, _run(example_model, tmp_path / "cast.zarr",
-                                        whatif.parse("cast:layers.2.attn:dtype=bfloat16")))
+def test_cast_to_bfloat16_starts_the_error_exactly_there(runs):
+    diffs = _differences(runs["base"], runs["cast"])
     assert next(iter(diffs)) == "layers.2.attn"
-    order = sort_forward(_names(baseline))
-    before = order[: order.index("layers.2.attn")]
-    assert not set(before) & set(diffs), "every tensor before the injection is bit-identical"
+    order = sort_forward(_names(runs["base"]))
+    assert not set(order[: order.index("layers.2.attn")]) & set(diffs), "every tensor before it is bit-identical"
 
 
-def _names(path):
-    with open_bundle(path) as bundle:
-        return bundle.tensor_names
-
-
-def test_splicing_every_layer_output_reproduces_the_sources_logits(baseline, example_model, tmp_path):
-    noise = whatif.parse("noise:layers.1.mlp:rel=0.1")
-    noisy = _run(example_model, tmp_path / "noisy.zarr", noise)
-    spliced = _run(example_model, tmp_path / "spliced.zarr", noise, whatif.parse("splice:layers.*.out"),
-                   source=baseline)
-    assert "logits" in _differences(baseline, noisy)
-    with open_bundle(baseline) as a, open_bundle(spliced) as b:
+def test_splicing_every_layer_output_reproduces_the_sources_logits(runs):
+    assert "logits" in _differences(runs["base"], runs["noisy"])
+    with open_bundle(runs["base"]) as a, open_bundle(runs["spliced"]) as b:
         for r in range(a.num_requests):
             assert a.tensor(r, "logits").tobytes() == b.tensor(r, "logits").tobytes()
             assert a.output_ids(r).tolist() == b.output_ids(r).tolist()
 
 
-def test_a_config_whatif_changes_the_first_norm_first(baseline, example_model, tmp_path):
-    diffs = _differences(baseline, _run(example_model, tmp_path / "eps.zarr", whatif.parse("config:rms_norm_eps=0.1")))
+def test_a_config_whatif_changes_the_first_norm_first(runs, example_model):
+    diffs = _differences(runs["base"], runs["eps"])
     assert next(iter(diffs)) == "layers.0.attn_norm" and "embed" not in diffs
-    with open_bundle(tmp_path / "eps.zarr") as bundle:
+    with open_bundle(runs["eps"]) as bundle:
         assert bundle.model.config["rms_norm_eps"] == 0.1
         assert bundle.model.model_path == str(example_model)
 
 
-def test_ulp_flips_the_last_bit_only(baseline, example_model, tmp_path):
-    run = _run(example_model, tmp_path / "ulp.zarr", whatif.parse("ulp:embed:steps=0"))
-    with open_bundle(baseline) as a, open_bundle(run) as b:
+def test_ulp_flips_the_last_bit_only(runs):
+    with open_bundle(runs["base"]) as a, open_bundle(runs["ulp"]) as b:
         x, y = a.tensor(0, "embed"), b.tensor(0, "embed")
-        flipped = x[: 12].view(np.uint32) ^ y[: 12].view(np.uint32)
+        flipped = x[:12].view(np.uint32) ^ y[:12].view(np.uint32)
         assert (flipped == 1).all()
 
 
@@ -123,12 +135,12 @@ def test_bad_specs_are_refused_in_one_line(text, message):
         whatif.check([whatif.parse(text)], num_layers=4, source=None)
 
 
-def test_bad_selectors_and_sources_are_refused_before_the_engine_starts(example_model, tmp_path, baseline):
+def test_bad_selectors_and_sources_are_refused_before_the_engine_starts(example_model, tmp_path):
     with pytest.raises(UsageError, match="matches no canonical tensor"):
-        _run(example_model, tmp_path / "x.zarr", whatif.parse("noise:layers.99.k:std=1"))
-    stats_only = _run(example_model, tmp_path / "stats.zarr", tensors=CaptureSettings(mode="stats"))
+        capture(_config(example_model, tmp_path / "x.zarr", "noise:layers.99.k:std=1"))
+    stats_only = capture(_config(example_model, tmp_path / "stats.zarr", "", tensors=CaptureSettings(mode="stats")))
     with pytest.raises(UsageError, match="no full tensor layers.0.out"):
-        _run(example_model, tmp_path / "y.zarr", whatif.parse("splice:layers.0.out"), source=stats_only)
+        capture(_config(example_model, tmp_path / "y.zarr", "splice:layers.0.out", source=stats_only))
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()
 
 
