@@ -227,12 +227,14 @@ def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, prog
 
         forced = None if config.forced_tokens is None else [np.asarray(f, np.int64)
                                                               for f in config.forced_tokens]
-        injections = whatif.WhatIfInterceptor(config.whatifs, model.num_layers, config.whatif_source)
+        before, after = (whatif.WhatIfInterceptor(config.whatifs, model.num_layers, config.whatif_source,
+                                                  after_record=phase) for phase in (False, True))
         try:
             generations = backend.generate([p.ids for p in prompts], sampling,
-                                           [*interceptors, injections, recorder], on_step, forced)
+                                           [*interceptors, before, recorder, after], on_step, forced)
         finally:
-            injections.close()
+            before.close()
+            after.close()
         _check_coverage(backend, recorder, names, steps)
         records = _write_requests(writer, backend, prompts, generations, recorder, forced)
         run = RunInfo(backend=backend.name, backend_version=backend.version(), dtype=config.dtype,

@@ -57,6 +57,9 @@ class Kind(ABC):
     on_tensors: ClassVar[bool] = True
     #: Reads the source bundle's captured tensors.
     needs_source: ClassVar[bool] = False
+    #: Applied after the recorder saw the tensor: the bundle keeps what the engine computed, and
+    #: only what follows sees the change.
+    after_record: ClassVar[bool] = False
 
     @classmethod
     def check(cls, spec: WhatIfSpec) -> None:
@@ -172,6 +175,14 @@ class Splice(Kind):
 
     def apply(self, rows, spec, site, context):
         return context.source_rows(site, rows.shape[0], context.first_row)
+
+
+@kind
+class Restore(Splice):
+    name = "restore"
+    help = ("record the engine's own value, then hand the source bundle's value to what follows: each "
+            "layer then works on the reference's input, so its recorded error is its own (--localize)")
+    after_record = True
 
 
 @kind
@@ -389,10 +400,13 @@ class _Context:
 class WhatIfInterceptor(Interceptor):
     """Applies the tensor kinds of some what-if specs to a run, in the order given."""
 
-    def __init__(self, specs: Sequence[WhatIfSpec], num_layers: int, source: str | Path | None = None) -> None:
+    def __init__(self, specs: Sequence[WhatIfSpec], num_layers: int, source: str | Path | None = None, *,
+                 after_record: bool = False) -> None:
+        """The specs of one phase: before the recorder (``after_record=False``) or after it."""
         known = canonical.all_names(num_layers)
         self.specs = [(s, KINDS[s.kind](), set(targets(s, known)), StepSelection.parse(s.steps),
-                       _parse_range(s.positions, "positions")) for s in specs if KINDS[s.kind].on_tensors]
+                       _parse_range(s.positions, "positions")) for s in specs
+                      if KINDS[s.kind].on_tensors and KINDS[s.kind].after_record == after_record]
         self.names = set().union(*(names for _, _, names, _, _ in self.specs))
         self._source_path = source
         self._source: Bundle | None = None

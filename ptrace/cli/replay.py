@@ -39,6 +39,15 @@ def replay(
     thresholds: v.ThresholdsFile = None,
     pass_cos: v.PassCos = None,
     pass_mean_abs: v.PassMeanAbs = None,
+    calibrate: Annotated[bool | None, typer.Option(
+        "--calibrate/--no-calibrate", rich_help_panel=v.VERDICT,
+        help="Also replay on a trusted engine (the capture's own, else torch) at this dtype and judge the "
+             "error as a multiple of its error: pass 'within bfloat16 noise'. Default: when --dtype or "
+             "--device changes.")] = None,
+    localize: Annotated[bool, typer.Option(
+        "--localize", rich_help_panel=v.VERDICT,
+        help="Also replay with every layer fed the capture's input (its own error, measured) and, if "
+             "tokens diverge, find the fewest layers whose output restores them.")] = False,
     inject: opt.Inject = None,
     inject_file: opt.InjectFile = None,
     sweep: opt.Sweep = None,
@@ -68,7 +77,7 @@ def replay(
         allow_model_mismatch=allow_model_mismatch, modes=tuple(mode or MODES),
         engine_options=opt.engine_options(engine_option, kv_cache_dtype), overwrite=overwrite,
         threshold_overrides=v.threshold_overrides(thresholds, pass_cos, pass_mean_abs),
-        command=("ptrace", *sys.argv[1:]))
+        command=("ptrace", *sys.argv[1:]), calibrate=calibrate, localize=localize)
     if whatifs:
         from ptrace.capture.whatif import sweep_values
         from ptrace.replay.whatif import WhatIfConfig, default_output, run_whatifs

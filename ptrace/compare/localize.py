@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ptrace.bundle_spec.names import forward_key
+from ptrace.bundle_spec.names import forward_key, layer_index
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.compare.results import TensorResult
 
@@ -45,17 +45,21 @@ def earliest(per_request: dict[int, tuple[str, int]]) -> tuple[int, str, int] | 
 
 
 def largest_local_error(results: list[TensorResult]) -> str | None:
-    """The tensor whose error grows most over the tensor before it in forward order: the error
-    made there, not inherited from earlier layers."""
-    best, best_growth, previous = None, 1.0, 0.0
-    for result in results:
-        if result.stats_only or not np.isfinite(result.cos_sim):
+    """The attention or MLP branch whose error grows most over its layer's input error (the
+    previous layer's output, or ``embed``): the error made there, not inherited. A heuristic,
+    used when no ``--localize`` replay measured local errors; branches within the noise floor
+    make no error worth naming."""
+    by_name = {t.name: t for t in results if not t.stats_only and np.isfinite(t.rel_err)}
+    best, best_growth = None, 1.0
+    for result in by_name.values():
+        layer = layer_index(result.name)
+        if layer is None or not result.name.endswith((".attn", ".mlp")) or not result.rel_err > result.noise_floor:
             continue
-        error = max(1.0 - result.cos_sim, 0.0)
-        growth = error / max(previous, 1e-12)
-        if error > 1e-9 and growth > best_growth:
+        source = by_name.get("embed" if layer == 0 else f"layers.{layer - 1}.out")
+        inherited = max(source.rel_err, source.noise_floor) if source is not None else result.noise_floor
+        growth = result.rel_err / inherited if inherited > 0 else np.inf
+        if growth > best_growth:
             best, best_growth = result.name, growth
-        previous = error
     return best
 
 

@@ -60,7 +60,11 @@ def _size(c: Comparison) -> str:
 
 
 def summarize(c: Comparison) -> str:
-    summary = f"{c.verdict.upper()}: {_tokens(c)}; {_where(c)}; {_size(c)}"
+    if c.calibration is not None:  # judged against a trusted engine at the same dtype
+        label = c.verdict.upper() + (f" (within {c.calibration.dtype} noise)" if c.calibration.within else "")
+        summary = f"{label}: {_tokens(c)}; {c.calibration.sentence}"
+    else:
+        summary = f"{c.verdict.upper()}: {_tokens(c)}; {_where(c)}; {_size(c)}"
     if c.first_nonfinite:
         summary += f"; first NaN/Inf in {c.first_nonfinite['tensor']} ({c.first_nonfinite['bundle']})"
     return summary

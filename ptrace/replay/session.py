@@ -19,8 +19,10 @@ from ptrace.bundle_spec.reader import Bundle
 from ptrace.bundle_spec.schema import CaptureSettings, Document, ReplayInfo, SamplingParams, WhatIfSpec
 from ptrace.capture.model import describe_model
 from ptrace.capture.session import CaptureConfig, Progress, capture_runs
+from ptrace.backends.registry import declared_class, engine_python
 from ptrace.compare import Comparison, combine, compare
-from ptrace.errors import ModelError, ModelMismatchError, UsageError
+from ptrace.compare.calibration import calibrate
+from ptrace.errors import BackendUnavailableError, ModelError, ModelMismatchError, UsageError
 
 TEACHER, FREE = "teacher-forced", "free-running"
 MODES = (TEACHER, FREE)
@@ -40,22 +42,30 @@ class ReplayConfig:
     overwrite: bool = False
     threshold_overrides: dict[str, float] = field(default_factory=dict)
     command: tuple[str, ...] = ()
+    #: Also replay on a trusted engine at the replay's dtype and judge error ratios
+    #: (``compare.calibration``); None: when the dtype or device differs from the source's.
+    calibrate: bool | None = None
+    #: Also measure each layer's own error, and bisect the layers that restore the tokens
+    #: (``replay.localize``).
+    localize: bool = False
 
 
 @dataclass(frozen=True)
 class ReplayResult:
-    """Where the replays went, and their comparisons with the source (by mode)."""
+    """Where the replays went, their comparisons with the source (by mode), and the one result
+    that answers the user: ``primary`` (tensors from the teacher-forced run, aligned everywhere;
+    tokens from the free run; judged against the calibration run and localized when asked)."""
 
     source: Path
     bundles: dict[str, Path]
     comparisons: dict[str, Comparison]
+    primary: Comparison
 
-    @property
-    def primary(self) -> Comparison:
-        """Tensors from the teacher-forced run (aligned everywhere), tokens from the free run."""
-        tensors = self.comparisons.get(TEACHER) or self.comparisons[FREE]
-        tokens = self.comparisons.get(FREE) or tensors
-        return combine(tensors=tensors, tokens=tokens)
+
+def _primary(comparisons: dict[str, Comparison]) -> Comparison:
+    tensors = comparisons.get(TEACHER) or comparisons[FREE]
+    tokens = comparisons.get(FREE) or tensors
+    return combine(tensors=tensors, tokens=tokens)
 
 
 def default_output(bundle: Path, backend: str, dtype: str, device: str) -> Path:
@@ -83,15 +93,55 @@ def replay(config: ReplayConfig, *, progress: Progress | None = None) -> ReplayR
     with open_bundle(config.bundle) as source:
         plan = ReplayPlan.of(source, config)
         prefix = config.output or default_output(Path(config.bundle), config.backend, plan.dtype, plan.device)
-        runs, documents = plan.runs(prefix)
-        # One engine load for both runs (in the engine's own environment if it is not here).
-        bundles = dict(zip(config.modes, capture_runs(runs, progress=progress, documents=documents),
-                           strict=True))
-        comparisons = {}
-        for mode, path in bundles.items():
-            with open_bundle(path) as replayed:
-                comparisons[mode] = compare(source, replayed, threshold_overrides=config.threshold_overrides)
-    return ReplayResult(source=Path(config.bundle), bundles=bundles, comparisons=comparisons)
+        if config.localize:  # refuse a source it cannot localize before any engine starts
+            from ptrace.replay.localize import check_source, localize
+
+            check_source(source)
+        bundles, comparisons = _run(source, plan, prefix, progress)
+        primary = _primary(comparisons)
+        if config.calibrate or (config.calibrate is None and
+                                (plan.dtype, plan.device) != (source.run.dtype, source.run.device)):
+            trusted = _calibration_config(source, config, plan, prefix)
+            if trusted.backend == config.backend and trusted.device == plan.device:
+                calibration = primary  # the trusted engine replayed it already
+            else:
+                _, calibrations = _run(source, ReplayPlan.of(source, trusted), trusted.output, progress)
+                calibration = _primary(calibrations)
+            primary = calibrate(primary, calibration)
+        if config.localize:
+            primary = localize(source, config, prefix, primary, progress)
+    return ReplayResult(source=Path(config.bundle), bundles=bundles, comparisons=comparisons, primary=primary)
+
+
+def _run(source: Bundle, plan: ReplayPlan, prefix: Path,
+         progress: Progress | None) -> tuple[dict[str, Path], dict[str, Comparison]]:
+    """One replay's captures on one engine load (in its engine environment if not here), and
+    their comparisons with the source."""
+    runs, documents = plan.runs(prefix)
+    bundles = dict(zip(plan.config.modes, capture_runs(runs, progress=progress, documents=documents), strict=True))
+    comparisons = {}
+    for mode, path in bundles.items():
+        with open_bundle(path) as replayed:
+            comparisons[mode] = compare(source, replayed, threshold_overrides=plan.config.threshold_overrides)
+    return bundles, comparisons
+
+
+def _calibration_config(source: Bundle, config: ReplayConfig, plan: ReplayPlan, prefix: Path) -> ReplayConfig:
+    """The calibration replay: the source's own engine where it runs here (else HF transformers),
+    at the replay's dtype, on the replay's device where that engine has it, on the source's
+    weights."""
+    backend = source.run.backend
+    try:
+        engine_python(backend)
+    except BackendUnavailableError:
+        backend = "torch"
+    devices = declared_class(backend).capabilities.devices
+    device = plan.device if plan.device.split(":")[0] in devices else source.run.device
+    model = Path(source.model.model_path)
+    return replace(config, backend=backend, dtype=plan.dtype, device=device, engine_options={}, calibrate=False,
+                   localize=False,
+                   model=model if model.exists() else config.model, allow_model_mismatch=False,
+                   output=prefix.with_name(f"{prefix.name}.calibration-{backend}-{plan.dtype}"))
 
 
 @dataclass(frozen=True)

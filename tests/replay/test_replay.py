@@ -51,8 +51,18 @@ def test_replay_records_the_sources_capture_settings_and_sampling_whole(example_
             assert replayed.run.capture == settings and replayed.run.sampling == sampling
 
 
-def test_bfloat16_replay_drifts_within_rounding_noise(fp32_bundle, tmp_path):
+def test_bfloat16_replay_is_within_bfloat16_noise(fp32_bundle, tmp_path):
+    """Calibrated (the default for a dtype change): torch's bfloat16 is the trusted engine, so
+    its error ratio is 1 everywhere."""
     c = replay(ReplayConfig(bundle=fp32_bundle, backend="torch", dtype="bfloat16", output=tmp_path / "r")).primary
+    assert c.verdict in ("pass", "warn") and c.summary.startswith(f"{c.verdict.upper()} (within bfloat16 noise)")
+    assert c.calibration.backend == "torch" and c.calibration.within
+    assert all(t.ratio_mean == 1 for t in c.calibration.tensors if t.rel_err > 0)
+
+
+def test_bfloat16_replay_drifts_within_rounding_noise(fp32_bundle, tmp_path):
+    c = replay(ReplayConfig(bundle=fp32_bundle, backend="torch", dtype="bfloat16", output=tmp_path / "r",
+                            calibrate=False)).primary
     assert c.verdict in ("warn", "fail"), c.summary  # large for float32's thresholds ...
     assert c.first_divergent_tensor is None, c.summary  # ... but rounding, not divergence
     assert all(0 < max(t.position_rel) <= t.noise_floor for t in c.tensors), "every tensor rounds, none diverges"
@@ -94,7 +104,7 @@ def test_planted_difference_is_localized_to_its_layer(fp32_bundle, perturbed_mod
 def test_cli_replay_writes_report_and_json_and_gates(fp32_bundle, tmp_path):
     report, out = tmp_path / "report.html", tmp_path / "result.json"
     result = run_cli("replay", fp32_bundle, "-b", "torch", "--dtype", "bfloat16", "-o", tmp_path / "r",
-                     "--report", report, "--json", out, "--fail-on", "fail")
+                     "--report", report, "--json", out, "--fail-on", "fail", "--no-calibrate")
     data = json.loads(out.read_text())
     assert result.returncode == (1 if data["verdict"] == "fail" else 0), result.stderr
     assert data["verdict"] in ("warn", "fail") and 0 <= data["token_match_rate"] <= 1
