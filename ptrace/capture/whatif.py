@@ -41,7 +41,7 @@ from ptrace.errors import PtraceError, UsageError
 
 #: Spec fields the text form reads as selectors rather than kind parameters.
 _SELECTORS = ("steps", "positions", "layers", "requests", "seed")
-_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+_RANGE = re.compile(r"^(\d+)(?:(-)(\d*))?$")
 
 
 # -- kinds -----------------------------------------------------------------------------------
@@ -327,9 +327,9 @@ def _parse_range(text: str | None, what: str) -> tuple[int, int] | None:
         return None
     match = _RANGE.match(str(text).strip())
     if not match:
-        raise UsageError(f"what-if {what}={text}: expected FIRST-LAST or N (e.g. 0-99)")
+        raise UsageError(f"what-if {what}={text}: expected FIRST-LAST, FIRST- or N (e.g. 0-99)")
     first = int(match.group(1))
-    last = int(match.group(2)) if match.group(2) is not None else first
+    last = first if match.group(2) is None else int(match.group(3)) if match.group(3) else 2**62
     if last < first:
         raise UsageError(f"what-if {what}={text}: the range ends before it starts")
     return first, last
