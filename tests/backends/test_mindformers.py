@@ -17,7 +17,7 @@ from ptrace.bundle_spec.names import all_names
 from ptrace.bundle_spec.schema import SamplingParams
 from ptrace.backends.model_dir import read_config
 from ptrace.errors import BackendUnavailableError, ModelError, UsageError
-from tests.backends.conformance import PROMPTS, BackendTests, Keep, Replace
+from ptrace.testing.conformance import PROMPTS, BackendTests, Keep, Replace
 
 register_backend(MindFormersBackend)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.backends.conformance import PROMPTS, BackendTests
+from ptrace.testing.conformance import PROMPTS, BackendTests
 
 pytestmark = pytest.mark.backend("torch")
 
@@ -45,7 +45,7 @@ def test_hooks_see_what_plain_transformers_computes(example_model):
     from ptrace.backends.base import LoadOptions
     from ptrace.backends.registry import create_backend
     from ptrace.bundle_spec.schema import SamplingParams
-    from tests.backends.conformance import Keep
+    from ptrace.testing.conformance import Keep
 
     engine = create_backend("torch")
     engine.load(LoadOptions(example_model))
@@ -66,3 +66,17 @@ def test_hooks_see_what_plain_transformers_computes(example_model):
     np.testing.assert_allclose(keep.rows("final_norm", 0), reference.hidden_states[layers][0].numpy(),
                                atol=2e-5, rtol=1e-4)
     np.testing.assert_allclose(keep.rows("logits", 0), reference.logits[0].numpy(), atol=5e-5, rtol=1e-4)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda(), reason="no CUDA GPU here")
+class TestTorchBackendCuda(BackendTests):
+    """The same suite on a GPU: hooks, replacements and the KV cache on CUDA tensors."""
+
+    backend = "torch"
+    device = "cuda"

@@ -17,7 +17,7 @@ from ptrace.backends.base import LoadOptions  # noqa: E402
 from ptrace.backends.registry import create_backend  # noqa: E402
 from ptrace.bundle_spec.schema import SamplingParams  # noqa: E402
 from ptrace.errors import UsageError  # noqa: E402
-from tests.backends.conformance import PROMPTS, BackendTests, Keep  # noqa: E402
+from ptrace.testing.conformance import PROMPTS, BackendTests, Keep  # noqa: E402
 
 
 def _engine(model, dtype="float32", **options):

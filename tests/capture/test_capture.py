@@ -15,7 +15,7 @@ from ptrace.bundle_spec.names import all_names
 from ptrace.bundle_spec.stats import row_stats
 from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
 from ptrace.errors import BundleExistsError, BundleIncompleteError, UsageError
-from tests.backends.conformance import Keep
+from ptrace.testing.conformance import Keep
 from tests.conftest import ROOT
 
 

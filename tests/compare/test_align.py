@@ -11,7 +11,7 @@ from ptrace.bundle_spec import open_bundle, validate_bundle
 from ptrace.compare import compare
 from ptrace.compare.align import align, comparable_positions
 from ptrace.errors import ComparisonError
-from tests.synthetic import TENSORS, SyntheticRequest, write_bundle
+from ptrace.testing.bundles import TENSORS, SyntheticRequest, write_bundle
 
 PROMPT = (1, 2, 3, 4)
 OUTPUTS = (5, 6, 7, 8, 9)

@@ -9,7 +9,7 @@ import sys
 from ptrace.bundle_spec import open_bundle
 from ptrace.compare import combine, compare
 from tests.conftest import ROOT
-from tests.synthetic import SyntheticRequest, write_bundle
+from ptrace.testing.bundles import SyntheticRequest, write_bundle
 
 BLOCK_ENGINES = """
 import sys
@@ -53,8 +53,10 @@ def test_stats_only_bundles_are_compared_by_their_statistics(example_model, tmp_
     source = capture(CaptureConfig(backend="torch", model=example_model, output=tmp_path / "s.zarr", random_input_ids=16, command=("t",), sampling=SamplingParams(max_new_tokens=4), settings=CaptureSettings(mode="stats")))
     same = replay(ReplayConfig(bundle=source, backend="torch", output=tmp_path / "same")).primary
     assert same.verdict == "pass" and all(t.stats_only for t in same.tensors)
-    drift = replay(ReplayConfig(bundle=source, backend="torch", dtype="bfloat16", output=tmp_path / "bf16")).primary
+    drift = replay(ReplayConfig(bundle=source, backend="torch", dtype="bfloat16", output=tmp_path / "bf16",
+                                calibrate=False)).primary
     assert drift.verdict != "pass" and any(t.verdict != "pass" for t in drift.tensors), drift.summary
+    assert all(0 < t.rel_err and max(t.position_rel) <= t.noise_floor for t in drift.tensors), "rounding, in units of the floor"
     assert all(r.kl_source.startswith("top-") for r in drift.requests)
 
 

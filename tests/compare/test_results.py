@@ -12,7 +12,7 @@ from ptrace.bundle_spec import open_bundle
 from ptrace.compare import Comparison, compare
 from ptrace.errors import ComparisonError
 from tests.conftest import run_cli
-from tests.synthetic import SyntheticRequest, write_bundle
+from ptrace.testing.bundles import SyntheticRequest, write_bundle
 
 
 def _strict_json(text: str):

@@ -15,7 +15,7 @@ from ptrace.compare import Comparison, compare
 from ptrace.replay.session import ReplayConfig, replay
 from ptrace.reports.html import render, write_report
 from tests.conftest import ROOT
-from tests.synthetic import SyntheticRequest, write_bundle
+from ptrace.testing.bundles import SyntheticRequest, write_bundle
 
 HOSTILE = "<script>alert(1)</script>"
 

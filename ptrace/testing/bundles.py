@@ -10,7 +10,7 @@ same prefix hold identical rows there, and the rows part where the fed tokens pa
 (a fixed embedding table) are the same in every bundle; ``noise`` perturbs one bundle's
 tensors, as another dtype or engine would.
 
-Self-contained on purpose (it needs only numpy, ml_dtypes and ``ptrace.bundle_spec``).
+It needs only numpy, ml_dtypes and ``ptrace.bundle_spec``: tools that read bundles can test with it.
 """
 
 from __future__ import annotations

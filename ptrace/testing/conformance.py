@@ -1,6 +1,6 @@
 """The conformance suite every backend passes (like zarr's StoreTests).
 
-Subclass :class:`BackendTests`, set ``backend`` (and ``model_fixture`` if not the example
+Subclass :class:`BackendTests`, set ``backend`` (and ``model_path`` if not the example
 model): every engine must lay out tensors the same way, let interceptors replace them, and
 produce well-formed outputs. Nothing here knows which engine it runs.
 """
@@ -8,6 +8,7 @@ produce well-formed outputs. Nothing here knows which engine it runs.
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,13 +62,22 @@ class Replace(Interceptor):
 class BackendTests:
     backend: str = ""
     dtype: str = "float32"
+    device: str = "cpu"
+    #: The model to run; None: the test session's ``example_model`` fixture (any small HF
+    #: Qwen2/Llama-family directory whose vocabulary covers the prompts' ids).
+    model_path: Path | None = None
 
     @pytest.fixture(scope="class")
     @classmethod
-    def engine(cls, example_model) -> Backend:
+    def model_dir(cls, request: pytest.FixtureRequest) -> Path:
+        return cls.model_path or request.getfixturevalue("example_model")
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def engine(cls, model_dir) -> Backend:
         engine = create_backend(cls.backend)
         engine.set_seed(0)
-        engine.load(LoadOptions(example_model, cls.dtype, "cpu"))
+        engine.load(LoadOptions(model_dir, cls.dtype, cls.device))
         yield engine
         engine.close()
 
