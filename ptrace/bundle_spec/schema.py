@@ -114,29 +114,44 @@ class ArrayRecord(Document):
 
 @dataclass(frozen=True)
 class Manifest(Document):
+    """``meta/manifest`` (SPEC.md 3.1), written last: a bundle without one is incomplete."""
+
     path: ClassVar[str] = layout.MANIFEST
 
     spec_version: int
     ptrace_version: str
+    #: 32 random hex digits: what a replay's ``meta/replay`` points back to
     bundle_id: str
+    #: ISO 8601, UTC
     created: str
+    #: the command line that made the bundle, secrets redacted
     command: tuple[str, ...]
     complete: bool
+    #: "full" or "stats"
     mode: str
+    #: canonical names captured, forward order
     tensor_names: tuple[str, ...]
+    #: every array outside ``meta/``: what must be there
     arrays: Mapping[str, ArrayRecord] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ModelInfo(Document):
+    """``meta/model`` (SPEC.md 3.2): which weights, proven by their sha256."""
+
     path: ClassVar[str] = layout.MODEL
 
     model_path: str
+    #: the directory's name
     name: str
+    #: ``architectures[0]`` of config.json
     architecture: str
+    #: config.json as loaded
     config: Mapping[str, Any]
+    #: file name -> sha256, for weights and tokenizer files
     weights: Mapping[str, str]
     tokenizer: Mapping[str, str]
+    #: sha256 over the sorted ``name=sha256`` lines of each map
     fingerprint: str
     tokenizer_fingerprint: str
 
@@ -178,6 +193,8 @@ class CaptureSettings(Document):
 
 @dataclass(frozen=True)
 class RunInfo(Document):
+    """``meta/run`` (SPEC.md 3.3): the engine, its settings, and how tokens were chosen."""
+
     path: ClassVar[str] = layout.RUN
 
     backend: str

@@ -17,19 +17,28 @@ def compare(
     report: v.Report = None,
     json_out: v.JsonOut = None,
     fail_on: v.FailOn = None,
+    calibration: Annotated[Path | None, typer.Option(
+        "--calibration", rich_help_panel=v.VERDICT, metavar="BUNDLE",
+        help="A trusted engine's run of A's inputs at B's dtype: judge B's error as a multiple of its "
+             "error ('within bfloat16 noise'), as replay --calibrate does.")] = None,
     thresholds: v.ThresholdsFile = None,
     pass_cos: v.PassCos = None,
     pass_mean_abs: v.PassMeanAbs = None,
 ) -> None:
     """Compare two bundles of the same inputs (say, a colleague's NPU capture against yours).
 
-    Works with no engine installed: it only reads the bundles.
+    Works with no engine installed: it only reads the bundles. With --calibration C (a trusted
+    engine's bfloat16 run of A, say), B is judged by how its error compares with C's.
     """
     from ptrace.bundle_spec import open_bundle
     from ptrace.compare import compare as run_compare
+    from ptrace.compare.calibration import calibrate
 
     v.check_fail_on(fail_on)
     overrides = v.threshold_overrides(thresholds, pass_cos, pass_mean_abs)
     with open_bundle(reference) as a, open_bundle(other) as b, console.progress("comparing tensors") as update:
         comparison = run_compare(a, b, threshold_overrides=overrides, progress=update)
+        if calibration is not None:
+            with open_bundle(calibration) as c:
+                comparison = calibrate(comparison, run_compare(a, c, threshold_overrides=overrides))
     v.emit(comparison, report=report, json_out=json_out, fail_on=fail_on)

@@ -36,9 +36,6 @@ def replay(
     report: v.Report = None,
     json_out: v.JsonOut = None,
     fail_on: v.FailOn = None,
-    thresholds: v.ThresholdsFile = None,
-    pass_cos: v.PassCos = None,
-    pass_mean_abs: v.PassMeanAbs = None,
     calibrate: Annotated[bool | None, typer.Option(
         "--calibrate/--no-calibrate", rich_help_panel=v.VERDICT,
         help="Also replay on a trusted engine (the capture's own, else torch) at this dtype and judge the "
@@ -48,6 +45,9 @@ def replay(
         "--localize", rich_help_panel=v.VERDICT,
         help="Also replay with every layer fed the capture's input (its own error, measured) and, if "
              "tokens diverge, find the fewest layers whose output restores them.")] = False,
+    thresholds: v.ThresholdsFile = None,
+    pass_cos: v.PassCos = None,
+    pass_mean_abs: v.PassMeanAbs = None,
     inject: opt.Inject = None,
     inject_file: opt.InjectFile = None,
     sweep: opt.Sweep = None,
