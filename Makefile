@@ -39,11 +39,17 @@ demo: setup
 	$(PTRACE) replay $(DEMO)/ms-fp32.zarr --backend vllm --output $(DEMO)/vllm-fp32 \
 		--report $(DEMO)/ms-vs-vllm.html --json $(DEMO)/ms-vs-vllm.json --overwrite
 	$(PTRACE) replay $(DEMO)/ms-fp32.zarr --backend vllm --dtype bfloat16 --output $(DEMO)/vllm-bf16 \
-		--report $(DEMO)/ms-vs-vllm-bf16.html --json $(DEMO)/ms-vs-vllm-bf16.json --overwrite
+		--localize --report $(DEMO)/ms-vs-vllm-bf16.html --json $(DEMO)/ms-vs-vllm-bf16.json --overwrite
 	$(PTRACE) replay $(DEMO)/ms-fp32.zarr --backend torch --output $(DEMO)/torch-fp32 \
 		--report $(DEMO)/ms-vs-torch.html --overwrite
 	$(PTRACE) pack $(DEMO)/ms-fp32.zarr --overwrite
-	@echo "open $(DEMO)/ms-vs-vllm.html and $(DEMO)/ms-vs-vllm-bf16.html"
+	# The seed document's case 3.2: noise in the KV cache of the first 100 positions, 4 levels, 8 prompts.
+	$(PTRACE) capture --backend vllm --model $(MODEL) --random-input-ids 128 --num-requests 8 --seed 7 \
+		--max-new-tokens 32 --tensors 'layers.*.out,layers.*.k,logits' --output $(DEMO)/vllm-8.zarr --overwrite
+	$(PTRACE) whatif $(DEMO)/vllm-8.zarr --backend vllm --output $(DEMO)/kv-noise --overwrite \
+		--inject 'noise:layers.*.k,layers.*.v:std=1e-3:positions=0-99' --sweep std=1e-3,1e-2,1e-1,1 \
+		--report $(DEMO)/kv-noise.html --json $(DEMO)/kv-noise.json
+	@echo "open $(DEMO)/ms-vs-vllm.html, $(DEMO)/ms-vs-vllm-bf16.html and $(DEMO)/kv-noise.html"
 
 # The report test opens the HTML report in real headless Chromium (Debian's package).
 browser:

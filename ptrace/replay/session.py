@@ -11,18 +11,21 @@ Two modes, both by default:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ptrace.backends.registry import declared_class
 from ptrace.bundle_spec import open_bundle
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.bundle_spec.schema import CaptureSettings, Document, ReplayInfo, SamplingParams, WhatIfSpec
 from ptrace.capture.model import describe_model
 from ptrace.capture.session import CaptureConfig, Progress, capture_runs
-from ptrace.backends.registry import declared_class, engine_python
 from ptrace.compare import Comparison, combine, compare
 from ptrace.compare.calibration import calibrate
 from ptrace.errors import BackendUnavailableError, ModelError, ModelMismatchError, UsageError
+
+log = logging.getLogger("ptrace.replay")
 
 TEACHER, FREE = "teacher-forced", "free-running"
 MODES = (TEACHER, FREE)
@@ -101,13 +104,7 @@ def replay(config: ReplayConfig, *, progress: Progress | None = None) -> ReplayR
         primary = _primary(comparisons)
         if config.calibrate or (config.calibrate is None and
                                 (plan.dtype, plan.device) != (source.run.dtype, source.run.device)):
-            trusted = _calibration_config(source, config, plan, prefix)
-            if trusted.backend == config.backend and trusted.device == plan.device:
-                calibration = primary  # the trusted engine replayed it already
-            else:
-                _, calibrations = _run(source, ReplayPlan.of(source, trusted), trusted.output, progress)
-                calibration = _primary(calibrations)
-            primary = calibrate(primary, calibration)
+            primary = calibrate(primary, _calibration(source, config, plan, prefix, primary, progress))
         if config.localize:
             primary = localize(source, config, prefix, primary, progress)
     return ReplayResult(source=Path(config.bundle), bundles=bundles, comparisons=comparisons, primary=primary)
@@ -126,15 +123,31 @@ def _run(source: Bundle, plan: ReplayPlan, prefix: Path,
     return bundles, comparisons
 
 
-def _calibration_config(source: Bundle, config: ReplayConfig, plan: ReplayPlan, prefix: Path) -> ReplayConfig:
-    """The calibration replay: the source's own engine where it runs here (else HF transformers),
-    at the replay's dtype, on the replay's device where that engine has it, on the source's
-    weights."""
-    backend = source.run.backend
-    try:
-        engine_python(backend)
-    except BackendUnavailableError:
-        backend = "torch"
+def _calibration(source: Bundle, config: ReplayConfig, plan: ReplayPlan, prefix: Path, replayed: Comparison,
+                 progress: Progress | None) -> Comparison:
+    """The calibration replay's comparison with the source: the source's own engine where it can
+    run the replay's dtype here, else HF transformers (MindSpore has no bfloat16 on CPU, say)."""
+    if source.run.backend != "torch":
+        try:
+            return _calibrate_on(source.run.backend, source, config, plan, prefix, replayed, progress)
+        except BackendUnavailableError as exc:
+            log.info("calibrating on torch: %s", exc)
+    return _calibrate_on("torch", source, config, plan, prefix, replayed, progress)
+
+
+def _calibrate_on(backend: str, source: Bundle, config: ReplayConfig, plan: ReplayPlan, prefix: Path,
+                  replayed: Comparison, progress: Progress | None) -> Comparison:
+    trusted = _calibration_config(source, config, plan, prefix, backend)
+    if trusted.backend == config.backend and trusted.device == plan.device:
+        return replayed  # the trusted engine replayed it already
+    _, calibrations = _run(source, ReplayPlan.of(source, trusted), trusted.output, progress)
+    return _primary(calibrations)
+
+
+def _calibration_config(source: Bundle, config: ReplayConfig, plan: ReplayPlan, prefix: Path,
+                        backend: str) -> ReplayConfig:
+    """The calibration replay on ``backend``: at the replay's dtype, on the replay's device where
+    that engine has it, on the source's weights."""
     devices = declared_class(backend).capabilities.devices
     device = plan.device if plan.device.split(":")[0] in devices else source.run.device
     model = Path(source.model.model_path)
