@@ -14,7 +14,6 @@ import traceback
 import warnings
 from typing import Annotated
 
-import click
 import typer
 
 from ptrace.cli import options as opt
@@ -68,7 +67,7 @@ app.command(rich_help_panel="Engines")(backends)
 app.add_typer(envs, name="envs", rich_help_panel="Engines")
 
 
-def _document_engine_options(command: click.Command) -> None:
+def _document_engine_options(command: typer.main.TyperCommand) -> None:
     """Fill in ``-E``'s help from the backends' option schemas (only when a command's help is
     shown: reading the schemas imports every backend module)."""
     for parameter in command.params:
@@ -83,14 +82,14 @@ def main(argv: list[str] | None = None) -> None:
         if args and args[0] in command.commands and {"--help", "-h"} & set(args):
             _document_engine_options(command.commands[args[0]])
         code = command.main(args=args, prog_name="ptrace", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        code = exc.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         console.error("interrupted")
         code = 130
+    except typer.TyperException as exc:  # a missing or malformed option: usage, then the error
+        exc.show()
+        code = exc.exit_code
     except PtraceError as exc:
         if console.debug:
             console.traceback(traceback.format_exc())

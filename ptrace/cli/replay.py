@@ -65,13 +65,14 @@ def replay(
 
     With --inject the replay is also run with errors injected on purpose (see `ptrace whatif`).
     """
+    from ptrace.errors import UsageError
     from ptrace.replay.session import MODES, ReplayConfig
     from ptrace.replay.session import replay as run_replay
 
     v.check_fail_on(fail_on)
     whatifs = _whatifs(inject, inject_file)
     if ctx.info_name == "whatif" and not whatifs:
-        raise typer.BadParameter("name at least one what-if", param_hint="--inject / --inject-file")
+        raise UsageError("ptrace whatif needs at least one what-if", hint="pass --inject SPEC or --inject-file FILE")
     config = ReplayConfig(
         bundle=bundle, backend=backend, output=output, dtype=dtype, device=device, model=model,
         allow_model_mismatch=allow_model_mismatch, modes=tuple(mode or MODES),

@@ -78,6 +78,14 @@ def _grid(config: WhatIfConfig) -> list[_Run]:
     return runs
 
 
+def _capturing_injections(plan: ReplayPlan, grid: list[_Run]) -> ReplayPlan:
+    """``plan`` also capturing every tensor a what-if changes (in the baseline too), so that the
+    first affected tensor is the injection point itself, captured by the source or not."""
+    globs = [glob for run in grid for spec in run.specs for glob in spec.tensors]
+    captured = tuple(g for g in plan.settings.tensors if g != "none")
+    return replace(plan, settings=replace(plan.settings, tensors=tuple(dict.fromkeys((*captured, *globs)))))
+
+
 def _sweepable(spec: WhatIfSpec, param: str) -> bool:
     kind = whatif.kind_of(spec)
     return param in kind.params or (not kind.on_tensors and param in spec.params)
@@ -94,7 +102,7 @@ def run_whatifs(config: WhatIfConfig, *, progress: Progress | None = None) -> Co
     replay_config = config.replay
     grid = _grid(config)
     with open_bundle(replay_config.bundle) as source:
-        plan = ReplayPlan.of(source, replace(replay_config, modes=(TEACHER, FREE)))
+        plan = _capturing_injections(ReplayPlan.of(source, replace(replay_config, modes=(TEACHER, FREE))), grid)
         for run in grid:  # everything that can fail cheaply fails before any engine starts
             whatif.check(run.specs, num_layers=source.model.num_layers, source=source)
         folder = replay_config.output or default_output(Path(replay_config.bundle), replay_config.backend,

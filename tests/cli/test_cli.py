@@ -103,3 +103,9 @@ def test_inspect_shows_the_run(full_bundle):
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("--debug", "inspect", tmp_path / "missing.zarr")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_a_usage_error_exits_2_with_usage():
+    result = run_cli("capture")
+    assert result.returncode == 2 and "Missing option '--backend'" in result.stderr
+    assert "Traceback" not in result.stderr
