@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
+import google_crc32c
 import msgpack
 import numpy as np
 import zarr
@@ -329,6 +331,24 @@ class Bundle:
             raise BundleError(self._missing_tensor_message(request, name),
                               hint=f"capture with --mode full --tensors '{name}'")
         return self._read(tensor_array(request, name), slice(start, stop))
+
+    def verified_blocks(self, path: str, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """The whole array at ``path`` in blocks of about ``rows`` rows, ``(first row, block)``,
+        its whole-content CRC-32C checked against the manifest after the last block: a chunk
+        that is missing (it would read as zeros) or swapped with another (each passes its own
+        checksum) is an error, never data."""
+        record = self.manifest.arrays.get(path)
+        if record is None:
+            raise self._corrupt(path, "is not in the manifest")
+        crc, total = 0, record.shape[0]
+        for start in range(0, total, max(1, rows)):
+            block = self._read(path, slice(start, min(start + rows, total)))
+            crc = google_crc32c.extend(crc, np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+            yield start, block
+        if crc != record.crc32c:
+            raise BundleCorruptError(f"{self.path}: array {path}: content checksum {crc:#010x} != manifest "
+                                     f"{record.crc32c:#010x} (a chunk is missing or was replaced)",
+                                     hint="the bundle was damaged or tampered with: get a fresh copy")
 
     def _missing_tensor_message(self, request: int, name: str) -> str:
         return f"{self.path}: request {request} has no tensor {name!r} (captured: " \

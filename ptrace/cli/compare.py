@@ -21,6 +21,9 @@ def compare(
         "--calibration", rich_help_panel=v.VERDICT, metavar="BUNDLE",
         help="A trusted engine's run of A's inputs at B's dtype: judge B's error as a multiple of its "
              "error ('within bfloat16 noise'), as replay --calibrate does.")] = None,
+    require_same_model: Annotated[bool, typer.Option(
+        "--require-same-model", rich_help_panel=v.VERDICT,
+        help="Refuse bundles of different weights (fingerprints) instead of only saying so: for CI.")] = False,
     thresholds: v.ThresholdsFile = None,
     pass_cos: v.PassCos = None,
     pass_mean_abs: v.PassMeanAbs = None,
@@ -33,10 +36,15 @@ def compare(
     from ptrace.bundle_spec import open_bundle
     from ptrace.compare import compare as run_compare
     from ptrace.compare.calibration import calibrate
+    from ptrace.errors import ModelMismatchError
 
     v.check_fail_on(fail_on)
     overrides = v.threshold_overrides(thresholds, pass_cos, pass_mean_abs)
     with open_bundle(reference) as a, open_bundle(other) as b, console.progress("comparing tensors") as update:
+        if require_same_model and a.model.fingerprint != b.model.fingerprint:
+            raise ModelMismatchError(f"{other} was captured with other weights than {reference} (fingerprint "
+                                     f"{b.model.fingerprint[:12]} != {a.model.fingerprint[:12]})",
+                                     hint="compare runs of the same checkpoint, or drop --require-same-model")
         comparison = run_compare(a, b, threshold_overrides=overrides, progress=update)
         if calibration is not None:
             with open_bundle(calibration) as c:

@@ -67,6 +67,9 @@ def summarize(c: Comparison) -> str:
         summary = f"{c.verdict.upper()}: {_tokens(c)}; {_where(c)}; {_size(c)}"
     if c.first_nonfinite:
         summary += f"; first NaN/Inf in {c.first_nonfinite['tensor']} ({c.first_nonfinite['bundle']})"
+    if c.a.get("model_fingerprint") != c.b.get("model_fingerprint"):
+        summary += (f"; the runs used different weights (fingerprint {str(c.a.get('model_fingerprint'))[:12]} vs "
+                    f"{str(c.b.get('model_fingerprint'))[:12]})")
     return summary
 
 

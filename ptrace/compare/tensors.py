@@ -7,12 +7,14 @@ run captured only statistics (``--mode stats``), the tensor is compared by its s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from ptrace.bundle_spec.layout import tensor_array
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.compare import noise
-from ptrace.compare.align import Alignment, read_rows
+from ptrace.compare.align import Alignment
 from ptrace.compare.metrics import RunningTotals, row_errors
 from ptrace.compare.results import TensorResult
 from ptrace.compare.thresholds import FAIL, PASS, WARN, Thresholds
@@ -24,6 +26,33 @@ BLOCK_BYTES = 16 << 20
 
 def _row_shape(bundle: Bundle, request: int, name: str) -> tuple[int, ...]:
     return tuple(bundle.manifest.arrays[tensor_array(request, name)].shape[1:])
+
+
+def _selected(bundle: Bundle, request: int, name: str, rows: np.ndarray, block: int) -> Iterator[np.ndarray]:
+    """The given rows (sorted indices) of a tensor, block by block. The whole array is read, in
+    order, so that its checksum is verified: a tampered bundle is an error, never a verdict."""
+    taken = 0
+    for start, data in bundle.verified_blocks(tensor_array(request, name), block):
+        upto = int(np.searchsorted(rows, start + data.shape[0]))
+        if upto > taken:
+            yield data[rows[taken:upto] - start]
+        taken = upto
+
+
+def _rechunked(blocks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """``blocks`` regrouped into blocks of exactly ``size`` rows (the last may be shorter), so two
+    bundles chunked differently pair up row for row."""
+    pending: list[np.ndarray] = []
+    count = 0
+    for data in blocks:
+        pending.append(data)
+        count += data.shape[0]
+        while count >= size:
+            joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
+            yield joined[:size]
+            pending, count = [joined[size:]], count - size
+    if count:
+        yield np.concatenate(pending) if len(pending) > 1 else pending[0]
 
 
 def compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignment],
@@ -44,12 +73,17 @@ def compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignm
                                   f"{shape} in one and {shape_b} in the other",
                                   hint="both runs must use the same model architecture")
         block = max(1, BLOCK_BYTES // max(1, int(np.prod(shape)) * 8))
-        for start in range(0, wanted.size, block):
-            rows_a = read_rows(a, request, name, aligned.rows_a[start:start + block])
-            rows_b = read_rows(b, request, name, aligned.rows_b[start:start + block])
+        from_a = _rechunked(_selected(a, request, name, aligned.rows_a, block), block)
+        from_b = _rechunked(_selected(b, request, name, aligned.rows_b, block), block)
+        start = 0
+        for rows_a, rows_b in zip(from_a, from_b):
             totals.add(row_errors(rows_a, rows_b))
-            index.append(wanted[start:start + block])
-            requests.append(np.full(index[-1].size, request, np.int64))
+            index.append(wanted[start:start + rows_a.shape[0]])
+            requests.append(np.full(rows_a.shape[0], request, np.int64))
+            start += rows_a.shape[0]
+        for rest in (from_a, from_b):  # read to the end: the whole-array checksums are checked there
+            for _ in rest:
+                pass
     mean_abs, cos = totals.rows_of("mean_abs"), totals.rows_of("cos")
     verdicts = [thresholds.verdict(m, c) for m, c in zip(mean_abs, cos)]
     failing = [i for i, v in enumerate(verdicts) if v == FAIL]
