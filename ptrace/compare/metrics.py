@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ptrace.backends.decoding import log_softmax
 from ptrace.errors import ComparisonError
 
 #: Denominator guard for relative errors (the seed document's ``|h1| + 1e-8``).
@@ -154,15 +155,9 @@ class RunningTotals:
         return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = _flat64(logits)
-    shifted = x - x.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
 def kl_full(logits_a: np.ndarray, logits_b: np.ndarray) -> np.ndarray:
     """KL(P_a || P_b) per row from full logits (natural log)."""
-    lp_a, lp_b = log_softmax(logits_a), log_softmax(logits_b)
+    lp_a, lp_b = log_softmax(_flat64(logits_a)), log_softmax(_flat64(logits_b))
     with np.errstate(invalid="ignore"):
         return np.maximum((np.exp(lp_a) * (lp_a - lp_b)).sum(axis=1), 0.0)
 

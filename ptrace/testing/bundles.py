@@ -31,6 +31,7 @@ from ptrace.bundle_spec import (
     RunInfo,
     SamplingParams,
 )
+from ptrace.backends.decoding import log_softmax
 from ptrace.bundle_spec.stats import row_stats
 from ptrace.errors import UsageError
 
@@ -75,11 +76,6 @@ def toy_forward(fed: np.ndarray, hidden_size: int = HIDDEN) -> dict[str, np.ndar
     return out
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
 def write_bundle(path: str | Path, requests: Sequence[SyntheticRequest], *, tensors: Sequence[str] = TENSORS,
                  mode: str = "full", dtype: str = "float32", backend: str = "synthetic",
                  noise: float = 0.0, seed: int = 0, hidden_size: int = HIDDEN) -> Path:
@@ -107,7 +103,7 @@ def write_bundle(path: str | Path, requests: Sequence[SyntheticRequest], *, tens
                 if mode == "full":
                     writer.append_rows(f"{prefix}/tensors/{name}", rows)
             # the logits row at position P - 1 + s predicts token s
-            decode = _log_softmax(values["logits"][len(request.prompt) - 1:])
+            decode = log_softmax(values["logits"][len(request.prompt) - 1:])
             top = np.argsort(-decode, axis=1, kind="stable")[:, :TOPK]
             writer.write_array(f"{prefix}/prompt_ids", np.asarray(request.prompt, np.int64))
             writer.write_array(f"{prefix}/output_ids", np.asarray(request.outputs, np.int64))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ptrace.backends.base import Backend, EngineTensor, Interceptor, LoadOptions, TensorSite
+from ptrace.backends.decoding import log_softmax
 from ptrace.backends.registry import create_backend
 from ptrace.bundle_spec.names import all_names
 from ptrace.bundle_spec.schema import SamplingParams
@@ -159,7 +160,7 @@ class BackendTests:
         prompt, generation = PROMPTS[1], generations[1]
         if generation.prompt_logprobs is None:
             pytest.skip("this engine gives no prompt logprobs")
-        expected = _log_softmax(keep.rows("logits", 1)[: len(prompt) - 1])
+        expected = log_softmax(keep.rows("logits", 1)[: len(prompt) - 1].astype(np.float64))
         np.testing.assert_allclose(generation.prompt_logprobs[1:],
                                    expected[np.arange(len(prompt) - 1), prompt[1:]], atol=1e-4)
         np.testing.assert_allclose(generation.prompt_topk_logprobs[1:],
@@ -192,9 +193,3 @@ class BackendTests:
         first = engine.generate(PROMPTS[:1], sampling)[0].output_ids
         engine.set_seed(0)
         assert engine.generate(PROMPTS[:1], sampling)[0].output_ids.tolist() == first.tolist()
-
-
-def _log_softmax(rows: np.ndarray) -> np.ndarray:
-    rows = rows.astype(np.float64)
-    shifted = rows - rows.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
