@@ -16,6 +16,7 @@ def compare(
     other: Annotated[Path, typer.Argument(help="Bundle B, compared against A.")],
     report: v.Report = None,
     json_out: v.JsonOut = None,
+    metrics_file: v.MetricsFile = None,
     fail_on: v.FailOn = None,
     thresholds: v.ThresholdsFile = None,
     pass_cos: v.PassCos = None,
@@ -32,4 +33,4 @@ def compare(
     overrides = v.threshold_overrides(thresholds, pass_cos, pass_mean_abs)
     with open_bundle(reference) as a, open_bundle(other) as b, console.progress("comparing tensors") as update:
         comparison = run_compare(a, b, threshold_overrides=overrides, progress=update)
-    v.emit(comparison, report=report, json_out=json_out, fail_on=fail_on)
+    v.emit(comparison, report=report, json_out=json_out, metrics_file=metrics_file, fail_on=fail_on)

@@ -33,6 +33,7 @@ def replay(
     overwrite: opt.Overwrite = False,
     report: v.Report = None,
     json_out: v.JsonOut = None,
+    metrics_file: v.MetricsFile = None,
     fail_on: v.FailOn = None,
     thresholds: v.ThresholdsFile = None,
     pass_cos: v.PassCos = None,
@@ -63,4 +64,4 @@ def replay(
     for mode, path in result.bundles.items():
         console.print(f"{mode} replay: {path}")
     target = report or next(iter(result.bundles.values())).with_suffix("").with_suffix(".report.html")
-    v.emit(result.primary, report=target, json_out=json_out, fail_on=fail_on)
+    v.emit(result.primary, report=target, json_out=json_out, metrics_file=metrics_file, fail_on=fail_on)
