@@ -15,7 +15,7 @@ MODEL  ?= examples/tiny-qwen2
 DEMO   ?= demo
 ENVS   := .venvs
 
-.PHONY: setup demo browser test bench clean
+.PHONY: setup demo browser prometheus test bench clean
 
 setup: $(VENV)/.installed $(ENVS)/.installed
 
@@ -57,9 +57,16 @@ browser:
 	{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	{ echo "Chromium is needed by the report test: sudo apt-get install chromium" >&2; exit 1; }
 
+# The monitoring tests run a real Prometheus and promtool (Debian's package; only their own
+# instance on 127.0.0.1, never the system service).
+prometheus:
+	@{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || \
+	{ echo "Prometheus is needed by the monitoring tests: sudo apt-get install prometheus" >&2; exit 1; }
+
 # Everything from the main environment (the engines through their environments), then the
 # backend tests inside each engine environment (there, the tests of the engines that run there).
-test: setup browser
+test: setup browser prometheus
 	PTRACE_REQUIRE_ENGINES=1 $(PY) -m pytest -q
 	$(PTRACE) envs list --pythons | while read -r env python; do \
 		PTRACE_TEST_ENVIRONMENT=$$env $$python -m pytest -q -p no:cacheprovider tests/backends || exit 1; done

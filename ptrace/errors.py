@@ -90,3 +90,17 @@ class BundleIncompleteError(BundleError):
 
 class BundleCorruptError(BundleError):
     """A checksum failed, or the structure contradicts the manifest."""
+
+
+class EndpointError(PtraceError, ConnectionError):
+    """A serving endpoint did not give a usable answer (down, slow, an error, another model).
+
+    ``result`` is the problem's kind, one word from a small fixed set: the canary counts it as a
+    Prometheus label value and carries on (``ptrace.monitor``).
+    """
+
+    def __init__(self, result: str, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+        #: the HTTP status of an error answer
+        self.status = status

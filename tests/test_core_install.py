@@ -43,5 +43,7 @@ def test_core_install_runs_help_inspect_validate_and_compare(tmp_path):
     assert "Qwen2ForCausalLM" in run("inspect", GOLDEN / "torch.zarr.zip")
     assert "valid ptrace bundle" in run("validate", GOLDEN / "torch.zarr")
     assert "PASS" in run("compare", GOLDEN / "torch.zarr", GOLDEN / "torch.zarr.zip")
-    run("compare", GOLDEN / "torch.zarr", GOLDEN / "replay.teacher.zarr", "--json", tmp_path / "c.json")
+    run("compare", GOLDEN / "torch.zarr", GOLDEN / "replay.teacher.zarr", "--json", tmp_path / "c.json",
+        "--metrics-file", tmp_path / "c.prom")
     assert (tmp_path / "c.json").stat().st_size > 0
+    assert "ptrace_token_agreement_ratio" in (tmp_path / "c.prom").read_text()

@@ -23,6 +23,7 @@ from ptrace.cli.compare import compare
 from ptrace.cli.console import console
 from ptrace.cli.envs import envs
 from ptrace.cli.inspect import inspect
+from ptrace.cli.monitor import monitor
 from ptrace.cli.pack import pack, unpack
 from ptrace.cli import replay as replay_command
 from ptrace.cli.replay import replay
@@ -33,7 +34,8 @@ app = typer.Typer(
     name="ptrace",
     help="Find where and why two LLM inference engines disagree.\n\n"
          "capture a run into a bundle, replay it on another engine, dtype or device, compare and "
-         "read the HTML report; inspect, validate and pack bundles for bug reports.",
+         "read the HTML report; watch a serving endpoint for drift (monitor); inspect, validate and "
+         "pack bundles for bug reports.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -59,6 +61,7 @@ app.command(rich_help_panel="Run")(capture)
 app.command(rich_help_panel="Run")(replay)
 app.command("whatif", rich_help_panel="Run", help=replay_command.WHATIF_HELP)(replay)
 app.command(rich_help_panel="Compare")(compare)
+app.command(rich_help_panel="Compare")(monitor)
 app.command(rich_help_panel="Bundles")(inspect)
 app.command(rich_help_panel="Bundles")(validate)
 app.command(rich_help_panel="Bundles")(pack)

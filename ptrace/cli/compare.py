@@ -16,6 +16,7 @@ def compare(
     other: Annotated[Path, typer.Argument(help="Bundle B, compared against A.")],
     report: v.Report = None,
     json_out: v.JsonOut = None,
+    metrics_file: v.MetricsFile = None,
     fail_on: v.FailOn = None,
     calibration: Annotated[Path | None, typer.Option(
         "--calibration", rich_help_panel=v.VERDICT, metavar="BUNDLE",
@@ -49,4 +50,4 @@ def compare(
         if calibration is not None:
             with open_bundle(calibration) as c:
                 comparison = calibrate(comparison, run_compare(a, c, threshold_overrides=overrides))
-    v.emit(comparison, report=report, json_out=json_out, fail_on=fail_on)
+    v.emit(comparison, report=report, json_out=json_out, metrics_file=metrics_file, fail_on=fail_on)

@@ -35,6 +35,7 @@ def replay(
     overwrite: opt.Overwrite = False,
     report: v.Report = None,
     json_out: v.JsonOut = None,
+    metrics_file: v.MetricsFile = None,
     fail_on: v.FailOn = None,
     calibrate: Annotated[bool | None, typer.Option(
         "--calibrate/--no-calibrate", rich_help_panel=v.VERDICT,
@@ -89,14 +90,15 @@ def replay(
         for result in comparison.whatifs:
             console.print(Text(result.sentence))
         folder = output or default_output(bundle, backend, comparison.b["dtype"], comparison.b["device"])
-        v.emit(comparison, report=report or folder / "report.html", json_out=json_out, fail_on=fail_on)
+        v.emit(comparison, report=report or folder / "report.html", json_out=json_out, metrics_file=metrics_file,
+               fail_on=fail_on)
         return
     with console.progress(f"replay on {backend}") as update:
         result = run_replay(config, progress=update)
     for mode, path in result.bundles.items():
         console.print(f"{mode} replay: {path}")
     target = report or next(iter(result.bundles.values())).with_suffix("").with_suffix(".report.html")
-    v.emit(result.primary, report=target, json_out=json_out, fail_on=fail_on)
+    v.emit(result.primary, report=target, json_out=json_out, metrics_file=metrics_file, fail_on=fail_on)
 
 
 def _whatifs(inject: list[str] | None, inject_file: Path | None) -> tuple:

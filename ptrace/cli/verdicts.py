@@ -22,6 +22,10 @@ FailOn = Annotated[str | None, typer.Option(
 ThresholdsFile = Annotated[Path | None, typer.Option(
     "--thresholds", rich_help_panel=VERDICT,
     help="JSON file of thresholds: pass_mean_abs, pass_cos, warn_mean_abs, warn_cos, tie_margin.")]
+MetricsFile = Annotated[Path | None, typer.Option(
+    "--metrics-file", rich_help_panel=VERDICT,
+    help="Write the results as Prometheus metrics here (text format, replaced atomically: for "
+         "node_exporter's textfile collector, name it *.prom).")]
 PassCos = Annotated[float | None, typer.Option(rich_help_panel=VERDICT, help="Override: pass needs cos sim above this.")]
 PassMeanAbs = Annotated[float | None, typer.Option(rich_help_panel=VERDICT, help="Override: pass needs mean abs error below this.")]
 
@@ -37,8 +41,9 @@ def check_fail_on(fail_on: str | None) -> None:
         raise typer.BadParameter("use warn or fail", param_hint="--fail-on")
 
 
-def emit(comparison, *, report: Path | None, json_out: Path | None, fail_on: str | None) -> None:
-    """Print the verdict, write the report and JSON, and exit non-zero when asked to gate."""
+def emit(comparison, *, report: Path | None, json_out: Path | None, metrics_file: Path | None,
+         fail_on: str | None) -> None:
+    """Print the verdict, write the report, JSON and metrics, and exit non-zero when asked to gate."""
     from ptrace.compare.thresholds import at_least
     from ptrace.reports.html import write_report
 
@@ -54,5 +59,10 @@ def emit(comparison, *, report: Path | None, json_out: Path | None, fail_on: str
         else:
             json_out.write_text(json.dumps(data, indent=2, allow_nan=False))
             console.print(f"json: {json_out}")
+    if metrics_file is not None:
+        from ptrace.monitor.textfile import write_comparison_metrics
+
+        write_comparison_metrics(comparison, metrics_file)
+        console.print(f"metrics: {metrics_file}")
     if fail_on is not None and at_least(comparison.verdict, fail_on):
         raise typer.Exit(1)

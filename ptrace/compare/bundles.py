@@ -20,8 +20,8 @@ from ptrace.compare.localize import earliest, first_divergent, first_nonfinite, 
 from ptrace.compare.results import Comparison, TensorResult
 from ptrace.compare.summary import with_summary
 from ptrace.compare.tensors import compare_tensor
-from ptrace.compare.thresholds import FAIL, PASS, WARN, thresholds_for, worst
-from ptrace.compare.tokens import compare_request
+from ptrace.compare.thresholds import thresholds_for, worst
+from ptrace.compare.tokens import compare_request, overall_agreement, token_verdict
 from ptrace.errors import ComparisonError
 
 _SAME_INPUTS = "compare a bundle with a replay of it (`ptrace replay`), or two captures of the same prompts"
@@ -80,16 +80,10 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
     requests = [replace(r, first_divergent_tensor=divergent.get(r.index, (None, None))[0],
                         first_divergent_position=divergent.get(r.index, (None, None))[1]) for r in requests]
     first_request, first_tensor, first_position = earliest(divergent) or (None, None, None)
-    total = sum(len(r.tokens_a) for r in requests)
-    matched = sum(r.token_match_rate * min(len(r.tokens_a), len(r.tokens_b)) for r in requests)
-    first_step = min((r.first_divergent_step for r in requests if r.first_divergent_step is not None),
-                     default=None)
-    token_verdicts = [PASS if r.divergence is None and r.first_divergent_step is None
-                      else WARN if r.divergence is not None and r.divergence.near_tie else FAIL
-                      for r in requests]
+    match_rate, first_step = overall_agreement(requests)
     return with_summary(Comparison(
-        verdict=worst([t.verdict for t in tensors] + token_verdicts), summary="",
-        token_match_rate=matched / total if total else 1.0, first_divergent_step=first_step,
+        verdict=worst([t.verdict for t in tensors] + [token_verdict(r) for r in requests]), summary="",
+        token_match_rate=match_rate, first_divergent_step=first_step,
         first_divergent_tensor=first_tensor, first_divergent_position=first_position,
         first_divergent_request=first_request, largest_local_error=largest_local_error(tensors),
         first_nonfinite=first_nonfinite(a, "a", names) or first_nonfinite(b, "b", names),

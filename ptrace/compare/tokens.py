@@ -12,7 +12,7 @@ from ptrace.bundle_spec.reader import Bundle
 from ptrace.compare.align import Alignment, read_rows, row_indices
 from ptrace.compare.metrics import kl_full, kl_topk
 from ptrace.compare.results import Divergence, RequestResult
-from ptrace.compare.thresholds import Thresholds
+from ptrace.compare.thresholds import FAIL, PASS, WARN, Thresholds
 
 
 class TopK(NamedTuple):
@@ -54,16 +54,49 @@ def kl_per_step(a: Bundle, b: Bundle, request: int, steps: int, topk: TopK) -> t
             f"top-{topk.ids_a.shape[1]} logprobs")
 
 
-def compare_request(a: Bundle, b: Bundle, request: int, alignment: Alignment,
-                    thresholds: Thresholds) -> RequestResult:
-    out_a, out_b = a.output_ids(request), b.output_ids(request)
-    topk = TopK(*a.topk(request), *b.topk(request))
+class TokenAgreement(NamedTuple):
+    """How two runs' generated tokens agree: the share of equal steps, the first step where they
+    differ (None if never; the shorter length if one run stopped early) and, when both runs
+    produced a token there, what the flip looks like."""
+
+    match_rate: float
+    first_divergent_step: int | None
+    divergence: Divergence | None
+
+
+def token_agreement(out_a: np.ndarray, out_b: np.ndarray, topk: TopK, thresholds: Thresholds) -> TokenAgreement:
+    """Token agreement of run ``b`` against reference run ``a``, from their tokens and top-k
+    alone: what a live endpoint gives back (``ptrace.monitor``) as much as a bundle."""
     n = min(len(out_a), len(out_b))
     same = out_a[:n] == out_b[:n]
     mismatches = np.flatnonzero(~same)
     first = int(mismatches[0]) if mismatches.size else (n if len(out_a) != len(out_b) else None)
     divergence = (_divergence(first, int(out_a[first]), int(out_b[first]), topk, thresholds)
                   if first is not None and first < n else None)
+    return TokenAgreement(float(same.mean()) if n else 1.0, first, divergence)
+
+
+def token_verdict(request: RequestResult) -> str:
+    """Identical tokens pass; a first flip between near-tied tokens warns; any other flip fails."""
+    if request.first_divergent_step is None:
+        return PASS
+    return WARN if request.divergence is not None and request.divergence.near_tie else FAIL
+
+
+def overall_agreement(requests: list[RequestResult]) -> tuple[float, int | None]:
+    """Token agreement over every request (weighted by steps) and the earliest divergent step."""
+    total = sum(len(r.tokens_a) for r in requests)
+    matched = sum(r.token_match_rate * min(len(r.tokens_a), len(r.tokens_b)) for r in requests)
+    first_step = min((r.first_divergent_step for r in requests if r.first_divergent_step is not None),
+                     default=None)
+    return (matched / total if total else 1.0), first_step
+
+
+def compare_request(a: Bundle, b: Bundle, request: int, alignment: Alignment,
+                    thresholds: Thresholds) -> RequestResult:
+    out_a, out_b = a.output_ids(request), b.output_ids(request)
+    topk = TopK(*a.topk(request), *b.topk(request))
+    agreement = token_agreement(out_a, out_b, topk, thresholds)
     prompt_len = a.requests.requests[request].prompt_len
     compared = alignment.positions
     # KL is defined for decode steps whose predicting position (prompt_len - 1 + s) is comparable.
@@ -71,6 +104,6 @@ def compare_request(a: Bundle, b: Bundle, request: int, alignment: Alignment,
     kl, kl_source = kl_per_step(a, b, request, steps, topk)
     return RequestResult(
         index=request, prompt_len=prompt_len, tokens_a=out_a.tolist(), tokens_b=out_b.tolist(),
-        token_match_rate=float(same.mean()) if n else 1.0, first_divergent_step=first,
-        divergence=divergence, compared_positions=int(compared.size), kl=kl, kl_source=kl_source,
+        token_match_rate=agreement.match_rate, first_divergent_step=agreement.first_divergent_step,
+        divergence=agreement.divergence, compared_positions=int(compared.size), kl=kl, kl_source=kl_source,
         topk_a=topk.ids_a.tolist(), topk_b=topk.ids_b.tolist())

@@ -1,0 +1,104 @@
+"""``ptrace monitor``: the canary against a live OpenAI-compatible endpoint, with Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.text import Text
+
+from ptrace.cli import verdicts as v
+from ptrace.cli.console import console, safe_text
+
+CANARY = "Canary"
+METRICS = "Metrics"
+#: ``--once``'s exit status when the endpoint could not be compared at all (down, errors...).
+NO_COMPARISON = 3
+
+
+def monitor(
+    golden: Annotated[Path, typer.Argument(help="The golden bundle: a capture of the served model and settings.")],
+    endpoint: Annotated[str, typer.Option(
+        rich_help_panel=CANARY, help="The server's OpenAI API root, e.g. http://127.0.0.1:8000/v1.")],
+    model: Annotated[str | None, typer.Option(
+        rich_help_panel=CANARY, help="Served model name (default: the one model the endpoint lists).")] = None,
+    interval: Annotated[float, typer.Option(
+        rich_help_panel=CANARY,
+        help="Seconds between cycles (doubling while the endpoint fails, up to 5 min).")] = 60.0,
+    once: Annotated[bool, typer.Option(
+        "--once", rich_help_panel=CANARY,
+        help="Run one cycle and exit with its verdict: 0 pass, 1 as bad as --fail-on, 3 no comparison "
+             "(cron, CI).")] = False,
+    timeout: Annotated[float, typer.Option(
+        rich_help_panel=CANARY, help="Seconds a request may take, answer included.")] = 30.0,
+    prompt_format: Annotated[str, typer.Option(
+        rich_help_panel=CANARY, help="auto (token ids, else text), ids, or text (checked to tokenize as the "
+                                     "bundle's ids).")] = "auto",
+    logprobs: Annotated[int | None, typer.Option(
+        rich_help_panel=CANARY,
+        help="Top-k logprobs to ask for (default: the bundle's; lower for capped servers).")] = None,
+    metrics_port: Annotated[int, typer.Option(
+        rich_help_panel=METRICS,
+        help="Serve Prometheus metrics on this port (0: any free port; not with --once).")] = 9441,
+    metrics_host: Annotated[str, typer.Option(
+        rich_help_panel=METRICS, help="Address to serve metrics on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    metrics_file: v.MetricsFile = None,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print each cycle as one JSON object per line on stdout.")] = False,
+    fail_on: v.FailOn = "fail",
+    thresholds: v.ThresholdsFile = None,
+) -> None:
+    """Watch a serving endpoint for numerical drift against a golden bundle; export Prometheus metrics.
+
+    Every --interval seconds the canary sends the golden bundle's prompts, compares tokens and top-k logprobs.
+
+        ptrace monitor golden.zarr --endpoint http://127.0.0.1:8000/v1
+
+        ptrace monitor golden.zarr --endpoint http://127.0.0.1:8000/v1 --once --metrics-file canary.prom
+
+    The endpoint must return top-k logprobs as token ids (vLLM's return_tokens_as_token_ids).
+
+    Endpoint problems never stop the canary: they are counted, logged once, and retried with back-off.
+    """
+    from ptrace.compare.thresholds import at_least
+    from ptrace.errors import UsageError
+    from ptrace.monitor.canary import Canary, load_golden, run
+    from ptrace.monitor.client import Endpoint
+    from ptrace.monitor.metrics import CanaryMetrics
+
+    v.check_fail_on(fail_on)
+    if interval <= 0:
+        raise UsageError(f"--interval must be positive, not {interval:g}")
+    reference = load_golden(golden)
+    canary = Canary(reference, Endpoint(endpoint, timeout=timeout), model=model, prompt_format=prompt_format,
+                    top_logprobs=logprobs, threshold_overrides=v.threshold_overrides(thresholds, None, None))
+    metrics = CanaryMetrics(reference)
+    where = ""
+    if not once:
+        port = metrics.serve(metrics_host, metrics_port)
+        where = f"; metrics on http://{metrics_host}:{port}/metrics"
+    console.err.print(safe_text(f"canary: {len(reference.requests)} request(s) of {golden} against {endpoint}"
+                                + ("" if once else f" every {interval:g} s") + where))
+
+    def report(cycle) -> None:
+        metrics.record(cycle)
+        if metrics_file is not None:
+            metrics.write(metrics_file)
+        if json_out:
+            sys.stdout.write(json.dumps(cycle.to_dict(), allow_nan=False) + "\n")
+            sys.stdout.flush()
+        elif cycle.compared:
+            console.print(Text(cycle.message, style={"pass": "green", "warn": "yellow"}.get(cycle.result, "red")))
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    last = run(canary, interval=interval, once=once, stop=stop, on_cycle=report)
+    if once and not last.compared:
+        raise typer.Exit(NO_COMPARISON)
+    if once and fail_on is not None and at_least(last.result, fail_on):
+        raise typer.Exit(1)

@@ -1,0 +1,93 @@
+"""The canary's Prometheus metrics: one registry, updated after every cycle, served over HTTP
+(``--metrics-port``) or written as a metrics file (``--once --metrics-file``).
+
+Names follow Prometheus's conventions: a ``ptrace_`` prefix, base units in the name (seconds,
+nats), ``_total`` on counters, ratios from 0 to 1, and labels with a few values only: the result
+of a cycle (``canary.RESULTS``) and the golden run's identity in ``ptrace_build_info``. Every
+``result`` series exists from the start at 0, so ``rate()`` and ``increase()`` see the first one.
+
+Until the first comparison, and after a cycle that could not compare, the measurements keep
+their last value (NaN before any): ``ptrace_canary_up`` says whether they are current, and
+``ptrace_last_success_timestamp_seconds`` how old they are.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from ptrace.errors import UsageError
+from ptrace.monitor.canary import RESULTS, CycleResult, Golden
+from ptrace.monitor.textfile import FIRST_DIVERGENCE, KL_MAX, NO_DIVERGENCE, TOKEN_AGREEMENT, write_metrics_file
+
+#: KL buckets in nats: float32 engines agree to ~1e-9, 16-bit ones to ~1e-5 .. 1e-3; a real
+#: divergence is 0.1 and above.
+KL_BUCKETS = (1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, math.inf)
+
+
+def _ptrace_version() -> str:
+    try:
+        return version("ptrace")
+    except PackageNotFoundError:  # run from a checkout
+        return "unknown"
+
+
+class CanaryMetrics:
+    def __init__(self, golden: Golden) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.up = Gauge("ptrace_canary_up", "1 if the last cycle reached the endpoint and compared its answers.",
+                        registry=registry)
+        self.runs = Counter("ptrace_canary_runs", "Canary cycles by result: pass, warn, fail, or the endpoint's "
+                            "problem.", ["result"], registry=registry)
+        for result in RESULTS:
+            self.runs.labels(result=result)
+        self.agreement = Gauge(*TOKEN_AGREEMENT, registry=registry)
+        self.first_divergence = Gauge(*FIRST_DIVERGENCE, registry=registry)
+        self.kl = Histogram("ptrace_kl_divergence_nats", "KL(golden || served) of each compared decode step's "
+                            "next-token distribution, from top-k logprobs, in nats.", buckets=KL_BUCKETS,
+                            registry=registry)
+        self.kl_max = Gauge(*KL_MAX, registry=registry)
+        self.logprob_error = Gauge("ptrace_logprob_max_abs_error_nats", "Largest difference of a golden token's "
+                                   "logprob, served against golden, in nats.", registry=registry)
+        self.last_success = Gauge("ptrace_last_success_timestamp_seconds", "When the last cycle that compared "
+                                  "the endpoint's answers (whatever the verdict) started (Unix time).",
+                                  registry=registry)
+        self.duration = Gauge("ptrace_canary_cycle_duration_seconds", "How long the last cycle took.",
+                              registry=registry)
+        for gauge in (self.agreement, self.first_divergence, self.kl_max, self.logprob_error):
+            gauge.set(math.nan)
+        info = Gauge("ptrace_build_info", "The golden bundle the canary compares against: its engine, dtype and "
+                     "model fingerprint, and this ptrace's version.",
+                     ["engine", "dtype", "model_fingerprint", "version"], registry=registry)
+        info.labels(engine=golden.engine, dtype=golden.dtype, model_fingerprint=golden.model_fingerprint,
+                    version=_ptrace_version()).set(1)
+
+    def record(self, cycle: CycleResult) -> None:
+        self.runs.labels(result=cycle.result).inc()
+        self.duration.set(cycle.duration_seconds)
+        self.up.set(1 if cycle.compared else 0)
+        if not cycle.compared:
+            return
+        self.agreement.set(cycle.token_match_rate)
+        first = cycle.first_divergent_step
+        self.first_divergence.set(NO_DIVERGENCE if first is None else first)
+        for value in cycle.kl:
+            self.kl.observe(value)
+        self.kl_max.set(max(cycle.kl, default=math.nan))
+        self.logprob_error.set(cycle.logprob_max_abs_error)
+        self.last_success.set(cycle.started)
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` on ``host:port`` from a daemon thread; the port bound (``0``: any free one)."""
+        try:
+            server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise UsageError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}",
+                             hint="choose another --metrics-port (0 picks a free one)") from None
+        return int(server.server_address[1])
+
+    def write(self, path: Path) -> None:
+        write_metrics_file(self.registry, path)
