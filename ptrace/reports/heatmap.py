@@ -18,11 +18,11 @@ from typing import Any
 from ptrace.bundle_spec.names import forward_key, layer_index
 from ptrace.compare import Comparison
 from ptrace.compare.results import RequestResult, TensorResult
-from ptrace.reports.plots import number, ramp
+from ptrace.reports.plots import NONFINITE, ROUNDING, number, ramp
 
 #: At most this many columns per map; longer requests show the worst of several positions each.
 COLUMNS = 160
-EXACT, ROUNDING, NONFINITE = "#ffffff", "#dde3ea", "#6a3d9a"
+EXACT = "#ffffff"
 #: Yellow to dark red over the decades above the noise floor, in this many distinct shades.
 ABOVE = ("#fee08b", "#fdae61", "#f46d43", "#d73027", "#7f0000")
 SHADES = 16
@@ -177,4 +177,5 @@ def heatmaps(c: Comparison) -> dict[str, Any] | None:
     indices = sorted({q for t in rows for q in t.position_request} | set(requests))
     width = 1100 if len(indices) == 1 else 540
     maps = [m for i in indices if (m := _one(requests.get(i), i, rows, scale, width)) is not None]
-    return {"maps": maps, "legend": scale.legend(), "stats_only": all(t.stats_only for t in rows)}
+    return {"maps": maps, "legend": scale.legend(), "stats_only": all(t.stats_only for t in rows),
+            "colors": {"exact": EXACT, "rounding": ROUNDING, "nonfinite": NONFINITE}}

@@ -36,10 +36,11 @@ def _environment() -> jinja2.Environment:
 def _verdict(summary: str) -> dict[str, Any]:
     """The summary as the banner shows it: the verdict word, then one line per clause (tokens;
     where the runs part ways; the size judgement naming the limit that tripped)."""
-    word, sep, rest = summary.partition(": ")
+    head, sep, rest = summary.partition(": ")
+    word, _, qualifier = head.partition(" ")  # "PASS (within bfloat16 noise): ..."
     if not sep or not word.isupper():
         return {"word": "", "clauses": [summary]}
-    return {"word": word, "clauses": [clause for clause in rest.split("; ") if clause]}
+    return {"word": word, "clauses": [clause for clause in (qualifier, *rest.split("; ")) if clause]}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, str]:

@@ -13,9 +13,9 @@ from typing import Any
 
 from ptrace.compare import Comparison
 from ptrace.compare.results import LocalError, TensorResult
-from ptrace.reports.plots import CategoryAxis, Chart, ForwardAxis, Frame, LogAxis, finite, number
+from ptrace.reports.plots import NONFINITE, ROUNDING, CategoryAxis, Chart, ForwardAxis, Frame, LogAxis, finite, number
 
-ERROR, ABOVE, FLOOR, CALIBRATION, DIVERGENT = "#33475b", "#d62728", "#dde3ea", "#9ecae1", "#c5221f"
+ERROR, ABOVE, CALIBRATION, DIVERGENT = "#33475b", "#d62728", "#9ecae1", "#c5221f"
 LOCAL, PROPAGATED = "#f28e2b", "#4e79a7"
 
 
@@ -34,8 +34,9 @@ def _tooltip(t: TensorResult, calibration: float | None) -> str:
 
 def error_chart(c: Comparison) -> Chart | None:
     """Every tensor's error in forward order, over the noise floor band and the calibration band;
-    dots above the floor are red, and the first divergent tensor is marked."""
-    tensors = [t for t in c.tensors if finite(t.rel_err)]
+    dots above the floor are red, a NaN or Inf sits at the top, and the first divergent tensor is
+    marked."""
+    tensors = [t for t in c.tensors if t.positions]  # a tensor with no compared row has nothing to show
     if not tensors:
         return None
     calibrated = {t.name: t.rel_err for t in c.calibration.tensors} if c.calibration else {}
@@ -50,8 +51,8 @@ def error_chart(c: Comparison) -> Chart | None:
     chart.shades += [{"x": bx, "w": bw} for bx, bw in x.bands()]
     floors = [(t.name, t.noise_floor) for t in tensors if t.noise_floor > 0]
     if floors:
-        chart.area(floors, FLOOR, title="noise floor: below it, a difference is rounding", edge="#aab4bf")
-        chart.key("noise floor (rounding)", FLOOR, "band")
+        chart.area(floors, ROUNDING, title="noise floor: below it, a difference is rounding", edge="#aab4bf")
+        chart.key("noise floor (rounding)", ROUNDING, "band")
     if calibrated and c.calibration:
         curve = [(t.name, calibrated.get(t.name)) for t in tensors]
         name = f"calibration: {c.calibration.backend} {c.calibration.dtype} against A"
@@ -60,11 +61,16 @@ def error_chart(c: Comparison) -> Chart | None:
     chart.line([(t.name, t.rel_err) for t in tensors], ERROR, title="B against A", width=1.6)
     chart.key("B against A", ERROR)
     for t in tensors:
-        above = not t.rel_err <= t.noise_floor
+        above = t.rel_err > t.noise_floor
         chart.dot(t.name, t.rel_err, ABOVE if above else ERROR, title=_tooltip(t, calibrated.get(t.name)),
                   radius=3.2 if above else 2.4, hollow=t.stats_only)
-    if any(not t.rel_err <= t.noise_floor for t in tensors):
+    if any(t.rel_err > t.noise_floor for t in tensors):
         chart.key("above the noise floor", ABOVE, "dot")
+    broken = [t for t in tensors if not finite(t.rel_err)]
+    for t in broken:
+        chart.dot(t.name, 10.0**y.hi, NONFINITE, title=f"{t.name}: NaN or Inf", radius=4)
+    if broken:
+        chart.key("NaN / Inf", NONFINITE, "dot")
     if any(t.stats_only for t in tensors) and not stats_only:
         chart.key("stats only: relative change of scale", ERROR, "ring")
     if c.first_divergent_tensor in x.names:

@@ -20,6 +20,8 @@ from ptrace.bundle_spec.names import forward_key, layer_index
 #: Categorical colours (Tableau 10: distinct, readable on white, colour-blind tolerable).
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#9c755f",
            "#ff9da7", "#bab0ac")
+#: Shared meanings: at or below the noise floor (rounding only), and a NaN or Inf.
+ROUNDING, NONFINITE = "#dde3ea", "#6a3d9a"
 #: Pixels between a log axis's "0" tick (exact zeros: bit-identical) and its lowest decade.
 ZERO_GAP = 14.0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import replace
 
@@ -70,6 +71,9 @@ def test_the_error_plot_uses_relative_error_over_the_noise_floor(replayed):
     assert "relative error ‖B−A‖ / ‖A‖" in html and "noise floor (rounding)" in html
     assert "first divergent: layers.2.mlp" in html
     assert "calibration:" not in html, "no calibration band without a calibration"
+    assert "NaN or Inf" not in html
+    overflowed = replace(c, tensors=[replace(t, rel_err=math.nan) if t.name == "logits" else t for t in c.tensors])
+    assert "<title>logits: NaN or Inf</title>" in render(overflowed), "an overflow is drawn, not dropped"
 
 
 def test_the_calibration_panel(replayed):
