@@ -96,13 +96,17 @@ def combine(*, tensors: Comparison, tokens: Comparison) -> Comparison:
     aligned at every position), token agreement from the other (free-running).
 
     Run B's summary is the tensor run's, with the token run's generated token texts (they
-    belong with the token results) and its path under ``token_run_path``."""
+    belong with the token results) and its path under ``token_run_path``; the tensor run's
+    token texts stay under ``teacher_output_tokens``, and each request keeps its tensor-run
+    result under ``teacher_forced`` (the report shows both timelines)."""
     if tensors is tokens:
         return tensors
-    b = {**tensors.b, "output_tokens": tokens.b["output_tokens"], "token_run_path": tokens.b["path"]}
+    b = {**tensors.b, "output_tokens": tokens.b["output_tokens"], "token_run_path": tokens.b["path"],
+         "teacher_output_tokens": tensors.b["output_tokens"]}
     located = {r.index: r for r in tensors.requests}  # where each request diverges: from the tensors
     requests = [replace(r, first_divergent_tensor=located[r.index].first_divergent_tensor,
-                        first_divergent_position=located[r.index].first_divergent_position)
+                        first_divergent_position=located[r.index].first_divergent_position,
+                        teacher_forced=located[r.index])
                 for r in tokens.requests]
     return with_summary(replace(
         tensors, token_match_rate=tokens.token_match_rate, first_divergent_step=tokens.first_divergent_step,

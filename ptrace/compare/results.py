@@ -138,6 +138,10 @@ class RequestResult(Result):
     #: rises above the noise floor, and the earliest position where it does
     first_divergent_tensor: str | None = None
     first_divergent_position: int | None = None
+    #: when these tokens come from a free-running replay: the same request in the teacher-forced
+    #: one (fed A's tokens, so its ``tokens_b`` are B's choice at every step and its KL covers
+    #: every step, not only those before the first divergence)
+    teacher_forced: RequestResult | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

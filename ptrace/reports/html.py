@@ -1,14 +1,14 @@
 """The HTML diff report: one self-contained file (inline CSS and SVG, no script, no network).
 
-It renders a :class:`~ptrace.compare.Comparison` and never recomputes a metric: this
-module only turns numbers into geometry (plot coordinates, colours) and hands everything to a
-jinja2 template with autoescaping on, so any string that came from a bundle (a prompt holding
-``<script>``, a path, an environment value) is shown as text, never run.
+It renders a :class:`~ptrace.compare.Comparison` and never recomputes a metric: this package
+only turns numbers into geometry (plot coordinates, colours: ``plots``, and the panels
+``whatifs``, ``localization``, ``heatmap``) and hands everything to a jinja2 template with
+autoescaping on, so any string that came from a bundle (a prompt holding ``<script>``, a path,
+an environment value) is shown as text, never run. The same comparison renders the same bytes.
 """
 
 from __future__ import annotations
 
-import math
 import shlex
 from collections.abc import Mapping
 from pathlib import Path, PurePath
@@ -16,103 +16,31 @@ from typing import Any
 
 import jinja2
 
-from ptrace.bundle_spec.names import layer_index
 from ptrace.compare import Comparison
+from ptrace.reports import heatmap, localization, whatifs
+from ptrace.reports.plots import number
 
-PLOT_W, PLOT_H, MARGIN, LEGEND = 760, 220, 48, 120
-HEATMAP_COLUMNS = 200
+#: A prompt longer than this (characters) or with more lines is folded under a preview.
+FOLD_CHARS, FOLD_LINES, PREVIEW_CHARS = 320, 6, 160
 
 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("ptrace.reports", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
-    env.filters["num"] = _number
+    env.filters["num"] = number
     env.filters["shell"] = shlex.join  # a command line as a shell would need it typed
     return env
 
 
-def _number(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "–"
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-            return f"{value:.{digits - 1}e}"
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def _log10_error(value: float) -> float:
-    return math.log10(max(value, 1e-12))
-
-
-def _layer_plot(comparison: Comparison) -> dict[str, Any]:
-    """Per-layer error series (log10 of mean abs error) for each per-layer tensor kind."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    for t in comparison.tensors:
-        layer = layer_index(t.name)
-        if layer is None or t.stats_only or math.isnan(t.mean_abs_err):
-            continue
-        series.setdefault(t.name.rsplit(".", 1)[1], []).append((layer, _log10_error(t.mean_abs_err)))
-    if not series:
-        return {"series": [], "ticks": []}
-    layers = max(x for points in series.values() for x, _ in points) + 1
-    values = [y for points in series.values() for _, y in points]
-    lo, hi = math.floor(min(values)), math.ceil(max(values))
-    hi = hi if hi > lo else lo + 1
-
-    def xy(layer: int, value: float) -> tuple[float, float]:
-        x = MARGIN + (layer + 0.5) * (PLOT_W - MARGIN - LEGEND) / layers
-        y = PLOT_H - MARGIN - (value - lo) * (PLOT_H - 2 * MARGIN) / (hi - lo)
-        return round(x, 1), round(y, 1)
-
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-    out = []
-    for i, (kind, points) in enumerate(sorted(series.items(), key=lambda kv: kv[0] != "out")):
-        coordinates = [xy(layer, value) for layer, value in sorted(points)]
-        out.append({"name": kind, "color": palette[i % len(palette)],
-                    "points": " ".join(f"{x},{y}" for x, y in coordinates), "dots": coordinates})
-    return {
-        "series": out, "width": PLOT_W, "height": PLOT_H, "margin": MARGIN, "legend_x": PLOT_W - LEGEND + 10,
-        "ticks": [{"y": xy(0, v)[1], "label": f"1e{v}"} for v in range(lo, hi + 1)],
-        "layers": [{"x": xy(layer, lo)[0], "label": str(layer)} for layer in range(layers)],
-    }
-
-
-def _color(value: float, lo: float, hi: float) -> str:
-    """White (small error) to dark red (large), on a log scale."""
-    t = 0.0 if hi <= lo else min(max((value - lo) / (hi - lo), 0.0), 1.0)
-    return f"rgb({int(255 - 120 * t)},{int(255 - 235 * t)},{int(255 - 235 * t)})"
-
-
-def _heatmap(comparison: Comparison) -> dict[str, Any]:
-    """Layer x position map of the layer output's mean abs error, positions binned to fit."""
-    rows = [t for t in comparison.tensors if t.name.endswith(".out") and layer_index(t.name) is not None
-            and t.position_index and not t.stats_only]
-    if not rows:
-        return {"cells": []}
-    positions = sorted({p for t in rows for p in t.position_index})
-    per_bin = max(1, math.ceil(len(positions) / HEATMAP_COLUMNS))
-    column_of = {p: i // per_bin for i, p in enumerate(positions)}
-    columns = max(column_of.values()) + 1
-    grid: list[list[float]] = []
-    for t in rows:
-        worst = [0.0] * columns
-        for p, err in zip(t.position_index, t.position_mean_abs):
-            worst[column_of[p]] = max(worst[column_of[p]], err)
-        grid.append([_log10_error(v) for v in worst])
-    flat = [v for row in grid for v in row]
-    lo, hi = min(flat), max(flat)
-    cell_w = max(2.0, (PLOT_W - MARGIN) / columns)
-    cells = [{"x": MARGIN + c * cell_w, "y": 20 + r * 14, "w": cell_w, "color": _color(v, lo, hi),
-              "title": f"{rows[r].name}, positions {positions[c * per_bin]}-"
-                       f"{positions[min((c + 1) * per_bin, len(positions)) - 1]}: mean abs err 1e{v:.1f}"}
-             for r, row in enumerate(grid) for c, v in enumerate(row)]
-    return {"cells": cells, "labels": [{"y": 20 + r * 14 + 10, "text": t.name} for r, t in enumerate(rows)],
-            "width": MARGIN + columns * cell_w + 10, "height": 30 + len(rows) * 14,
-            "lo": f"1e{lo:.1f}", "hi": f"1e{hi:.1f}", "per_bin": per_bin}
+def _verdict(summary: str) -> dict[str, Any]:
+    """The summary as the banner shows it: the verdict word, then one line per clause (tokens;
+    where the runs part ways; the size judgement naming the limit that tripped)."""
+    head, sep, rest = summary.partition(": ")
+    word, _, qualifier = head.partition(" ")  # "PASS (within bfloat16 noise): ..."
+    if not sep or not word.isupper():
+        return {"word": "", "clauses": [summary]}
+    return {"word": word, "clauses": [clause for clause in (qualifier, *rest.split("; ")) if clause]}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -136,27 +64,70 @@ def _side_by_side(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, 
             for k in keys]
 
 
-def _token_text(run: Mapping[str, Any], request: int, step: int) -> str | None:
-    tokens = run["output_tokens"][request] if request < len(run["output_tokens"]) else []
-    return tokens[step] if step < len(tokens) else None
+def _shown(text: str | None) -> str | None:
+    """A token's text as one visible line (a newline token would break the box)."""
+    return None if text is None else text.replace("\n", "↵").replace("\t", "→").replace("\r", "␍")
 
 
-def _timeline(comparison: Comparison) -> list[dict[str, Any]]:
+def _texts(run: Mapping[str, Any], key: str, request: int) -> list[str]:
+    texts = run.get(key) or []
+    return texts[request] if request < len(texts) else []
+
+
+def _at(values: list[Any], step: int) -> Any:
+    return values[step] if step < len(values) else None
+
+
+def _prompt(text: str | None) -> dict[str, Any] | None:
+    """The prompt, with a preview when it is long enough to push the report down (it is folded)."""
+    if not text:
+        return None
+    long = len(text) > FOLD_CHARS or text.count("\n") >= FOLD_LINES
+    preview = " ".join(text[:PREVIEW_CHARS].split()) + "…" if long else text
+    return {"text": text, "folded": long, "preview": preview}
+
+
+def _timeline(comparison: Comparison, b_mode: str) -> list[dict[str, Any]]:
+    """Per request, per step: A's token, B's token (its own, or its choice fed A's tokens:
+    ``b_mode``), B's choice in the teacher-forced run where the tokens came from a free-running
+    one, and the KL of that step."""
+    a, b = comparison.a, comparison.b
+    prompts = a.get("prompts") or []
     timelines = []
     for request in comparison.requests:
+        forced = request.teacher_forced
+        texts_a = _texts(a, "output_tokens", request.index)
+        texts_b = _texts(b, "output_tokens", request.index)
+        texts_f = _texts(b, "teacher_output_tokens", request.index)
+        kl = forced.kl if forced is not None else request.kl
+        diverged = request.first_divergent_step
+        own_context = b_mode != "teacher-forced" and diverged is not None
         steps = []
         for s in range(max(len(request.tokens_a), len(request.tokens_b))):
-            a = request.tokens_a[s] if s < len(request.tokens_a) else None
-            b = request.tokens_b[s] if s < len(request.tokens_b) else None
+            token_a, token_b = _at(request.tokens_a, s), _at(request.tokens_b, s)
+            token_f = _at(forced.tokens_b, s) if forced is not None else None
             steps.append({
-                "step": s, "a": a, "b": b, "same": a == b,
-                "text_a": _token_text(comparison.a, request.index, s),
-                "text_b": _token_text(comparison.b, request.index, s),
-                "alt_a": request.topk_a[s][:5] if s < len(request.topk_a) else [],
-                "alt_b": request.topk_b[s][:5] if s < len(request.topk_b) else [],
-                "kl": request.kl[s] if s < len(request.kl) else None})
-        timelines.append({"request": request, "steps": steps})
+                "step": s, "a": token_a, "b": token_b, "f": token_f,
+                "text_a": _shown(_at(texts_a, s)), "text_b": _shown(_at(texts_b, s)),
+                "text_f": _shown(_at(texts_f, s)),
+                # fed its own tokens, B sees another context after its first divergence: later
+                # differences follow from that one
+                "b_state": "same" if token_a == token_b else "after" if own_context and s > diverged else "diff",
+                "f_state": "same" if token_f == token_a else "diff",
+                "alt_a": (_at(request.topk_a, s) or [])[:5], "alt_b": (_at(request.topk_b, s) or [])[:5],
+                "kl": _at(kl, s)})
+        differs = any(s["b_state"] != "same" or (forced is not None and s["f_state"] != "same") for s in steps)
+        timelines.append({"request": request, "steps": steps, "forced": forced is not None, "differs": differs,
+                          "prompt": _prompt(_at(prompts, request.index)),
+                          "kl_source": forced.kl_source if forced is not None else request.kl_source})
     return timelines
+
+
+def _b_mode(comparison: Comparison) -> str:
+    """What B's token row is: its own tokens (free-running), or its choices fed A's tokens."""
+    if "token_run_path" in comparison.b:
+        return "free-running"
+    return (comparison.b.get("replay") or {}).get("mode") or ""
 
 
 def _title(c: Comparison) -> str:
@@ -176,13 +147,16 @@ def _commands(c: Comparison) -> list[str]:
 
 def render(comparison: Comparison) -> str:
     """The report as one HTML string, from the comparison alone (it may come from JSON)."""
+    c = comparison
+    b_mode = _b_mode(c)
     template = _environment().get_template("report.html.j2")
     return template.render(
-        title=_title(comparison), c=comparison, plot=_layer_plot(comparison), heatmap=_heatmap(comparison),
-        timelines=_timeline(comparison), prompts=comparison.a.get("prompts", []),
-        run_rows=_side_by_side(comparison.a["run"], comparison.b["run"]),
-        env_rows=_side_by_side(comparison.a["environment"], comparison.b["environment"]),
-        commands=_commands(comparison),
+        title=_title(c), c=c, verdict=_verdict(c.summary), whatifs=whatifs.section(c.whatifs),
+        error_chart=localization.error_chart(c), calibration_rows=localization.calibration_rows(c),
+        local_chart=localization.local_error_chart(c.local_errors, c.local_error_source),
+        heatmaps=heatmap.heatmaps(c), timelines=_timeline(c, b_mode), b_mode=b_mode,
+        run_rows=_side_by_side(c.a["run"], c.b["run"]), env_rows=_side_by_side(c.a["environment"], c.b["environment"]),
+        commands=_commands(c),
     )
 
 

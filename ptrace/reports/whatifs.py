@@ -1,0 +1,138 @@
+"""The report's "What-ifs" section: what each error injection did (against the unperturbed
+baseline replay on the same engine), as sentences, a table, the error's propagation along the
+forward pass, and for a sweep the divergence rate and KL against the swept value.
+
+Runs of one sweep (the same injections with another value of the swept parameter) and repeats
+(another noise seed) form one *family*: one hue, lighter for smaller values, so that a family of
+propagation curves reads as one story and the sweep plots draw one curve per family.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from statistics import mean
+from typing import Any
+
+from ptrace.compare.results import WhatIfResult
+from ptrace.reports.plots import Chart, ForwardAxis, Frame, LinearAxis, LogAxis, color, finite, number, shade
+
+#: Above this many points in the propagation plot, lines only (dots would merge into a smear).
+MAX_DOTS = 1500
+
+
+def _family(w: WhatIfResult) -> str:
+    """What a run's injections are, without the swept value and the noise seed."""
+    specs = []
+    for spec in w.spec:
+        params = {k: v for k, v in dict(spec.get("params") or {}).items()
+                  if w.sweep_value is None or k != w.sweep_param}
+        specs.append({**spec, "params": params, "seed": None})
+    return json.dumps(specs, sort_keys=True, default=str)
+
+
+def _family_name(w: WhatIfResult) -> str:
+    """The run's label with the swept value written as a range (``noise std=… in k,v``)."""
+    if w.sweep_value is None or not w.sweep_param:
+        return w.label
+    return re.sub(rf"\b{re.escape(w.sweep_param)}=[^\s,:;]+", f"{w.sweep_param}=…", w.label, count=1)
+
+
+def _hues(whatifs: list[WhatIfResult]) -> dict[str, str]:
+    return {family: color(i) for i, family in enumerate(dict.fromkeys(_family(w) for w in whatifs))}
+
+
+def _colors(whatifs: list[WhatIfResult], hues: dict[str, str]) -> list[str]:
+    """Each family its hue; within a sweep, lighter for smaller swept values."""
+    values: dict[str, set[float]] = defaultdict(set)
+    for w in whatifs:
+        if w.sweep_value is not None:
+            values[_family(w)].add(w.sweep_value)
+    out = []
+    for w in whatifs:
+        ranks = sorted(values[_family(w)])
+        out.append(shade(hues[_family(w)], ranks.index(w.sweep_value) / (len(ranks) - 1))
+                   if w.sweep_value is not None and len(ranks) > 1 else hues[_family(w)])
+    return out
+
+
+def propagation_chart(whatifs: list[WhatIfResult], colors: list[str]) -> Chart | None:
+    """Error against the baseline at every tensor from the injection point on, one line per run."""
+    drawn = [(w, c) for w, c in zip(whatifs, colors) if w.propagation]
+    if not drawn:
+        return None
+    frame = Frame(height=300)
+    x = ForwardAxis.over([p.tensor for w, _ in drawn for p in w.propagation], frame.x0, frame.x1)
+    y = LogAxis.over([p.error for w, _ in drawn for p in w.propagation], frame.y0, frame.y1)
+    chart = Chart(frame, x, y, "tensor in forward order (by layer)", "relative error against the baseline",
+                  label="error propagation of every what-if")
+    chart.shades += [{"x": bx, "w": bw} for bx, bw in x.bands()]
+    dotted = sum(len(w.propagation) for w, _ in drawn) <= MAX_DOTS
+    for w, c in drawn:
+        chart.line([(p.tensor, p.error) for p in w.propagation], c, title=w.label, width=1.8)
+        for p in w.propagation if dotted else ():
+            chart.dot(p.tensor, p.error, c, title=f"{w.label}: {p.tensor} {number(p.error)}", radius=2.2)
+        chart.key(w.label, c)
+    return chart
+
+
+def _sweep_axis(values: list[float], frame: Frame) -> LogAxis | LinearAxis:
+    """Log over the swept values when they are all >= 0 (a zero gets its own tick), else linear."""
+    start, end = frame.x0 + 24, frame.x1 - 24  # points off the axes
+    if all(v >= 0 for v in values):
+        return LogAxis.over(values, start, end)
+    return LinearAxis(min(values), max(values), start, end, tuple(sorted(set(values))))
+
+
+def sweep_charts(whatifs: list[WhatIfResult], colors: list[str], hues: dict[str, str]) -> list[Chart]:
+    """Divergence rate and mean KL against the swept value: one curve per family through the mean
+    over repeats, every run a dot, a whisker from the smallest to the largest repeat."""
+    swept = [(w, c) for w, c in zip(whatifs, colors) if w.sweep_value is not None and finite(w.sweep_value)]
+    if not swept:
+        return []
+    param = swept[0][0].sweep_param or "value"
+    families: dict[str, list[tuple[WhatIfResult, str]]] = defaultdict(list)
+    for w, c in swept:
+        families[_family(w)].append((w, c))
+    values = [w.sweep_value for w, _ in swept]
+    charts = []
+    for metric, title in (("divergence_rate", "requests that diverge"), ("mean_kl", "mean KL per step")):
+        frame = Frame(width=540, height=260, left=64)
+        x = _sweep_axis(values, frame)
+        y = (LinearAxis(0.0, 1.0, frame.y0, frame.y1, (0.0, 0.25, 0.5, 0.75, 1.0), percent=True)
+             if metric == "divergence_rate" else
+             LogAxis.over([getattr(w, metric) for w, _ in swept], frame.y0, frame.y1))
+        chart = Chart(frame, x, y, param, title, label=f"{title} against {param}")
+        for family, members in families.items():
+            hue = hues[family]
+            by_value: dict[float, list[float]] = defaultdict(list)
+            for w, c in members:
+                by_value[w.sweep_value].append(getattr(w, metric))
+                chart.dot(w.sweep_value, getattr(w, metric), c, radius=3.5,
+                          title=f"{w.label} (repeat {w.repeat}): {title} {number(getattr(w, metric))}")
+            points = sorted((v, mean(ys)) for v, ys in by_value.items())
+            chart.line(points, hue, title=_family_name(members[0][0]))
+            for v, ys in by_value.items():
+                chart.whisker(v, min(ys), max(ys), hue)
+            chart.key(_family_name(members[0][0]), hue)
+        charts.append(chart)
+    return charts
+
+
+def _row(w: WhatIfResult, c: str) -> dict[str, Any]:
+    steps = [s for s in w.first_divergent_step if s is not None]
+    return {"w": w, "color": c, "first_step": min(steps) if steps else None,
+            "vs_verdict": str(w.vs_source.get("verdict", "")), "vs_summary": str(w.vs_source.get("summary", "")),
+            "vs_tensor": w.vs_source.get("first_divergent_tensor")}
+
+
+def section(whatifs: list[WhatIfResult]) -> dict[str, Any] | None:
+    if not whatifs:
+        return None
+    hues = _hues(whatifs)
+    colors = _colors(whatifs, hues)
+    return {"rows": [_row(w, c) for w, c in zip(whatifs, colors)],
+            "propagation": propagation_chart(whatifs, colors), "sweeps": sweep_charts(whatifs, colors, hues),
+            "repeats": any(w.repeat for w in whatifs), "swept": any(w.sweep_value is not None for w in whatifs),
+            "param": next((w.sweep_param for w in whatifs if w.sweep_value is not None), None)}
