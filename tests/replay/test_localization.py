@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture, whatif
 from ptrace.bundle_spec import open_bundle
 from ptrace.compare import compare
-from ptrace.replay.session import FREE, TEACHER, ReplayConfig, replay
+from ptrace.replay.session import TEACHER, ReplayConfig, replay
 from tests.replay.test_cross_engine import vllm_env
 
 #: The weight each branch's fault perturbs, and the canonical tensor that must be named.
