@@ -114,20 +114,15 @@ def run_whatifs(config: WhatIfConfig, *, progress: Progress | None = None) -> Co
         baseline_key = _load_key(())
         ordered = [(baseline_key, [_Run("baseline", (), None, 0), *groups.pop(baseline_key, [])]), *groups.items()]
         bundles: dict[str, dict[str, Path]] = {}
-        total = sum(len(runs) for _, runs in ordered)
-        done = 0
-        for _, runs in ordered:
+        for _, runs in ordered:  # one engine load per group; the bar follows each capture
             captures, documents = [], []
             for run in runs:
                 configs, docs = plan.runs(folder / run.name, run.specs)
                 captures += configs
                 documents += docs
-            paths = capture_runs(captures, documents=documents,
-                                 progress=None if progress is None else
-                                 (lambda d, t, base=done: progress(base + d / max(t, 1) * len(runs), total)))
+            paths = capture_runs(captures, documents=documents, progress=progress)
             for index, run in enumerate(runs):
                 bundles[run.name] = {TEACHER: paths[2 * index], FREE: paths[2 * index + 1]}
-            done += len(runs)
         baseline = _replay_comparison(source, bundles["baseline"], replay_config.threshold_overrides)
         results = [_result(run, bundles["baseline"], bundles[run.name], source, config,
                            replay_config.threshold_overrides) for run in grid]
