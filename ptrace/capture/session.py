@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -149,8 +148,7 @@ def capture_runs(configs: Sequence[CaptureConfig], *, progress: Progress | None 
     """
     documents = list(documents) if documents is not None else [() for _ in configs]
     engine = {(c.backend, str(c.model), c.dtype, c.device, tuple(sorted(c.engine_options.items())),
-               tuple(sorted(json.dumps(plain(s), sort_keys=True) for s in c.whatifs
-                            if not whatif.kind_of(s).on_tensors))) for c in configs}
+               whatif.load_key(c.whatifs)) for c in configs}
     if len(engine) != 1 or len(documents) != len(configs):
         raise UsageError("capture_runs needs one engine setup for all its runs, and documents for each")
     declared = declared_class(configs[0].backend)

@@ -174,7 +174,7 @@ class Splice(Kind):
     needs_source = True
 
     def apply(self, rows, spec, site, context):
-        return context.source_rows(site, rows.shape[0], context.first_row)
+        return context.source_rows(site, rows.shape[0])
 
 
 @kind
@@ -358,6 +358,11 @@ def patched_model(model_dir: Path, overrides: dict[str, Any]) -> Iterator[Path]:
         yield patched
 
 
+def load_key(specs: Sequence[WhatIfSpec]) -> str:
+    """Equal for runs whose load-time what-ifs are equal: they can share one engine load."""
+    return json.dumps(load_time(specs), sort_keys=True, default=str)
+
+
 def load_time(specs: Sequence[WhatIfSpec]) -> tuple[dict[str, Any], dict[str, str]]:
     """(model config overrides, engine options) of the load-time specs."""
     config: dict[str, Any] = {}
@@ -386,10 +391,10 @@ class _Context:
         return np.random.default_rng([spec.seed, site.request, site.step, zlib.crc32(site.name.encode()),
                                       site.start + self.first_row])
 
-    def source_rows(self, site: TensorSite, count: int, first_row: int) -> np.ndarray:
+    def source_rows(self, site: TensorSite, count: int) -> np.ndarray:
         bundle = self.source()
         positions = bundle.positions(site.request)
-        wanted = site.start + first_row + np.arange(count)
+        wanted = site.start + self.first_row + np.arange(count)
         rows = np.searchsorted(positions, wanted)
         if rows.size and (rows[-1] >= positions.size or not np.array_equal(positions[rows], wanted)):
             raise UsageError(f"splice: {bundle.path} has no {site.name} of request {site.request} at positions "
@@ -443,9 +448,6 @@ class WhatIfInterceptor(Interceptor):
             self._source = None
 
 
-def with_seed(spec: WhatIfSpec, seed: int) -> WhatIfSpec:
-    return replace(spec, seed=seed)
-
 
 def sweep_values(text: str) -> tuple[str, list[Any]]:
     """``--sweep std=1e-5,1e-4,1e-3``: the parameter and its values."""
@@ -471,6 +473,6 @@ def labels(specs: Sequence[WhatIfSpec]) -> str:
     return "; ".join(describe(s) for s in specs)
 
 
-__all__ = ["KINDS", "Kind", "WhatIfInterceptor", "check", "describe", "kind", "labels", "load_time",
-           "parse", "read_file", "sweep_values", "swept", "targets", "with_seed"]
+__all__ = ["KINDS", "Kind", "WhatIfInterceptor", "check", "describe", "kind", "labels", "load_key", "load_time",
+           "parse", "read_file", "sweep_values", "swept", "targets"]
 

@@ -13,7 +13,6 @@ per noise seed, so the results make curves: divergence rate and KL against the s
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -91,11 +90,6 @@ def _sweepable(spec: WhatIfSpec, param: str) -> bool:
     return param in kind.params or (not kind.on_tensors and param in spec.params)
 
 
-def _load_key(specs: tuple[WhatIfSpec, ...]) -> str:
-    """Runs with the same load-time what-ifs share one engine load."""
-    return json.dumps(whatif.load_time(specs), sort_keys=True, default=str)
-
-
 def run_whatifs(config: WhatIfConfig, *, progress: Progress | None = None) -> Comparison:
     """Run the baseline and every what-if; the baseline's comparison with the source, with every
     what-if's result in ``whatifs``."""
@@ -110,8 +104,8 @@ def run_whatifs(config: WhatIfConfig, *, progress: Progress | None = None) -> Co
         folder.mkdir(parents=True, exist_ok=True)
         groups: dict[str, list[_Run]] = defaultdict(list)
         for run in grid:
-            groups[_load_key(run.specs)].append(run)
-        baseline_key = _load_key(())
+            groups[whatif.load_key(run.specs)].append(run)
+        baseline_key = whatif.load_key(())
         ordered = [(baseline_key, [_Run("baseline", (), None, 0), *groups.pop(baseline_key, [])]), *groups.items()]
         bundles: dict[str, dict[str, Path]] = {}
         for _, runs in ordered:  # one engine load per group; the bar follows each capture
