@@ -18,6 +18,7 @@ from ptrace.bundle_spec.reader import Bundle
 from ptrace.compare.align import align
 from ptrace.compare.localize import earliest, first_divergent, first_nonfinite, largest_local_error
 from ptrace.compare.results import Comparison, TensorResult
+from ptrace.compare.stability import with_stability
 from ptrace.compare.summary import with_summary
 from ptrace.compare.tensors import compare_tensor
 from ptrace.compare.thresholds import thresholds_for, worst
@@ -81,14 +82,14 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
                         first_divergent_position=divergent.get(r.index, (None, None))[1]) for r in requests]
     first_request, first_tensor, first_position = earliest(divergent) or (None, None, None)
     match_rate, first_step = overall_agreement(requests)
-    return with_summary(Comparison(
+    return with_summary(with_stability(Comparison(
         verdict=worst([t.verdict for t in tensors] + [token_verdict(r) for r in requests]), summary="",
         token_match_rate=match_rate, first_divergent_step=first_step,
         first_divergent_tensor=first_tensor, first_divergent_position=first_position,
         first_divergent_request=first_request, largest_local_error=largest_local_error(tensors),
         first_nonfinite=first_nonfinite(a, "a", names) or first_nonfinite(b, "b", names),
         thresholds=thresholds.to_dict(), tensors=tensors, requests=requests,
-        a=_run_summary(a), b=_run_summary(b), missing=missing))
+        a=_run_summary(a), b=_run_summary(b), missing=missing)))
 
 
 def combine(*, tensors: Comparison, tokens: Comparison) -> Comparison:
@@ -108,6 +109,6 @@ def combine(*, tensors: Comparison, tokens: Comparison) -> Comparison:
                         first_divergent_position=located[r.index].first_divergent_position,
                         teacher_forced=located[r.index])
                 for r in tokens.requests]
-    return with_summary(replace(
+    return with_summary(with_stability(replace(
         tensors, token_match_rate=tokens.token_match_rate, first_divergent_step=tokens.first_divergent_step,
-        requests=requests, verdict=worst([tensors.verdict, tokens.verdict]), b=b))
+        requests=requests, verdict=worst([tensors.verdict, tokens.verdict]), b=b)))

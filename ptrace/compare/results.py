@@ -142,6 +142,11 @@ class RequestResult(Result):
     #: one (fed A's tokens, so its ``tokens_b`` are B's choice at every step and its KL covers
     #: every step, not only those before the first divergence)
     teacher_forced: RequestResult | None = field(default=None, repr=False)
+    #: steps whose tokens agree; the mean and largest KL per step, from the teacher-forced run
+    #: where there is one (every step), else from this one (``compare.stability``); None: no KL
+    tokens_matched: int = 0
+    mean_kl: float | None = None
+    max_kl: float | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,70 @@ class Propagation(Result):
 
     tensor: str
     error: float
+
+
+@dataclass(frozen=True)
+class LengthBucket(Result):
+    """Requests whose prompt length lies in ``min_len .. max_len`` (inclusive): how many of them
+    produced other tokens than the reference, and their KL per step."""
+
+    min_len: int
+    max_len: int
+    requests: int
+    diverged: int
+    divergence_rate: float
+    mean_kl: float | None
+    max_kl: float | None
+    indices: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PositionBin(Result):
+    """Decode steps whose generated token sits at an absolute position in ``min_pos .. max_pos``
+    (inclusive; the position is the length of the context it was predicted from), pooled over
+    requests: KL per step and how often both runs' most likely token is the same."""
+
+    min_pos: int
+    max_pos: int
+    steps: int
+    requests: int
+    mean_kl: float | None
+    max_kl: float | None
+    top1_agreement: float | None
+
+
+@dataclass(frozen=True)
+class StepBin(Result):
+    """How many requests first diverge at a decode step in ``min_step .. max_step`` (inclusive)."""
+
+    min_step: int
+    max_step: int
+    requests: int
+
+
+@dataclass(frozen=True)
+class Stability(Result):
+    """Stability across many requests (``compare.stability``): divergence against prompt length,
+    KL and top-1 agreement against absolute position, where first divergences fall."""
+
+    requests: int
+    diverged: int
+    divergence_rate: float
+    #: output length (tokens) over the requests, per run: mean and population standard deviation
+    output_len_mean_a: float
+    output_len_mean_b: float
+    output_len_std_a: float
+    output_len_std_b: float
+    #: where the requests' KL comes from: "full logits", "top-K logprobs" (an estimate, K the
+    #: number recorded), "mixed" (some of each) or "none"
+    kl_source: str
+    #: "teacher-forced" (every step, past the first divergence) or "free-running" (each request
+    #: only up to its first divergence: later steps see other contexts)
+    position_source: str
+    buckets: list[LengthBucket]
+    positions: list[PositionBin]
+    #: the distribution of first divergent steps ("Div_Index"), over diverged requests
+    div_index: list[StepBin]
 
 
 @dataclass(frozen=True)
@@ -182,6 +251,8 @@ class WhatIfResult(Result):
     vs_source: dict[str, Any]
     sentence: str
     bundles: dict[str, str] = field(default_factory=dict)
+    #: the same against the baseline per prompt-length bucket and position (long-context what-ifs)
+    stability: Stability | None = None
 
 
 @dataclass(frozen=True)
@@ -271,3 +342,5 @@ class Comparison(Result):
     local_errors: list[LocalError] = field(default_factory=list)
     local_error_source: str = "heuristic"
     bisection: Bisection | None = None
+    #: divergence against prompt length, KL against position (``compare.stability``)
+    stability: Stability | None = None

@@ -161,7 +161,8 @@ def _result(run: _Run, baseline: dict[str, Path], runs: dict[str, Path], source:
         amplification=amplification,
         vs_source={"verdict": vs_source.verdict, "summary": vs_source.summary,
                    "first_divergent_tensor": vs_source.first_divergent_tensor},
-        sentence="", bundles={mode: str(path) for mode, path in runs.items()})
+        sentence="", bundles={mode: str(path) for mode, path in runs.items()},
+        stability=combine(tensors=tensors, tokens=tokens).stability)
     return replace(result, sentence=sentence(result))
 
 

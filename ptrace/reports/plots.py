@@ -126,6 +126,22 @@ class LinearAxis:
     marks: tuple[float, ...]
     percent: bool = False
 
+    @classmethod
+    def over(cls, values: Iterable[float], start: float, end: float, most: int = 8,
+             whole: bool = False) -> LinearAxis:
+        """From 0 (or the smallest value, if below) to the largest value rounded up, ticks at
+        a round step (1, 2 or 5 times a power of ten) giving at most ``most`` of them; ``whole``:
+        a step of at least 1 (counts)."""
+        values = [v for v in values if finite(v)] or [0.0]
+        lo, hi = min(0.0, min(values)), max(values)
+        raw = (hi - lo) / most if hi > lo else 1.0
+        power = 10.0 ** math.floor(math.log10(raw))
+        step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+        step = max(step, 1.0) if whole else step
+        first, last = math.floor(lo / step), math.ceil(hi / step)
+        return cls(first * step, max(last, first + 1) * step, start, end,
+                   tuple(i * step for i in range(first, max(last, first + 1) + 1)))
+
     def px(self, value: float) -> float:
         t = (value - self.lo) / (self.hi - self.lo) if self.hi > self.lo else 0.5
         return round(self.start + t * (self.end - self.start), 1)

@@ -1,6 +1,7 @@
 """The report's "What-ifs" section: what each error injection did (against the unperturbed
 baseline replay on the same engine), as sentences, a table, the error's propagation along the
-forward pass, and for a sweep the divergence rate and KL against the swept value.
+forward pass, for a sweep the divergence rate and KL against the swept value, and over requests of
+several prompt lengths the same against prompt length.
 
 Runs of one sweep (the same injections with another value of the swept parameter) and repeats
 (another noise seed) form one *family*: one hue, lighter for smaller values, so that a family of
@@ -17,6 +18,7 @@ from typing import Any
 
 from ptrace.compare.results import WhatIfResult
 from ptrace.reports.plots import Chart, ForwardAxis, Frame, LinearAxis, LogAxis, color, finite, number, shade
+from ptrace.reports.stability import bucket_axis, bucket_label, percent_axis
 
 #: Above this many points in the propagation plot, lines only (dots would merge into a smear).
 MAX_DOTS = 1500
@@ -100,7 +102,7 @@ def sweep_charts(whatifs: list[WhatIfResult], colors: list[str], hues: dict[str,
     for metric, title in (("divergence_rate", "requests that diverge"), ("mean_kl", "mean KL per step")):
         frame = Frame(width=540, height=260, left=64)
         x = _sweep_axis(values, frame)
-        y = (LinearAxis(0.0, 1.0, frame.y0, frame.y1, (0.0, 0.25, 0.5, 0.75, 1.0), percent=True)
+        y = (percent_axis(frame)
              if metric == "divergence_rate" else
              LogAxis.over([getattr(w, metric) for w, _ in swept], frame.y0, frame.y1))
         chart = Chart(frame, x, y, param, title, label=f"{title} against {param}")
@@ -120,6 +122,46 @@ def sweep_charts(whatifs: list[WhatIfResult], colors: list[str], hues: dict[str,
     return charts
 
 
+def _bucket_means(runs: list[WhatIfResult], metric: str) -> list[float | None]:
+    """Per prompt-length bucket, ``metric``'s mean over ``runs`` (repeats), None where unmeasured."""
+    means = []
+    for i in range(len(runs[0].stability.buckets)):
+        measured = [getattr(w.stability.buckets[i], metric) for w in runs]
+        measured = [v for v in measured if v is not None]
+        means.append(mean(measured) if measured else None)
+    return means
+
+
+def length_charts(whatifs: list[WhatIfResult], colors: list[str]) -> list[Chart]:
+    """Divergence rate and mean KL against the baseline per prompt-length bucket (long-context
+    what-ifs): one curve per what-if and swept value through the mean over repeats. Every run
+    replays the same requests, so they share the buckets; drawn from two buckets on."""
+    measured = [(w, c) for w, c in zip(whatifs, colors) if w.stability is not None and len(w.stability.buckets) > 1]
+    if not measured:
+        return []
+    buckets = measured[0][0].stability.buckets
+    labels = [bucket_label(b) for b in buckets]
+    curves: dict[tuple[str, float | None], list[tuple[WhatIfResult, str]]] = defaultdict(list)
+    for w, c in measured:
+        curves[(_family(w), w.sweep_value)].append((w, c))
+    charts = []
+    for metric, title in (("divergence_rate", "requests that diverge"), ("mean_kl", "mean KL per step")):
+        frame = Frame(width=540, height=260, left=64)
+        values = {key: _bucket_means([w for w, _ in members], metric) for key, members in curves.items()}
+        y = (percent_axis(frame) if metric == "divergence_rate"
+             else LogAxis.over([v for ys in values.values() for v in ys], frame.y0, frame.y1))
+        chart = Chart(frame, bucket_axis(buckets, frame), y, "prompt length (tokens)", title,
+                      label=f"{title} against prompt length, per what-if")
+        for key, members in curves.items():
+            w, c = members[0]
+            chart.line(list(zip(labels, values[key])), c, title=w.label)
+            for label, value in zip(labels, values[key]):
+                chart.dot(label, value, c, radius=3, title=f"{w.label}, prompts of {label} tokens: {title} {number(value)}")
+            chart.key(w.label, c)
+        charts.append(chart)
+    return charts
+
+
 def _row(w: WhatIfResult, c: str) -> dict[str, Any]:
     steps = [s for s in w.first_divergent_step if s is not None]
     return {"w": w, "color": c, "first_step": min(steps) if steps else None,
@@ -134,5 +176,6 @@ def section(whatifs: list[WhatIfResult]) -> dict[str, Any] | None:
     colors = _colors(whatifs, hues)
     return {"rows": [_row(w, c) for w, c in zip(whatifs, colors)],
             "propagation": propagation_chart(whatifs, colors), "sweeps": sweep_charts(whatifs, colors, hues),
+            "lengths": length_charts(whatifs, colors),
             "repeats": any(w.repeat for w in whatifs), "swept": any(w.sweep_value is not None for w in whatifs),
             "param": next((w.sweep_param for w in whatifs if w.sweep_value is not None), None)}
