@@ -26,6 +26,8 @@ from ptrace.errors import ComparisonError
 REL_EPS = 1e-8
 #: An element "agrees to one-thousandth" when its relative error is at most this (msprobe's ratio).
 THOUSANDTH = 1e-3
+#: The per-row metrics that :class:`RunningTotals` keeps for every row.
+PER_ROW = ("mean_abs", "cos", "rel")
 #: The per-row sums, in the kernel's output columns.
 SUM_ABS, SUM_REL, THOUSANDTHS, DOT, SQ_A, SQ_B, SQ_DIFF, MAX_ABS = range(8)
 _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -156,7 +158,9 @@ class RunningTotals:
     sq_b: float = 0.0
     sq_diff: float = 0.0
     size: int = 0
-    per_row: list[RowErrors] = field(default_factory=list)
+    #: The per-row metrics a result reports, block by block; the rest of each block's
+    #: :class:`RowErrors` is folded into the sums above and dropped (memory grows by these only).
+    per_row: dict[str, list[np.ndarray]] = field(default_factory=lambda: {m: [] for m in PER_ROW})
 
     def add(self, errors: RowErrors) -> None:
         n = errors.max_abs.shape[0]
@@ -172,7 +176,8 @@ class RunningTotals:
         self.sq_a += float(errors.sq_a.sum())
         self.sq_b += float(errors.sq_b.sum())
         self.sq_diff += float(errors.sq_diff.sum())
-        self.per_row.append(errors)
+        for metric, parts in self.per_row.items():
+            parts.append(getattr(errors, metric))
 
     @property
     def mean_abs(self) -> float:
@@ -198,8 +203,8 @@ class RunningTotals:
         return float(_cosine(np.array([self.dot]), np.array([self.sq_a]), np.array([self.sq_b]))[0])
 
     def rows_of(self, metric: str) -> np.ndarray:
-        """One per-row metric over every row seen so far."""
-        parts = [getattr(e, metric) for e in self.per_row]
+        """One per-row metric (of ``PER_ROW``) over every row seen so far."""
+        parts = self.per_row[metric]
         return np.concatenate(parts) if parts else np.zeros(0)
 
 

@@ -20,7 +20,9 @@ from ptrace.compare.results import TensorResult
 from ptrace.compare.thresholds import FAIL, PASS, WARN, Thresholds
 from ptrace.errors import ComparisonError
 
-#: Rows per block, as float64 bytes: memory is bounded by this x a few temporaries x workers.
+#: Rows per block, counted as float64 bytes. Each bundle's reader holds one block (at least one
+#: chunk) in its stored dtype and the kernel needs no temporaries: memory is bounded by this x 2
+#: x workers, plus the per-row results.
 BLOCK_BYTES = 16 << 20
 
 
