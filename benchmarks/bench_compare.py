@@ -59,8 +59,9 @@ print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "bytes": volume, "peak
 def measure(a: Path, b: Path, ptrace_root: Path | None = None) -> dict:
     """One compare in a fresh process: of this ptrace, or of the one at ``ptrace_root``."""
     env = dict(os.environ, PYTHONPATH=str(ptrace_root)) if ptrace_root else None
+    # ``python -c`` puts the working directory first on sys.path: run the baseline from its root.
     done = subprocess.run([sys.executable, "-c", MEASURE, str(a), str(b)], capture_output=True, text=True,
-                          check=True, env=env)
+                          check=True, env=env, cwd=ptrace_root)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

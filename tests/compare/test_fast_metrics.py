@@ -34,7 +34,8 @@ def plain_metrics(a: np.ndarray, b: np.ndarray) -> dict[str, object]:
             per_row["rel"].append(0.0 if norm_d == 0 else norm_d / norm_x)
             max_abs.append(np.max(d))
             sum_abs, sum_rel, agree = sum_abs + np.sum(d), sum_rel + np.sum(rel), agree + np.sum(rel <= 1e-3)
-            dot, sq_a, sq_b, sq_diff = dot + np.sum(x * y), sq_a + np.sum(x * x), sq_b + np.sum(y * y), sq_diff + np.sum(d * d)
+            dot, sq_a, sq_b = dot + np.sum(x * y), sq_a + np.sum(x * x), sq_b + np.sum(y * y)
+            sq_diff += np.sum(d * d)
         size = a.size
         return {"max_abs_err": np.nanmax(max_abs), "mean_abs_err": sum_abs / size, "mean_rel_err": sum_rel / size,
                 "thousandth_ratio": agree / size, "cos_sim": cosine(dot, np.sqrt(sq_a), np.sqrt(sq_b)),
