@@ -29,6 +29,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.core.chunk_grids import RegularChunkGrid
 
 from ptrace.bundle_spec import dtypes
+from ptrace.bundle_spec.chunks import ChunkReader
 from ptrace.bundle_spec.layout import request_array, stats_array, tensor_array
 from ptrace.bundle_spec.schema import (
     ROOT_ATTRIBUTE,
@@ -336,19 +337,57 @@ class Bundle:
         """The whole array at ``path`` in blocks of about ``rows`` rows, ``(first row, block)``,
         its whole-content CRC-32C checked against the manifest after the last block: a chunk
         that is missing (it would read as zeros) or swapped with another (each passes its own
-        checksum) is an error, never data."""
+        checksum) is an error, never data.
+
+        Arrays that ptrace wrote are read chunk by chunk (:mod:`~ptrace.bundle_spec.chunks`),
+        in blocks of whole chunks decoded into one buffer that every block reuses: a block is
+        valid until the next one is asked for, so copy what must outlive it."""
         record = self.manifest.arrays.get(path)
         if record is None:
             raise self._corrupt(path, "is not in the manifest")
-        crc, total = 0, record.shape[0]
-        for start in range(0, total, max(1, rows)):
-            block = self._read(path, slice(start, min(start + rows, total)))
+        try:
+            node = self._node(path)
+        except KeyError:
+            raise self._corrupt(path, "is missing") from None
+        if tuple(node.shape) != tuple(record.shape):
+            raise self._corrupt(path, f"has shape {list(node.shape)}, the manifest says {list(record.shape)}")
+        reader = ChunkReader.of(self._store, node)
+        blocks = self._sliced_blocks(path, rows) if reader is None else self._chunk_blocks(path, node, reader, rows)
+        crc, logical = 0, logical_dtype(node)
+        for start, block in blocks:
             crc = google_crc32c.extend(crc, np.ascontiguousarray(block).reshape(-1).view(np.uint8))
-            yield start, block
+            yield start, dtypes.from_storage(block, logical)
         if crc != record.crc32c:
             raise BundleCorruptError(f"{self.path}: array {path}: content checksum {crc:#010x} != manifest "
                                      f"{record.crc32c:#010x} (a chunk is missing or was replaced)",
                                      hint="the bundle was damaged or tampered with: get a fresh copy")
+
+    def _sliced_blocks(self, path: str, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Blocks of ``rows`` rows read through Zarr (in storage dtype)."""
+        total = self._node(path).shape[0]
+        for start in range(0, total, max(1, rows)):
+            yield start, dtypes.to_storage(self._read(path, slice(start, min(start + rows, total))))
+
+    def _chunk_blocks(self, path: str, node: zarr.Array, reader: ChunkReader,
+                      rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Blocks of as many whole chunks as fit in ``rows`` rows (at least one), decoded into
+        one reused buffer (in storage dtype)."""
+        total, chunk_rows = node.shape[0], node.chunks[0]
+        per_block = max(1, rows // chunk_rows)
+        buffer = np.empty((per_block * chunk_rows, *node.chunks[1:]), node.dtype)
+        chunks = buffer.reshape(per_block, -1).view(np.uint8)
+        count = -(-total // chunk_rows)
+        for first in range(0, count, per_block):
+            taken = min(per_block, count - first)
+            for offset in range(taken):
+                try:
+                    reader.read(first + offset, chunks[offset])
+                except PtraceError:
+                    raise
+                except Exception as exc:  # a checksum, a header, a truncated chunk: all corruption
+                    raise self._corrupt(path, f"is corrupted ({error_reason(exc)})") from None
+            start = first * chunk_rows
+            yield start, buffer[:min(taken * chunk_rows, total - start)]
 
     def _missing_tensor_message(self, request: int, name: str) -> str:
         return f"{self.path}: request {request} has no tensor {name!r} (captured: " \

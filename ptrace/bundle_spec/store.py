@@ -20,8 +20,10 @@ import zipfile
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+
 from zarr.abc.store import ByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import LocalStore, ZipStore
 
 from ptrace.errors import (
@@ -52,6 +54,16 @@ class BundleStore(abc.ABC):
         """How many stored keys start with ``prefix``."""
         keys = self.stored_keys()
         return bisect.bisect_left(keys, prefix + "\U0010ffff") - bisect.bisect_left(keys, prefix)
+
+    @abc.abstractmethod
+    def read_stored(self, key: str, buffer: np.ndarray) -> np.ndarray | None:
+        """The bytes stored under ``key``, read in one call into the start of ``buffer`` (uint8)
+        and returned as a view of it, or None if nothing is stored there. Bypasses Zarr's
+        asynchronous machinery; more bytes than ``buffer`` holds are refused before reading."""
+
+    def _too_large(self, location: object, key: str, size: int, limit: int) -> BundleCorruptError:
+        return BundleCorruptError(f"{location}: {key} stores {size} bytes, more than its array's chunks can "
+                                  f"encode to ({limit})", hint="run `ptrace validate` on it for a full check")
 
 
 class DirectoryStore(BundleStore, LocalStore):
@@ -118,6 +130,21 @@ class DirectoryStore(BundleStore, LocalStore):
             self._keys = sorted(keys)
         return self._keys
 
+    def read_stored(self, key: str, buffer: np.ndarray) -> np.ndarray | None:
+        path = self._file(key)
+        if path is None:
+            return None
+        # No link and no blocking open, even if the file was swapped since it was looked up.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(descriptor, "rb", buffering=0) as file:
+            status = os.fstat(descriptor)
+            if not stat.S_ISREG(status.st_mode):
+                raise self._refuse(path, status.st_mode)
+            if status.st_size > buffer.nbytes:
+                raise self._too_large(self.root, key, status.st_size, buffer.nbytes)
+            size = file.readinto(memoryview(buffer)[:status.st_size])
+        return buffer[:size]
+
     # -- the Store API, each call checked ---------------------------------------------------
     def get_sync(self, key: str, *, prototype: BufferPrototype | None = None,
                  byte_range: ByteRequest | None = None) -> Buffer | None:
@@ -173,6 +200,23 @@ class ArchiveStore(BundleStore, ZipStore):
             with zipfile.ZipFile(self.path) as archive:
                 self._keys = sorted(archive.namelist())
         return self._keys
+
+    def read_stored(self, key: str, buffer: np.ndarray) -> np.ndarray | None:
+        if not self._is_open:
+            self._sync_open()
+        with self._lock:
+            try:
+                size = self._zf.getinfo(key).file_size
+            except KeyError:
+                return None
+            if size > buffer.nbytes:
+                raise self._too_large(self.path, key, size, buffer.nbytes)
+            found = self._get(key, default_buffer_prototype())
+        if found is None:
+            return None
+        stored = found.as_numpy_array()
+        buffer[:stored.size] = stored
+        return buffer[:stored.size]
 
     def _get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
         try:

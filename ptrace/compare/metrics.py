@@ -1,15 +1,22 @@
-"""Numerical agreement of two tensors, row by row (rows are positions), vectorized in numpy.
+"""Numerical agreement of two tensors, row by row (rows are positions).
 
 Every function takes blocks of aligned rows ``a`` and ``b`` (any float dtype, bfloat16
 included) and works in float64, so a comparison's own rounding never shows up as divergence.
 Per-row results are what the report plots; :class:`RunningTotals` folds blocks into whole-tensor
 numbers without keeping the tensor, so bundles larger than memory stream through.
+
+Compare is meant to run at the speed the bundle is read (issue #14), so every per-row sum comes
+out of one pass over the elements: a compiled kernel (numba) where numba imports, else numpy,
+which needs one pass per sum and gives the same numbers up to the order of float64 additions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
+from typing import Callable
 
+import ml_dtypes
 import numpy as np
 
 from ptrace.backends.decoding import log_softmax
@@ -17,14 +24,69 @@ from ptrace.errors import ComparisonError
 
 #: Denominator guard for relative errors (the seed document's ``|h1| + 1e-8``).
 REL_EPS = 1e-8
-
-
+#: An element "agrees to one-thousandth" when its relative error is at most this (msprobe's ratio).
+THOUSANDTH = 1e-3
+#: The per-row metrics that :class:`RunningTotals` keeps for every row.
+PER_ROW = ("mean_abs", "cos", "rel")
+#: The per-row sums, in the kernel's output columns.
+SUM_ABS, SUM_REL, THOUSANDTHS, DOT, SQ_A, SQ_B, SQ_DIFF, MAX_ABS = range(8)
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 def _flat(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.asarray(block).reshape(block.shape[0], -1).astype(dtype, copy=False)
 
 
 def _flat64(block: np.ndarray) -> np.ndarray:
     return _flat(block, np.dtype(np.float64))
+
+
+def _kernel_input(block: np.ndarray) -> np.ndarray:
+    """Rows as the kernel reads them: float32 and float64 as they are, bfloat16 as its bits."""
+    rows = np.ascontiguousarray(block).reshape(block.shape[0], -1)
+    if rows.dtype == _BFLOAT16:
+        return rows.view(np.uint16)
+    if rows.dtype in (np.float32, np.float64):
+        return rows
+    return rows.astype(np.float64 if rows.dtype.itemsize > 4 else np.float32)
+
+
+def _numpy_row_sums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The kernel's sums in plain float64 numpy: one pass over the block per sum."""
+    x, y = _flat64(a), _flat64(b)
+    out = np.empty((x.shape[0], 8))
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        diff = np.abs(x - y)
+        rel = diff / (np.abs(x) + REL_EPS)
+        out[:, SUM_ABS], out[:, SUM_REL] = diff.sum(axis=1), rel.sum(axis=1)
+        out[:, THOUSANDTHS] = np.count_nonzero(rel <= THOUSANDTH, axis=1)
+        out[:, DOT], out[:, SQ_A] = np.einsum("ij,ij->i", x, y), np.einsum("ij,ij->i", x, x)
+        out[:, SQ_B], out[:, SQ_DIFF] = np.einsum("ij,ij->i", y, y), np.einsum("ij,ij->i", diff, diff)
+        out[:, MAX_ABS] = diff.max(axis=1, initial=0.0)
+    return out
+
+
+@cache
+def _row_sums_function() -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The compiled kernel where numba imports (first use compiles, or loads numba's cache)."""
+    try:
+        from ptrace.compare.kernel import row_sums
+    except ImportError:  # numba missing, or it does not support this numpy
+        return _numpy_row_sums
+
+    def compiled(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        out = np.empty((a.shape[0], 8))
+        row_sums(_kernel_input(a), _kernel_input(b), out, REL_EPS, THOUSANDTH)
+        return out
+    return compiled
+
+
+def row_sums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row of ``b`` against reference ``a``, in float64, the columns ``SUM_ABS`` ...
+    ``MAX_ABS``: sums of |a - b|, of |a - b| / (|a| + REL_EPS), the count of those at most
+    ``THOUSANDTH``, sums of a*b, a^2, b^2, (a - b)^2, and the max |a - b| (NaN if any is)."""
+    if a.shape != b.shape:
+        raise ComparisonError(f"cannot compare rows of shapes {a.shape} and {b.shape}",
+                              hint="both runs must use the same model architecture")
+    return _row_sums_function()(a, b)
 
 
 @dataclass(frozen=True)
@@ -42,41 +104,22 @@ class RowErrors:
     rel: np.ndarray
     # sums kept so that blocks fold into exact whole-tensor numbers
     dot: np.ndarray
-    norm_a: np.ndarray
-    norm_b: np.ndarray
-    norm_diff: np.ndarray
+    sq_a: np.ndarray
+    sq_b: np.ndarray
+    sq_diff: np.ndarray
     size: int
 
 
 def row_errors(a: np.ndarray, b: np.ndarray) -> RowErrors:
-    """Elementwise work in float32 for inputs of 32 bits or less (bf16 and fp16 widen exactly;
-    the difference of two float32 values is rounded once, far below any threshold), every sum
-    accumulated in float64. float64 inputs stay float64."""
-    if a.shape != b.shape:
-        raise ComparisonError(f"cannot compare rows of shapes {a.shape} and {b.shape}",
-                              hint="both runs must use the same model architecture")
-    work = np.dtype(np.float64 if max(a.dtype.itemsize, b.dtype.itemsize) > 4 else np.float32)
-    x, y = _flat(a, work), _flat(b, work)
-    size = x.shape[1]
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        diff = x - y
-        np.abs(diff, out=diff)
-        rel = np.abs(x)
-        rel += REL_EPS
-        np.divide(diff, rel, out=rel)
-        dot = np.einsum("ij,ij->i", x, y, dtype=np.float64)
-        norm_a = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
-        norm_b = np.sqrt(np.einsum("ij,ij->i", y, y, dtype=np.float64))
-        cos = _cosine(dot, norm_a, norm_b)
-        # |a - b| is rounded once in the work dtype (relative 6e-8 in float32) and squared in
-        # float64, so errors near a dtype's unit roundoff neither vanish nor underflow.
-        norm_diff = np.sqrt(np.einsum("ij,ij->i", diff, diff, dtype=np.float64))
-        return RowErrors(max_abs=diff.max(axis=1, initial=0.0).astype(np.float64),
-                         mean_abs=diff.sum(axis=1, dtype=np.float64) / size,
-                         mean_rel=rel.sum(axis=1, dtype=np.float64) / size, cos=cos,
-                         thousandth=np.count_nonzero(rel <= 1e-3, axis=1) / size,
-                         rel=normwise(norm_diff, norm_a), dot=dot, norm_a=norm_a, norm_b=norm_b,
-                         norm_diff=norm_diff, size=size)
+    """Every per-row metric, from the per-row sums of one pass (:func:`row_sums`)."""
+    sums = row_sums(a, b)
+    size = int(np.prod(a.shape[1:], dtype=np.int64))
+    dot, sq_a, sq_b, sq_diff = sums[:, DOT], sums[:, SQ_A], sums[:, SQ_B], sums[:, SQ_DIFF]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return RowErrors(max_abs=sums[:, MAX_ABS], mean_abs=sums[:, SUM_ABS] / size,
+                         mean_rel=sums[:, SUM_REL] / size, cos=_cosine(dot, sq_a, sq_b),
+                         thousandth=sums[:, THOUSANDTHS] / size, rel=normwise(np.sqrt(sq_diff), np.sqrt(sq_a)),
+                         dot=dot, sq_a=sq_a, sq_b=sq_b, sq_diff=sq_diff, size=size)
 
 
 def normwise(norm_diff: np.ndarray, norm_a: np.ndarray) -> np.ndarray:
@@ -85,11 +128,19 @@ def normwise(norm_diff: np.ndarray, norm_a: np.ndarray) -> np.ndarray:
         return np.where(norm_diff == 0, 0.0, norm_diff / norm_a)
 
 
-def _cosine(dot: np.ndarray, norm_a: np.ndarray, norm_b: np.ndarray) -> np.ndarray:
-    """Cosine similarity; two all-zero rows are identical (1.0), one zero row is orthogonal (0.0)."""
-    denominator = norm_a * norm_b
+def _cosine(dot: np.ndarray, sq_a: np.ndarray, sq_b: np.ndarray) -> np.ndarray:
+    """Cosine similarity from the sums of a*b, a^2 and b^2; two all-zero rows are identical
+    (1.0), one zero row is orthogonal (0.0).
+
+    The denominator is sqrt(sum a^2 * sum b^2), not the product of the two norms: the root of a
+    rounded square is exact, so a row compared with itself has a cosine of exactly 1. Where the
+    product over- or underflows, the product of the norms stands in."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        denominator = np.sqrt(sq_a * sq_b)
+        denominator = np.where((denominator == 0) | np.isinf(denominator), np.sqrt(sq_a) * np.sqrt(sq_b),
+                               denominator)
     cos = np.divide(dot, denominator, out=np.zeros_like(dot), where=denominator > 0)
-    both_zero = (norm_a == 0) & (norm_b == 0)
+    both_zero = (sq_a == 0) & (sq_b == 0)
     return np.where(both_zero, 1.0, np.clip(cos, -1.0, 1.0))
 
 
@@ -107,7 +158,9 @@ class RunningTotals:
     sq_b: float = 0.0
     sq_diff: float = 0.0
     size: int = 0
-    per_row: list[RowErrors] = field(default_factory=list)
+    #: The per-row metrics a result reports, block by block; the rest of each block's
+    #: :class:`RowErrors` is folded into the sums above and dropped (memory grows by these only).
+    per_row: dict[str, list[np.ndarray]] = field(default_factory=lambda: {m: [] for m in PER_ROW})
 
     def add(self, errors: RowErrors) -> None:
         n = errors.max_abs.shape[0]
@@ -120,10 +173,11 @@ class RunningTotals:
         self.sum_rel += float(errors.mean_rel.sum())
         self.sum_thousandth += float(errors.thousandth.sum())
         self.dot += float(errors.dot.sum())
-        self.sq_a += float((errors.norm_a**2).sum())
-        self.sq_b += float((errors.norm_b**2).sum())
-        self.sq_diff += float((errors.norm_diff**2).sum())
-        self.per_row.append(errors)
+        self.sq_a += float(errors.sq_a.sum())
+        self.sq_b += float(errors.sq_b.sum())
+        self.sq_diff += float(errors.sq_diff.sum())
+        for metric, parts in self.per_row.items():
+            parts.append(getattr(errors, metric))
 
     @property
     def mean_abs(self) -> float:
@@ -146,12 +200,11 @@ class RunningTotals:
 
     @property
     def cos(self) -> float:
-        return float(_cosine(np.array([self.dot]), np.array([np.sqrt(self.sq_a)]),
-                             np.array([np.sqrt(self.sq_b)]))[0])
+        return float(_cosine(np.array([self.dot]), np.array([self.sq_a]), np.array([self.sq_b]))[0])
 
     def rows_of(self, metric: str) -> np.ndarray:
-        """One per-row metric over every row seen so far."""
-        parts = [getattr(e, metric) for e in self.per_row]
+        """One per-row metric (of ``PER_ROW``) over every row seen so far."""
+        parts = self.per_row[metric]
         return np.concatenate(parts) if parts else np.zeros(0)
 
 

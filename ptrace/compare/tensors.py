@@ -20,7 +20,9 @@ from ptrace.compare.results import TensorResult
 from ptrace.compare.thresholds import FAIL, PASS, WARN, Thresholds
 from ptrace.errors import ComparisonError
 
-#: Rows per block, as float64 bytes: memory is bounded by this x a few temporaries x workers.
+#: Rows per block, counted as float64 bytes. Each bundle's reader holds one block (at least one
+#: chunk) in its stored dtype and the kernel needs no temporaries: memory is bounded by this x 2
+#: x workers, plus the per-row results.
 BLOCK_BYTES = 16 << 20
 
 
@@ -30,29 +32,35 @@ def _row_shape(bundle: Bundle, request: int, name: str) -> tuple[int, ...]:
 
 def _selected(bundle: Bundle, request: int, name: str, rows: np.ndarray, block: int) -> Iterator[np.ndarray]:
     """The given rows (sorted indices) of a tensor, block by block. The whole array is read, in
-    order, so that its checksum is verified: a tampered bundle is an error, never a verdict."""
+    order, so that its checksum is verified: a tampered bundle is an error, never a verdict.
+
+    A run of consecutive rows comes as a view of the reader's block, which the next block
+    overwrites: use each before asking for the next."""
     taken = 0
     for start, data in bundle.verified_blocks(tensor_array(request, name), block):
         upto = int(np.searchsorted(rows, start + data.shape[0]))
         if upto > taken:
-            yield data[rows[taken:upto] - start]
+            first, last = int(rows[taken]) - start, int(rows[upto - 1]) - start
+            yield data[first:last + 1] if last - first == upto - taken - 1 else data[rows[taken:upto] - start]
         taken = upto
 
 
-def _rechunked(blocks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
-    """``blocks`` regrouped into blocks of exactly ``size`` rows (the last may be shorter), so two
-    bundles chunked differently pair up row for row."""
-    pending: list[np.ndarray] = []
-    count = 0
-    for data in blocks:
-        pending.append(data)
-        count += data.shape[0]
-        while count >= size:
-            joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
-            yield joined[:size]
-            pending, count = [joined[size:]], count - size
-    if count:
-        yield np.concatenate(pending) if len(pending) > 1 else pending[0]
+def _paired(from_a: Iterator[np.ndarray], from_b: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The rows of two streams as pairs of equally long pieces, cut where either stream's blocks
+    end: two bundles chunked differently pair up row for row without copying. A stream is
+    advanced only once its piece is used up (its reader reuses the block's memory)."""
+    empty = np.zeros(0)
+    piece_a, piece_b = empty, empty
+    while True:
+        if not piece_a.shape[0]:
+            piece_a = next(from_a, None)
+        if piece_a is not None and not piece_b.shape[0]:
+            piece_b = next(from_b, None)
+        if piece_a is None or piece_b is None:
+            return
+        rows = min(piece_a.shape[0], piece_b.shape[0])
+        yield piece_a[:rows], piece_b[:rows]
+        piece_a, piece_b = piece_a[rows:], piece_b[rows:]
 
 
 def compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignment],
@@ -73,10 +81,10 @@ def compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignm
                                   f"{shape} in one and {shape_b} in the other",
                                   hint="both runs must use the same model architecture")
         block = max(1, BLOCK_BYTES // max(1, int(np.prod(shape)) * 8))
-        from_a = _rechunked(_selected(a, request, name, aligned.rows_a, block), block)
-        from_b = _rechunked(_selected(b, request, name, aligned.rows_b, block), block)
+        from_a = _selected(a, request, name, aligned.rows_a, block)
+        from_b = _selected(b, request, name, aligned.rows_b, block)
         start = 0
-        for rows_a, rows_b in zip(from_a, from_b):
+        for rows_a, rows_b in _paired(from_a, from_b):
             totals.add(row_errors(rows_a, rows_b))
             index.append(wanted[start:start + rows_a.shape[0]])
             requests.append(np.full(rows_a.shape[0], request, np.int64))

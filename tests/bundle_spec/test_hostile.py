@@ -181,6 +181,35 @@ def test_many_absent_tiny_chunks_are_refused(bundle):
     assert time.monotonic() - started < 5
 
 
+def _forge_chunk(chunk: Path, body: bytes) -> None:
+    """Store ``body`` as the chunk, with a valid CRC-32C: only the decoder can catch what is wrong."""
+    chunk.write_bytes(body + google_crc32c.value(body).to_bytes(4, "little"))
+
+
+@pytest.mark.parametrize("form", ["directory", "zip"])
+def test_a_blosc_header_that_misstates_the_chunk_size_is_refused_before_decoding(bundle, tmp_path, form):
+    chunk = bundle / "requests/0/tensors/logits/c/0/0"
+    body = bytearray(chunk.read_bytes()[:-4])
+    body[4:8] = (2**31 - 1).to_bytes(4, "little")  # the header's uncompressed size: 2 GiB
+    _forge_chunk(chunk, bytes(body))
+    path = bundle if form == "directory" else _rezip(bundle, tmp_path / "b.zarr.zip")
+    with open_bundle(path) as opened, pytest.raises(BundleCorruptError,
+                                                    match="tensors/logits is corrupted .*declares 2147483647 bytes"):
+        for _ in opened.verified_blocks("requests/0/tensors/logits", 4):
+            pass
+
+
+@pytest.mark.parametrize("form", ["directory", "zip"])
+def test_a_chunk_larger_than_its_codecs_can_produce_is_refused_before_reading(bundle, tmp_path, form):
+    chunk = bundle / "requests/0/tensors/logits/c/0/0"
+    _forge_chunk(chunk, chunk.read_bytes()[:-4] + bytes(1 << 20))
+    path = bundle if form == "directory" else _rezip(bundle, tmp_path / "b.zarr.zip")
+    with open_bundle(path) as opened, pytest.raises(BundleCorruptError, match=r"logits/c/0/0 stores \d+ bytes, more than"):
+        for _ in opened.verified_blocks("requests/0/tensors/logits", 4):
+            pass
+    assert "logits/c/0/0 stores" in " ".join(validate_bundle(path))
+
+
 def _rezip(bundle: Path, archive: Path, compression: int = zipfile.ZIP_STORED, extra: tuple = ()) -> Path:
     with zipfile.ZipFile(archive, "w", compression=compression) as zipped:
         for file in sorted(p for p in bundle.rglob("*") if p.is_file()):
