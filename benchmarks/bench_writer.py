@@ -25,12 +25,12 @@ import subprocess
 import sys
 
 MEASURE = """
-import json, re, sys, tempfile, time
+import json, re, sys, tempfile, time, tracemalloc
 from pathlib import Path
 import numpy as np
 from ptrace.bundle_spec import BundleWriter
 
-requests, tensors, prompt, steps = map(int, sys.argv[1:5])
+requests, tensors, prompt, steps, traced = map(int, sys.argv[1:6])
 def high_water_kib():  # this process's own peak RSS
     return int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1))
 def written_bytes():  # bytes passed to write(), whether or not they reached the disk yet
@@ -38,6 +38,8 @@ def written_bytes():  # bytes passed to write(), whether or not they reached the
 pool = np.random.default_rng(0).standard_normal((prompt + 1, 7))
 with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp) / "b.zarr"
+    if traced:
+        tracemalloc.start()
     before, wrote = high_water_kib(), written_bytes()
     start = time.perf_counter()
     with BundleWriter(out) as writer:
@@ -52,14 +54,16 @@ with tempfile.TemporaryDirectory() as tmp:
     seconds = time.perf_counter() - start
     stored = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(json.dumps({"peak_kib": high_water_kib() - before, "seconds": seconds,
+                      "traced": tracemalloc.get_traced_memory()[1] if traced else None,
                       "written": written_bytes() - wrote, "stored": stored}))
 """
 
 TENSORS = 30  # the example model's 2 layers x 9 per-layer names + embed, final_norm, logits, ... in round numbers
 
 
-def measure(requests: int, prompt: int, steps: int) -> dict:
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(requests), str(TENSORS), str(prompt), str(steps)],
+def measure(requests: int, prompt: int, steps: int, traced: bool) -> dict:
+    arguments = [str(n) for n in (requests, TENSORS, prompt, steps, int(traced))]
+    done = subprocess.run([sys.executable, "-c", MEASURE, *arguments],
                           capture_output=True, text=True, check=True, env=os.environ)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -70,15 +74,18 @@ def main() -> None:
     parser.add_argument("--positions", type=int, default=4000, help="positions per request (prompt + decode)")
     parser.add_argument("--decode-steps", type=int, default=64,
                         help="of which decode steps, one row per request each (issue #13: 64 new tokens)")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="also the peak of Python's allocations (slower; RSS includes the allocator's slack)")
     args = parser.parse_args()
     prompt = args.positions - args.decode_steps
     print(f"{TENSORS} tensors x {args.positions} positions per request ({prompt} prefill + "
           f"{args.decode_steps} decode steps), stats rows of 56 bytes, requests interleaved")
-    print(f"{'requests':>9} {'stats MB':>9} {'peak RSS MB':>12} {'seconds':>8} {'write ampl.':>12}")
+    print(f"{'requests':>9} {'stats MB':>9} {'peak RSS MB':>12} {'traced MB':>10} {'seconds':>8} {'write ampl.':>12}")
     for requests in (int(n) for n in args.requests.split(",")):
-        result = measure(requests, prompt, args.decode_steps)
+        result = measure(requests, prompt, args.decode_steps, args.tracemalloc)
+        traced = f"{result['traced'] / 1e6:.1f}" if result["traced"] is not None else "-"
         volume = requests * TENSORS * args.positions * 7 * 8
-        print(f"{requests:>9} {volume / 1e6:>9.0f} {result['peak_kib'] * 1024 / 1e6:>12.1f} "
+        print(f"{requests:>9} {volume / 1e6:>9.0f} {result['peak_kib'] * 1024 / 1e6:>12.1f} {traced:>10} "
               f"{result['seconds']:>8.1f} {result['written'] / result['stored']:>12.2f}")
 
 
