@@ -58,12 +58,13 @@ with tempfile.TemporaryDirectory() as tmp:
                       "written": written_bytes() - wrote, "stored": stored}))
 """
 
-TENSORS = 30  # the example model's 2 layers x 9 per-layer names + embed, final_norm, logits, ... in round numbers
+TENSORS = 30  # issue #13's figure; every canonical tensor of the example model would be 4 x 8 + 3 = 35
 
 
 def measure(requests: int, prompt: int, steps: int, traced: bool) -> dict:
     arguments = [str(n) for n in (requests, TENSORS, prompt, steps, int(traced))]
-    done = subprocess.run([sys.executable, "-c", MEASURE, *arguments],
+    # -P: ptrace comes from PYTHONPATH (or the environment), not from the current directory
+    done = subprocess.run([sys.executable, "-P", "-c", MEASURE, *arguments],
                           capture_output=True, text=True, check=True, env=os.environ)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -75,12 +76,13 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=64,
                         help="of which decode steps, one row per request each (issue #13: 64 new tokens)")
     parser.add_argument("--tracemalloc", action="store_true",
-                        help="also the peak of Python's allocations (slower; RSS includes the allocator's slack)")
+                        help="also the peak of Python's allocations (slower; RSS adds the allocator's slack)")
     args = parser.parse_args()
     prompt = args.positions - args.decode_steps
     print(f"{TENSORS} tensors x {args.positions} positions per request ({prompt} prefill + "
           f"{args.decode_steps} decode steps), stats rows of 56 bytes, requests interleaved")
-    print(f"{'requests':>9} {'stats MB':>9} {'peak RSS MB':>12} {'traced MB':>10} {'seconds':>8} {'write ampl.':>12}")
+    print(f"{'requests':>9} {'stats MB':>9} {'peak RSS MB':>12} {'traced MB':>10} {'seconds':>8} "
+          f"{'write ampl.':>12}")
     for requests in (int(n) for n in args.requests.split(",")):
         result = measure(requests, prompt, args.decode_steps, args.tracemalloc)
         traced = f"{result['traced'] / 1e6:.1f}" if result["traced"] is not None else "-"

@@ -4,8 +4,8 @@ Tensors arrive a few rows at a time (one per decode step), so arrays are streame
 buffered until a whole chunk is ready, and the whole-content CRC-32C is extended as rows
 arrive. A batched engine feeds every request's arrays at once, so the rows held back, all arrays
 together, are bounded (``PENDING_BYTES``): past it, the arrays holding the most are written out,
-partial chunks included, and the next rows complete those chunks. A writer that is killed leaves only ``OUT.partial``, which has no manifest and so never
-reads as a complete bundle.
+partial chunks included, and the next rows complete those chunks. A writer that is killed
+leaves only ``OUT.partial``, which has no manifest and so never reads as a complete bundle.
 """
 
 from __future__ import annotations

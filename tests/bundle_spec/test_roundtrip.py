@@ -44,7 +44,8 @@ def write_minimal(path, tensors: dict[str, np.ndarray], *, mode: str = "full") -
         finish_minimal(writer, rows, requests=1, mode=mode, tensor_names=list(tensors))
 
 
-def finish_minimal(writer: BundleWriter, rows: int, *, requests: int, mode: str, tensor_names: list[str]) -> None:
+def finish_minimal(writer: BundleWriter, rows: int, *, requests: int, mode: str,
+                   tensor_names: list[str]) -> None:
     """Everything but the tensors, for ``requests`` requests of ``rows`` captured positions each."""
     for request in range(requests):
         writer.write_array(f"requests/{request}/prompt_ids", np.arange(rows - 1, dtype=np.int64))
