@@ -74,6 +74,7 @@ test: setup browser prometheus
 bench: setup
 	$(PY) benchmarks/bench_capture.py
 	$(PY) benchmarks/bench_compare.py
+	$(PY) benchmarks/bench_writer.py
 
 clean:
 	rm -rf $(VENV) $(ENVS) $(DEMO) .pytest_cache

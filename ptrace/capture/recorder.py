@@ -57,9 +57,12 @@ class TensorRecorder(Interceptor):
         self.full = mode == "full"
         self.steps = steps
         self.seen: set[str] = set()
-        # request -> (step, first position) -> rows: the positions actually captured. A step MAY
-        # arrive in several chunks (vLLM's chunked prefill), each a span of its own.
-        self._rows: dict[int, dict[tuple[int, int], int]] = defaultdict(dict)
+        # request -> (step, first position, rows) of the latest span it was shown: every tensor of
+        # one span has that many rows. A step MAY arrive in several spans (vLLM's chunked prefill).
+        self._latest: dict[int, tuple[int, int, int]] = {}
+        # request -> [first, stop) runs of the positions captured, contiguous spans merged, so
+        # that what is kept does not grow with the steps of a long run.
+        self._runs: dict[int, list[list[int]]] = defaultdict(list)
 
     def wants(self, name: str) -> bool:
         return name in self.names
@@ -67,24 +70,41 @@ class TensorRecorder(Interceptor):
     def on_tensor(self, site: TensorSite, tensor: EngineTensor) -> None:
         if site.step not in self.steps:
             return None
-        rows = tensor.shape[0]
-        known = self._rows[site.request].setdefault((site.step, site.start), rows)
-        if known != rows:
-            raise BackendError(f"{site.name}: step {site.step} of request {site.request} covers "
-                               f"positions {site.start}+{rows}, other tensors {site.start}+{known}")
+        self._check_span(site, tensor.shape[0])
         self.writer.append_rows(stats_array(site.request, site.name), tensor.row_stats())
         if self.full:
             self.writer.append_rows(tensor_array(site.request, site.name), tensor.numpy())
         self.seen.add(site.name)
         return None
 
+    def _check_span(self, site: TensorSite, rows: int) -> None:
+        """Note a new span of ``site.request``'s positions; check that a known one keeps its rows.
+
+        Rows are appended in the order they arrive, so spans must arrive in (step, position)
+        order for ``positions`` to describe them.
+        """
+        latest = self._latest.get(site.request)
+        if latest is not None and latest[:2] == (site.step, site.start):
+            if latest[2] != rows:
+                raise BackendError(f"{site.name}: step {site.step} of request {site.request} covers "
+                                   f"positions {site.start}+{rows}, other tensors {site.start}+{latest[2]}")
+            return
+        if latest is not None and latest[:2] > (site.step, site.start):
+            raise BackendError(f"{site.name}: step {site.step} of request {site.request} (position "
+                               f"{site.start}) arrived after step {latest[0]} (position {latest[1]})")
+        self._latest[site.request] = (site.step, site.start, rows)
+        runs = self._runs[site.request]
+        if runs and runs[-1][1] == site.start:
+            runs[-1][1] += rows
+        else:
+            runs.append([site.start, site.start + rows])
+
     @property
     def captured_any(self) -> bool:
-        return bool(self._rows)
+        return bool(self._latest)
 
     def positions(self, request: int) -> np.ndarray:
         """Absolute positions of the rows recorded for ``request``, in order."""
-        spans = sorted(self._rows.get(request, {}).items())
-        if not spans:
-            return np.zeros(0, dtype=np.int64)
-        return np.concatenate([np.arange(start, start + rows) for (_, start), rows in spans]).astype(np.int64)
+        runs = self._runs.get(request, [])
+        return np.concatenate([np.arange(first, stop, dtype=np.int64) for first, stop in runs]) if runs \
+            else np.zeros(0, dtype=np.int64)

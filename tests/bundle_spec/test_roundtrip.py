@@ -41,21 +41,28 @@ def write_minimal(path, tensors: dict[str, np.ndarray], *, mode: str = "full") -
                 writer.append_rows(f"requests/0/stats/{name}", row_stats(block))
                 if mode == "full":
                     writer.append_rows(f"requests/0/tensors/{name}", block)
-        writer.write_array("requests/0/prompt_ids", np.arange(rows - 1, dtype=np.int64))
-        writer.write_array("requests/0/output_ids", np.array([5, 6], dtype=np.int64))
-        writer.write_array("requests/0/topk_ids", np.zeros((2, 3), np.int64))
-        writer.write_array("requests/0/topk_logprobs", np.full((2, 3), -1.5, np.float32))
-        writer.write_array("requests/0/positions", np.arange(rows, dtype=np.int64))
-        writer.write_document(ModelInfo(model_path="m", name="m", architecture="A",
-                                        config={"num_hidden_layers": 1, "rope": float("nan"),
-                                                "big": 2**63 - 1, "blob": b"\x00\xff"},
-                                        weights={}, tokenizer={}, fingerprint="f", tokenizer_fingerprint="t"))
-        writer.write_document(RunInfo(backend="torch", backend_version="0", dtype="float32", device="cpu",
-                                      seeds={"python": 1}, sampling=SamplingParams(), capture={}))
-        writer.write_document(EnvironmentInfo(python={}, os={}, hardware={}, packages={}, env={}))
-        writer.write_document(RequestsInfo((RequestRecord(index=0, prompt="p", prompt_len=rows - 1,
-                                                          output_len=2),)))
-        writer.commit(ptrace_version="test", command=["test"], mode=mode, tensor_names=list(tensors))
+        finish_minimal(writer, rows, requests=1, mode=mode, tensor_names=list(tensors))
+
+
+def finish_minimal(writer: BundleWriter, rows: int, *, requests: int, mode: str,
+                   tensor_names: list[str]) -> None:
+    """Everything but the tensors, for ``requests`` requests of ``rows`` captured positions each."""
+    for request in range(requests):
+        writer.write_array(f"requests/{request}/prompt_ids", np.arange(rows - 1, dtype=np.int64))
+        writer.write_array(f"requests/{request}/output_ids", np.array([5, 6], dtype=np.int64))
+        writer.write_array(f"requests/{request}/topk_ids", np.zeros((2, 3), np.int64))
+        writer.write_array(f"requests/{request}/topk_logprobs", np.full((2, 3), -1.5, np.float32))
+        writer.write_array(f"requests/{request}/positions", np.arange(rows, dtype=np.int64))
+    writer.write_document(ModelInfo(model_path="m", name="m", architecture="A",
+                                    config={"num_hidden_layers": 1, "rope": float("nan"),
+                                            "big": 2**63 - 1, "blob": b"\x00\xff"},
+                                    weights={}, tokenizer={}, fingerprint="f", tokenizer_fingerprint="t"))
+    writer.write_document(RunInfo(backend="torch", backend_version="0", dtype="float32", device="cpu",
+                                  seeds={"python": 1}, sampling=SamplingParams(), capture={}))
+    writer.write_document(EnvironmentInfo(python={}, os={}, hardware={}, packages={}, env={}))
+    writer.write_document(RequestsInfo(tuple(RequestRecord(index=request, prompt="p", prompt_len=rows - 1,
+                                                           output_len=2) for request in range(requests))))
+    writer.commit(ptrace_version="test", command=["test"], mode=mode, tensor_names=tensor_names)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
