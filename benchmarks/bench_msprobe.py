@@ -161,7 +161,7 @@ def print_growth(results: list[dict]) -> None:
         print(f"{name:28}" + "".join(f"{x['seconds']:9.2f}" for x in row))
 
 
-def median_seconds(bench: Bench, *command: str, times: int = 5) -> float:
+def median_seconds(bench: Bench, *command: str, times: int = 3) -> float:
     return statistics.median(bench.timed_command(*command)["seconds"] for _ in range(times))
 
 
@@ -182,9 +182,15 @@ def print_startup(bench: Bench) -> None:
         "ptrace compare (tiny bundles)": (python, "-m", "ptrace", "compare", str(a), str(b)),
         "msprobe --help": (msprobe, "--help"),
     }
-    print("\n## start-up (median of 5 commands; target: ptrace --help and compare < 0.3 s)")
+    print("\n## start-up (median of 3 commands; target: ptrace --help and compare < 0.3 s)")
     for name, command in rows.items():
         print(f"{name:32} {median_seconds(bench, *command):6.2f} s")
+
+
+def _write_prompt(scratch: Path, prompt_len: int) -> Path:
+    path = scratch / "warm-up.json"
+    path.write_text(json.dumps(list(range(100, 100 + prompt_len))))
+    return path
 
 
 def main() -> None:
@@ -221,12 +227,6 @@ def main() -> None:
             print_length(results[-1], model, new_tokens, args.repeats, cores)
         print_growth(results)
         print_startup(bench)
-
-
-def _write_prompt(scratch: Path, prompt_len: int) -> Path:
-    path = scratch / "warm-up.json"
-    path.write_text(json.dumps(list(range(100, 100 + prompt_len))))
-    return path
 
 
 if __name__ == "__main__":
