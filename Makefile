@@ -14,6 +14,10 @@ TRANSFORMERS ?= transformers==5.19.0
 MODEL  ?= examples/tiny-qwen2
 DEMO   ?= demo
 ENVS   := .venvs
+# msprobe (Ascend's precision debugger), the tool the benchmark measures ptrace against: a benchmark
+# dependency, not an engine, in its own environment (its pins are not ptrace's).
+MSPROBE_VENV ?= $(ENVS)/msprobe
+MSPROBE      ?= mindstudio-probe==26.2.0
 
 .PHONY: setup demo browser prometheus test bench clean
 
@@ -71,10 +75,17 @@ test: setup browser prometheus
 	$(PTRACE) envs list --pythons | while read -r env python; do \
 		PTRACE_TEST_ENVIRONMENT=$$env $$python -m pytest -q -p no:cacheprovider tests/backends || exit 1; done
 
-bench: setup
+$(MSPROBE_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(MSPROBE_VENV)
+	$(MSPROBE_VENV)/bin/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(MSPROBE_VENV)/bin/python -m pip install --quiet --disable-pip-version-check "$(TORCH)" "$(TRANSFORMERS)" "$(MSPROBE)"
+	touch $@
+
+bench: setup $(MSPROBE_VENV)/.installed
 	$(PY) benchmarks/bench_capture.py
 	$(PY) benchmarks/bench_compare.py
 	$(PY) benchmarks/bench_writer.py
+	$(PY) benchmarks/bench_msprobe.py --msprobe-python $(MSPROBE_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) $(ENVS) $(DEMO) .pytest_cache

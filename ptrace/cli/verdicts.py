@@ -45,11 +45,12 @@ def emit(comparison, *, report: Path | None, json_out: Path | None, metrics_file
          fail_on: str | None) -> None:
     """Print the verdict, write the report, JSON and metrics, and exit non-zero when asked to gate."""
     from ptrace.compare.thresholds import at_least
-    from ptrace.reports.html import write_report
 
     style = {"pass": "green", "warn": "yellow", "fail": "red"}[comparison.verdict]
     console.print(Text(comparison.summary, style=style))
     if report is not None:
+        from ptrace.reports.html import write_report  # jinja2 and the plots: only for a report
+
         write_report(comparison, report)
         console.print(f"report: {report}")
     if json_out is not None:

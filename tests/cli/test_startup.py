@@ -1,0 +1,68 @@
+"""``ptrace --help`` and ``ptrace compare`` start fast because they import only what they use.
+
+Start-up time itself is measured by the benchmark (``benchmarks/bench_msprobe.py`` prints it):
+a timed test would be flaky on a loaded machine. What makes the time, and what a test can check
+exactly, is which modules the real command loads: no engine ever, and for help not even the
+array stack (numpy, zarr) or the report's (jinja2, matplotlib).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ptrace.testing.bundles import SyntheticRequest, write_bundle
+from tests.conftest import ROOT
+
+#: Engines, and the backend modules that wrap them: compare and help never need one.
+ENGINES = ("torch", "transformers", "vllm", "mindspore", "mindformers",
+           "ptrace.backends.torch_hf", "ptrace.backends.vllm", "ptrace.backends.mindformers")
+#: The array stack and the report's stack: help needs neither.
+ARRAYS = ("numpy", "zarr", "numcodecs", "ml_dtypes")
+REPORT = ("jinja2", "matplotlib", "ptrace.reports")
+
+# Runs the real command (``python -m ptrace ARGS``) and writes the modules it loaded to a file:
+# stdout belongs to the command.
+_PROBE = """
+import json, runpy, sys
+out, sys.argv = sys.argv[1], ["ptrace", *sys.argv[2:]]
+try:
+    runpy.run_module("ptrace", run_name="__main__")
+except SystemExit as exit:
+    code = exit.code
+open(out, "w").write(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+
+
+def _loaded(tmp_path: Path, *args: str) -> set[str]:
+    out = tmp_path / "modules.json"
+    probe = subprocess.run([sys.executable, "-c", _PROBE, str(out), *args], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    result = json.loads(out.read_text())
+    assert result["code"] in (0, None), probe.stdout + probe.stderr
+    return set(result["modules"])
+
+
+def _among(modules: set[str], names: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == name or m.startswith(name + ".") for name in names))
+
+
+@pytest.mark.parametrize("args", [("--help",), ("compare", "--help")])
+def test_help_loads_no_engine_and_no_array_or_report_stack(tmp_path, args):
+    loaded = _loaded(tmp_path, *args)
+    assert "typer" in loaded  # the probe did run the command
+    assert _among(loaded, ENGINES + ARRAYS + REPORT) == []
+
+
+def test_compare_loads_no_engine_and_no_report_stack_without_report(tmp_path):
+    request = [SyntheticRequest(prompt=(1, 2, 3, 4), outputs=(5, 6, 7))]
+    a = write_bundle(tmp_path / "a.zarr", request)
+    b = write_bundle(tmp_path / "b.zarr", request, dtype="bfloat16")
+    loaded = _loaded(tmp_path, "compare", str(a), str(b))
+    assert "ptrace.compare" in loaded  # the comparison did run
+    assert _among(loaded, ENGINES + REPORT) == []
