@@ -10,6 +10,7 @@ import numpy as np
 
 from ptrace.backends.base import EngineTensor, Interceptor, TensorSite
 from ptrace.bundle_spec.layout import stats_array, tensor_array
+from ptrace.bundle_spec.names import LOGITS
 from ptrace.bundle_spec.writer import BundleWriter
 from ptrace.errors import BackendError, UsageError
 
@@ -58,8 +59,10 @@ class TensorRecorder(Interceptor):
         self.steps = steps
         self.seen: set[str] = set()
         # request -> (step, first position) -> rows: the positions actually captured. A step MAY
-        # arrive in several chunks (vLLM's chunked prefill), each a span of its own.
+        # arrive in several chunks (vLLM's chunked prefill), each a span of its own. The logits
+        # keep their own spans: without prompt logprobs the prefill's are its last row alone.
         self._rows: dict[int, dict[tuple[int, int], int]] = defaultdict(dict)
+        self._logit_rows: dict[int, dict[tuple[int, int], int]] = defaultdict(dict)
 
     def wants(self, name: str) -> bool:
         return name in self.names
@@ -68,7 +71,8 @@ class TensorRecorder(Interceptor):
         if site.step not in self.steps:
             return None
         rows = tensor.shape[0]
-        known = self._rows[site.request].setdefault((site.step, site.start), rows)
+        spans = self._logit_rows if site.name == LOGITS else self._rows
+        known = spans[site.request].setdefault((site.step, site.start), rows)
         if known != rows:
             raise BackendError(f"{site.name}: step {site.step} of request {site.request} covers "
                                f"positions {site.start}+{rows}, other tensors {site.start}+{known}")
@@ -80,11 +84,13 @@ class TensorRecorder(Interceptor):
 
     @property
     def captured_any(self) -> bool:
-        return bool(self._rows)
+        return bool(self._rows or self._logit_rows)
 
     def positions(self, request: int) -> np.ndarray:
-        """Absolute positions of the rows recorded for ``request``, in order."""
-        spans = sorted(self._rows.get(request, {}).items())
+        """Absolute positions of the rows recorded for ``request``, in order: those of every
+        tensor but the logits, whose rows are these or their suffix from the last prompt position
+        (SPEC.md section 6); the logits' own when nothing else was captured."""
+        spans = sorted((self._rows.get(request) or self._logit_rows.get(request, {})).items())
         if not spans:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate([np.arange(start, start + rows) for (_, start), rows in spans]).astype(np.int64)

@@ -29,15 +29,37 @@ def test_full_capture_reads_back(full_bundle):
             rows = record.prompt_len + record.output_len - 1
             assert bundle.positions(r).tolist() == list(range(rows))
             assert bundle.tensor(r, "layers.0.out").shape == (rows, bundle.model.config["hidden_size"])
-            assert bundle.tensor(r, "logits").shape == (rows, bundle.model.config["vocab_size"])
+            # No prompt logprobs by default: the LM head ran on the last prompt position only.
+            logit_positions = bundle.tensor_positions(r, "logits")
+            assert logit_positions.tolist() == list(range(record.prompt_len - 1, rows))
+            assert bundle.tensor(r, "logits").shape == (record.output_len, bundle.model.config["vocab_size"])
+            assert f"requests/{r}/prompt_logprobs" not in bundle.manifest.arrays
             np.testing.assert_allclose(bundle.stats(r, "logits"), row_stats(bundle.tensor(r, "logits")),
                                        rtol=1e-5, atol=1e-5)
             logits = bundle.tensor(r, "logits")
-            assert bundle.output_ids(r).tolist() == logits[record.prompt_len - 1:].argmax(-1).tolist()
+            assert bundle.output_ids(r).tolist() == logits.argmax(-1).tolist()
             assert record.output_text and record.prompt
         assert bundle.run.backend == "torch" and bundle.run.dtype == "float32"
         assert bundle.run.seeds == {"python": 42, "numpy": 42, "torch": 42}
         assert bundle.model.fingerprint and len(bundle.model.weights) == 1
+
+
+def test_prompt_logprobs_only_when_asked(tmp_path, example_model, full_bundle):
+    """Asked for, prompt logprobs come with the logits of every prompt position, and those
+    logits agree with the default capture's where both have them."""
+    path = capture(CaptureConfig(backend="torch", model=example_model, output=tmp_path / "p.zarr",
+                                 prompts=("The capital of France is", "Hello, how are you today? I"),
+                                 sampling=SamplingParams(max_new_tokens=6, seed=42, prompt_logprobs=True),
+                                 settings=CaptureSettings(tensors=("layers.0.out", "logits"))))
+    assert validate_bundle(path) == []
+    with open_bundle(path) as asked, open_bundle(full_bundle) as default:
+        prompt_len = asked.requests.requests[0].prompt_len
+        assert asked.run.sampling.prompt_logprobs and not default.run.sampling.prompt_logprobs
+        assert asked.tensor_positions(0, "logits").tolist() == asked.positions(0).tolist()
+        assert "requests/0/prompt_logprobs" in asked.manifest.arrays
+        assert "requests/0/prompt_logprobs" not in default.manifest.arrays
+        np.testing.assert_allclose(asked.tensor(0, "logits")[prompt_len - 1:], default.tensor(0, "logits"),
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
