@@ -44,6 +44,37 @@ def test_full_capture_reads_back(full_bundle):
         assert bundle.model.fingerprint and len(bundle.model.weights) == 1
 
 
+def _assert_stats_match_the_float64_reference(stats: np.ndarray, tensor: np.ndarray, name: str) -> None:
+    """Extremes and counts exactly; mean, std and mean |x| within float32 rounding of the row's
+    scale (the engine computes them in float32, SPEC.md section 6)."""
+    reference = row_stats(tensor)
+    np.testing.assert_array_equal(stats[:, [0, 1, 5, 6]], reference[:, [0, 1, 5, 6]], err_msg=name)
+    finite = np.where(np.isfinite(tensor), tensor, 0).astype(np.float64)
+    scale = np.abs(finite.reshape(len(tensor), -1)).max(axis=1, keepdims=True)
+    got, expected = stats[:, 2:5], reference[:, 2:5]
+    assert ((np.abs(got - expected) <= 1e-6 * scale) | (np.isnan(got) & np.isnan(expected))).all(), name
+
+
+def test_stats_are_the_float64_reference_within_rounding(full_bundle):
+    """Every tensor of a real torch capture: the stats computed inside the engine are the
+    SPEC's definition, evaluated in float64 by numpy on the stored tensor."""
+    with open_bundle(full_bundle) as bundle:
+        for name in bundle.tensor_names:
+            _assert_stats_match_the_float64_reference(bundle.stats(0, name), bundle.tensor(0, name), name)
+
+
+def test_stats_of_non_finite_rows_are_the_float64_reference():
+    """Rows of a torch tensor holding a NaN, an Inf, or nothing finite: counted, and left out
+    of the other columns, as the reference does."""
+    import torch
+
+    from ptrace.backends.torch_tensor import TorchTensor
+
+    rows = torch.randn(6, 64, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    rows[1, 3], rows[2, 5], rows[4] = float("nan"), float("-inf"), float("inf")
+    _assert_stats_match_the_float64_reference(TorchTensor(rows).row_stats(), rows.numpy(), "non-finite")
+
+
 def test_prompt_logprobs_only_when_asked(tmp_path, example_model, full_bundle):
     """Asked for, prompt logprobs come with the logits of every prompt position, and those
     logits agree with the default capture's where both have them."""
