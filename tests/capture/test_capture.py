@@ -63,14 +63,15 @@ def test_stats_are_the_float64_reference_within_rounding(full_bundle):
             _assert_stats_match_the_float64_reference(bundle.stats(0, name), bundle.tensor(0, name), name)
 
 
-def test_stats_of_non_finite_rows_are_the_float64_reference():
-    """Rows of a torch tensor holding a NaN, an Inf, or nothing finite: counted, and left out
-    of the other columns, as the reference does."""
+def test_stats_of_finite_and_non_finite_torch_rows_are_the_float64_reference():
+    """Both of the engine's paths: a tensor of finite rows, and one whose rows hold a NaN, an
+    Inf, or nothing finite (counted, and left out of the other columns, as the reference does)."""
     import torch
 
     from ptrace.backends.torch_tensor import TorchTensor
 
     rows = torch.randn(6, 64, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    _assert_stats_match_the_float64_reference(TorchTensor(rows).row_stats(), rows.numpy(), "finite")
     rows[1, 3], rows[2, 5], rows[4] = float("nan"), float("-inf"), float("inf")
     _assert_stats_match_the_float64_reference(TorchTensor(rows).row_stats(), rows.numpy(), "non-finite")
 
