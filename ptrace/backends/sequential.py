@@ -79,6 +79,9 @@ class SequentialBackend(Backend):
         self._interceptors: list[Interceptor] = []
         self._wanted: set[str] = set()
         self._site: TensorSite | None = None
+        #: One past the last position of the running step: a tensor with fewer rows than the step
+        #: has positions (the LM head over the last prompt position only) covers its last ones.
+        self._step_end = 0
 
     def _generate(self, prompts: list[np.ndarray], sampling: SamplingParams,
                   interceptors: list[Interceptor], on_step: StepCallback | None,
@@ -103,7 +106,7 @@ class SequentialBackend(Backend):
         self._start_request()
         for step in range(sampling.max_new_tokens):
             start = 0 if step == 0 else len(sequence) - 1
-            self._site = TensorSite("", index, step, start)
+            self._site, self._step_end = TensorSite("", index, step, start), len(sequence)
             prompt_rows = step == 0 and sampling.prompt_logprobs
             logits = self._forward(sequence, start, prompt_rows)
             if prompt_rows:
@@ -123,7 +126,8 @@ class SequentialBackend(Backend):
         interceptors; the native replacement, if any replaced it."""
         if self._site is None:
             return None
-        new = self._intercept(self._interceptors, replace(self._site, name=name), self.tensor_type(rows))
+        site = replace(self._site, name=name, start=self._step_end - rows.shape[0])
+        new = self._intercept(self._interceptors, site, self.tensor_type(rows))
         return None if new is None else new.native
 
     # -- what engines implement ----------------------------------------------------------------
@@ -145,4 +149,5 @@ class SequentialBackend(Backend):
         """One forward pass over positions ``start:`` of ``sequence`` (the prompt at the prefill,
         then the one new position), earlier positions coming from the KV cache: float32 logits
         of every new position when ``prompt_rows`` (the prefill of a request that wants prompt
-        logprobs), otherwise of at least the last one."""
+        logprobs), otherwise of at least the last one (engines that can skip the LM head over the
+        other positions should: it is a quarter of a long prefill)."""

@@ -142,11 +142,11 @@ class TorchBackend(SequentialBackend):
         import torch
 
         tokens = torch.as_tensor(sequence[start:], dtype=torch.long, device=self.device)[None]
-        # The LM head runs over every prompt position only when something needs those logits.
-        every_row = start == 0 and (prompt_rows or "logits" in self._wanted)
+        # The LM head runs over every prompt position only for prompt logprobs; otherwise the
+        # "logits" tensor of the prefill is its last row alone (SPEC.md section 6).
         with torch.inference_mode():
             out = self.model(input_ids=tokens, past_key_values=self._cache, use_cache=True,
-                             logits_to_keep=0 if every_row else 1)
+                             logits_to_keep=0 if prompt_rows else 1)
             rows = out.logits[0] if prompt_rows else out.logits[0, -1:]
             return rows.float().cpu().numpy()
 

@@ -11,8 +11,13 @@ import fnmatch
 import re
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 #: Per-layer tensors, in forward order within a layer.
 LAYER_PARTS: tuple[str, ...] = ("attn_norm", "q", "k", "v", "attn", "mlp_norm", "mlp", "out")
+
+#: The LM head's output: the one tensor whose rows MAY skip prompt positions (SPEC.md section 6).
+LOGITS = "logits"
 
 #: What ``ptrace capture`` records when ``--tensors`` is not given.
 DEFAULT_PATTERNS: tuple[str, ...] = ("layers.*.out", "logits")
@@ -63,3 +68,16 @@ def is_recordable(name: str) -> bool:
     if "/" in name:
         return False
     return forward_key(name)[0] < 4 or (name.startswith("x.") and len(name) > 2)
+
+
+def tensor_positions(name: str, positions: np.ndarray, prompt_len: int, rows: int) -> np.ndarray | None:
+    """Positions of the ``rows`` rows of tensor ``name`` in a request whose captured positions
+    are ``positions`` (SPEC.md section 6): all of them, or, for the logits, those from the last
+    prompt position on (the LM head skipped the rest of the prompt); None if neither fits."""
+    if rows == positions.size:
+        return positions
+    if name == LOGITS:
+        tail = positions[positions >= prompt_len - 1]
+        if rows == tail.size:
+            return tail
+    return None

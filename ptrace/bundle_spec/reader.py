@@ -31,6 +31,7 @@ from zarr.core.chunk_grids import RegularChunkGrid
 from ptrace.bundle_spec import dtypes
 from ptrace.bundle_spec.chunks import ChunkReader
 from ptrace.bundle_spec.layout import request_array, stats_array, tensor_array
+from ptrace.bundle_spec.names import tensor_positions
 from ptrace.bundle_spec.schema import (
     ROOT_ATTRIBUTE,
     SPEC_VERSION,
@@ -294,6 +295,19 @@ class Bundle:
                 or np.any(np.diff(positions) <= 0):
             raise self._corrupt(path, "is not a strictly increasing list of non-negative int64 positions")
         return positions
+
+    def tensor_positions(self, request: int, name: str) -> np.ndarray:
+        """The positions of the rows of tensor ``name``: the captured positions, or for the logits
+        of a capture without prompt logprobs those from the last prompt position on (SPEC.md 6)."""
+        path = stats_array(request, name)
+        if path not in self.manifest.arrays:
+            raise BundleError(self._missing_tensor_message(request, name), hint=f"capture with --tensors '{name}'")
+        positions = self.positions(request)
+        found = tensor_positions(name, positions, self.requests.requests[request].prompt_len,
+                                 self.manifest.arrays[path].shape[0])
+        if found is None:
+            raise self._corrupt(path, f"has {self.manifest.arrays[path].shape[0]} rows, positions has {positions.size}")
+        return found
 
     def input_ids(self, request: int) -> np.ndarray | None:
         """Tokens fed at every position, where they differ from prompt + outputs (teacher forcing)."""

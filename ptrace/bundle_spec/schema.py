@@ -171,7 +171,9 @@ class SamplingParams(Document):
     max_new_tokens: int = 20
     ignore_eos: bool = True
     logprobs: int = 20
-    prompt_logprobs: bool = True
+    #: Logprobs of every prompt position: off by default, since they force the LM head over the
+    #: whole prompt and nothing in compare or the report reads them.
+    prompt_logprobs: bool = False
 
     @property
     def greedy(self) -> bool:

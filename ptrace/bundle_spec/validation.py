@@ -166,19 +166,33 @@ def _check_request(bundle: Bundle, record: Any, arrays: dict[str, ArrayRecord]) 
         if entry is not None and (entry.dtype != dtype or list(entry.shape) != shape):
             problems.append(f"request {r}: {leaf} is {entry.dtype}{list(entry.shape)}, expected {dtype}{shape} "
                             f"(meta/requests says {prompt} prompt and {generated} generated tokens)")
-    problems += _attempt(bundle, _check_positions, bundle, r, prompt + max(generated - 1, 0))
+    positions_problems = _attempt(bundle, _check_positions, bundle, r, prompt + max(generated - 1, 0))
+    problems += positions_problems
+    allowed = {} if positions_problems else _rows_allowed(bundle, r, arrays)
     for name in bundle.tensor_names:
         for kind, path in ((layout.STATS, stats_array(r, name)), (layout.TENSORS, tensor_array(r, name))):
             entry = arrays.get(path)
             if entry is None and (kind == layout.STATS or bundle.mode == "full"):
                 problems.append(f"request {r}: {kind}/{name} is missing")
-            elif entry is not None and entry.shape[0] != rows:
+            elif entry is not None and entry.shape[0] != allowed.get(name, rows):
                 problems.append(f"request {r}: {kind}/{name} has {entry.shape[0]} rows, positions has {rows}")
             elif entry is not None and kind == layout.STATS and \
-                    (entry.dtype != "float64" or list(entry.shape) != [rows, len(COLUMNS)]):
+                    (entry.dtype != "float64" or list(entry.shape) != [entry.shape[0], len(COLUMNS)]):
                 problems.append(f"request {r}: stats/{name} is {entry.dtype}{list(entry.shape)}, expected "
-                                f"float64{[rows, len(COLUMNS)]}")
+                                f"float64{[entry.shape[0], len(COLUMNS)]}")
     return problems
+
+
+def _rows_allowed(bundle: Bundle, request: int, arrays: dict[str, ArrayRecord]) -> dict[str, int]:
+    """Tensors whose stats rows fit the positions otherwise (the logits from the last prompt
+    position on, SPEC.md section 6): their row count, which the tensor itself must have too."""
+    positions, prompt = bundle.positions(request), bundle.requests.requests[request].prompt_len
+    allowed = {}
+    for name in bundle.tensor_names:
+        entry = arrays.get(stats_array(request, name))
+        if entry is not None and names.tensor_positions(name, positions, prompt, entry.shape[0]) is not None:
+            allowed[name] = entry.shape[0]
+    return allowed
 
 
 def _check_positions(bundle: Bundle, request: int, fed: int) -> None:

@@ -393,7 +393,7 @@ class _Context:
 
     def source_rows(self, site: TensorSite, count: int) -> np.ndarray:
         bundle = self.source()
-        positions = bundle.positions(site.request)
+        positions = bundle.tensor_positions(site.request, site.name)
         wanted = site.start + self.first_row + np.arange(count)
         rows = np.searchsorted(positions, wanted)
         if rows.size and (rows[-1] >= positions.size or not np.array_equal(positions[rows], wanted)):

@@ -52,8 +52,10 @@ def capture(
     mode: Annotated[str, typer.Option(
         rich_help_panel=opt.WHAT,
         help="full = tensors + per-position stats (lossless); stats = stats only (small).")] = "full",
-    no_prompt_logprobs: Annotated[bool, typer.Option(
-        "--no-prompt-logprobs", rich_help_panel=opt.WHAT, help="Skip prompt logprobs (unless logits are captured, this also skips the LM head over the prompt).")] = False,
+    prompt_logprobs: Annotated[bool, typer.Option(
+        "--prompt-logprobs/--no-prompt-logprobs", rich_help_panel=opt.WHAT,
+        help="Record the logprobs of every prompt position, and the logits tensor at every prompt "
+             "position (default: off; the LM head then runs on the last prompt position only).")] = False,
     overwrite: opt.Overwrite = False,
 ) -> None:
     """Run a model on one engine and freeze the run into a bundle.
@@ -74,7 +76,7 @@ def capture(
         num_requests=num_requests,
         sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                 max_new_tokens=max_new_tokens, ignore_eos=not stop_at_eos, logprobs=logprobs,
-                                prompt_logprobs=not no_prompt_logprobs),
+                                prompt_logprobs=prompt_logprobs),
         settings=CaptureSettings(tensors=patterns or DEFAULT_PATTERNS, steps=steps, mode=mode),
         engine_options=opt.engine_options(engine_option, kv_cache_dtype), overwrite=overwrite,
         command=("ptrace", *sys.argv[1:]),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ptrace.bundle_spec.names import LOGITS
 from ptrace.bundle_spec.reader import Bundle
 
 
@@ -58,3 +59,16 @@ def align(a: Bundle, b: Bundle, request: int) -> Alignment:
     wanted = comparable_positions(a, b, request)
     return Alignment(wanted, row_indices(a.positions(request), wanted),
                      row_indices(b.positions(request), wanted))
+
+
+def align_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignment]) -> dict[int, Alignment]:
+    """Each request's alignment restricted to the rows tensor ``name`` has: the same for every
+    tensor but the logits, which MAY start at the last prompt position (SPEC.md section 6)."""
+    if name != LOGITS:
+        return alignments
+    restricted = {}
+    for request, aligned in alignments.items():
+        pos_a, pos_b = a.tensor_positions(request, name), b.tensor_positions(request, name)
+        wanted = aligned.positions[np.isin(aligned.positions, pos_a) & np.isin(aligned.positions, pos_b)]
+        restricted[request] = Alignment(wanted, row_indices(pos_a, wanted), row_indices(pos_b, wanted))
+    return restricted

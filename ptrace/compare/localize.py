@@ -71,7 +71,7 @@ def first_nonfinite(bundle: Bundle, label: str, names: list[str]) -> dict[str, A
             stats = bundle.stats(request, name)
             bad = np.flatnonzero(stats[:, 5] + stats[:, 6] > 0)
             if bad.size:
-                position = int(bundle.positions(request)[bad[0]])
+                position = int(bundle.tensor_positions(request, name)[bad[0]])
                 key = (forward_key(name), position)
                 if found is None or key < found[0]:
                     found = (key, {"bundle": label, "request": request, "tensor": name, "position": position})

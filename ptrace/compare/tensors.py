@@ -14,7 +14,7 @@ import numpy as np
 from ptrace.bundle_spec.layout import tensor_array
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.compare import noise
-from ptrace.compare.align import Alignment
+from ptrace.compare.align import Alignment, align_tensor
 from ptrace.compare.metrics import RunningTotals, row_errors
 from ptrace.compare.results import TensorResult
 from ptrace.compare.thresholds import FAIL, PASS, WARN, Thresholds
@@ -66,6 +66,7 @@ def _paired(from_a: Iterator[np.ndarray], from_b: Iterator[np.ndarray]) -> Itera
 def compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignment],
                    thresholds: Thresholds) -> TensorResult:
     floor = noise.floor(name, a.run.dtype, b.run.dtype, a.model.num_layers)
+    alignments = align_tensor(a, b, name, alignments)
     if not all(a.has_tensor(r, name) and b.has_tensor(r, name) for r in alignments):
         return compare_stats(a, b, name, alignments, thresholds, floor)
     totals = RunningTotals()

@@ -45,7 +45,7 @@ def kl_per_step(a: Bundle, b: Bundle, request: int, steps: int, topk: TopK) -> t
     prompt_len = a.requests.requests[request].prompt_len
     wanted = prompt_len - 1 + np.arange(steps)  # the logits row that predicts token s
     if a.has_tensor(request, "logits") and b.has_tensor(request, "logits"):
-        pos_a, pos_b = a.positions(request), b.positions(request)
+        pos_a, pos_b = a.tensor_positions(request, "logits"), b.tensor_positions(request, "logits")
         if np.isin(wanted, pos_a).all() and np.isin(wanted, pos_b).all():
             la = read_rows(a, request, "logits", row_indices(pos_a, wanted))
             lb = read_rows(b, request, "logits", row_indices(pos_b, wanted))

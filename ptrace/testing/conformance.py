@@ -22,6 +22,9 @@ from ptrace.errors import UsageError
 
 PROMPTS = [np.array([11, 400, 1200, 1999, 7], np.int64), np.array([300, 301, 302, 303, 304, 305, 306, 1500, 9], np.int64)]
 NEW_TOKENS = 4
+#: The sampling of the run that observes everything: prompt logprobs too, so the logits of every
+#: prompt position.
+EVERYTHING = SamplingParams(max_new_tokens=NEW_TOKENS, logprobs=5, prompt_logprobs=True)
 
 
 class Keep(Interceptor):
@@ -92,15 +95,26 @@ class BackendTests:
     @pytest.fixture(scope="class")
     @classmethod
     def everything(cls, engine):
-        """One run with every canonical tensor observed."""
+        """One run with every canonical tensor observed, prompt logprobs too (so the logits of
+        every prompt position)."""
         keep = Keep()
-        generations = engine.generate(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, logprobs=5), [keep])
+        generations = engine.generate(PROMPTS, EVERYTHING, [keep])
         return keep, generations
 
+    def test_prefill_logits_without_prompt_logprobs_end_at_the_last_prompt_position(self, engine):
+        """Without prompt logprobs an engine MAY run the LM head on the last prompt position
+        alone; whatever rows it shows, they end there (SPEC.md section 6)."""
+        keep = Keep({"logits"})
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=2, logprobs=0), [keep])
+        for request, prompt in enumerate(PROMPTS):
+            site, rows = keep.seen[("logits", request, 0)]
+            assert site.start + rows.shape[0] == len(prompt), (site.start, rows.shape)
+
     def test_observing_changes_nothing(self, engine, everything):
-        """A run with every tensor observed is bit-identical to a run with none."""
+        """A run with every tensor observed is bit-identical to a run with none (and the same
+        sampling: the LM head over more rows MAY round the last one differently)."""
         _, observed = everything
-        plain = engine.generate(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, logprobs=5))
+        plain = engine.generate(PROMPTS, EVERYTHING)
         for a, b in zip(observed, plain, strict=True):
             assert a.output_ids.tolist() == b.output_ids.tolist()
             assert len(a.output_ids) == NEW_TOKENS

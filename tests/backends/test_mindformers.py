@@ -68,7 +68,7 @@ def test_hooked_tensors_and_logits_agree_with_torch(example_model):
 def test_what_ifs_agree_with_a_real_kv_cache(example_model, replace):
     """The emulated cache (recompute with frozen k/v) against torch's real one: a replacement at
     the prefill reaches later steps only through the cached keys and values, in both."""
-    sampling = SamplingParams(max_new_tokens=4, logprobs=0)
+    sampling = SamplingParams(max_new_tokens=4, logprobs=0, prompt_logprobs=True)  # logits of every position
     logits = {}
     for name in ("ms", "torch"):
         engine = create_backend(name)
@@ -133,7 +133,7 @@ def tiny_llama(tmp_path_factory, example_model):
 
 
 def test_llama_family_agrees_with_torch(tiny_llama):
-    sampling = SamplingParams(max_new_tokens=3, logprobs=3)
+    sampling = SamplingParams(max_new_tokens=3, logprobs=3, prompt_logprobs=True)  # logits of every position
     logits, tokens = {}, {}
     for name in ("ms", "torch"):
         engine = create_backend(name)

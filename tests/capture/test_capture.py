@@ -29,15 +29,69 @@ def test_full_capture_reads_back(full_bundle):
             rows = record.prompt_len + record.output_len - 1
             assert bundle.positions(r).tolist() == list(range(rows))
             assert bundle.tensor(r, "layers.0.out").shape == (rows, bundle.model.config["hidden_size"])
-            assert bundle.tensor(r, "logits").shape == (rows, bundle.model.config["vocab_size"])
+            # No prompt logprobs by default: the LM head ran on the last prompt position only.
+            logit_positions = bundle.tensor_positions(r, "logits")
+            assert logit_positions.tolist() == list(range(record.prompt_len - 1, rows))
+            assert bundle.tensor(r, "logits").shape == (record.output_len, bundle.model.config["vocab_size"])
+            assert f"requests/{r}/prompt_logprobs" not in bundle.manifest.arrays
             np.testing.assert_allclose(bundle.stats(r, "logits"), row_stats(bundle.tensor(r, "logits")),
                                        rtol=1e-5, atol=1e-5)
             logits = bundle.tensor(r, "logits")
-            assert bundle.output_ids(r).tolist() == logits[record.prompt_len - 1:].argmax(-1).tolist()
+            assert bundle.output_ids(r).tolist() == logits.argmax(-1).tolist()
             assert record.output_text and record.prompt
         assert bundle.run.backend == "torch" and bundle.run.dtype == "float32"
         assert bundle.run.seeds == {"python": 42, "numpy": 42, "torch": 42}
         assert bundle.model.fingerprint and len(bundle.model.weights) == 1
+
+
+def _assert_stats_match_the_float64_reference(stats: np.ndarray, tensor: np.ndarray, name: str) -> None:
+    """Extremes and counts exactly; mean, std and mean |x| within float32 rounding of the row's
+    scale (the engine computes them in float32, SPEC.md section 6)."""
+    reference = row_stats(tensor)
+    np.testing.assert_array_equal(stats[:, [0, 1, 5, 6]], reference[:, [0, 1, 5, 6]], err_msg=name)
+    finite = np.where(np.isfinite(tensor), tensor, 0).astype(np.float64)
+    scale = np.abs(finite.reshape(len(tensor), -1)).max(axis=1, keepdims=True)
+    got, expected = stats[:, 2:5], reference[:, 2:5]
+    assert ((np.abs(got - expected) <= 1e-6 * scale) | (np.isnan(got) & np.isnan(expected))).all(), name
+
+
+def test_stats_are_the_float64_reference_within_rounding(full_bundle):
+    """Every tensor of a real torch capture: the stats computed inside the engine are the
+    SPEC's definition, evaluated in float64 by numpy on the stored tensor."""
+    with open_bundle(full_bundle) as bundle:
+        for name in bundle.tensor_names:
+            _assert_stats_match_the_float64_reference(bundle.stats(0, name), bundle.tensor(0, name), name)
+
+
+def test_stats_of_finite_and_non_finite_torch_rows_are_the_float64_reference():
+    """Both of the engine's paths: a tensor of finite rows, and one whose rows hold a NaN, an
+    Inf, or nothing finite (counted, and left out of the other columns, as the reference does)."""
+    import torch
+
+    from ptrace.backends.torch_tensor import TorchTensor
+
+    rows = torch.randn(6, 64, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    _assert_stats_match_the_float64_reference(TorchTensor(rows).row_stats(), rows.numpy(), "finite")
+    rows[1, 3], rows[2, 5], rows[4] = float("nan"), float("-inf"), float("inf")
+    _assert_stats_match_the_float64_reference(TorchTensor(rows).row_stats(), rows.numpy(), "non-finite")
+
+
+def test_prompt_logprobs_only_when_asked(tmp_path, example_model, full_bundle):
+    """Asked for, prompt logprobs come with the logits of every prompt position, and those
+    logits agree with the default capture's where both have them."""
+    path = capture(CaptureConfig(backend="torch", model=example_model, output=tmp_path / "p.zarr",
+                                 prompts=("The capital of France is", "Hello, how are you today? I"),
+                                 sampling=SamplingParams(max_new_tokens=6, seed=42, prompt_logprobs=True),
+                                 settings=CaptureSettings(tensors=("layers.0.out", "logits"))))
+    assert validate_bundle(path) == []
+    with open_bundle(path) as asked, open_bundle(full_bundle) as default:
+        prompt_len = asked.requests.requests[0].prompt_len
+        assert asked.run.sampling.prompt_logprobs and not default.run.sampling.prompt_logprobs
+        assert asked.tensor_positions(0, "logits").tolist() == asked.positions(0).tolist()
+        assert "requests/0/prompt_logprobs" in asked.manifest.arrays
+        assert "requests/0/prompt_logprobs" not in default.manifest.arrays
+        np.testing.assert_allclose(asked.tensor(0, "logits")[prompt_len - 1:], default.tensor(0, "logits"),
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])

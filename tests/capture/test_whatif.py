@@ -65,8 +65,10 @@ def _differences(a, b) -> dict[str, list[int]]:
                 ta, tb = x.tensor(r, name), y.tensor(r, name)
                 fed_a, fed_b = _fed(x, r), _fed(y, r)
                 n = int(np.argmax(fed_a != fed_b)) if (fed_a != fed_b).any() else len(fed_a)
-                diff = (ta[:n] != tb[:n]).reshape(n, -1).any(axis=1)
-                rows.extend(x.positions(r)[:n][diff].tolist())
+                positions = x.tensor_positions(r, name)  # the logits MAY start at the last prompt position
+                fed_same = positions < n
+                diff = (ta[fed_same] != tb[fed_same]).reshape(int(fed_same.sum()), -1).any(axis=1)
+                rows.extend(positions[fed_same][diff].tolist())
             if rows:
                 found[name] = rows
     return found

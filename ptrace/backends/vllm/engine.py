@@ -178,7 +178,8 @@ class VllmBackend(Backend):
         engine = self.llm.llm_engine
         k = sampling.logprobs
         requests: dict[str, int] = {}
-        hooks = VllmHooks(self, interceptors, self.wanted_tensors(interceptors), [len(p) for p in prompts])
+        hooks = VllmHooks(self, interceptors, self.wanted_tensors(interceptors), [len(p) for p in prompts],
+                          sampling.prompt_logprobs)
         with ExitStack() as stack, torch.inference_mode():
             hooks.install(stack)
             forced_choices = stack.enter_context(ForcedTokens.recording())

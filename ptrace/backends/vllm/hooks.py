@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ptrace.backends.base import Interceptor, TensorSite
@@ -36,10 +37,13 @@ class VllmHooks:
     for one ``generate`` call."""
 
     def __init__(self, backend: VllmBackend, interceptors: list[Interceptor], wanted: set[str],
-                 prompt_lengths: list[int]) -> None:
+                 prompt_lengths: list[int], prompt_rows: bool) -> None:
         self.backend = backend
         self.interceptors = interceptors
         self.wanted = wanted
+        #: Whether the "logits" of a prefill cover every prompt position (prompt logprobs asked
+        #: for), or only the last one, which vLLM computes anyway (SPEC.md section 6).
+        self.prompt_rows = prompt_rows
         self.batch = FlatBatch(prompt_lengths, self._show)
         self.requests: dict[str, int] = {}  # vLLM request id -> ptrace's request index
         self.final_hidden: torch.Tensor | None = None
@@ -155,22 +159,30 @@ class VllmHooks:
 
     def _emit_sampled_logits(self, original: Callable, logits: torch.Tensor,
                              final: torch.Tensor) -> torch.Tensor:
-        """The sampling call has one row per request (its last scheduled token); at a prefill the
-        other prompt rows come from the engine's own ``compute_logits`` over the same hidden states."""
+        """The sampling call has one row per request (its last scheduled token); at a prefill
+        with prompt logprobs the other prompt rows come from the engine's own ``compute_logits``
+        over the same hidden states. Without them, a prefill chunk that ends before the prompt
+        does shows nothing (vLLM discards its sampled row)."""
         import torch
 
         replaced = None
         self.prompt_logits = {}
         for slot, segment in enumerate(self.batch.segments):
             last = logits[slot: slot + 1]
-            rows = last if segment.count == 1 else torch.cat(
-                [original(final[segment.row: segment.row + segment.count - 1]), last])
-            new = self._show(segment.site("logits"), rows)
+            end = segment.start + segment.count
+            if segment.count == 1 or not self.prompt_rows:
+                if segment.step == 0 and end < self.batch.prompt_lengths[segment.request]:
+                    continue
+                site, rows = replace(segment.site("logits"), start=end - 1), last
+            else:
+                site, rows = segment.site("logits"), torch.cat(
+                    [original(final[segment.row: segment.row + segment.count - 1]), last])
+            new = self._show(site, rows)
             if new is not None:
                 if replaced is None:
                     replaced = logits.clone()
                 replaced[slot] = new[-1]
-                if segment.count > 1:
+                if rows.shape[0] > 1:
                     self.prompt_logits[segment.row] = new[:-1]
         return logits if replaced is None else replaced
 
