@@ -26,7 +26,7 @@ setup: $(VENV)/.installed $(ENVS)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[torch,test]" "$(TORCH)" "$(TRANSFORMERS)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[torch,test,datasets]" "$(TORCH)" "$(TRANSFORMERS)"
 	touch $@
 
 # Every engine environment the backends declare for ordinary machines (`ptrace envs list`; vllm-ms

@@ -15,6 +15,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -360,6 +361,14 @@ class Backend(ABC):
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
+
+    def chat_template(self) -> Callable[[list[dict[str, str]]], str] | None:
+        """The tokenizer's chat template as a function of messages (``role``, ``content``) to
+        prompt text, with the assistant's turn opened; None where the tokenizer has none.
+        Conversations from a data set are rendered with it, as the model saw chats in training."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return None
+        return partial(self.tokenizer.apply_chat_template, tokenize=False, add_generation_prompt=True)
 
     @abstractmethod
     def version(self) -> str:

@@ -7,9 +7,11 @@ convert between the directory and zip forms.
 from ptrace.bundle_spec.reader import Bundle, open_bundle
 from ptrace.bundle_spec.schema import (
     SPEC_VERSION,
+    DatasetInfo,
     EnvironmentInfo,
     Manifest,
     ModelInfo,
+    PromptSource,
     RequestRecord,
     RequestsInfo,
     RunInfo,
@@ -20,7 +22,7 @@ from ptrace.bundle_spec.validation import validate_bundle
 from ptrace.bundle_spec.writer import BundleWriter
 
 __all__ = [
-    "SPEC_VERSION", "Bundle", "BundleWriter", "EnvironmentInfo", "Manifest", "ModelInfo",
-    "RequestRecord", "RequestsInfo", "RunInfo", "SamplingParams", "open_bundle", "pack",
+    "SPEC_VERSION", "Bundle", "BundleWriter", "DatasetInfo", "EnvironmentInfo", "Manifest", "ModelInfo",
+    "PromptSource", "RequestRecord", "RequestsInfo", "RunInfo", "SamplingParams", "open_bundle", "pack",
     "unpack", "validate_bundle",
 ]

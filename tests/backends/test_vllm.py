@@ -30,6 +30,17 @@ def _engine(model, dtype="float32", **options):
 class TestVllmBackend(BackendTests):
     backend = "vllm"
 
+    def test_prompts_beyond_8k_tokens_run(self, engine):
+        """max_model_len is the model's own 32768 positions (vLLM fits it to the KV cache), so
+        long-sequence runs fit, and a longer request is refused naming the limit."""
+        assert engine.engine_info()["max_model_len"] == 32768
+        sampling = SamplingParams(max_new_tokens=2, logprobs=2, prompt_logprobs=False)
+        prompt = np.random.RandomState(0).randint(100, 2000, 8300)
+        (generation,) = engine.generate([prompt], sampling, [], None, None)
+        assert generation.output_ids.shape == (2,) and np.isfinite(generation.topk_logprobs).all()
+        with pytest.raises(UsageError, match="max_model_len 32768"):
+            engine.generate([np.full(32767, 100)], sampling, [], None, None)
+
 
 class TestVllmChunkedPrefill(BackendTests):
     """Prompts of 5 and 9 tokens split into 4-token chunks: rows must still be positions."""

@@ -41,7 +41,8 @@ _OPTIONS = (
     EngineOption("block_size", int, "tokens per paged KV-cache block", minimum=1),
     EngineOption("max_num_batched_tokens", int, "tokens per engine step (small: chunked prefill)", minimum=1),
     EngineOption("max_num_seqs", int, "requests per engine step", minimum=1),
-    EngineOption("max_model_len", int, "longest sequence (default: the model's, at most 8192)", minimum=1),
+    EngineOption("max_model_len", int, "longest sequence (default: the model's max_position_embeddings, "
+                 "lowered to what the KV cache holds)", minimum=1),
     EngineOption("enforce_eager", bool, "eager mode (ptrace's default; false allows compilation)"),
     EngineOption("enable_chunked_prefill", bool, "split long prompts across steps"),
     EngineOption("seed", int, "the engine's own seed"),
@@ -84,7 +85,9 @@ class VllmBackend(Backend):
         kwargs: dict[str, Any] = {
             "model": str(options.model_dir), "dtype": options.dtype, "enforce_eager": True,
             "enable_prefix_caching": False, "max_logprobs": -1, "logits_processors": [ForcedTokens],
-            "max_model_len": min(int(config.get("max_position_embeddings", 4096)), 8192),
+            # -1: the model's own length, lowered by vLLM to what the KV cache holds (on CPU
+            # VLLM_CPU_KVCACHE_SPACE GiB).
+            "max_model_len": -1,
             "seed": 0, "trust_remote_code": False,
         }
         kwargs.update(options.engine_options)
@@ -176,6 +179,12 @@ class VllmBackend(Backend):
         from ptrace.backends.vllm.hooks import VllmHooks
 
         engine = self.llm.llm_engine
+        longest = engine.vllm_config.model_config.max_model_len
+        if max(len(p) for p in prompts) + sampling.max_new_tokens > longest:
+            raise UsageError(f"a prompt of {max(len(p) for p in prompts)} tokens and {sampling.max_new_tokens} "
+                             f"new ones exceed this engine's max_model_len {longest}",
+                             hint="give the KV cache more memory (VLLM_CPU_KVCACHE_SPACE=GiB on CPU), or "
+                                  "use shorter prompts")
         k = sampling.logprobs
         requests: dict[str, int] = {}
         hooks = VllmHooks(self, interceptors, self.wanted_tensors(interceptors), [len(p) for p in prompts],
