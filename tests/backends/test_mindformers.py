@@ -79,6 +79,27 @@ def test_what_ifs_agree_with_a_real_kv_cache(example_model, replace):
     np.testing.assert_allclose(logits["ms"], logits["torch"], atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("float16", 5e-2)])
+def test_incremental_decode_matches_recomputing_the_sequence(example_model, dtype, atol):
+    """A decode step computes its one new position against the cache; a prefill of the same
+    sequence recomputes every position. Both give the same logits, to the rounding of
+    MindSpore's CPU MatMul (which takes another kernel for one row than for many), and the same
+    tokens, past the length where that kernel switches again (33 rows)."""
+    engine = create_backend("ms")
+    engine.load(LoadOptions(example_model, dtype=dtype))
+    prompt = np.random.default_rng(0).integers(100, 2000, 30)
+    keep = Keep({"logits"})
+    greedy = engine.generate([prompt], SamplingParams(max_new_tokens=12, logprobs=0), [keep])[0]
+    decoded = keep.rows("logits", 0)[len(prompt) - 1:]
+    for step in range(1, len(greedy.output_ids)):
+        recompute = Keep({"logits"})
+        sequence = np.concatenate([prompt, greedy.output_ids[:step]])
+        again = engine.generate([sequence], SamplingParams(max_new_tokens=1, logprobs=0), [recompute])[0]
+        assert again.output_ids[0] == greedy.output_ids[step], step
+        np.testing.assert_allclose(decoded[step], recompute.rows("logits", 0)[-1], atol=atol, err_msg=f"step {step}")
+    engine.close()
+
+
 def test_graph_mode_is_refused(example_model):
     engine = create_backend("ms")
     with pytest.raises(UsageError, match="GRAPH mode"):

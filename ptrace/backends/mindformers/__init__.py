@@ -2,8 +2,9 @@
 
 On CPU the model is MindFormers' legacy ``LlamaForCausalLM`` (:mod:`.cpu_model`), run in
 PyNative mode: cell forward hooks fire there and are silently ignored in GRAPH mode, so GRAPH
-mode is refused. It has no KV cache on CPU; the backend emulates one, so that interceptors see
-only each step's new positions and what-ifs persist as in a KV-cache engine.
+mode is refused. MindFormers has no KV cache on CPU; the backend keeps one and decodes
+incrementally, so that a step computes (and interceptors see) only its new positions and what-ifs
+persist as in a KV-cache engine.
 
 On an Ascend NPU (``--device npu``, ``npu:N`` or ``ascend``, where ``/dev/davinci*`` exists and
 MindSpore has its Ascend backend) the model is MindFormers' own ``InferenceQwen2ForCausalLM`` /

@@ -1,13 +1,15 @@
 """MindFormers on CPU: the legacy ``LlamaForCausalLM`` (the one MindFormers model whose kernels
 all exist on CPU; with biases on q/k/v it is Qwen2), run in PyNative mode.
 
-That model has no KV cache on CPU (``use_past`` needs Ascend kernels), so every step recomputes
-the whole sequence. :class:`CpuModel` hides this completely: interceptors see only each step's
-new positions, and the keys and values of earlier positions are frozen as they were computed at
-their own step (after any interceptor replaced them) and substituted into every later
-recomputation, in every layer. Earlier positions can influence a new one only through their keys
-and values, so the new rows are exactly what a KV-cache engine computes, and a what-if that
-replaces a value (or anything upstream of it) persists in the "cache" as it would there.
+That model has no KV cache on CPU (``use_past`` needs Ascend kernels), so :class:`CpuModel`
+keeps one itself and decodes incrementally, as a KV-cache engine does: the keys and values of
+every position are kept as they were computed at their own step (after any interceptor replaced
+them), and a decode step runs the model on its new position only, the cache passed in as
+MindFormers' ``prefix_keys_values`` (made for prefix tuning: prepended to each layer's keys and
+values, attended to without a mask) and the rotary angles taken at the new position. Earlier
+positions can influence a new one only through their keys and values, so the new rows are what a
+KV-cache engine computes, and a what-if that replaces a value (or anything upstream of it)
+persists in the cache as it would there.
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ class CpuModel:
         self.n_heads = self.config.num_heads
         self.n_kv_heads = self.config.n_kv_heads or self.n_heads
         self.head_dim = self.config.hidden_size // self.n_heads
-        self.frozen_keys: dict[int, ms.Tensor] = {}
-        self.frozen_values: dict[int, ms.Tensor] = {}
-        self._start = 0  # first new position of the running forward pass
+        self.cached_keys: dict[int, ms.Tensor] = {}
+        self.cached_values: dict[int, ms.Tensor] = {}
+        self._start = 0  # first position of the running forward pass (the cache holds those before)
         self._emit: Emit = lambda _name, _rows: None
 
     def info(self) -> dict[str, Any]:
@@ -62,8 +64,8 @@ class CpuModel:
             "softmax_compute_dtype": dtype_name(self.config.softmax_compute_type),
             "rotary_dtype": dtype_name(self.config.rotary_dtype),
             "seq_length": self.seq_length,
-            "kv_cache": "emulated: each step recomputes the sequence with earlier positions' "
-                        "keys and values frozen as computed at their own step",
+            "kv_cache": "ptrace's own: a decode step computes its new position only, earlier "
+                        "positions' keys and values passed as prefix_keys_values",
         }
 
     def check_length(self, longest: int) -> None:
@@ -73,22 +75,26 @@ class CpuModel:
                              hint=f"pass --engine-option seq_length={longest}")
 
     def start_request(self) -> None:
-        self.frozen_keys.clear()
-        self.frozen_values.clear()
+        self.cached_keys.clear()
+        self.cached_values.clear()
 
     def forward(self, sequence: list[int], start: int) -> np.ndarray:
-        """Logits (float32) of positions ``start:`` of ``sequence``.
+        """Logits (float32) of positions ``start:`` of ``sequence``, earlier positions coming
+        from the cache.
 
         The prefill computes every position's logits (prompt logprobs and the "logits" tensor
         need them); later steps let the model gather the last position before the LM head."""
         import mindspore as ms
+        from mindspore import ops
 
         self._start = start
-        input_ids = ms.Tensor(np.asarray(sequence, np.int32)[None])
+        input_ids = ms.Tensor(np.asarray(sequence[start:], np.int32)[None])
         if start == 0:
             logits = self.model(input_ids)[0]
-        else:
-            logits = self.model(input_ids, batch_valid_length=ms.Tensor([len(sequence)], ms.int32))[0]
+        else:  # [layers, 2, batch, cached positions, kv_heads * head_dim], as MindFormers takes it
+            cache = ops.stack([ops.stack((self.cached_keys[i], self.cached_values[i])) for i in range(self.num_layers)])
+            logits = self.model(input_ids, batch_valid_length=ms.Tensor([len(sequence) - start], ms.int32),
+                                prefix_keys_values=cache)[0]
         return logits.asnumpy().reshape(-1, self.config.vocab_size).astype(np.float32, copy=False)
 
     def install_hooks(self, wanted: set[str], emit: Emit, hooks: ExitStack) -> None:
@@ -97,7 +103,7 @@ class CpuModel:
 
         def on_states(name: str) -> Callable:
             def states_hook(_cell: Any, _args: Any, output: ms.Tensor) -> ms.Tensor:
-                return self._emit_rows(name, output, 1, lambda t: t[0], lambda t: t[None])
+                return self._emit_rows(name, output, lambda t: t[0], lambda t: t[None])
             return states_hook
 
         def on_logits(_cell: Any, _args: Any, output: ms.Tensor) -> ms.Tensor | None:
@@ -112,29 +118,31 @@ class CpuModel:
                 hook_cell(hooks, cell, on_states(name))
         if "logits" in wanted:
             hook_cell(hooks, self.model.lm_head, on_logits)
-        # Always installed, observed or not: the frozen keys and values are the emulated cache.
+        # Always installed, observed or not: they make a decode step attend to the cache.
+        hook_cell(hooks, decoder.freqs_mgr, self._positions_hook)
         for i, layer in enumerate(decoder.layers):
             hook_cell(hooks, layer.attention.apply_rotary_emb, self._rotary_hook(i, wanted))
             hook_cell(hooks, layer.attention.wv, self._value_hook(i, wanted))
 
-    def _emit_rows(self, name: str, states: ms.Tensor, axis: int,
-                   to_rows: Callable[[ms.Tensor], ms.Tensor],
+    def _emit_rows(self, name: str, states: ms.Tensor, to_rows: Callable[[ms.Tensor], ms.Tensor],
                    from_rows: Callable[[ms.Tensor], ms.Tensor]) -> ms.Tensor:
-        """Emit the new positions of ``states`` (the whole recomputed sequence, positions on
-        ``axis``); ``states`` with the interceptors' replacement of those positions, if any."""
-        from mindspore import ops
+        """``states`` (this step's positions), or the interceptors' replacement of them."""
+        new = self._emit(name, to_rows(states))
+        return states if new is None else from_rows(new)
 
-        start = self._start
-        new = self._emit(name, to_rows(states[(slice(None),) * axis + (slice(start, None),)]))
-        if new is None:
-            return states
-        history = states[(slice(None),) * axis + (slice(0, start),)]
-        return ops.concat((history, from_rows(new)), axis=axis) if start else from_rows(new)
+    def _positions_hook(self, _cell: Any, _args: Any, output: tuple) -> tuple | None:
+        """The rotary angles of a decode step's positions: the model takes them from position 0,
+        as it knows nothing of the cache. Slices of the same table, so the same numbers as a
+        recomputation of the whole sequence would use."""
+        if not self._start:
+            return None
+        cos, _sin, swap_mask = output
+        freqs = self.model.model.freqs_mgr
+        positions = slice(self._start, self._start + cos.shape[2])
+        return (freqs.freqs_cos[positions][None, None], freqs.freqs_sin[positions][None, None], swap_mask)
 
     def _rotary_hook(self, layer: int, wanted: set[str]) -> Callable:
         """q and k after the rotary embedding, [batch, heads, positions, head_dim]."""
-        from mindspore import ops
-
         def to_rows(states: ms.Tensor) -> ms.Tensor:
             return states[0].swapaxes(0, 1)  # -> [positions, heads, head_dim]
 
@@ -143,29 +151,30 @@ class CpuModel:
 
         def rotary_hook(_cell: Any, _args: Any, output: tuple) -> tuple:
             query, key = output
-            if self._start:
-                key = ops.concat((self.frozen_keys[layer], key[:, :, self._start:]), axis=2)
             if f"layers.{layer}.q" in wanted:
-                query = self._emit_rows(f"layers.{layer}.q", query, 2, to_rows, from_rows)
+                query = self._emit_rows(f"layers.{layer}.q", query, to_rows, from_rows)
             if f"layers.{layer}.k" in wanted:
-                key = self._emit_rows(f"layers.{layer}.k", key, 2, to_rows, from_rows)
-            self.frozen_keys[layer] = key
+                key = self._emit_rows(f"layers.{layer}.k", key, to_rows, from_rows)
+            self._cache(self.cached_keys, layer, to_rows(key).reshape(1, key.shape[2], -1))
             return query, key
         return rotary_hook
 
     def _value_hook(self, layer: int, wanted: set[str]) -> Callable:
         """v as the value projection returns it, [batch, positions, kv_heads * head_dim]."""
-        from mindspore import ops
-
         heads, head_dim = self.n_kv_heads, self.head_dim
 
         def value_hook(_cell: Any, _args: Any, value: ms.Tensor) -> ms.Tensor:
-            if self._start:
-                value = ops.concat((self.frozen_values[layer], value[:, self._start:]), axis=1)
             if f"layers.{layer}.v" in wanted:
                 value = self._emit_rows(
-                    f"layers.{layer}.v", value, 1,
+                    f"layers.{layer}.v", value,
                     lambda t: t[0].reshape(-1, heads, head_dim), lambda t: t.reshape(1, -1, heads * head_dim))
-            self.frozen_values[layer] = value
+            self._cache(self.cached_values, layer, value)
             return value
         return value_hook
+
+    def _cache(self, cache: dict[int, ms.Tensor], layer: int, rows: ms.Tensor) -> None:
+        """Append this step's keys or values of ``layer``, [batch, positions, kv_heads * head_dim]
+        (the layout ``prefix_keys_values`` takes), to what earlier steps cached."""
+        from mindspore import ops
+
+        cache[layer] = ops.concat((cache[layer], rows), axis=1) if self._start else rows
