@@ -69,7 +69,8 @@ def test_a_fake_engine_appears_with_its_options_and_capabilities(tmp_path):
 
 def test_a_fake_engines_options_are_validated_from_its_schema(tmp_path, example_model):
     env = _install_fake_engine(tmp_path)
-    common = ("capture", "-b", "fake", "-m", example_model, "--tensors", "none", "-o", tmp_path / "b.zarr")
+    common = ("capture", "-b", "fake", "-m", example_model, "--prompt", "hi", "--tensors", "none",
+              "-o", tmp_path / "b.zarr")
     assert "backend fake has no engine option bogus" in _one_line_error(run_cli(*common, "-E", "bogus=1", env=env))
     assert "depth=deep: backend fake expects int" in _one_line_error(run_cli(*common, "-E", "depth=deep", env=env))
     assert "depth=0: backend fake needs at least 1" in _one_line_error(run_cli(*common, "-E", "depth=0", env=env))
