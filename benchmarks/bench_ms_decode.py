@@ -9,11 +9,9 @@ Run it in the ms environment (it has torch and transformers too):
 
     .venvs/ms/bin/python benchmarks/bench_ms_decode.py [--new-tokens 32] [--dtypes float32,float16]
 
-``--synchronize`` sets MindSpore's ``pynative_synchronize`` before the backend loads (set after
-MindSpore has chosen its device, it has no effect): measured on 26 November 2026 on the 2-core
-machine, generate took 5.5 s with it against 76 s without, torch 1.9 s, tokens identical.
-PyNative's asynchronous executor hands every op to another thread, and on 2 cores the waits
-dominate. ``--ms-first`` runs ms before torch.
+The backend runs PyNative synchronously on CPU (``pynative_synchronize``): measured on 26
+November 2026 on the 2-core machine, generate took 5.5 s so, against 76 s with PyNative's
+asynchronous executor, which hands every op to another thread, torch 1.9 s, tokens identical.
 """
 
 from __future__ import annotations
@@ -44,8 +42,8 @@ def make_model(directory: Path) -> Path:
     return directory
 
 
-def timed_generate(backend: str, model: Path, dtype: str, prompt: np.ndarray, new_tokens: int,
-                   synchronize: bool) -> tuple[float, float, list[int]]:
+def timed_generate(backend: str, model: Path, dtype: str, prompt: np.ndarray,
+                   new_tokens: int) -> tuple[float, float, list[int]]:
     from ptrace.backends.base import LoadOptions
     from ptrace.backends.registry import create_backend
     from ptrace.bundle_spec.schema import SamplingParams
@@ -53,10 +51,6 @@ def timed_generate(backend: str, model: Path, dtype: str, prompt: np.ndarray, ne
 
     engine = create_backend(backend)
     try:
-        if synchronize and backend == "ms":  # before the backend sets its device: later has no effect
-            import mindspore
-
-            mindspore.set_context(pynative_synchronize=True)
         engine.load(LoadOptions(model, dtype=dtype))
         keep = Keep({"logits", *(f"layers.{i}.out" for i in range(30))})
         wall, cpu = time.perf_counter(), time.process_time()
@@ -71,18 +65,15 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a model directory (default: build the random one)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dtypes", default="float32")
-    parser.add_argument("--synchronize", action="store_true", help="MindSpore pynative_synchronize=True")
-    parser.add_argument("--ms-first", action="store_true", help="run ms before torch in this process")
     args = parser.parse_args()
     prompt = np.random.default_rng(1).integers(100, 2000, 40)
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model or make_model(Path(scratch) / "model")
-        order = ("ms", "torch") if args.ms_first else ("torch", "ms")
         print(f"{'backend':8} {'dtype':8} {'wall s':>8} {'cpu s':>8}  (generate alone, {args.new_tokens} new tokens)")
         for dtype in args.dtypes.split(","):
             results = {}
-            for backend in order:
-                results[backend] = timed_generate(backend, model, dtype, prompt, args.new_tokens, args.synchronize)
+            for backend in ("torch", "ms"):
+                results[backend] = timed_generate(backend, model, dtype, prompt, args.new_tokens)
                 wall, cpu, _ = results[backend]
                 print(f"{backend:8} {dtype:8} {wall:8.1f} {cpu:8.1f}")
             same = results["ms"][2] == results["torch"][2]

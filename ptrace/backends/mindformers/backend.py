@@ -81,7 +81,10 @@ class MindFormersBackend(SequentialBackend):
             raise UsageError(f"backend ms on an Ascend NPU does not run {options.dtype}: MindFormers' "
                              "FlashAttention and PagedAttention kernels take float16 or bfloat16 only",
                              hint="pass --dtype bfloat16 (or float16)")
-        ms.set_context(mode=ms.PYNATIVE_MODE)
+        # Synchronous PyNative: the asynchronous executor hands every op to another thread, and
+        # on a few CPU cores the hand-offs cost 14x the arithmetic (benchmarks/bench_ms_decode.py).
+        # It also reports a failing op where it fails. Set before the device: later has no effect.
+        ms.set_context(mode=ms.PYNATIVE_MODE, pynative_synchronize=not ascend)
         ms.set_device(device_target, device_id)
         _check_dtype_runs(getattr(ms, options.dtype), device_target)
         self.hf_config = read_config(options.model_dir)
