@@ -95,7 +95,7 @@ def write_bundle(tensors: dict[str, np.ndarray], prompt_len: int, path: Path) ->
         bounds = [0, prompt_len, *range(prompt_len + 1, rows + 1)]
         for start, stop in zip(bounds, bounds[1:]):
             for name, array in tensors.items():
-                writer.append_rows(f"requests/0/tensors/{name}", array[start:stop])
+                writer.append(f"tensors/{name}", 0, array[start:stop])
         writer.commit(ptrace_version="bench", command=["bench"], mode="full", tensor_names=list(tensors))
 
 

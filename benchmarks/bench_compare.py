@@ -39,7 +39,7 @@ a, b = open_bundle(sys.argv[1]), open_bundle(sys.argv[2])
 volume = 0
 for bundle in (a, b):
     for path, record in bundle.manifest.arrays.items():
-        if "/tensors/" in path:
+        if path.startswith("tensors/") or "/tensors/" in path:
             n = 1
             for d in record.shape:
                 n *= d

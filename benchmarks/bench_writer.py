@@ -45,11 +45,11 @@ with tempfile.TemporaryDirectory() as tmp:
     with BundleWriter(out) as writer:
         for request in range(requests):  # the prefill, one request after another
             for tensor in range(tensors):
-                writer.append_rows(f"requests/{request}/stats/t{tensor}", pool[:prompt].copy())
+                writer.append(f"stats/t{tensor}", request, pool[:prompt].copy())
         for step in range(steps):  # then every request in flight advances one position
             for request in range(requests):
                 for tensor in range(tensors):
-                    writer.append_rows(f"requests/{request}/stats/t{tensor}", pool[step:step + 1].copy())
+                    writer.append(f"stats/t{tensor}", request, pool[step:step + 1].copy())
         writer.commit(ptrace_version="bench", command=["bench"], mode="stats", tensor_names=[])
     seconds = time.perf_counter() - start
     stored = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The committed bundles of the current spec version (tests/data/make_golden.py), and of each
+#: older version beside them.
+GOLDEN_ROOT = ROOT / "tests" / "data" / "golden"
+GOLDEN = GOLDEN_ROOT / "v2"
 #: Any Qwen2/Llama-family HF directory can stand in for the example model.
 EXAMPLE_MODEL = Path(os.environ.get("PTRACE_TEST_MODEL", ROOT / "examples" / "tiny-qwen2"))
 

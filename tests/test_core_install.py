@@ -12,9 +12,8 @@ import shutil
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.conftest import GOLDEN, ROOT
 
-GOLDEN = ROOT / "tests" / "data" / "golden"
 
 
 def test_core_install_runs_help_inspect_validate_and_compare(tmp_path):

@@ -33,7 +33,7 @@ def logical_name(dtype: np.dtype) -> str:
     if is_logical(name):
         return name
     raise BundleError(f"dtype {name} cannot be stored in a ptrace bundle",
-                      hint="spec v1 stores float64/32/16, bfloat16, float8 and integer tensors")
+                      hint="bundles store float64/32/16, bfloat16, float8 and integer tensors")
 
 
 def numpy_dtype(logical: str) -> np.dtype:

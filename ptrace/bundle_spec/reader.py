@@ -28,9 +28,9 @@ from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.core.chunk_grids import RegularChunkGrid
 
-from ptrace.bundle_spec import dtypes
+from ptrace.bundle_spec import dtypes, layout
 from ptrace.bundle_spec.chunks import ChunkReader
-from ptrace.bundle_spec.layout import request_array, stats_array, tensor_array
+from ptrace.bundle_spec.layout import request_array, segment_table, stats_array, tensor_array
 from ptrace.bundle_spec.names import tensor_positions
 from ptrace.bundle_spec.schema import (
     ROOT_ATTRIBUTE,
@@ -55,6 +55,9 @@ from ptrace.errors import (
 )
 
 D = TypeVar("D", bound=Document)
+#: Where one request's rows of an array lie: the stored array, and its ``(start, stop, crc32c)``
+#: row ranges in order.
+Part = tuple[str, list[tuple[int, int, int]]]
 
 #: The most one chunk may hold (logical bytes): what one chunk read allocates. ptrace writes
 #: chunks of about 4 MiB (or one row, when a row is larger).
@@ -135,6 +138,7 @@ class Bundle:
         self.path = Path(path)
         self._store = open_read_store(self.path)
         self._nodes: dict[str, zarr.Array] = {}
+        self._segment_tables: dict[str, dict[int, list[tuple[int, int, int]]]] = {}
         self._absent_chunks = self._absent_bytes = 0
         try:
             self._root = zarr.open_group(self._store, mode="r", zarr_format=3)
@@ -275,44 +279,125 @@ class Bundle:
     def tensor_names(self) -> tuple[str, ...]:
         return self.manifest.tensor_names
 
+    # -- where a request's rows are ------------------------------------------------------
+    def _part(self, array: str, request: int) -> Part | None:
+        """Where ``request``'s rows of the data array ``array`` (an array path of
+        :mod:`~ptrace.bundle_spec.layout`) are stored, or None if the bundle has no such array.
+
+        Version 2 stores them as segments of one array over all requests; version 1 as a
+        request's own array, which is then that request's one segment, checksummed by the
+        manifest."""
+        if self.spec_version == 1:
+            path = self.stored_path(array, request)
+            record = self.manifest.arrays.get(path)
+            return None if record is None else (path, [(0, record.shape[0], record.crc32c)])
+        if array not in self.manifest.arrays:
+            return None
+        segments = self._segments(array).get(request, [])
+        if not segments and array.removeprefix("requests/") in layout.OPTIONAL_REQUEST_ARRAYS:
+            return None  # an optional array that this request does not have (SPEC.md section 2)
+        return array, segments
+
+    def stored_path(self, array: str, request: int) -> str:
+        """The stored array that holds ``request``'s part of ``array`` (for messages and checks)."""
+        return layout.v1_array(array, request) if self.spec_version == 1 else array
+
+    def _segments(self, array: str) -> dict[int, list[tuple[int, int, int]]]:
+        """The segment table of ``array`` (SPEC.md section 2) by request, checked: segments
+        tile the array in order and name requests of ``meta/requests``, or the bundle is corrupt."""
+        found = self._segment_tables.get(array)
+        if found is not None:
+            return found
+        self._node_or_missing(array)  # its declared size is weighed first
+        path = segment_table(array)
+        if path not in self.manifest.arrays:
+            raise self._corrupt(array, f"has no segment table {path}")
+        table = self._read(path)
+        rows = self.manifest.arrays[array].shape[0]
+        if table.dtype != np.int64 or table.ndim != 2 or table.shape[1] != len(layout.SEGMENT_COLUMNS):
+            raise self._corrupt(path, f"is {table.dtype}{list(table.shape)}, not int64 [segments, "
+                                      f"{len(layout.SEGMENT_COLUMNS)}]")
+        request, start, stop, crc = table.T
+        tiles = rows == 0 if not stop.size else start[0] == 0 and stop[-1] == rows \
+            and np.array_equal(start[1:], stop[:-1]) and bool(np.all(stop > start))
+        if not tiles:
+            raise self._corrupt(path, f"does not cut the {rows} rows of {array} into consecutive, non-empty segments")
+        if np.any((request < 0) | (request >= self.num_requests)) or np.any((crc < 0) | (crc >= 1 << 32)):
+            raise self._corrupt(path, f"names a request outside 0..{self.num_requests - 1} or a CRC-32C "
+                                      "outside 32 bits")
+        found = {}
+        for r, first, last, checksum in table.tolist():
+            found.setdefault(r, []).append((first, last, checksum))
+        self._segment_tables[array] = found
+        return found
+
+    def _rows_of(self, array: str, request: int) -> np.ndarray:
+        """All of ``request``'s rows of ``array`` (corrupt if it is missing: callers ask for
+        arrays that must be there)."""
+        part = self._part(array, request)
+        if part is None:
+            raise self._corrupt(self.stored_path(array, request), "is missing")
+        path, segments = part
+        if len(segments) == 1:
+            return self._read(path, slice(*segments[0][:2]))
+        if not segments:
+            node = self._node_or_missing(path)
+            return dtypes.from_storage(np.zeros((0, *node.shape[1:]), node.dtype), logical_dtype(node))
+        return np.concatenate([self._read(path, slice(first, last)) for first, last, _ in segments])
+
+    def part_shape(self, array: str, request: int) -> tuple[int, ...] | None:
+        """The shape of ``request``'s part of ``array`` (its rows, then the row shape), None if
+        the bundle has no such array."""
+        part = self._part(array, request)
+        if part is None:
+            return None
+        path, segments = part
+        rows = sum(last - first for first, last, _ in segments)
+        return (rows, *self.manifest.arrays[path].shape[1:])
+
+    def array_dtype(self, array: str, request: int = 0) -> str | None:
+        """The logical dtype of ``array`` (as its manifest entry says), None if absent."""
+        part = self._part(array, request)
+        return None if part is None else self.manifest.arrays[part[0]].dtype
+
     # -- per request data --------------------------------------------------------------------
     def prompt_ids(self, request: int) -> np.ndarray:
-        return self._read(request_array(request, "prompt_ids"))
+        return self._rows_of(request_array("prompt_ids"), request)
 
     def output_ids(self, request: int) -> np.ndarray:
-        return self._read(request_array(request, "output_ids"))
+        return self._rows_of(request_array("output_ids"), request)
 
     def topk(self, request: int) -> tuple[np.ndarray, np.ndarray]:
         """Per decode step, the top-k token ids and their logprobs: two ``[N, k]`` arrays."""
-        return (self._read(request_array(request, "topk_ids")),
-                self._read(request_array(request, "topk_logprobs")))
+        return (self._rows_of(request_array("topk_ids"), request),
+                self._rows_of(request_array("topk_logprobs"), request))
 
     def positions(self, request: int) -> np.ndarray:
         """The captured positions: strictly increasing (SPEC.md section 6), else the bundle is corrupt."""
-        path = request_array(request, "positions")
-        positions = self._read(path)
+        positions = self._rows_of(request_array("positions"), request)
         if positions.ndim != 1 or positions.dtype != np.int64 or (positions.size and positions[0] < 0) \
                 or np.any(np.diff(positions) <= 0):
-            raise self._corrupt(path, "is not a strictly increasing list of non-negative int64 positions")
+            raise self._corrupt(self.stored_path(request_array("positions"), request), f"is not a strictly increasing list of non-negative int64 positions "
+                                      f"(request {request})")
         return positions
 
     def tensor_positions(self, request: int, name: str) -> np.ndarray:
         """The positions of the rows of tensor ``name``: the captured positions, or for the logits
         of a capture without prompt logprobs those from the last prompt position on (SPEC.md 6)."""
-        path = stats_array(request, name)
-        if path not in self.manifest.arrays:
+        shape = self.part_shape(stats_array(name), request)
+        if shape is None:
             raise BundleError(self._missing_tensor_message(request, name), hint=f"capture with --tensors '{name}'")
         positions = self.positions(request)
-        found = tensor_positions(name, positions, self.requests.requests[request].prompt_len,
-                                 self.manifest.arrays[path].shape[0])
+        found = tensor_positions(name, positions, self.requests.requests[request].prompt_len, shape[0])
         if found is None:
-            raise self._corrupt(path, f"has {self.manifest.arrays[path].shape[0]} rows, positions has {positions.size}")
+            raise self._corrupt(stats_array(name), f"has {shape[0]} rows of request {request}, "
+                                                   f"its positions {positions.size}")
         return found
 
     def input_ids(self, request: int) -> np.ndarray | None:
         """Tokens fed at every position, where they differ from prompt + outputs (teacher forcing)."""
-        path = request_array(request, "input_ids")
-        return self._read(path) if path in self.manifest.arrays else None
+        array = request_array("input_ids")
+        return None if self._part(array, request) is None else self._rows_of(array, request)
 
     def whatif_info(self) -> dict[str, Any] | None:
         """``meta/whatif`` if this run was perturbed on purpose (SPEC.md section 3.7)."""
@@ -323,85 +408,124 @@ class Bundle:
         return self._read_document(ReplayInfo).to_dict() if self._has_node(ReplayInfo.path) else None
 
     def has_tensor(self, request: int, name: str) -> bool:
-        return tensor_array(request, name) in self.manifest.arrays
+        return self._part(tensor_array(name), request) is not None
+
+    def _tensor_part(self, request: int, name: str) -> Part:
+        part = self._part(tensor_array(name), request)
+        if part is None:
+            raise BundleError(self._missing_tensor_message(request, name),
+                              hint=f"capture with --mode full --tensors '{name}'")
+        return part
 
     def tensor(self, request: int, name: str) -> np.ndarray:
         """The full tensor ``[rows, ...]`` in its captured dtype (needs a ``--mode full`` capture)."""
-        if not self.has_tensor(request, name):
-            raise BundleError(self._missing_tensor_message(request, name),
-                              hint=f"capture with --mode full --tensors '{name}'")
-        return self._read(tensor_array(request, name))
+        self._tensor_part(request, name)
+        return self._rows_of(tensor_array(name), request)
+
+    def tensor_row_shape(self, request: int, name: str) -> tuple[int, ...]:
+        """The shape of one row of a full tensor."""
+        return tuple(self.manifest.arrays[self._tensor_part(request, name)[0]].shape[1:])
 
     def stats(self, request: int, name: str) -> np.ndarray:
         """Per-row statistics ``[rows, 7]`` (columns: ``bundle_spec.stats.COLUMNS``)."""
-        path = stats_array(request, name)
-        if path not in self.manifest.arrays:
+        if self._part(stats_array(name), request) is None:
             raise BundleError(self._missing_tensor_message(request, name),
                               hint=f"capture with --tensors '{name}'")
-        return self._read(path)
+        return self._rows_of(stats_array(name), request)
 
     def tensor_rows(self, request: int, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of a full tensor (reads only the chunks they live in)."""
-        if not self.has_tensor(request, name):
-            raise BundleError(self._missing_tensor_message(request, name),
-                              hint=f"capture with --mode full --tensors '{name}'")
-        return self._read(tensor_array(request, name), slice(start, stop))
+        """Rows ``start:stop`` of a request's full tensor (reads only the chunks they live in)."""
+        path, segments = self._tensor_part(request, name)
+        pieces, offset = [], 0
+        for first, last, _ in segments:
+            low, high = max(start, offset), min(stop, offset + last - first)
+            if low < high:
+                pieces.append(self._read(path, slice(first + low - offset, first + high - offset)))
+            offset += last - first
+        if len(pieces) == 1:
+            return pieces[0]
+        if not pieces:
+            node = self._node_or_missing(path)
+            return dtypes.from_storage(np.zeros((0, *node.shape[1:]), node.dtype), logical_dtype(node))
+        return np.concatenate(pieces)
+
+    def tensor_blocks(self, request: int, name: str, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """A request's full tensor in blocks of about ``rows`` rows, ``(first row, block)``, each
+        segment's CRC-32C checked after its last block (see :meth:`verified_blocks`)."""
+        path, segments = self._tensor_part(request, name)
+        offset = 0
+        for first, last, crc in segments:
+            for start, block in self._verified_range(path, first, last, crc, rows):
+                yield offset + start - first, block
+            offset += last - first
 
     def verified_blocks(self, path: str, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """The whole array at ``path`` in blocks of about ``rows`` rows, ``(first row, block)``,
-        its whole-content CRC-32C checked against the manifest after the last block: a chunk
+        its whole-content CRC-32C checked against the manifest after the last block."""
+        record = self.manifest.arrays.get(path)
+        if record is None:
+            raise self._corrupt(path, "is not in the manifest")
+        return self._verified_range(path, 0, record.shape[0], record.crc32c, rows)
+
+    def _node_or_missing(self, path: str) -> zarr.Array:
+        try:
+            return self._node(path)
+        except KeyError:
+            raise self._corrupt(path, "is missing") from None
+
+    def _verified_range(self, path: str, first: int, last: int, expected_crc: int,
+                        rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Rows ``first:last`` of the array at ``path`` in blocks of about ``rows`` rows, ``(first
+        row, block)``, their CRC-32C checked against ``expected_crc`` after the last block: a chunk
         that is missing (it would read as zeros) or swapped with another (each passes its own
         checksum) is an error, never data.
 
         Arrays that ptrace wrote are read chunk by chunk (:mod:`~ptrace.bundle_spec.chunks`),
         in blocks of whole chunks decoded into one buffer that every block reuses: a block is
         valid until the next one is asked for, so copy what must outlive it."""
-        record = self.manifest.arrays.get(path)
-        if record is None:
-            raise self._corrupt(path, "is not in the manifest")
-        try:
-            node = self._node(path)
-        except KeyError:
-            raise self._corrupt(path, "is missing") from None
+        node = self._node_or_missing(path)
+        record = self.manifest.arrays[path]
         if tuple(node.shape) != tuple(record.shape):
             raise self._corrupt(path, f"has shape {list(node.shape)}, the manifest says {list(record.shape)}")
         reader = ChunkReader.of(self._store, node)
-        blocks = self._sliced_blocks(path, rows) if reader is None else self._chunk_blocks(path, node, reader, rows)
+        blocks = self._sliced_blocks(path, first, last, rows) if reader is None \
+            else self._chunk_blocks(path, node, reader, first, last, rows)
         crc, logical = 0, logical_dtype(node)
         for start, block in blocks:
             crc = google_crc32c.extend(crc, np.ascontiguousarray(block).reshape(-1).view(np.uint8))
             yield start, dtypes.from_storage(block, logical)
-        if crc != record.crc32c:
-            raise BundleCorruptError(f"{self.path}: array {path}: content checksum {crc:#010x} != manifest "
-                                     f"{record.crc32c:#010x} (a chunk is missing or was replaced)",
+        if crc != expected_crc:
+            where = "" if (first, last) == (0, record.shape[0]) else f" rows {first}:{last}"
+            raise BundleCorruptError(f"{self.path}: array {path}{where}: content checksum {crc:#010x} != "
+                                     f"{expected_crc:#010x} recorded (a chunk is missing or was replaced)",
                                      hint="the bundle was damaged or tampered with: get a fresh copy")
 
-    def _sliced_blocks(self, path: str, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    def _sliced_blocks(self, path: str, first: int, last: int, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Blocks of ``rows`` rows read through Zarr (in storage dtype)."""
-        total = self._node(path).shape[0]
-        for start in range(0, total, max(1, rows)):
-            yield start, dtypes.to_storage(self._read(path, slice(start, min(start + rows, total))))
+        for start in range(first, last, max(1, rows)):
+            yield start, dtypes.to_storage(self._read(path, slice(start, min(start + rows, last))))
 
-    def _chunk_blocks(self, path: str, node: zarr.Array, reader: ChunkReader,
+    def _chunk_blocks(self, path: str, node: zarr.Array, reader: ChunkReader, first: int, last: int,
                       rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Blocks of as many whole chunks as fit in ``rows`` rows (at least one), decoded into
-        one reused buffer (in storage dtype)."""
-        total, chunk_rows = node.shape[0], node.chunks[0]
+        one reused buffer (in storage dtype), cut to rows ``first:last``."""
+        chunk_rows = node.chunks[0]
         per_block = max(1, rows // chunk_rows)
         buffer = np.empty((per_block * chunk_rows, *node.chunks[1:]), node.dtype)
         chunks = buffer.reshape(per_block, -1).view(np.uint8)
-        count = -(-total // chunk_rows)
-        for first in range(0, count, per_block):
-            taken = min(per_block, count - first)
+        stop_chunk = -(-last // chunk_rows)
+        for block_chunk in range(first // chunk_rows, stop_chunk, per_block):
+            taken = min(per_block, stop_chunk - block_chunk)
             for offset in range(taken):
                 try:
-                    reader.read(first + offset, chunks[offset])
+                    reader.read(block_chunk + offset, chunks[offset])
                 except PtraceError:
                     raise
                 except Exception as exc:  # a checksum, a header, a truncated chunk: all corruption
                     raise self._corrupt(path, f"is corrupted ({error_reason(exc)})") from None
-            start = first * chunk_rows
-            yield start, buffer[:min(taken * chunk_rows, total - start)]
+            start = block_chunk * chunk_rows
+            low, high = max(first, start), min(last, start + taken * chunk_rows)
+            yield low, buffer[low - start:high - start]
 
     def _missing_tensor_message(self, request: int, name: str) -> str:
         return f"{self.path}: request {request} has no tensor {name!r} (captured: " \

@@ -24,8 +24,8 @@ from ptrace.bundle_spec import layout
 from ptrace.bundle_spec.names import DEFAULT_PATTERNS
 from ptrace.errors import BundleCorruptError
 
-#: The newest spec version this code reads and the one it writes.
-SPEC_VERSION = 1
+#: The newest spec version this code reads and the one it writes (it reads version 1 too).
+SPEC_VERSION = 2
 #: Root-group attribute key that marks a Zarr hierarchy as a ptrace bundle.
 ROOT_ATTRIBUTE = "ptrace_bundle"
 

@@ -14,17 +14,16 @@ from ptrace.bundle_spec.dtypes import numpy_dtype
 
 def _tensor_rows(bundle: Bundle) -> list[dict[str, Any]]:
     """One entry per captured tensor name, totals over requests."""
-    arrays = bundle.manifest.arrays
     rows = []
     for name in bundle.tensor_names:
         shape, dtype, nbytes, stats_blocks = None, None, 0, []
         for r in range(bundle.num_requests):
-            data = arrays.get(tensor_array(r, name))
-            if data is not None:
-                shape = shape or list(data.shape)
-                dtype = data.dtype
-                nbytes += int(np.prod(data.shape)) * numpy_dtype(data.dtype).itemsize
-            if stats_array(r, name) in arrays:
+            found = bundle.part_shape(tensor_array(name), r)
+            if found is not None:
+                shape = shape or list(found)
+                dtype = bundle.array_dtype(tensor_array(name), r)
+                nbytes += int(np.prod(found)) * numpy_dtype(dtype).itemsize
+            if bundle.part_shape(stats_array(name), r) is not None:
                 stats_blocks.append(bundle.stats(r, name))
         row_size = int(np.prod(shape[1:])) if shape else 1
         summary = row_stats.summarize(np.concatenate(stats_blocks), row_size) if stats_blocks else {}
@@ -41,7 +40,7 @@ def describe(bundle: Bundle) -> dict[str, Any]:
             **record.to_dict(),
             "prompt_ids": bundle.prompt_ids(record.index).tolist(),
             "output_ids": bundle.output_ids(record.index).tolist(),
-            "positions_captured": int(manifest.arrays[request_array(record.index, "positions")].shape[0]),
+            "positions_captured": bundle.part_shape(request_array("positions"), record.index)[0],
         })
     return {
         "path": str(bundle.path),

@@ -2,8 +2,9 @@
 
 Opening problems (not a bundle, newer spec, incomplete, a symbolic link, a malformed zip) raise,
 as they do for every reader. Everything else is collected: metadata documents, the manifest,
-every node, every array's metadata, chunks and whole-content checksum, and the per-request
-invariants of sections 2 and 6 (positions strictly increasing included). Declared sizes are
+every node, every array's metadata, chunks and whole-content checksum, the segment tables
+(spec version 2), and the per-request invariants of sections 2 and 6 (positions strictly
+increasing included), in either version's layout. Declared sizes are
 weighed against what is stored before any chunk is read (``Bundle._node``), so this returns in
 time proportional to the bundle's bytes, whatever it declares.
 """
@@ -15,21 +16,25 @@ import os
 import re
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 
 from ptrace.bundle_spec import layout, names
 from ptrace.bundle_spec.dtypes import is_logical
-from ptrace.bundle_spec.layout import request_array, stats_array, tensor_array
+from ptrace.bundle_spec.layout import request_array, segment_table, stats_array, tensor_array
 from ptrace.bundle_spec.reader import MAX_CHUNK_BYTES, Bundle, error_reason, logical_dtype, open_bundle
 from ptrace.bundle_spec.schema import ArrayRecord, EnvironmentInfo, ModelInfo, ReplayInfo, RequestsInfo, RunInfo
 from ptrace.bundle_spec.stats import COLUMNS
-from ptrace.errors import BundleError
+from ptrace.errors import BundleCorruptError, BundleError
 
 #: How many bytes of rows the whole-content checksum reads at once (whole chunks at a time).
 _READ_BYTES = 16 << 20
 _BUNDLE_ID = re.compile(r"^[0-9a-f]{32}$")
-_REQUEST_ARRAY = re.compile(r"^requests/(0|[1-9][0-9]*)/(.+)$")
+#: Array paths of each version (SPEC.md section 2): a request's own arrays in version 1; in
+#: version 2 one array per kind, each with its segment table.
+_V1_ARRAY = re.compile(r"^requests/(0|[1-9][0-9]*)/(.+)$")
+_V2_ARRAY = re.compile(r"^(?:segments/)?(?:requests|stats|tensors)/[^/]+$")
 
 
 def validate_bundle(path: str | os.PathLike[str]) -> list[str]:
@@ -74,11 +79,17 @@ def _check_manifest(bundle: Bundle) -> list[str]:
         problems.append(f"meta/manifest: mode {manifest.mode!r} is neither 'full' nor 'stats'")
     problems += [f"meta/manifest: tensor name {name!r} is neither canonical nor an x. extra"
                  for name in manifest.tensor_names if not names.is_recordable(name)]
+    pattern = _V1_ARRAY if bundle.spec_version == 1 else _V2_ARRAY
     for path, record in manifest.arrays.items():
-        if not _REQUEST_ARRAY.match(path) or any(part in ("", ".", "..") for part in path.split("/")):
-            problems.append(f"meta/manifest: array path {path!r} is not a request's array (section 2)")
+        if not pattern.match(path) or any(part in ("", ".", "..") for part in path.split("/")):
+            problems.append(f"meta/manifest: array path {path!r} is not one of section 2's")
         elif any(size < 0 for size in record.shape) or not is_logical(record.dtype):
             problems.append(f"meta/manifest: array {path} declares {record.dtype}{list(record.shape)}")
+        elif bundle.spec_version > 1 and not layout.is_segment_table(path) \
+                and segment_table(path) not in manifest.arrays:
+            problems.append(f"meta/manifest: array {path} has no segment table {segment_table(path)}")
+        elif layout.is_segment_table(path) and path.removeprefix(layout.SEGMENTS + "/") not in manifest.arrays:
+            problems.append(f"meta/manifest: segment table {path} is not of a listed array")
     return problems
 
 
@@ -119,84 +130,107 @@ def _check_array(bundle: Bundle, path: str, record: ArrayRecord) -> list[str]:
                 f"(chunks do not span whole rows); a reader holds at most {MAX_CHUNK_BYTES} at once"]
     step = chunk_rows * max(1, _READ_BYTES // max(1, chunk_rows * row_bytes))
     try:
-        for _ in bundle.verified_blocks(path, step):
-            pass
+        _read_verified(bundle, path, record, step)
     except BundleError as exc:
-        message = exc.args[0].removeprefix(f"{bundle.path}: ")
-        if not message.startswith("array "):  # a chunk failed its own checksum or did not decode
+        message = _line(bundle, exc)
+        if message.startswith(f"{path} is corrupted "):  # a chunk failed its own checksum or did not decode
             message = f"array {path}: corrupted chunk {message.removeprefix(f'{path} is corrupted ')}"
         return [message]
     return []
 
 
+def _read_verified(bundle: Bundle, path: str, record: ArrayRecord, step: int) -> None:
+    """Read the whole array, checking its CRC-32C and, for a data array of spec version 2, each
+    segment's (SPEC.md section 4): a segment swapped for another of the same length passes the
+    chunks' checksums."""
+    if bundle.spec_version == 1 or layout.is_segment_table(path) or not record.shape[0]:
+        for _ in bundle.verified_blocks(path, step):
+            pass
+        return
+    segments = sorted(segment for parts in bundle._segments(path).values() for segment in parts)
+    crc = 0
+    for first, last, segment_crc in segments:
+        for _, block in bundle._verified_range(path, first, last, segment_crc, step):
+            crc = google_crc32c.extend(crc, np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+    if crc != record.crc32c:
+        raise BundleCorruptError(f"array {path}: content checksum {crc:#010x} != manifest {record.crc32c:#010x} "
+                                 "(a chunk is missing or was replaced)")
+
+
 def _check_requests(bundle: Bundle) -> list[str]:
     """The per-request invariants of sections 2 and 6 (run only on arrays that passed their own checks)."""
     problems = []
-    arrays = bundle.manifest.arrays
     records = bundle.requests.requests
     for position, record in enumerate(records):
         if record.index != position:
             problems.append(f"meta/requests: request {position} has index {record.index}")
-    known = {str(position) for position in range(len(records))}
-    problems += [f"array {path} belongs to no request of meta/requests" for path in arrays
-                 if _REQUEST_ARRAY.match(path).group(1) not in known]
+    if bundle.spec_version == 1:
+        known = {str(position) for position in range(len(records))}
+        problems += [f"array {path} belongs to no request of meta/requests" for path in bundle.manifest.arrays
+                     if _V1_ARRAY.match(path).group(1) not in known]
+    else:
+        for path in bundle.manifest.arrays:
+            if not layout.is_segment_table(path):
+                problems += _attempt(bundle, bundle._segments, path)
     if problems:
         return problems
     for record in records:
-        problems += _check_request(bundle, record, arrays)
+        problems += _check_request(bundle, record)
     return problems
 
 
-def _check_request(bundle: Bundle, record: Any, arrays: dict[str, ArrayRecord]) -> list[str]:
+def _check_request(bundle: Bundle, record: Any) -> list[str]:
     r, problems = record.index, []
-    missing = [leaf for leaf in layout.REQUIRED_REQUEST_ARRAYS if request_array(r, leaf) not in arrays]
+    shapes = {leaf: bundle.part_shape(request_array(leaf), r)
+              for leaf in (*layout.REQUIRED_REQUEST_ARRAYS, *layout.OPTIONAL_REQUEST_ARRAYS)}
+    missing = [leaf for leaf in layout.REQUIRED_REQUEST_ARRAYS if shapes[leaf] is None]
     if missing:
         return [f"request {r}: array {leaf} is missing" for leaf in missing]
     prompt, generated = record.prompt_len, record.output_len
-    topk_shape = arrays[request_array(r, "topk_ids")].shape
+    topk_shape = shapes["topk_ids"]
     k = topk_shape[1] if len(topk_shape) == 2 else "k"
-    rows = arrays[request_array(r, "positions")].shape[0]
+    rows = shapes["positions"][0]
     expected = {"prompt_ids": ("int64", [prompt]), "output_ids": ("int64", [generated]),
                 "positions": ("int64", [rows]), "topk_ids": ("int64", [generated, k]),
                 "topk_logprobs": ("float32", [generated, k]), "input_ids": ("int64", [prompt + generated - 1]),
                 "prompt_logprobs": ("float32", [prompt]), "prompt_topk_ids": ("int64", [prompt, k]),
                 "prompt_topk_logprobs": ("float32", [prompt, k])}
     for leaf, (dtype, shape) in expected.items():
-        entry = arrays.get(request_array(r, leaf))
-        if entry is not None and (entry.dtype != dtype or list(entry.shape) != shape):
-            problems.append(f"request {r}: {leaf} is {entry.dtype}{list(entry.shape)}, expected {dtype}{shape} "
+        found, found_dtype = shapes[leaf], bundle.array_dtype(request_array(leaf), r)
+        if found is not None and (found_dtype != dtype or list(found) != shape):
+            problems.append(f"request {r}: {leaf} is {found_dtype}{list(found)}, expected {dtype}{shape} "
                             f"(meta/requests says {prompt} prompt and {generated} generated tokens)")
     positions_problems = _attempt(bundle, _check_positions, bundle, r, prompt + max(generated - 1, 0))
     problems += positions_problems
-    allowed = {} if positions_problems else _rows_allowed(bundle, r, arrays)
+    allowed = {} if positions_problems else _rows_allowed(bundle, r)
     for name in bundle.tensor_names:
-        for kind, path in ((layout.STATS, stats_array(r, name)), (layout.TENSORS, tensor_array(r, name))):
-            entry = arrays.get(path)
-            if entry is None and (kind == layout.STATS or bundle.mode == "full"):
+        for kind, array in ((layout.STATS, stats_array(name)), (layout.TENSORS, tensor_array(name))):
+            found = bundle.part_shape(array, r)
+            if found is None and (kind == layout.STATS or bundle.mode == "full"):
                 problems.append(f"request {r}: {kind}/{name} is missing")
-            elif entry is not None and entry.shape[0] != allowed.get(name, rows):
-                problems.append(f"request {r}: {kind}/{name} has {entry.shape[0]} rows, positions has {rows}")
-            elif entry is not None and kind == layout.STATS and \
-                    (entry.dtype != "float64" or list(entry.shape) != [entry.shape[0], len(COLUMNS)]):
-                problems.append(f"request {r}: stats/{name} is {entry.dtype}{list(entry.shape)}, expected "
-                                f"float64{[entry.shape[0], len(COLUMNS)]}")
+            elif found is not None and found[0] != allowed.get(name, rows):
+                problems.append(f"request {r}: {kind}/{name} has {found[0]} rows, positions has {rows}")
+            elif found is not None and kind == layout.STATS and \
+                    (bundle.array_dtype(array, r) != "float64" or list(found) != [found[0], len(COLUMNS)]):
+                problems.append(f"request {r}: stats/{name} is {bundle.array_dtype(array, r)}{list(found)}, "
+                                f"expected float64{[found[0], len(COLUMNS)]}")
     return problems
 
 
-def _rows_allowed(bundle: Bundle, request: int, arrays: dict[str, ArrayRecord]) -> dict[str, int]:
+def _rows_allowed(bundle: Bundle, request: int) -> dict[str, int]:
     """Tensors whose stats rows fit the positions otherwise (the logits from the last prompt
     position on, SPEC.md section 6): their row count, which the tensor itself must have too."""
     positions, prompt = bundle.positions(request), bundle.requests.requests[request].prompt_len
     allowed = {}
     for name in bundle.tensor_names:
-        entry = arrays.get(stats_array(request, name))
-        if entry is not None and names.tensor_positions(name, positions, prompt, entry.shape[0]) is not None:
-            allowed[name] = entry.shape[0]
+        found = bundle.part_shape(stats_array(name), request)
+        if found is not None and names.tensor_positions(name, positions, prompt, found[0]) is not None:
+            allowed[name] = found[0]
     return allowed
 
 
 def _check_positions(bundle: Bundle, request: int, fed: int) -> None:
     positions = bundle.positions(request)  # refuses positions that are not strictly increasing
     if positions.size and positions[-1] >= fed:
-        raise bundle._corrupt(request_array(request, "positions"),
-                              f"reaches position {positions[-1]}, past the {fed} positions fed")
+        raise bundle._corrupt(bundle.stored_path(request_array("positions"), request), f"of request {request} reaches position {positions[-1]}, "
+                                    f"past the {fed} positions fed")

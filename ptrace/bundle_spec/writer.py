@@ -1,11 +1,14 @@
 """Writing a bundle: staged in ``OUT.partial``, made visible by one rename at ``commit``.
 
-Tensors arrive a few rows at a time (one per decode step), so arrays are streamed: rows are
-buffered until a whole chunk is ready, and the whole-content CRC-32C is extended as rows
-arrive. A batched engine feeds every request's arrays at once, so the rows held back, all arrays
-together, are bounded (``PENDING_BYTES``): past it, the arrays holding the most are written out,
-partial chunks included, and the next rows complete those chunks. A writer that is killed
-leaves only ``OUT.partial``, which has no manifest and so never reads as a complete bundle.
+Every kind of per-request data is one array over all requests (SPEC.md section 2), so the
+number of arrays and files does not grow with the number of requests. Rows arrive a few at a
+time and, in a batched engine, for every request at once: they are **staged** per request and
+appended to the array a request at a time, each append one segment of the array's segment
+table; consecutive appends of one request merge into one segment. What is held back, staged
+rows and the partial last chunk of every array together, is bounded (``PENDING_BYTES``): past
+it, the arrays staging the most are appended, then partial chunks are written out (the next rows
+rewrite them whole). Whole-content CRC-32Cs are extended as rows are appended. A writer that is
+killed leaves only ``OUT.partial``, which has no manifest and so never reads as a complete bundle.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.storage import LocalStore
 
-from ptrace.bundle_spec import dtypes
+from ptrace.bundle_spec import dtypes, layout
 from ptrace.bundle_spec.schema import (
     ROOT_ATTRIBUTE,
     SPEC_VERSION,
@@ -37,18 +40,19 @@ from ptrace.errors import BundleError
 #: Target size of one chunk. Big enough to amortise per-chunk overhead, small enough that a
 #: reader streams tensors in bounded memory.
 CHUNK_BYTES = 4 << 20
+#: Rows per chunk at most: small-row arrays (stats: 56 bytes a row) get chunks of 448 KiB, cheap
+#: to rewrite when a partial one is written out under the memory bound, and cheap to decode for
+#: the few rows of one short request.
 MAX_CHUNK_ROWS = 8192
-#: Rows per chunk of a streamed array at most. A partial chunk written out under the memory bound
-#: is rewritten whole (read, merged, encoded) when its next rows arrive, so small-row arrays
-#: (stats: 56 bytes a row) get small chunks (56 KiB), which keeps that rewrite cheap, while a
-#: 4K-position request still needs only a few chunk files per array.
-STREAM_CHUNK_ROWS = 1024
-#: Bytes of rows held back, all arrays together, before some are written out. A batched engine
-#: appends a row to every request's arrays at every step (thousands of arrays), so an unbounded
-#: writer holds requests x tensors x positions rows until the end (670 MB of stats for 100
-#: requests x 30 tensors x 4000 positions). The larger this is, the larger each write-out and the
-#: fewer partial chunks get rewritten.
+#: Bytes of rows held back, all arrays together, before some are appended. A batched engine
+#: adds a row of every request to every array at every step, so an unbounded writer holds
+#: requests x tensors x positions rows until the end (670 MB of stats for 100 requests x 30
+#: tensors x 4000 positions). The larger this is, the fewer segments a request's rows make.
 PENDING_BYTES = 64 << 20
+#: What holding one staged block costs beyond its rows (the numpy array object and its list
+#: slot), counted against ``PENDING_BYTES``: a decode step stages one row per request and
+#: tensor, so a long batched decode holds millions of small blocks.
+_BLOCK_OVERHEAD = 128
 
 
 #: Store every chunk, all-zero ones included: a chunk that is not stored reads as the fill
@@ -56,17 +60,15 @@ PENDING_BYTES = 64 << 20
 _EVERY_CHUNK = {"write_empty_chunks": True}
 
 
-def _chunk_rows(row_bytes: int, max_rows: int) -> int:
-    return int(max(1, min(max_rows, CHUNK_BYTES // max(row_bytes, 1))))
+def _chunk_rows(row_bytes: int) -> int:
+    return int(max(1, min(MAX_CHUNK_ROWS, CHUNK_BYTES // max(row_bytes, 1))))
 
 
-def _compressors(compress: bool) -> list:
+def _compressors() -> list:
     # blosc+lz4 with byte shuffle: the fastest codec measured (float activations shrink little
-    # whatever the codec, but compression makes the zero padding of a last partial chunk free).
-    # CRC-32C comes last so it checks the stored bytes.
-    if compress:
-        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
-    return [Crc32cCodec()]
+    # whatever the codec, but token ids and positions shrink several times, and the zero padding
+    # of a last partial chunk is free). CRC-32C comes last so it checks the stored bytes.
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
 
 
 @dataclass
@@ -92,10 +94,8 @@ class _Stream:
         return self.rows - self.pending_rows
 
     def add(self, block: np.ndarray) -> None:
-        block = np.ascontiguousarray(dtypes.to_storage(block))
+        """Append rows (C-contiguous, in the storage dtype), writing every chunk they complete."""
         self.crc = google_crc32c.extend(self.crc, block.reshape(-1).view(np.uint8))
-        if not block.flags.owndata:  # a view would keep the caller's whole buffer alive, unaccounted
-            block = block.copy()
         self.rows += block.shape[0]
         self.pending.append(block)
         self.pending_rows += block.shape[0]
@@ -123,7 +123,11 @@ class _Stream:
 
 
 class BundleWriter:
-    """Builds one bundle. Use as a context manager: an exception aborts and removes the staging."""
+    """Builds one bundle. Use as a context manager: an exception aborts and removes the staging.
+
+    ``append(array, request, rows)`` adds a request's rows to a data array (an array path of
+    :mod:`~ptrace.bundle_spec.layout`): in any order across requests, in row order within one.
+    """
 
     def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
         self.path = Path(path)
@@ -138,7 +142,12 @@ class BundleWriter:
             attributes={ROOT_ATTRIBUTE: {"spec_version": SPEC_VERSION}},
         )
         self._streams: dict[str, _Stream] = {}
-        self._pending_bytes = 0  # what the streams hold back, all together
+        #: array -> request -> rows staged (storage dtype), and the bytes staged per array
+        self._staged: dict[str, dict[int, list[np.ndarray]]] = {}
+        self._staged_bytes: dict[str, int] = {}
+        #: array -> its segment table so far: [request, start, stop, crc32c] rows
+        self._segments: dict[str, list[list[int]]] = {}
+        self._held = 0  # staged bytes and partial chunks, all arrays together
 
     # -- documents ---------------------------------------------------------------------------
     def write_document(self, document: Document) -> None:
@@ -153,49 +162,67 @@ class BundleWriter:
         array[...] = payload
 
     # -- arrays ------------------------------------------------------------------------------
-    def write_array(self, path: str, data: np.ndarray, *, compress: bool = False) -> None:
-        """Write a whole array at once (token ids, logprobs): one chunk of exactly its rows."""
-        stream = self._streams[path] = self._create_stream(path, data, compress,
-                                                           min(MAX_CHUNK_ROWS, max(1, data.shape[0])))
-        stream.add(data)
-        stream.flush()
-
-    def append_rows(self, path: str, rows: np.ndarray, *, compress: bool = True) -> None:
-        """Append rows (first axis) to the array at ``path``, creating it on first use."""
-        stream = self._streams.get(path)
+    def append(self, array: str, request: int, rows: np.ndarray) -> None:
+        """Add ``rows`` (first axis) of ``request`` to the data array ``array``, creating it on
+        first use: its logical dtype and row shape are those of the first rows."""
+        stream = self._streams.get(array)
         if stream is None:
-            stream = self._streams[path] = self._create_stream(path, rows, compress, STREAM_CHUNK_ROWS)
-        elif rows.shape[1:] != stream.array.shape[1:]:
-            raise BundleError(f"{self.path}: {path} gets rows of shape {rows.shape[1:]} after "
-                              f"{stream.array.shape[1:]}")
-        held = stream.pending_bytes
-        stream.add(rows)
-        self._pending_bytes += stream.pending_bytes - held
-        if self._pending_bytes > PENDING_BYTES:
-            self._write_out_largest()
+            stream = self._streams[array] = self._create_stream(array, rows)
+            self._staged[array], self._staged_bytes[array], self._segments[array] = {}, 0, []
+        elif rows.shape[1:] != stream.array.shape[1:] or dtypes.logical_name(rows.dtype) != stream.logical:
+            raise BundleError(f"{self.path}: {array} gets {dtypes.logical_name(rows.dtype)} rows of shape "
+                              f"{rows.shape[1:]} after {stream.logical} rows of {stream.array.shape[1:]}")
+        if not rows.shape[0]:
+            return
+        block = np.ascontiguousarray(dtypes.to_storage(rows))
+        if not block.flags.owndata:  # a view would keep the caller's whole buffer alive, unaccounted
+            block = block.copy()
+        self._staged[array].setdefault(request, []).append(block)
+        self._staged_bytes[array] += block.nbytes + _BLOCK_OVERHEAD
+        self._held += block.nbytes + _BLOCK_OVERHEAD
+        if self._held > PENDING_BYTES:
+            self._relieve()
 
-    def _write_out_largest(self) -> None:
-        """Write out the streams holding the most until half the bound is held.
-
-        Largest first, because a write-out costs about the same whatever it holds (a partial chunk
-        rewritten, metadata updated); down to half, so that write-outs come in batches rather than
-        one at every appended row.
-        """
-        for stream in sorted(self._streams.values(), key=lambda s: s.pending_bytes, reverse=True):
-            if self._pending_bytes <= PENDING_BYTES // 2:
+    def _relieve(self) -> None:
+        """Append the arrays staging the most, then write out the largest partial chunks, until
+        half the bound is held: down to half, so that this runs in batches rather than at every
+        row, and whole arrays at a time, so that each batch makes one segment per request."""
+        for array in sorted(self._staged_bytes, key=self._staged_bytes.__getitem__, reverse=True):
+            if self._held <= PENDING_BYTES // 2 or not self._staged_bytes[array]:
                 break
-            self._pending_bytes -= stream.pending_bytes
+            self._append_staged(array)
+        for stream in sorted(self._streams.values(), key=lambda s: s.pending_bytes, reverse=True):
+            if self._held <= PENDING_BYTES // 2:
+                break
+            self._held -= stream.pending_bytes
             stream.flush()
 
-    def _create_stream(self, path: str, rows: np.ndarray, compress: bool, max_rows: int) -> _Stream:
+    def _append_staged(self, array: str) -> None:
+        """Append what ``array`` stages, request by request: one segment each (or the growth of
+        the request's last segment, when it ends the array)."""
+        stream, segments = self._streams[array], self._segments[array]
+        self._held -= self._staged_bytes[array] + stream.pending_bytes
+        for request, blocks in sorted(self._staged[array].items()):
+            data = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+            crc_start = segments[-1][3] if segments and segments[-1][0] == request else None
+            crc = google_crc32c.extend(crc_start or 0, data.reshape(-1).view(np.uint8))
+            if crc_start is None:
+                segments.append([request, stream.rows, stream.rows + data.shape[0], crc])
+            else:
+                segments[-1][2:] = [stream.rows + data.shape[0], crc]
+            stream.add(data)
+        self._staged[array], self._staged_bytes[array] = {}, 0
+        self._held += stream.pending_bytes
+
+    def _create_stream(self, path: str, rows: np.ndarray) -> _Stream:
         logical = dtypes.logical_name(rows.dtype)
         row_shape = tuple(rows.shape[1:])
         row_bytes = rows.dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
-        chunk_rows = _chunk_rows(row_bytes, max_rows)
+        chunk_rows = _chunk_rows(row_bytes)
         array = self._root.create_array(
             path, shape=(0, *row_shape), dtype=dtypes.storage_dtype(logical),
             chunks=(chunk_rows, *row_shape) if row_shape else (chunk_rows,),
-            serializer=BytesCodec(endian="little"), compressors=_compressors(compress),
+            serializer=BytesCodec(endian="little"), compressors=_compressors(),
             fill_value=0, attributes={"ptrace": {"dtype": logical}}, config=_EVERY_CHUNK,
         )
         return _Stream(array=array, logical=logical, chunk_rows=chunk_rows, row_bytes=row_bytes)
@@ -204,9 +231,14 @@ class BundleWriter:
     def commit(self, *, ptrace_version: str, command: list[str], mode: str,
                tensor_names: list[str]) -> Path:
         """Flush everything, write the manifest last, and move the bundle into place."""
-        for stream in self._streams.values():
-            stream.flush()
-        self._pending_bytes = 0
+        for array in list(self._streams):
+            self._append_staged(array)
+            self._streams[array].flush()
+            table = np.array(self._segments[array], dtype=np.int64).reshape(-1, len(layout.SEGMENT_COLUMNS))
+            tables = self._streams[layout.segment_table(array)] = self._create_stream(layout.segment_table(array), table)
+            tables.add(table)
+            tables.flush()
+        self._held = 0
         manifest = Manifest(
             spec_version=SPEC_VERSION, ptrace_version=ptrace_version, bundle_id=self.bundle_id,
             created=self.created, command=tuple(command), complete=True, mode=mode,

@@ -108,9 +108,9 @@ class TensorRecorder(Interceptor):
         if site.step not in self.steps:
             return None
         (self._logit_spans if site.name == LOGITS else self._spans).note(site, tensor.shape[0])
-        self.writer.append_rows(stats_array(site.request, site.name), tensor.row_stats())
+        self.writer.append(stats_array(site.name), site.request, tensor.row_stats())
         if self.full:
-            self.writer.append_rows(tensor_array(site.request, site.name), tensor.numpy())
+            self.writer.append(tensor_array(site.name), site.request, tensor.numpy())
         self.seen.add(site.name)
         return None
 

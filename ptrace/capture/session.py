@@ -299,18 +299,16 @@ def _write_requests(writer: BundleWriter, backend: Backend, prompts: list[Prompt
                     recorder: TensorRecorder, forced: list[np.ndarray] | None) -> list[RequestRecord]:
     records = []
     for index, (prompt, generation) in enumerate(zip(prompts, generations, strict=True)):
-        writer.write_array(request_array(index, "prompt_ids"), prompt.ids)
+        writer.append(request_array("prompt_ids"), index, prompt.ids)
         if forced is not None:  # what was fed differs from prompt + outputs (SPEC.md section 2)
             fed = forced[index][: len(generation.output_ids) - 1]
-            writer.write_array(request_array(index, "input_ids"), np.concatenate([prompt.ids, fed]))
-        writer.write_array(request_array(index, "output_ids"), generation.output_ids)
-        writer.write_array(request_array(index, "topk_ids"), generation.topk_ids)
-        writer.write_array(request_array(index, "topk_logprobs"), generation.topk_logprobs)
-        for leaf in ("prompt_logprobs", "prompt_topk_ids", "prompt_topk_logprobs"):
+            writer.append(request_array("input_ids"), index, np.concatenate([prompt.ids, fed]))
+        for leaf in ("output_ids", "topk_ids", "topk_logprobs",
+                     "prompt_logprobs", "prompt_topk_ids", "prompt_topk_logprobs"):
             value = getattr(generation, leaf)
             if value is not None:
-                writer.write_array(request_array(index, leaf), value)
-        writer.write_array(request_array(index, "positions"), recorder.positions(index))
+                writer.append(request_array(leaf), index, value)
+        writer.append(request_array("positions"), index, recorder.positions(index))
         records.append(RequestRecord(
             index=index, prompt=prompt.text, prompt_len=int(prompt.ids.shape[0]),
             output_len=int(generation.output_ids.shape[0]),

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ptrace.bundle_spec.layout import tensor_array
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.compare import noise
 from ptrace.compare.align import Alignment, align_tensor
@@ -26,18 +25,15 @@ from ptrace.errors import ComparisonError
 BLOCK_BYTES = 16 << 20
 
 
-def _row_shape(bundle: Bundle, request: int, name: str) -> tuple[int, ...]:
-    return tuple(bundle.manifest.arrays[tensor_array(request, name)].shape[1:])
-
-
 def _selected(bundle: Bundle, request: int, name: str, rows: np.ndarray, block: int) -> Iterator[np.ndarray]:
-    """The given rows (sorted indices) of a tensor, block by block. The whole array is read, in
-    order, so that its checksum is verified: a tampered bundle is an error, never a verdict.
+    """The given rows (sorted indices) of a tensor, block by block. All the request's rows are
+    read, in order, so that their checksums are verified: a tampered bundle is an error, never
+    a verdict.
 
     A run of consecutive rows comes as a view of the reader's block, which the next block
     overwrites: use each before asking for the next."""
     taken = 0
-    for start, data in bundle.verified_blocks(tensor_array(request, name), block):
+    for start, data in bundle.tensor_blocks(request, name, block):
         upto = int(np.searchsorted(rows, start + data.shape[0]))
         if upto > taken:
             first, last = int(rows[taken]) - start, int(rows[upto - 1]) - start
@@ -76,7 +72,7 @@ def compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignm
         wanted = aligned.positions
         if not wanted.size:
             continue
-        shape, shape_b = _row_shape(a, request, name), _row_shape(b, request, name)
+        shape, shape_b = a.tensor_row_shape(request, name), b.tensor_row_shape(request, name)
         if shape != shape_b:
             raise ComparisonError(f"cannot compare {a.path} with {b.path}: tensor {name} has rows of shape "
                                   f"{shape} in one and {shape_b} in the other",

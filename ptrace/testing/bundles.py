@@ -32,6 +32,7 @@ from ptrace.bundle_spec import (
     SamplingParams,
 )
 from ptrace.backends.decoding import log_softmax
+from ptrace.bundle_spec.layout import request_array, stats_array, tensor_array
 from ptrace.bundle_spec.stats import row_stats
 from ptrace.errors import UsageError
 
@@ -96,22 +97,22 @@ def write_bundle(path: str | Path, requests: Sequence[SyntheticRequest], *, tens
                 values = {name: v + rng.standard_normal(v.shape) * noise * np.abs(v).mean()
                           for name, v in values.items()}
             positions = np.arange(len(fed)) if request.positions is None else np.asarray(request.positions)
-            prefix = f"requests/{index}"
             for name in tensors:
                 rows = values[name][positions].astype(storage)
-                writer.append_rows(f"{prefix}/stats/{name}", row_stats(rows))
+                writer.append(stats_array(name), index, row_stats(rows))
                 if mode == "full":
-                    writer.append_rows(f"{prefix}/tensors/{name}", rows)
+                    writer.append(tensor_array(name), index, rows)
             # the logits row at position P - 1 + s predicts token s
             decode = log_softmax(values["logits"][len(request.prompt) - 1:])
             top = np.argsort(-decode, axis=1, kind="stable")[:, :TOPK]
-            writer.write_array(f"{prefix}/prompt_ids", np.asarray(request.prompt, np.int64))
-            writer.write_array(f"{prefix}/output_ids", np.asarray(request.outputs, np.int64))
-            writer.write_array(f"{prefix}/topk_ids", top.astype(np.int64))
-            writer.write_array(f"{prefix}/topk_logprobs", np.take_along_axis(decode, top, 1).astype(np.float32))
-            writer.write_array(f"{prefix}/positions", positions.astype(np.int64))
+            writer.append(request_array("prompt_ids"), index, np.asarray(request.prompt, np.int64))
+            writer.append(request_array("output_ids"), index, np.asarray(request.outputs, np.int64))
+            writer.append(request_array("topk_ids"), index, top.astype(np.int64))
+            writer.append(request_array("topk_logprobs"), index,
+                          np.take_along_axis(decode, top, 1).astype(np.float32))
+            writer.append(request_array("positions"), index, positions.astype(np.int64))
             if request.fed is not None:
-                writer.write_array(f"{prefix}/input_ids", fed)
+                writer.append(request_array("input_ids"), index, fed)
             records.append(RequestRecord(index=index, prompt=request.text, prompt_len=len(request.prompt),
                                          output_len=len(request.outputs),
                                          output_tokens=tuple(f"t{t}" for t in request.outputs)))

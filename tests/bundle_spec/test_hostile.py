@@ -24,6 +24,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.storage import LocalStore
 
 from ptrace.bundle_spec import open_bundle, pack, validate_bundle
+from ptrace.bundle_spec.layout import segment_table
 from ptrace.errors import BundleCorruptError, NotABundleError
 from tests.bundle_spec.test_roundtrip import write_minimal
 from tests.conftest import run_cli
@@ -68,15 +69,21 @@ def edit_manifest(bundle: Path, **changes) -> dict:
 
 
 def forge_array(bundle: Path, path: str, data: np.ndarray) -> None:
-    """Replace an array's content and its manifest record (shape, CRC), as a consistent forger would."""
+    """Replace an array's content and its manifest record (shape, CRC), as a consistent forger
+    would; a data array of these one-request bundles gets a segment table to match."""
     group = zarr.open_group(LocalStore(bundle), mode="r+")
-    array = group.create_array(path, shape=data.shape, dtype=data.dtype, chunks=data.shape or (1,),
-                               serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0,
-                               attributes={"ptrace": {"dtype": data.dtype.name}}, overwrite=True)
-    array[...] = data
     manifest = read_document(bundle, "meta/manifest")
-    manifest["arrays"][path] = {"shape": list(data.shape), "dtype": data.dtype.name,
-                                "crc32c": google_crc32c.value(np.ascontiguousarray(data).tobytes())}
+    crc = google_crc32c.value(np.ascontiguousarray(data).tobytes())
+    forged = {path: data}
+    if segment_table(path) in manifest["arrays"]:
+        forged[segment_table(path)] = np.array([[0, 0, data.shape[0], crc]], np.int64)
+    for node, content in forged.items():
+        array = group.create_array(node, shape=content.shape, dtype=content.dtype, chunks=content.shape or (1,),
+                                   serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0,
+                                   attributes={"ptrace": {"dtype": content.dtype.name}}, overwrite=True)
+        array[...] = content
+        manifest["arrays"][node] = {"shape": list(content.shape), "dtype": content.dtype.name,
+                                    "crc32c": google_crc32c.value(np.ascontiguousarray(content).tobytes())}
     forge_document(bundle, "meta/manifest", manifest)
 
 
@@ -106,7 +113,7 @@ def test_pack_refuses_a_link_and_leaks_nothing(bundle, secret, tmp_path):
 
 
 def test_readers_refuse_a_chunk_that_is_a_link(bundle, secret, tmp_path):
-    chunk = bundle / "requests/0/tensors/logits/c/0/0"
+    chunk = bundle / "tensors/logits/c/0/0"
     outside = tmp_path / "outside-chunk"
     shutil.move(chunk, outside)  # the very same bytes: only the link is wrong
     chunk.symlink_to(outside)
@@ -116,18 +123,18 @@ def test_readers_refuse_a_chunk_that_is_a_link(bundle, secret, tmp_path):
     chunk.symlink_to(secret)  # a link to another file: its bytes must never be quoted
     for command in ("validate", "inspect"):
         line = one_line_error(run_cli(command, bundle))
-        assert "requests/0/tensors/logits/c/0/0 is a symbolic link" in line and SECRET not in line
+        assert "tensors/logits/c/0/0 is a symbolic link" in line and SECRET not in line
 
 
 def test_readers_refuse_a_node_that_is_a_link_inside_the_bundle(bundle):
-    shutil.rmtree(bundle / "requests/0/stats/logits")
-    (bundle / "requests/0/stats/logits").symlink_to(bundle / "requests/0/stats/layers.0.out")
+    shutil.rmtree(bundle / "stats/logits")
+    (bundle / "stats/logits").symlink_to(bundle / "stats/layers.0.out")
     with pytest.raises(BundleCorruptError, match="symbolic link"):
         validate_bundle(bundle)
 
 
 def test_readers_refuse_special_files_instead_of_blocking(bundle):
-    chunk = bundle / "requests/0/tensors/logits/c/0/0"
+    chunk = bundle / "tensors/logits/c/0/0"
     chunk.unlink()
     os.mkfifo(chunk)  # reading a FIFO blocks forever
     line = one_line_error(run_cli("validate", bundle, timeout=60))
@@ -148,33 +155,33 @@ def test_zip_member_that_is_a_link_is_refused(bundle, tmp_path):
 def test_enormous_declared_shape_is_refused_in_seconds(bundle):
     """A manifest and zarr.json that agree on ~10**11 rows of which nothing is stored."""
     rows = 10**11
-    edit_zarr_json(bundle, "requests/0/tensors/logits", shape=[rows, 8])
+    edit_zarr_json(bundle, "tensors/logits", shape=[rows, 8])
     manifest = read_document(bundle, "meta/manifest")
-    manifest["arrays"]["requests/0/tensors/logits"]["shape"] = [rows, 8]
+    manifest["arrays"]["tensors/logits"]["shape"] = [rows, 8]
     forge_document(bundle, "meta/manifest", manifest)
     started = time.monotonic()
     result = run_cli("validate", bundle, timeout=60)
     assert time.monotonic() - started < 20
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "requests/0/tensors/logits declares shape [100000000000, 8]" in result.stderr
+    assert "tensors/logits declares shape [100000000000, 8]" in result.stderr
     assert "declared size is corrupt" in result.stderr
     with open_bundle(bundle) as opened, pytest.raises(BundleCorruptError, match="declared size is corrupt"):
         opened.tensor(0, "logits")
 
 
 def test_huge_chunks_are_refused_before_allocation(bundle):
-    node = json.loads((bundle / "requests/0/tensors/logits/zarr.json").read_text())
+    node = json.loads((bundle / "tensors/logits/zarr.json").read_text())
     node["chunk_grid"]["configuration"]["chunk_shape"] = [2**31, 8]
-    (bundle / "requests/0/tensors/logits/zarr.json").write_text(json.dumps(node))
+    (bundle / "tensors/logits/zarr.json").write_text(json.dumps(node))
     with open_bundle(bundle) as opened, pytest.raises(BundleCorruptError, match="declares chunks of"):
         opened.tensor(0, "logits")
 
 
 def test_many_absent_tiny_chunks_are_refused(bundle):
-    node = json.loads((bundle / "requests/0/tensors/logits/zarr.json").read_text())
+    node = json.loads((bundle / "tensors/logits/zarr.json").read_text())
     node["chunk_grid"]["configuration"]["chunk_shape"] = [1, 1]  # 96 declared, 1 stored ...
     node["shape"] = [200_000, 8]  # ... and now 1.6 million
-    (bundle / "requests/0/tensors/logits/zarr.json").write_text(json.dumps(node))
+    (bundle / "tensors/logits/zarr.json").write_text(json.dumps(node))
     started = time.monotonic()
     with open_bundle(bundle) as opened, pytest.raises(BundleCorruptError, match="declared size is corrupt"):
         opened.tensor(0, "logits")
@@ -188,24 +195,24 @@ def _forge_chunk(chunk: Path, body: bytes) -> None:
 
 @pytest.mark.parametrize("form", ["directory", "zip"])
 def test_a_blosc_header_that_misstates_the_chunk_size_is_refused_before_decoding(bundle, tmp_path, form):
-    chunk = bundle / "requests/0/tensors/logits/c/0/0"
+    chunk = bundle / "tensors/logits/c/0/0"
     body = bytearray(chunk.read_bytes()[:-4])
     body[4:8] = (2**31 - 1).to_bytes(4, "little")  # the header's uncompressed size: 2 GiB
     _forge_chunk(chunk, bytes(body))
     path = bundle if form == "directory" else _rezip(bundle, tmp_path / "b.zarr.zip")
     with open_bundle(path) as opened, pytest.raises(BundleCorruptError,
                                                     match="tensors/logits is corrupted .*declares 2147483647 bytes"):
-        for _ in opened.verified_blocks("requests/0/tensors/logits", 4):
+        for _ in opened.verified_blocks("tensors/logits", 4):
             pass
 
 
 @pytest.mark.parametrize("form", ["directory", "zip"])
 def test_a_chunk_larger_than_its_codecs_can_produce_is_refused_before_reading(bundle, tmp_path, form):
-    chunk = bundle / "requests/0/tensors/logits/c/0/0"
+    chunk = bundle / "tensors/logits/c/0/0"
     _forge_chunk(chunk, chunk.read_bytes()[:-4] + bytes(1 << 20))
     path = bundle if form == "directory" else _rezip(bundle, tmp_path / "b.zarr.zip")
     with open_bundle(path) as opened, pytest.raises(BundleCorruptError, match=r"logits/c/0/0 stores \d+ bytes, more than"):
-        for _ in opened.verified_blocks("requests/0/tensors/logits", 4):
+        for _ in opened.verified_blocks("tensors/logits", 4):
             pass
     assert "logits/c/0/0 stores" in " ".join(validate_bundle(path))
 
@@ -239,7 +246,7 @@ def _central_entry(data: bytes, name: str) -> int:
 def test_zip_member_whose_declared_size_disagrees_is_refused(bundle, tmp_path):
     archive = pack(bundle, tmp_path / "b.zarr.zip")
     data = bytearray(archive.read_bytes())
-    entry = _central_entry(data, "requests/0/tensors/logits/c/0/0")
+    entry = _central_entry(data, "tensors/logits/c/0/0")
     data[entry + 24:entry + 28] = (2**31).to_bytes(4, "little")  # uncompressed size: 2 GiB
     archive.write_bytes(bytes(data))
     with pytest.raises(BundleCorruptError, match="declares 2147483648 bytes but stores"):
@@ -278,8 +285,8 @@ def test_msgpack_extension_types_are_refused(bundle, value, message):
     ({"complete": "false"}, "meta/manifest.complete is str 'false', expected bool"),
     ({"spec_version": True}, "meta/manifest.spec_version is bool True, expected int"),
     ({"tensor_names": "logits"}, "meta/manifest.tensor_names is str"),
-    ({"arrays": {"requests/0/positions": {"shape": [12.0], "dtype": "int64", "crc32c": 0}}},
-     r"meta/manifest.arrays.requests/0/positions.shape\[0\] is float 12.0, expected int"),
+    ({"arrays": {"requests/positions": {"shape": [12.0], "dtype": "int64", "crc32c": 0}}},
+     r"meta/manifest.arrays.requests/positions.shape\[0\] is float 12.0, expected int"),
 ])
 def test_metadata_types_are_strict(bundle, changes, message):
     edit_manifest(bundle, **changes)
@@ -318,23 +325,23 @@ def test_positions_must_strictly_increase(bundle):
     shutil.copytree(bundle, other)
     positions = np.arange(12, dtype=np.int64)
     positions[[3, 4]] = positions[[4, 3]]
-    forge_array(other, "requests/0/positions", positions)
+    forge_array(other, "requests/positions", positions)
     assert any("positions is not a strictly increasing" in p for p in validate_bundle(other))
     with open_bundle(bundle) as a, open_bundle(other) as b:
-        with pytest.raises(BundleCorruptError, match="requests/0/positions"):
+        with pytest.raises(BundleCorruptError, match="requests/positions"):
             b.positions(0)
-        with pytest.raises(BundleCorruptError, match="requests/0/positions"):
+        with pytest.raises(BundleCorruptError, match="requests/positions"):
             compare_bundles(a, b)
 
 
 def test_positions_past_the_fed_tokens_are_refused(bundle):
-    forge_array(bundle, "requests/0/positions", np.arange(100, 112, dtype=np.int64))
+    forge_array(bundle, "requests/positions", np.arange(100, 112, dtype=np.int64))
     assert any("reaches position 111" in p for p in validate_bundle(bundle))
 
 
 def test_every_spec_invariant_of_a_request_is_checked(bundle):
-    forge_array(bundle, "requests/0/prompt_ids", np.arange(3, dtype=np.int64))  # meta/requests says 11
-    forge_array(bundle, "requests/0/topk_logprobs", np.zeros((2, 3), np.float64))  # float32 in the spec
+    forge_array(bundle, "requests/prompt_ids", np.arange(3, dtype=np.int64))  # meta/requests says 11
+    forge_array(bundle, "requests/topk_logprobs", np.zeros((2, 3), np.float64))  # float32 in the spec
     problems = validate_bundle(bundle)
     assert any("prompt_ids is int64[3], expected int64[11]" in p for p in problems), problems
     assert any("topk_logprobs is float64[2, 3], expected float32[2, 3]" in p for p in problems), problems
@@ -345,7 +352,7 @@ def test_manifest_paths_outside_the_requests_are_refused(bundle, entry):
     manifest = read_document(bundle, "meta/manifest")
     manifest["arrays"][entry] = {"shape": [1], "dtype": "uint8", "crc32c": 0}
     forge_document(bundle, "meta/manifest", manifest)
-    assert any(f"array path {entry!r} is not a request's array" in p for p in validate_bundle(bundle))
+    assert any(f"array path {entry!r} is not one of section 2's" in p for p in validate_bundle(bundle))
 
 
 # -- one line, not noise -----------------------------------------------------------------------------
@@ -358,14 +365,14 @@ def test_stray_file_prints_no_library_warning(bundle):
 @pytest.mark.parametrize("garbage", ["{not json", json.dumps({"zarr_format": 3, "node_type": "array",
                                                                 "shape": "many"})])
 def test_malformed_array_metadata_is_one_line_naming_the_node(bundle, garbage):
-    (bundle / "requests/0/stats/logits/zarr.json").write_text(garbage)
+    (bundle / "stats/logits/zarr.json").write_text(garbage)
     for command in ("inspect", "compare"):
         args = (command, bundle) if command == "inspect" else (command, bundle, bundle)
         line = one_line_error(run_cli(*args))
-        assert str(bundle) in line and "requests/0/stats/logits" in line and "malformed Zarr metadata" in line
+        assert str(bundle) in line and "stats/logits" in line and "malformed Zarr metadata" in line
     result = run_cli("validate", bundle)
     assert result.returncode == 1 and "Traceback" not in result.stderr and "Task exception" not in result.stderr
-    assert "requests/0/stats/logits has malformed Zarr metadata" in result.stderr
+    assert "stats/logits has malformed Zarr metadata" in result.stderr
 
 
 def test_garbage_metadata_document_is_one_line_naming_it(bundle):
@@ -385,11 +392,59 @@ def test_corrupt_zip_member_is_one_line_naming_the_member(bundle, tmp_path):
     archive = pack(bundle, tmp_path / "b.zarr.zip")
     data = bytearray(archive.read_bytes())
     with zipfile.ZipFile(archive) as zipped:
-        member = zipped.getinfo("requests/0/stats/logits/c/0/0")
+        member = zipped.getinfo("stats/logits/c/0/0")
     start = member.header_offset + 30 + len(member.filename) + len(member.extra)
     data[start + 20] ^= 0xFF  # the zip's own CRC-32 of the member now fails
     archive.write_bytes(bytes(data))
     line = one_line_error(run_cli("inspect", archive))
-    assert "requests/0/stats/logits" in line and str(archive) in line
+    assert "stats/logits" in line and str(archive) in line
     line = one_line_error(run_cli("unpack", archive, "-o", tmp_path / "out.zarr"))
     assert not (tmp_path / "out.zarr").exists()
+
+
+# -- segment tables (spec version 2): which rows are whose ------------------------------------------
+@pytest.mark.parametrize("table, message", [
+    ([[0, 0, 5, 0], [0, 6, 12, 0]], "does not cut the 12 rows"),  # a gap
+    ([[0, 0, 12, 0], [0, 12, 12, 0]], "does not cut the 12 rows"),  # an empty segment
+    ([[1, 0, 12, 0]], "names a request outside 0..0"),
+])
+def test_a_segment_table_that_misplaces_rows_is_refused(bundle, table, message):
+    forge_array(bundle, "segments/tensors/logits", np.array(table, np.int64))
+    with open_bundle(bundle) as opened, pytest.raises(BundleCorruptError, match=f"segments/tensors/logits {message}"):
+        opened.tensor(0, "logits")
+    assert any(f"segments/tensors/logits {message}" in p for p in validate_bundle(bundle))
+    line = one_line_error(run_cli("compare", bundle, bundle))
+    assert "segments/tensors/logits" in line
+
+
+def test_a_data_array_without_its_segment_table_is_refused(bundle):
+    manifest = read_document(bundle, "meta/manifest")
+    del manifest["arrays"]["segments/tensors/logits"]
+    forge_document(bundle, "meta/manifest", manifest)
+    shutil.rmtree(bundle / "segments/tensors/logits")
+    assert any("has no segment table segments/tensors/logits" in p for p in validate_bundle(bundle))
+    with open_bundle(bundle) as opened, pytest.raises(BundleCorruptError, match="no segment table"):
+        opened.tensor(0, "logits")
+
+
+def test_rows_moved_between_requests_fail_their_segment_checksum(tmp_path):
+    """Each chunk passes its own checksum and the array's rows are all there, reordered: only the
+    per-segment CRC-32C says that request 0 now reads request 1's rows."""
+    from ptrace.testing.bundles import SyntheticRequest, write_bundle
+
+    path = tmp_path / "two.zarr"
+    write_bundle(path, [SyntheticRequest(prompt=[1, 2, 3], outputs=[4, 5]),
+                        SyntheticRequest(prompt=[6, 7, 8], outputs=[9, 10])])
+    with open_bundle(path) as opened:
+        rows = opened.tensor(0, "layers.0.out"), opened.tensor(1, "layers.0.out")
+    swapped = np.concatenate([rows[1], rows[0]])
+    original = read_document(path, "meta/manifest")["arrays"]["segments/tensors/layers.0.out"]
+    table = zarr.open_group(LocalStore(path, read_only=True), mode="r")["segments/tensors/layers.0.out"][...]
+    forge_array(path, "tensors/layers.0.out", swapped)
+    forge_array(path, "segments/tensors/layers.0.out", table)  # the genuine table, as it was
+    assert read_document(path, "meta/manifest")["arrays"]["segments/tensors/layers.0.out"] == original
+    problems = validate_bundle(path)
+    assert any("tensors/layers.0.out rows 0:4" in p and "checksum" in p for p in problems), problems
+    with open_bundle(path) as opened, pytest.raises(BundleCorruptError, match="checksum"):
+        for _ in opened.tensor_blocks(0, "layers.0.out", 16):
+            pass

@@ -40,7 +40,7 @@ def test_valid_bundle_validates(bundle):
 
 
 def test_flipped_byte_in_a_chunk_is_detected(bundle):
-    chunk = _chunk_files(bundle, "requests/0/tensors/layers.0.out")[0]
+    chunk = _chunk_files(bundle, "tensors/layers.0.out")[0]
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x40
     chunk.write_bytes(bytes(data))
@@ -55,13 +55,13 @@ def test_flipped_byte_in_a_chunk_is_detected(bundle):
 
 def test_missing_chunk_is_detected(bundle):
     """Zarr reads a missing chunk as fill values; the whole-array checksum catches it."""
-    _chunk_files(bundle, "requests/0/tensors/logits")[0].unlink()
+    _chunk_files(bundle, "tensors/logits")[0].unlink()
     problems = validate_bundle(bundle)
     assert any("logits" in p and "checksum" in p for p in problems), problems
 
 
 def test_missing_array_is_detected(bundle):
-    shutil.rmtree(bundle / "requests/0/stats/logits")
+    shutil.rmtree(bundle / "stats/logits")
     assert any("stats/logits is missing" in p for p in validate_bundle(bundle))
 
 
@@ -73,7 +73,7 @@ def test_unfinished_bundle_is_refused(bundle):
 
 def test_writer_interrupted_by_an_exception_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError), BundleWriter(tmp_path / "x.zarr") as writer:
-        writer.append_rows("requests/0/stats/logits", np.zeros((2, 7)))
+        writer.append("stats/logits", 0, np.zeros((2, 7)))
         raise RuntimeError("engine crashed")
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "x.zarr.partial").exists()
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ptrace.bundle_spec import BundleWriter, open_bundle, pack, unpack, validate_bundle
+from ptrace.bundle_spec.layout import request_array, stats_array, tensor_array
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.bundle_spec.schema import (
     EnvironmentInfo,
@@ -38,9 +39,9 @@ def write_minimal(path, tensors: dict[str, np.ndarray], *, mode: str = "full") -
         for name, tensor in tensors.items():
             for start in range(0, rows, 3):  # several appends, not chunk-aligned
                 block = tensor[start:start + 3]
-                writer.append_rows(f"requests/0/stats/{name}", row_stats(block))
+                writer.append(stats_array(name), 0, row_stats(block))
                 if mode == "full":
-                    writer.append_rows(f"requests/0/tensors/{name}", block)
+                    writer.append(tensor_array(name), 0, block)
         finish_minimal(writer, rows, requests=1, mode=mode, tensor_names=list(tensors))
 
 
@@ -48,11 +49,11 @@ def finish_minimal(writer: BundleWriter, rows: int, *, requests: int, mode: str,
                    tensor_names: list[str]) -> None:
     """Everything but the tensors, for ``requests`` requests of ``rows`` captured positions each."""
     for request in range(requests):
-        writer.write_array(f"requests/{request}/prompt_ids", np.arange(rows - 1, dtype=np.int64))
-        writer.write_array(f"requests/{request}/output_ids", np.array([5, 6], dtype=np.int64))
-        writer.write_array(f"requests/{request}/topk_ids", np.zeros((2, 3), np.int64))
-        writer.write_array(f"requests/{request}/topk_logprobs", np.full((2, 3), -1.5, np.float32))
-        writer.write_array(f"requests/{request}/positions", np.arange(rows, dtype=np.int64))
+        writer.append(request_array("prompt_ids"), request, np.arange(rows - 1, dtype=np.int64))
+        writer.append(request_array("output_ids"), request, np.array([5, 6], dtype=np.int64))
+        writer.append(request_array("topk_ids"), request, np.zeros((2, 3), np.int64))
+        writer.append(request_array("topk_logprobs"), request, np.full((2, 3), -1.5, np.float32))
+        writer.append(request_array("positions"), request, np.arange(rows, dtype=np.int64))
     writer.write_document(ModelInfo(model_path="m", name="m", architecture="A",
                                     config={"num_hidden_layers": 1, "rope": float("nan"),
                                             "big": 2**63 - 1, "blob": b"\x00\xff"},

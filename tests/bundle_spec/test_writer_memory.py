@@ -1,8 +1,9 @@
 """The writer's memory stays bounded however many requests a batched engine runs at once, and
-arrays written out early (partial chunks, rewritten as rows arrive) read back exactly.
+arrays appended early (many segments per request, partial chunks rewritten as rows arrive) read
+back exactly.
 
-The budget (``writer.PENDING_BYTES``) and the streamed chunk rows are made small here, so that a
-few MB exercise what a long vLLM run does with hundreds of MB.
+The budget (``writer.PENDING_BYTES``) and the chunk rows are made small here, so that a few MB
+exercise what a long vLLM run does with hundreds of MB.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 
 from ptrace.bundle_spec import BundleWriter, open_bundle, validate_bundle
 from ptrace.bundle_spec import writer as writer_module
+from ptrace.bundle_spec.layout import stats_array, tensor_array
 from ptrace.bundle_spec.stats import row_stats
 from tests.bundle_spec.test_roundtrip import finish_minimal
 from tests.conftest import run_cli
@@ -27,20 +29,21 @@ TENSORS = ("embed", "layers.0.out", "logits")
 def _write_batched(path: Path, requests: int, prompt: int, steps: int, *, full: bool = False,
                    keep: bool = True) -> dict[str, np.ndarray]:
     """What the recorder writes for a batched engine: each request's prefill rows, then one row per
-    request per decode step, for every tensor. Returns what was written, by array path (if ``keep``)."""
+    request per decode step, for every tensor. Returns what was written, by (array path, request)
+    (if ``keep``)."""
     rng = np.random.default_rng(0)
-    written: dict[str, list[np.ndarray]] = {}
+    written: dict[tuple[str, int], list[np.ndarray]] = {}
 
     def append(request: int, rows: int) -> None:
         for name in TENSORS:
             tensor = rng.standard_normal((rows, 5)).astype(ml_dtypes.bfloat16)
-            blocks = {f"requests/{request}/stats/{name}": row_stats(tensor)}
+            blocks = {stats_array(name): row_stats(tensor)}
             if full:
-                blocks[f"requests/{request}/tensors/{name}"] = tensor
+                blocks[tensor_array(name)] = tensor
             for array, block in blocks.items():
-                writer.append_rows(array, block)
+                writer.append(array, request, block)
                 if keep:
-                    written.setdefault(array, []).append(block)
+                    written.setdefault((array, request), []).append(block)
 
     with BundleWriter(path) as writer:
         for request in range(requests):
@@ -50,7 +53,7 @@ def _write_batched(path: Path, requests: int, prompt: int, steps: int, *, full: 
                 append(request, 1)
         finish_minimal(writer, prompt + steps, requests=requests, mode="full" if full else "stats",
                        tensor_names=list(TENSORS))
-    return {array: np.concatenate(blocks) for array, blocks in written.items()}
+    return {key: np.concatenate(blocks) for key, blocks in written.items()}
 
 
 PROMPT, STEPS = 2000, 2
@@ -76,33 +79,51 @@ def test_writer_memory_does_not_grow_with_the_requests(tmp_path, monkeypatch):
     assert large - small < 0.2 * stats_bytes, (small, large, stats_bytes)
 
 
+def _segments(path: Path) -> int:
+    with open_bundle(path) as bundle:
+        return sum(len(parts) for parts in bundle._segments(stats_array("logits")).values())
+
+
 @pytest.mark.parametrize("full", [False, True], ids=["stats", "full"])
-def test_arrays_written_out_in_partial_chunks_read_back_exactly(tmp_path, monkeypatch, full):
-    # A budget of one byte writes every array out at every append; chunks of 4 rows with blocks
-    # of 1 and 7 rows make most write-outs partial and rewrite chunks written before.
+def test_arrays_appended_in_many_segments_read_back_exactly(tmp_path, monkeypatch, full):
+    # A budget of one byte appends every array at every row; chunks of 4 rows with blocks of 1
+    # and 7 rows make most write-outs partial and rewrite chunks written before.
     monkeypatch.setattr(writer_module, "PENDING_BYTES", 1)
-    monkeypatch.setattr(writer_module, "STREAM_CHUNK_ROWS", 4)
+    monkeypatch.setattr(writer_module, "MAX_CHUNK_ROWS", 4)
     written = _write_batched(tmp_path / "b.zarr", requests=3, prompt=7, steps=6, full=full)
-    assert validate_bundle(tmp_path / "b.zarr") == []  # every chunk's CRC and each array's whole CRC
+    assert _segments(tmp_path / "b.zarr") == 3 * (1 + 6)  # the prefill, then one per step
+    assert validate_bundle(tmp_path / "b.zarr") == []  # every chunk's, segment's and array's CRC
     with open_bundle(tmp_path / "b.zarr") as bundle:
-        for array, data in written.items():
-            request, kind, name = int(array.split("/")[1]), array.split("/")[2], array.split("/")[3]
+        for (array, request), data in written.items():
+            kind, name = array.split("/")
             back = bundle.stats(request, name) if kind == "stats" else bundle.tensor(request, name)
-            assert back.dtype == data.dtype and back.tobytes() == data.tobytes(), array
+            assert back.dtype == data.dtype and back.tobytes() == data.tobytes(), (array, request)
+            if kind == "tensors":
+                blocks = [block.copy() for _, block in bundle.tensor_blocks(request, name, 5)]
+                assert np.concatenate(blocks).tobytes() == data.tobytes(), (array, request)
 
 
-def test_partial_write_outs_store_the_same_bytes_as_whole_chunks(tmp_path, monkeypatch):
-    """The bundle does not depend on memory pressure: every array file is byte-identical."""
-    monkeypatch.setattr(writer_module, "STREAM_CHUNK_ROWS", 4)
+def test_memory_pressure_changes_segments_not_what_requests_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer_module, "MAX_CHUNK_ROWS", 4)
     _write_batched(tmp_path / "roomy.zarr", requests=3, prompt=7, steps=6, full=True)
     monkeypatch.setattr(writer_module, "PENDING_BYTES", 1)
     _write_batched(tmp_path / "tight.zarr", requests=3, prompt=7, steps=6, full=True)
-
-    def array_files(root: Path) -> dict[str, bytes]:
-        return {str(f.relative_to(root)): f.read_bytes() for f in (root / "requests").rglob("*") if f.is_file()}
-
-    roomy, tight = array_files(tmp_path / "roomy.zarr"), array_files(tmp_path / "tight.zarr")
-    assert len(roomy) > 3 * len(TENSORS) * 2 * 3  # several chunks per array
-    assert roomy == tight
+    assert _segments(tmp_path / "roomy.zarr") == 3  # with room, one segment per request
+    with open_bundle(tmp_path / "roomy.zarr") as roomy, open_bundle(tmp_path / "tight.zarr") as tight:
+        for name in TENSORS:
+            for request in range(3):
+                assert roomy.tensor(request, name).tobytes() == tight.tensor(request, name).tobytes()
+                assert roomy.stats(request, name).tobytes() == tight.stats(request, name).tobytes()
     done = run_cli("validate", tmp_path / "tight.zarr")
     assert done.returncode == 0, done.stderr
+
+
+def test_files_do_not_grow_with_the_requests(tmp_path):
+    """One array per tensor over all requests: 40 requests make no more files than 4 (section 9)."""
+    _write_batched(tmp_path / "few.zarr", requests=4, prompt=7, steps=2, full=True, keep=False)
+    _write_batched(tmp_path / "many.zarr", requests=40, prompt=7, steps=2, full=True, keep=False)
+
+    def files(root: Path) -> int:
+        return sum(1 for f in root.rglob("*") if f.is_file())
+
+    assert files(tmp_path / "many.zarr") == files(tmp_path / "few.zarr")

@@ -49,13 +49,13 @@ def hostile_bundle(tmp_path):
     path = tmp_path / "b.zarr"
     tensor = np.ones((4, 3), np.float32)
     with BundleWriter(path) as writer:
-        writer.append_rows("requests/0/stats/logits", row_stats(tensor))
-        writer.append_rows("requests/0/tensors/logits", tensor)
-        writer.write_array("requests/0/prompt_ids", np.arange(3, dtype=np.int64))
-        writer.write_array("requests/0/output_ids", np.array([5, 6], dtype=np.int64))
-        writer.write_array("requests/0/topk_ids", np.zeros((2, 1), np.int64))
-        writer.write_array("requests/0/topk_logprobs", np.zeros((2, 1), np.float32))
-        writer.write_array("requests/0/positions", np.arange(4, dtype=np.int64))
+        writer.append("stats/logits", 0, row_stats(tensor))
+        writer.append("tensors/logits", 0, tensor)
+        writer.append("requests/prompt_ids", 0, np.arange(3, dtype=np.int64))
+        writer.append("requests/output_ids", 0, np.array([5, 6], dtype=np.int64))
+        writer.append("requests/topk_ids", 0, np.zeros((2, 1), np.int64))
+        writer.append("requests/topk_logprobs", 0, np.zeros((2, 1), np.float32))
+        writer.append("requests/positions", 0, np.arange(4, dtype=np.int64))
         writer.write_document(ModelInfo(model_path=HOSTILE, name=HOSTILE, architecture=HOSTILE,
                                         config={"num_hidden_layers": 1}, weights={HOSTILE: "0"},
                                         tokenizer={}, fingerprint=HOSTILE, tokenizer_fingerprint="t"))

@@ -10,7 +10,7 @@ from tests.conftest import run_cli
 
 
 def _chunks(bundle, name):
-    return sorted((bundle / tensor_array(0, name)).rglob("c/*/*"))
+    return sorted((bundle / tensor_array(name)).rglob("c/*/*"))
 
 
 def test_a_missing_or_swapped_chunk_is_an_error_not_a_verdict(full_bundle, tmp_path):

@@ -1,11 +1,12 @@
-"""Regenerate the golden bundles of ``tests/data/golden`` and what reading them must give.
+"""Make the golden bundles of the current spec version, ``tests/data/golden/v{N}``, and what
+reading them must give.
 
 Run from the repository root (``python tests/data/make_golden.py``) with the torch backend
-installed. The bundles are committed: ``tests/bundle_spec/test_golden.py`` reads them with the
-current reader and compares every metadata value and every array's bytes (SHA-256) with
-``expected.json``, so a change that stops reading existing spec-v1 bundles exactly fails a test.
-Regenerate only for a deliberate format change (and then bump the spec version if old readers
-would misread the new bundles).
+installed. The bundles are committed: ``tests/bundle_spec/test_golden.py`` reads every version's
+with the current reader and compares every metadata value and every array's bytes (SHA-256)
+with ``expected.json``, so a change that stops reading existing bundles exactly fails a test.
+Older versions' directories are never regenerated (their writer is gone): run this only for a
+new spec version, after bumping it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-GOLDEN = Path("tests/data/golden")
+sys.path.insert(0, str(ROOT))
+from ptrace.bundle_spec import SPEC_VERSION  # noqa: E402
+
+GOLDEN = Path(f"tests/data/golden/v{SPEC_VERSION}")
 MODEL = "examples/tiny-qwen2"
 #: One short request and a few tensors (q is 3-D; the logits): small enough to commit (under
 #: 1 MB in all). The replay runs in bfloat16, so a logical dtype stored bit for bit is covered.
@@ -32,7 +36,6 @@ def ptrace(*args: str) -> None:
 
 def expected(path: Path) -> dict:
     """What the reader gives for a bundle: every metadata document, and each array's SHA-256."""
-    sys.path.insert(0, str(ROOT))
     from ptrace.bundle_spec import open_bundle
 
     with open_bundle(ROOT / path) as bundle:

@@ -18,10 +18,9 @@ import pytest
 from ptrace.monitor.canary import Canary, load_golden
 from ptrace.monitor.client import Endpoint
 from ptrace.monitor.metrics import CanaryMetrics
-from tests.conftest import ROOT, run_cli
+from tests.conftest import GOLDEN, ROOT, run_cli
 from tests.monitor.servers import HOST, free_port, get, misbehaving_server, wait_until
 
-GOLDEN = ROOT / "tests" / "data" / "golden"
 
 
 def _lines(stderr: str) -> list[str]:

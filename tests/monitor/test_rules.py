@@ -12,11 +12,10 @@ from ptrace.compare import compare
 from ptrace.monitor.canary import load_golden
 from ptrace.monitor.metrics import CanaryMetrics
 from ptrace.monitor.textfile import comparison_registry
-from tests.conftest import ROOT
+from tests.conftest import GOLDEN, ROOT
 from tests.monitor.servers import prometheus_binary
 
 MONITORING = ROOT / "monitoring"
-GOLDEN = ROOT / "tests" / "data" / "golden"
 _SERIES = re.compile(r"\bptrace_[a-z_]+\b")
 
 

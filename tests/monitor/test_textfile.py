@@ -11,9 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ptrace.bundle_spec import open_bundle
 from ptrace.compare import compare
 from ptrace.monitor.textfile import write_comparison_metrics
-from tests.conftest import ROOT, run_cli
+from tests.conftest import GOLDEN, run_cli
 
-GOLDEN = ROOT / "tests" / "data" / "golden"
 
 
 def samples(path) -> dict[tuple[str, tuple], float]:
