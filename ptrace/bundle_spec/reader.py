@@ -139,6 +139,8 @@ class Bundle:
         self._store = open_read_store(self.path)
         self._nodes: dict[str, zarr.Array] = {}
         self._segment_tables: dict[str, dict[int, list[tuple[int, int, int]]]] = {}
+        #: (array, chunk index, decoded bytes) of the last chunk a range ended inside
+        self._kept_chunk: tuple[str, int, np.ndarray | None] = ("", -1, None)
         self._absent_chunks = self._absent_bytes = 0
         try:
             self._root = zarr.open_group(self._store, mode="r", zarr_format=3)
@@ -508,7 +510,10 @@ class Bundle:
     def _chunk_blocks(self, path: str, node: zarr.Array, reader: ChunkReader, first: int, last: int,
                       rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Blocks of as many whole chunks as fit in ``rows`` rows (at least one), decoded into
-        one reused buffer (in storage dtype), cut to rows ``first:last``."""
+        one reused buffer (in storage dtype), cut to rows ``first:last``.
+
+        Short requests share chunks: the chunk where a range ends is kept (decoded, verified),
+        so that reading the requests in order decodes each chunk once, not once per request."""
         chunk_rows = node.chunks[0]
         per_block = max(1, rows // chunk_rows)
         buffer = np.empty((per_block * chunk_rows, *node.chunks[1:]), node.dtype)
@@ -517,6 +522,9 @@ class Bundle:
         for block_chunk in range(first // chunk_rows, stop_chunk, per_block):
             taken = min(per_block, stop_chunk - block_chunk)
             for offset in range(taken):
+                if self._kept_chunk[:2] == (path, block_chunk + offset):
+                    chunks[offset] = self._kept_chunk[2]
+                    continue
                 try:
                     reader.read(block_chunk + offset, chunks[offset])
                 except PtraceError:
@@ -525,6 +533,8 @@ class Bundle:
                     raise self._corrupt(path, f"is corrupted ({error_reason(exc)})") from None
             start = block_chunk * chunk_rows
             low, high = max(first, start), min(last, start + taken * chunk_rows)
+            if high == last and last % chunk_rows:  # the next rows, another request's, start in it
+                self._kept_chunk = (path, block_chunk + taken - 1, chunks[taken - 1].copy())
             yield low, buffer[low - start:high - start]
 
     def _missing_tensor_message(self, request: int, name: str) -> str:

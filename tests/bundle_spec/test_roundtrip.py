@@ -116,3 +116,19 @@ def test_tensor_rows_reads_any_slice(tmp_path):
     with open_bundle(tmp_path / "b.zarr") as bundle:
         blocks = [bundle.tensor_rows(0, "layers.0.out", start, min(start + 16, 50)) for start in range(0, 50, 16)]
     assert np.concatenate(blocks).tobytes() == tensor.tobytes()
+
+
+def test_requests_sharing_a_chunk_read_in_order_decode_it_once(tmp_path, monkeypatch):
+    from ptrace.bundle_spec.chunks import ChunkReader
+    from ptrace.testing.bundles import SyntheticRequest, write_bundle
+
+    write_bundle(tmp_path / "b.zarr", [SyntheticRequest(prompt=[1, 2, 3 + r], outputs=[4, 5, 6]) for r in range(8)])
+    decoded = []
+    read = ChunkReader.read
+    monkeypatch.setattr(ChunkReader, "read", lambda self, index, out: (decoded.append(index), read(self, index, out)))
+    with open_bundle(tmp_path / "b.zarr") as bundle:
+        for r in range(8):  # 5 rows each: all 8 requests lie in one chunk
+            blocks = [block.copy() for _, block in bundle.tensor_blocks(r, "layers.0.out", 2)]
+            assert np.concatenate(blocks).tobytes() == bundle.tensor(r, "layers.0.out").tobytes()
+        assert bundle._node("tensors/layers.0.out").nchunks == 1
+    assert decoded == [0]
