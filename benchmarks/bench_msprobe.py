@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_startup  # noqa: E402
 from bench_capture import EXAMPLE, make_large_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,30 +162,11 @@ def print_growth(results: list[dict]) -> None:
         print(f"{name:28}" + "".join(f"{x['seconds']:9.2f}" for x in row))
 
 
-def median_seconds(bench: Bench, *command: str, times: int = 3) -> float:
-    return statistics.median(bench.timed_command(*command)["seconds"] for _ in range(times))
-
-
 def print_startup(bench: Bench) -> None:
-    """``ptrace --help`` and ``ptrace compare`` of two tiny bundles (start-up is all there is to
-    them), against the interpreter alone and the imports compare cannot avoid (numpy, zarr)."""
-    from ptrace.testing.bundles import SyntheticRequest, write_bundle
-
-    request = [SyntheticRequest(prompt=(1, 2, 3, 4), outputs=(5, 6, 7))]
-    a = write_bundle(bench.scratch / "tiny-a.zarr", request)
-    b = write_bundle(bench.scratch / "tiny-b.zarr", request, dtype="bfloat16")
-    python, msprobe = sys.executable, str(bench.python["msprobe"].parent / "msprobe")
-    rows = {
-        "python -c pass": (python, "-c", "pass"),
-        "python -c 'import numpy, zarr'": (python, "-c", "import numpy, zarr"),
-        "ptrace --help": (python, "-m", "ptrace", "--help"),
-        "ptrace compare --help": (python, "-m", "ptrace", "compare", "--help"),
-        "ptrace compare (tiny bundles)": (python, "-m", "ptrace", "compare", str(a), str(b)),
-        "msprobe --help": (msprobe, "--help"),
-    }
-    print("\n## start-up (median of 3 commands; target: ptrace --help and compare < 0.3 s)")
-    for name, command in rows.items():
-        print(f"{name:32} {median_seconds(bench, *command):6.2f} s")
+    """``ptrace --help`` and ``ptrace compare`` of two tiny bundles, layer by layer
+    (``bench_startup.py``), beside msprobe's ``--help``."""
+    msprobe = str(bench.python["msprobe"].parent / "msprobe")
+    bench_startup.print_startup(bench.scratch, 3, extra={"msprobe --help": (msprobe, "--help")})
 
 
 def _write_prompt(scratch: Path, prompt_len: int) -> Path:

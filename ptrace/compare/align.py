@@ -30,7 +30,8 @@ def comparable_positions(a: Bundle, b: Bundle, request: int) -> np.ndarray:
     n = min(len(fed_a), len(fed_b))
     differs = np.flatnonzero(fed_a[:n] != fed_b[:n])
     limit = int(differs[0]) if differs.size else n
-    common = np.intersect1d(a.positions(request), b.positions(request))
+    # Both are strictly increasing (the reader checks): no np.unique, which would import numpy.ma.
+    common = np.intersect1d(a.positions(request), b.positions(request), assume_unique=True)
     return common[common < limit]
 
 

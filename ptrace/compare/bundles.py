@@ -20,7 +20,7 @@ from ptrace.compare.localize import earliest, first_divergent, first_nonfinite, 
 from ptrace.compare.results import Comparison, TensorResult
 from ptrace.compare.stability import with_stability
 from ptrace.compare.summary import with_summary
-from ptrace.compare.tensors import compare_tensor
+from ptrace.compare.tensors import compare_tensor, worth_compiling
 from ptrace.compare.thresholds import thresholds_for, worst
 from ptrace.compare.tokens import compare_request, overall_agreement, token_verdict
 from ptrace.errors import ComparisonError
@@ -63,12 +63,13 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
 
     names = sort_forward(set(a.tensor_names) & set(b.tensor_names))
     missing = sorted(set(a.tensor_names) ^ set(b.tensor_names))
+    compiled = worth_compiling(a, b, names, alignments)
     # Tensors are independent and numpy releases the GIL: one worker per core.
     done = 0
 
     def one(name: str) -> TensorResult:
         nonlocal done
-        result = compare_tensor(a, b, name, alignments, thresholds)
+        result = compare_tensor(a, b, name, alignments, thresholds, compiled=compiled)
         done += 1
         if progress:
             progress(done, len(names))

@@ -8,6 +8,8 @@ numbers without keeping the tensor, so bundles larger than memory stream through
 Compare is meant to run at the speed the bundle is read (issue #14), so every per-row sum comes
 out of one pass over the elements: a compiled kernel (numba) where numba imports, else numpy,
 which needs one pass per sum and gives the same numbers up to the order of float64 additions.
+Loading the kernel costs a fixed ~0.3 s (numba's import and its cached machine code), more than
+numpy needs for a small comparison: below :data:`KERNEL_MIN_ELEMENTS` numpy does the sums.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ THOUSANDTH = 1e-3
 PER_ROW = ("mean_abs", "cos", "rel")
 #: The per-row sums, in the kernel's output columns.
 SUM_ABS, SUM_REL, THOUSANDTHS, DOT, SQ_A, SQ_B, SQ_DIFF, MAX_ABS = range(8)
+#: Element pairs in a whole comparison from which the compiled kernel pays for loading it: numpy
+#: sums about 50 million pairs a second (float32) against the kernel's billions, and loading
+#: numba takes ~0.3 s, so the break-even lies near 16 million pairs. Below half of that, numpy's
+#: passes cost less than the load alone, and ``ptrace compare`` of small bundles starts in < 0.3 s.
+KERNEL_MIN_ELEMENTS = 1 << 23
 _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
 def _flat(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.asarray(block).reshape(block.shape[0], -1).astype(dtype, copy=False)
 
@@ -79,14 +88,15 @@ def _row_sums_function() -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     return compiled
 
 
-def row_sums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def row_sums(a: np.ndarray, b: np.ndarray, *, compiled: bool = True) -> np.ndarray:
     """Per row of ``b`` against reference ``a``, in float64, the columns ``SUM_ABS`` ...
     ``MAX_ABS``: sums of |a - b|, of |a - b| / (|a| + REL_EPS), the count of those at most
-    ``THOUSANDTH``, sums of a*b, a^2, b^2, (a - b)^2, and the max |a - b| (NaN if any is)."""
+    ``THOUSANDTH``, sums of a*b, a^2, b^2, (a - b)^2, and the max |a - b| (NaN if any is).
+    ``compiled=False``: numpy's passes, without loading the kernel (a small comparison)."""
     if a.shape != b.shape:
         raise ComparisonError(f"cannot compare rows of shapes {a.shape} and {b.shape}",
                               hint="both runs must use the same model architecture")
-    return _row_sums_function()(a, b)
+    return (_row_sums_function() if compiled else _numpy_row_sums)(a, b)
 
 
 @dataclass(frozen=True)
@@ -110,9 +120,9 @@ class RowErrors:
     size: int
 
 
-def row_errors(a: np.ndarray, b: np.ndarray) -> RowErrors:
+def row_errors(a: np.ndarray, b: np.ndarray, *, compiled: bool = True) -> RowErrors:
     """Every per-row metric, from the per-row sums of one pass (:func:`row_sums`)."""
-    sums = row_sums(a, b)
+    sums = row_sums(a, b, compiled=compiled)
     size = int(np.prod(a.shape[1:], dtype=np.int64))
     dot, sq_a, sq_b, sq_diff = sums[:, DOT], sums[:, SQ_A], sums[:, SQ_B], sums[:, SQ_DIFF]
     with np.errstate(invalid="ignore", divide="ignore"):

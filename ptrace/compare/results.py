@@ -6,6 +6,10 @@ The report renders these objects and nothing else, so a result saved with ``ptra
 JSON has no NaN or Infinity (Python writes them, but most other readers reject the file), so
 ``to_dict`` writes a non-finite float (a metric with nothing to measure, a run that overflowed)
 as ``None``; ``from_dict`` reads ``None`` back as NaN wherever the field is a float.
+
+Per-position results (one entry per tensor and compared position: millions on a big bundle) are
+numpy arrays in memory, 8 bytes an entry where a list of Python floats takes about 32, so that
+compare's memory stays bounded by its block size (issue #14); in JSON they are lists.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ def plain(value: Any) -> Any:
         return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
         return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
     if isinstance(value, np.generic):
@@ -38,6 +44,13 @@ def plain(value: Any) -> Any:
     if value is None or isinstance(value, str | int):
         return value
     return str(value)  # anything else in a run's metadata (bytes, a path) shows as its text
+
+
+def per_position(dtype: type[np.generic]) -> Any:
+    """A per-position field: a 1-D array of ``dtype`` (a list given is converted), empty by
+    default. Left out of ``==``: an array compared element-wise has no single truth value."""
+    return field(default_factory=lambda: np.zeros(0, dtype), repr=False, compare=False,
+                 metadata={"dtype": np.dtype(dtype)})
 
 
 def _load(hint: Any, value: Any) -> Any:
@@ -58,6 +71,15 @@ def _load(hint: Any, value: Any) -> Any:
 
 class Result:
     """Mixin for the frozen dataclasses below: ``to_dict`` and its inverse ``from_dict``."""
+
+    def __post_init__(self) -> None:
+        """Per-position fields given as lists (read from JSON, built by hand) become arrays; a
+        JSON ``None`` in a float field becomes NaN."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if "dtype" in f.metadata:
+                value = getattr(self, f.name)
+                if not (isinstance(value, np.ndarray) and value.dtype == f.metadata["dtype"]):
+                    object.__setattr__(self, f.name, np.array(value, dtype=f.metadata["dtype"]))
 
     def to_dict(self) -> dict[str, Any]:
         return plain(self)
@@ -99,11 +121,11 @@ class TensorResult(Result):
     noise_floor: float = 0.0
     #: per compared position, for plots: the request, absolute position, mean abs error, cosine
     #: and normwise relative error
-    position_request: list[int] = field(default_factory=list, repr=False)
-    position_index: list[int] = field(default_factory=list, repr=False)
-    position_mean_abs: list[float] = field(default_factory=list, repr=False)
-    position_cos: list[float] = field(default_factory=list, repr=False)
-    position_rel: list[float] = field(default_factory=list, repr=False)
+    position_request: np.ndarray = per_position(np.int64)
+    position_index: np.ndarray = per_position(np.int64)
+    position_mean_abs: np.ndarray = per_position(np.float64)
+    position_cos: np.ndarray = per_position(np.float64)
+    position_rel: np.ndarray = per_position(np.float64)
 
 
 @dataclass(frozen=True)
@@ -263,7 +285,7 @@ class CalibratedTensor(Result):
     name: str
     #: the calibration run's normwise relative error against the reference: overall, per position
     rel_err: float
-    position_rel: list[float] = field(default_factory=list, repr=False)
+    position_rel: np.ndarray = per_position(np.float64)
     #: replay error / calibration error: mean over positions, and the largest
     ratio_mean: float = math.nan
     ratio_max: float = math.nan

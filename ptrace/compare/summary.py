@@ -37,7 +37,7 @@ def _where(c: Comparison) -> str:
             if at and tensor.noise_floor else ""
         return (f"runs part ways at {c.first_divergent_tensor} (request {c.first_divergent_request}, "
                 f"position {c.first_divergent_position}{size})")
-    measured = [t for t in c.tensors if t.position_rel]
+    measured = [t for t in c.tensors if t.position_rel.size]
     if measured and all(max(t.position_rel) == 0 for t in measured if not t.stats_only):
         return "every captured tensor is bit-identical"
     if not measured:

@@ -14,7 +14,7 @@ import numpy as np
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.compare import noise
 from ptrace.compare.align import Alignment, align_tensor
-from ptrace.compare.metrics import RunningTotals, row_errors
+from ptrace.compare.metrics import KERNEL_MIN_ELEMENTS, RunningTotals, row_errors
 from ptrace.compare.results import TensorResult
 from ptrace.compare.thresholds import FAIL, PASS, WARN, Thresholds
 from ptrace.errors import ComparisonError
@@ -59,11 +59,31 @@ def _paired(from_a: Iterator[np.ndarray], from_b: Iterator[np.ndarray]) -> Itera
         piece_a, piece_b = piece_a[rows:], piece_b[rows:]
 
 
+def _elementwise(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignment]) -> bool:
+    """Both runs hold tensor ``name``'s elements for every request (else only its statistics)."""
+    return all(a.has_tensor(r, name) and b.has_tensor(r, name) for r in alignments)
+
+
+def worth_compiling(a: Bundle, b: Bundle, names: list[str], alignments: dict[int, Alignment]) -> bool:
+    """Whether comparing tensors ``names`` reads enough elements to pay for loading the compiled
+    kernel (:data:`~ptrace.compare.metrics.KERNEL_MIN_ELEMENTS`). Decided once for the whole
+    comparison from the bundles' metadata, so every tensor's sums come from the same code and a
+    comparison repeated gives the same bits."""
+    elements = 0
+    for name in names:
+        tensor_alignments = align_tensor(a, b, name, alignments)
+        if _elementwise(a, b, name, tensor_alignments):
+            elements += sum(aligned.positions.size * int(np.prod(a.tensor_row_shape(request, name)))
+                            for request, aligned in tensor_alignments.items() if aligned.positions.size)
+    return elements >= KERNEL_MIN_ELEMENTS
+
+
 def compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignment],
-                   thresholds: Thresholds) -> TensorResult:
+                   thresholds: Thresholds, *, compiled: bool = True) -> TensorResult:
+    """``compiled``: sum with the compiled kernel (see :func:`worth_compiling`), else numpy."""
     floor = noise.floor(name, a.run.dtype, b.run.dtype, a.model.num_layers)
     alignments = align_tensor(a, b, name, alignments)
-    if not all(a.has_tensor(r, name) and b.has_tensor(r, name) for r in alignments):
+    if not _elementwise(a, b, name, alignments):
         return compare_stats(a, b, name, alignments, thresholds, floor)
     totals = RunningTotals()
     index: list[np.ndarray] = []
@@ -82,7 +102,7 @@ def compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignm
         from_b = _selected(b, request, name, aligned.rows_b, block)
         start = 0
         for rows_a, rows_b in _paired(from_a, from_b):
-            totals.add(row_errors(rows_a, rows_b))
+            totals.add(row_errors(rows_a, rows_b, compiled=compiled))
             index.append(wanted[start:start + rows_a.shape[0]])
             requests.append(np.full(rows_a.shape[0], request, np.int64))
             start += rows_a.shape[0]
@@ -90,8 +110,7 @@ def compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignm
             for _ in rest:
                 pass
     mean_abs, cos = totals.rows_of("mean_abs"), totals.rows_of("cos")
-    verdicts = [thresholds.verdict(m, c) for m, c in zip(mean_abs, cos)]
-    failing = [i for i, v in enumerate(verdicts) if v == FAIL]
+    failing = np.flatnonzero(thresholds.failing(mean_abs, cos))
     flat_index = np.concatenate(index) if index else np.zeros(0, np.int64)
     return TensorResult(
         name=name, verdict=thresholds.verdict(totals.mean_abs, totals.cos) if totals.rows else PASS,
@@ -99,11 +118,10 @@ def compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignm
         mean_rel_err=totals.mean_rel, cos_sim=totals.cos,
         min_cos_sim=float(cos.min()) if cos.size else float("nan"),
         thousandth_ratio=totals.thousandth,
-        first_fail_position=int(flat_index[failing[0]]) if failing else None,
+        first_fail_position=int(flat_index[failing[0]]) if failing.size else None,
         rel_err=totals.rel, noise_floor=floor,
-        position_request=(np.concatenate(requests) if requests else np.zeros(0, np.int64)).tolist(),
-        position_index=flat_index.tolist(), position_mean_abs=mean_abs.tolist(), position_cos=cos.tolist(),
-        position_rel=totals.rows_of("rel").tolist())
+        position_request=np.concatenate(requests) if requests else np.zeros(0, np.int64),
+        position_index=flat_index, position_mean_abs=mean_abs, position_cos=cos, position_rel=totals.rows_of("rel"))
 
 
 def compare_stats(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignment],
@@ -136,6 +154,5 @@ def compare_stats(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignme
         mean_rel_err=float(rel.mean()) if rel.size else nan, cos_sim=nan, min_cos_sim=nan,
         thousandth_ratio=nan, first_fail_position=int(flat_index[failing[0]]) if failing.size else None,
         stats_only=True, rel_err=worst_rel if rel.size else nan, noise_floor=floor,
-        position_request=(np.concatenate(requests) if requests else np.zeros(0, np.int64)).tolist(),
-        position_index=flat_index.tolist(), position_mean_abs=rel.tolist(), position_cos=[],
-        position_rel=rel.tolist())
+        position_request=np.concatenate(requests) if requests else np.zeros(0, np.int64),
+        position_index=flat_index, position_mean_abs=rel, position_rel=rel)

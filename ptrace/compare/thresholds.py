@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
+
 from ptrace.errors import UsageError
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -34,6 +36,12 @@ class Thresholds:
         if mean_abs < self.warn_mean_abs and cos > self.warn_cos:
             return WARN
         return FAIL
+
+    def failing(self, mean_abs: np.ndarray, cos: np.ndarray) -> np.ndarray:
+        """Element-wise over per-row arrays: where :meth:`verdict` is FAIL (NaN fails, as there),
+        without a Python call per row of a long tensor."""
+        return ~(((mean_abs < self.pass_mean_abs) & (cos > self.pass_cos))
+                 | ((mean_abs < self.warn_mean_abs) & (cos > self.warn_cos)))
 
     def tripped(self, mean_abs: float, cos: float) -> str:
         """Which limit a verdict other than pass broke, in words (``mean abs error 0.002 >= 1e-4``)."""

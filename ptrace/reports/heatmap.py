@@ -108,8 +108,9 @@ def _one(request: RequestResult | None, index: int, rows: list[TensorResult], sc
          width: float) -> dict[str, Any] | None:
     cells: dict[str, dict[int, float]] = {}
     for t in rows:
-        mine = {p: _ratio(r, t.noise_floor) for q, p, r in zip(t.position_request, t.position_index, t.position_rel)
-                if q == index}
+        here = t.position_request == index
+        mine = {p: _ratio(r, t.noise_floor) for p, r in zip(t.position_index[here].tolist(),
+                                                             t.position_rel[here].tolist())}
         if mine:
             cells[t.name] = mine
     if not cells:
@@ -168,13 +169,13 @@ def _marker(request: RequestResult, names: list[str], column_of: dict[int, int],
 
 def heatmaps(c: Comparison) -> dict[str, Any] | None:
     """One map per request, on one shared colour scale; None when no tensor has per-position errors."""
-    rows = sorted((t for t in c.tensors if _is_stream(t.name) and t.position_rel),
+    rows = sorted((t for t in c.tensors if _is_stream(t.name) and t.position_rel.size),
                   key=lambda t: forward_key(t.name))
     if not rows:
         return None
-    scale = Scale([_ratio(r, t.noise_floor) for t in rows for r in t.position_rel])
+    scale = Scale([_ratio(r, t.noise_floor) for t in rows for r in t.position_rel.tolist()])
     requests = {r.index: r for r in c.requests}
-    indices = sorted({q for t in rows for q in t.position_request} | set(requests))
+    indices = sorted({q for t in rows for q in t.position_request.tolist()} | set(requests))
     width = 1100 if len(indices) == 1 else 540
     maps = [m for i in indices if (m := _one(requests.get(i), i, rows, scale, width)) is not None]
     return {"maps": maps, "legend": scale.legend(), "stats_only": all(t.stats_only for t in rows),

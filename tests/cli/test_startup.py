@@ -24,6 +24,8 @@ ENGINES = ("torch", "transformers", "vllm", "mindspore", "mindformers",
 #: The array stack and the report's stack: help needs neither.
 ARRAYS = ("numpy", "zarr", "numcodecs", "ml_dtypes")
 REPORT = ("jinja2", "matplotlib", "ptrace.reports")
+#: The compiled compare kernel: ~0.3 s to load, paid only by a comparison big enough to gain it.
+KERNEL = ("numba", "llvmlite", "ptrace.compare.kernel")
 
 # Runs the real command (``python -m ptrace ARGS``) and writes the modules it loaded to a file:
 # stdout belongs to the command.
@@ -56,13 +58,13 @@ def _among(modules: set[str], names: tuple[str, ...]) -> list[str]:
 def test_help_loads_no_engine_and_no_array_or_report_stack(tmp_path, args):
     loaded = _loaded(tmp_path, *args)
     assert "typer" in loaded  # the probe did run the command
-    assert _among(loaded, ENGINES + ARRAYS + REPORT) == []
+    assert _among(loaded, ENGINES + ARRAYS + REPORT + KERNEL) == []
 
 
-def test_compare_loads_no_engine_and_no_report_stack_without_report(tmp_path):
+def test_compare_of_small_bundles_loads_no_engine_no_report_stack_and_no_compiled_kernel(tmp_path):
     request = [SyntheticRequest(prompt=(1, 2, 3, 4), outputs=(5, 6, 7))]
     a = write_bundle(tmp_path / "a.zarr", request)
     b = write_bundle(tmp_path / "b.zarr", request, dtype="bfloat16")
     loaded = _loaded(tmp_path, "compare", str(a), str(b))
     assert "ptrace.compare" in loaded  # the comparison did run
-    assert _among(loaded, ENGINES + REPORT) == []
+    assert _among(loaded, ENGINES + REPORT + KERNEL) == []

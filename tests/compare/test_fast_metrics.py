@@ -73,6 +73,7 @@ def kernel(request, monkeypatch):
         monkeypatch.setattr(metrics, "_row_sums_function", lambda: metrics._numpy_row_sums)
     else:
         pytest.importorskip("numba")
+        monkeypatch.setattr(tensors, "KERNEL_MIN_ELEMENTS", 0)  # these tensors are small: numpy's otherwise
     return request.param
 
 
@@ -94,7 +95,7 @@ def test_compare_matches_a_plain_float64_implementation(tmp_path, monkeypatch, k
     expected = plain_metrics(a, b)
     for key, value in expected.items():
         np.testing.assert_allclose(getattr(result, key), value, rtol=RTOL, atol=0, err_msg=key)
-    assert result.positions == ROWS and result.position_index == list(range(ROWS))
+    assert result.positions == ROWS and result.position_index.tolist() == list(range(ROWS))
     if not finite:
         assert np.isnan(result.mean_abs_err) and np.isnan(result.position_mean_abs[11])
 
@@ -106,3 +107,18 @@ def test_row_sums_keep_nan_in_the_max_and_count_agreement_exactly(kernel):
     assert sums[0, metrics.THOUSANDTHS] == 2  # float32's 2.002 is 1.00004e-3 off 2: just past the limit
     assert np.isnan(sums[1, metrics.MAX_ABS]) and np.isnan(sums[2, metrics.MAX_ABS])  # inf - inf is NaN
     np.testing.assert_allclose(sums[0, metrics.MAX_ABS], np.float64(np.float32(2.002)) - 2, rtol=RTOL)
+
+
+@pytest.mark.parametrize("enough", [False, True], ids=["small", "worth-compiling"])
+def test_the_kernel_is_loaded_only_where_the_comparison_pays_for_it(tmp_path, monkeypatch, enough):
+    """Loading numba costs ~0.3 s: a comparison of fewer elements than that buys is numpy's."""
+    pytest.importorskip("numba")
+    loads = []
+    monkeypatch.setattr(metrics, "_row_sums_function", lambda: loads.append(1) or metrics._numpy_row_sums)
+    monkeypatch.setattr(tensors, "KERNEL_MIN_ELEMENTS", ROWS * WIDTH if enough else ROWS * WIDTH + 1)
+    a, b = awkward_pair(np.random.default_rng(3))
+    write_minimal(tmp_path / "a.zarr", {"layers.0.out": a})
+    write_minimal(tmp_path / "b.zarr", {"layers.0.out": b})
+    with open_bundle(tmp_path / "a.zarr") as bundle_a, open_bundle(tmp_path / "b.zarr") as bundle_b:
+        compare(bundle_a, bundle_b)
+    assert bool(loads) == enough

@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from ptrace.bundle_spec import open_bundle
@@ -43,6 +44,9 @@ def test_to_dict_is_strict_json_and_from_dict_reads_it_back(stats_only):
     back = Comparison.from_dict(data)
     assert math.isnan(back.tensors[0].cos_sim) and math.isnan(back.tensors[0].max_abs_err)
     assert back.tensors[0].position_mean_abs[0] == 1.0 and math.isnan(back.tensors[0].position_mean_abs[1])
+    # per-position results are arrays in memory, whether computed, given as lists or read back
+    for tensor in (stats_only.tensors[0], back.tensors[0]):
+        assert tensor.position_mean_abs.dtype == np.float64 and tensor.position_index.dtype == np.int64
     assert back.requests[1].divergence == stats_only.requests[1].divergence
     assert back.to_dict() == data
     # everything but the non-finite floats (NaN != NaN) compares equal
