@@ -435,6 +435,18 @@ class Bundle:
                               hint=f"capture with --tensors '{name}'")
         return self._rows_of(stats_array(name), request)
 
+    def stats_by_request(self, name: str) -> dict[int, np.ndarray]:
+        """Every request's :meth:`stats` of tensor ``name``, by request: one read of the array
+        (spec version 2) instead of one per request."""
+        if self.spec_version == 1 or stats_array(name) not in self.manifest.arrays:
+            return {r: self.stats(r, name) for r in range(self.num_requests)}
+        whole = self._read(stats_array(name))
+        segments = self._segments(stats_array(name))
+        empty = whole[:0]
+        return {r: empty if not segments.get(r) else
+                np.concatenate([whole[first:last] for first, last, _ in segments[r]])
+                for r in range(self.num_requests)}
+
     def tensor_rows(self, request: int, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a request's full tensor (reads only the chunks they live in)."""
         path, segments = self._tensor_part(request, name)

@@ -16,15 +16,15 @@ def _tensor_rows(bundle: Bundle) -> list[dict[str, Any]]:
     """One entry per captured tensor name, totals over requests."""
     rows = []
     for name in bundle.tensor_names:
-        shape, dtype, nbytes, stats_blocks = None, None, 0, []
+        shape, dtype, nbytes = None, None, 0
         for r in range(bundle.num_requests):
             found = bundle.part_shape(tensor_array(name), r)
             if found is not None:
                 shape = shape or list(found)
                 dtype = bundle.array_dtype(tensor_array(name), r)
                 nbytes += int(np.prod(found)) * numpy_dtype(dtype).itemsize
-            if bundle.part_shape(stats_array(name), r) is not None:
-                stats_blocks.append(bundle.stats(r, name))
+        stats_blocks = list(bundle.stats_by_request(name).values()) \
+            if bundle.part_shape(stats_array(name), 0) is not None else []
         row_size = int(np.prod(shape[1:])) if shape else 1
         summary = row_stats.summarize(np.concatenate(stats_blocks), row_size) if stats_blocks else {}
         rows.append({"name": name, "shape_request0": shape, "dtype": dtype, "bytes": nbytes,

@@ -66,14 +66,12 @@ def largest_local_error(results: list[TensorResult]) -> str | None:
 def first_nonfinite(bundle: Bundle, label: str, names: list[str]) -> dict[str, Any] | None:
     """The first tensor in forward order (then position) holding a NaN or Inf."""
     found = None
-    for request in range(bundle.num_requests):
-        for name in names:
-            stats = bundle.stats(request, name)
+    for name in names:
+        for request, stats in bundle.stats_by_request(name).items():
             bad = np.flatnonzero(stats[:, 5] + stats[:, 6] > 0)
             if bad.size:
                 position = int(bundle.tensor_positions(request, name)[bad[0]])
-                key = (forward_key(name), position)
+                key = (forward_key(name), position, request)
                 if found is None or key < found[0]:
                     found = (key, {"bundle": label, "request": request, "tensor": name, "position": position})
-                break
     return found[1] if found else None

@@ -131,12 +131,13 @@ def compare_stats(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignme
     The relative change of a row's scale (its std or mean |x|) stands in for the row's normwise
     relative error, which needs the elements, and is held against the same noise floor."""
     diffs, index, requests = [], [], []
+    stats_a, stats_b = a.stats_by_request(name), b.stats_by_request(name)
     for request, aligned in alignments.items():
         wanted = aligned.positions
         if not wanted.size:
             continue
-        sa = a.stats(request, name)[aligned.rows_a]
-        sb = b.stats(request, name)[aligned.rows_b]
+        sa = stats_a[request][aligned.rows_a]
+        sb = stats_b[request][aligned.rows_b]
         with np.errstate(invalid="ignore", divide="ignore"):
             rel = np.abs(sa[:, [3, 4]] - sb[:, [3, 4]]) / (np.abs(sa[:, [3, 4]]) + 1e-8)
         diffs.append(np.nanmax(rel, axis=1))
