@@ -4,7 +4,6 @@ model's real tokenizer, recorded in the bundle, and replayed token for token."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import sys
 
@@ -15,25 +14,17 @@ from ptrace.bundle_spec import open_bundle, validate_bundle
 from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
 from ptrace.capture import datasets
 from ptrace.errors import UsageError
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_sharegpt
 
 transformers = pytest.importorskip("transformers")
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron".split()
 #: Words per record: two long enough on their own for 1000..2000 tokens of the example tokenizer
 #: (about 2.7 tokens a word), the rest only when several are joined.
 RECORD_WORDS = (120, 650, 130, 140, 150, 110, 600, *(100 + 5 * i for i in range(18)))
 
 
 def _sharegpt(path, words=RECORD_WORDS, seed=0):
-    rng = random.Random(seed)
-    records = [{"id": f"r{i}_0", "conversations": [
-        {"from": "human", "value": " ".join(rng.choice(WORDS) for _ in range(n // 2))},
-        {"from": "gpt", "value": " ".join(rng.choice(WORDS) for _ in range(n - n // 2))}]}
-        for i, n in enumerate(words)]
-    records.insert(3, {"id": "empty", "conversations": []})  # real ShareGPT has some: skipped
-    path.write_text(json.dumps(records, indent=2))
-    return path
+    return write_sharegpt(path, words, seed)
 
 
 @pytest.fixture(scope="module")
