@@ -64,6 +64,10 @@ def test_a_sweep_of_a_parameter_no_whatif_has_is_refused(eight_prompts, tmp_path
                                  ((whatif.parse("noise:layers.0.k:std=1"),),), sweep=("factor", (1.0, 2.0))))
 
 
+#: Decode steps of the long prompts: few, their prefill is the long part.
+LONG_STEPS = 4
+
+
 @pytest.fixture(scope="module")
 def long_prompts(tmp_path_factory, example_model):
     """The long-sequence stage at small scale: 8 ShareGPT-layout conversations of 1100 to 2300
@@ -73,7 +77,7 @@ def long_prompts(tmp_path_factory, example_model):
     return capture(CaptureConfig(backend="torch", model=example_model, output=folder / "long.zarr",
                                  dataset=f"sharegpt:{data}", num_requests=8, min_prompt_tokens=1000,
                                  max_prompt_tokens=2500, command=("t",),
-                                 sampling=SamplingParams(max_new_tokens=6, seed=1),
+                                 sampling=SamplingParams(max_new_tokens=LONG_STEPS, seed=1),
                                  settings=CaptureSettings(tensors=("logits",), mode="stats")))
 
 
@@ -97,7 +101,8 @@ def test_kv_noise_over_a_dataset_bundle_gives_curves_against_prompt_length(long_
         assert all(0 <= b["divergence_rate"] <= 1 and b["mean_kl"] > 0 for b in buckets)
         # KL against absolute position: from the shortest prompt's first step to the longest's last.
         first, *_, last = w["stability"]["positions"]
-        assert first["min_pos"] <= lengths[0] <= first["max_pos"] and last["min_pos"] <= lengths[-1] + 5 <= last["max_pos"]
+        assert first["min_pos"] <= lengths[0] <= first["max_pos"]
+        assert last["min_pos"] <= lengths[-1] + LONG_STEPS - 1 <= last["max_pos"]
     assert [b["divergence_rate"] for b in large["stability"]["buckets"]] == [1.0, 1.0]
     assert all(b["mean_kl"] > a["mean_kl"] for a, b in zip(small["stability"]["buckets"],
                                                            large["stability"]["buckets"]))
