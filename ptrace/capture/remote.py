@@ -3,7 +3,7 @@
 The parent starts ``<engine python> -m ptrace.capture.remote`` with the capture configs as
 JSON on stdin. The child runs them with the engine installed there and reports over a pipe of
 its own (engines print freely on stdout and stderr), one JSON object per line:
-``{"progress": [done, total]}``, ``{"done": [paths]}`` or
+``{"progress": [done, total, stage]}``, ``{"done": [paths]}`` or
 ``{"error": {"type": "BackendError", "message": ..., "hint": ...}}``. Errors keep their class, so
 the CLI's one-line message and exit code are the same as if the engine ran here. The engine's
 own output goes to a log file that the error names (or to the terminal with ``--debug``).
@@ -84,7 +84,7 @@ def _serve() -> int:
         documents = [[getattr(schema, kind).from_dict(data) for kind, data in docs]
                      for docs in request["documents"]]
         paths = capture_runs(configs, documents=documents,
-                             progress=lambda done, total: send(progress=[done, total]))
+                             progress=lambda done, total, stage=None: send(progress=[done, total, stage]))
         send(done=[str(p) for p in paths])
         return 0
     except errors.PtraceError as exc:

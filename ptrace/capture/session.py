@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -106,8 +106,11 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-#: Progress callback: ``(steps done, steps in total)``.
-Progress = Callable[[int, int], None]
+class Progress(Protocol):
+    """Progress callback: ``(steps done, steps in total)``, or, with ``stage``, of the work that
+    comes before the steps (selecting prompts from a data set)."""
+
+    def __call__(self, done: int, total: int, stage: str | None = None, /) -> None: ...
 
 
 def _check(config: CaptureConfig) -> StepSelection:
@@ -223,7 +226,7 @@ def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, prog
     command = list(config.command if config.command is not None else sys.argv)
     redactor = Redactor.from_environment(os.environ, command)
     seeds = _seed_everything(backend, sampling.seed)
-    prompts, dataset = _prompts(config, backend, model)
+    prompts, dataset = _prompts(config, backend, model, progress)
     with BundleWriter(output, overwrite=config.overwrite) as writer:
         recorder = TensorRecorder(writer, names, settings.mode, steps)
         total = len(prompts) * sampling.max_new_tokens
@@ -261,7 +264,8 @@ def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, prog
                              mode=settings.mode, tensor_names=names)
 
 
-def _prompts(config: CaptureConfig, backend: Backend, model: ModelInfo) -> tuple[list[Prompt], DatasetInfo | None]:
+def _prompts(config: CaptureConfig, backend: Backend, model: ModelInfo,
+             progress: Progress | None) -> tuple[list[Prompt], DatasetInfo | None]:
     """The run's prompts, and how they were drawn when they come from a data set."""
     if config.dataset is None:
         return resolve_prompts(texts=config.prompts, prompts_file=config.prompts_file,
@@ -273,7 +277,9 @@ def _prompts(config: CaptureConfig, backend: Backend, model: ModelInfo) -> tuple
         longest = int(model.config["max_position_embeddings"]) - config.sampling.max_new_tokens
     return datasets.select(config.dataset, count=config.num_requests, seed=config.sampling.seed,
                            min_tokens=config.min_prompt_tokens or 1, max_tokens=longest,
-                           tokenize=backend.tokenize, chat_template=backend.chat_template())
+                           tokenize_batch=backend.tokenize_batch, chat_template=backend.chat_template(),
+                           progress=progress and (lambda done, total, stage: progress(
+                               done, total, f"selecting {config.num_requests} prompts: {stage}")))
 
 
 def _seed_everything(backend: Backend, seed: int) -> dict[str, int]:

