@@ -85,7 +85,7 @@ class CpuModel:
         from the cache.
 
         The prefill computes every position's logits (prompt logprobs and the "logits" tensor
-        need them); later steps let the model gather the last position before the LM head."""
+        need them); a later step has one position, its new one."""
         import mindspore as ms
 
         self._start = start
@@ -103,7 +103,7 @@ class CpuModel:
             return states_hook
 
         def on_logits(_cell: Any, _args: Any, output: ms.Tensor) -> ms.Tensor | None:
-            # The LM head only ever sees this step's positions (forward() gathers before it).
+            # The LM head only ever sees this step's positions.
             new = emit("logits", output.reshape(-1, output.shape[-1]))
             return None if new is None else new.reshape(output.shape)
 
