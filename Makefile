@@ -87,6 +87,7 @@ bench: setup $(MSPROBE_VENV)/.installed
 	$(PY) benchmarks/bench_writer.py
 	$(PY) benchmarks/bench_msprobe.py --msprobe-python $(MSPROBE_VENV)/bin/python
 	$(ENVS)/ms/bin/python benchmarks/bench_ms_decode.py --dtypes float32,float16
+	$(ENVS)/ms/bin/python benchmarks/bench_ms_kernels.py
 
 clean:
 	rm -rf $(VENV) $(ENVS) $(DEMO) .pytest_cache

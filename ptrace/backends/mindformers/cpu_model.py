@@ -4,12 +4,15 @@ all exist on CPU; with biases on q/k/v it is Qwen2), run in PyNative mode.
 That model has no KV cache on CPU (``use_past`` needs Ascend kernels), so :class:`CpuModel`
 keeps one itself and decodes incrementally, as a KV-cache engine does: the keys and values of
 every position are kept as they were computed at their own step (after any interceptor replaced
-them), and a decode step runs the model on its new position only, the cache passed in as
-MindFormers' ``prefix_keys_values`` (made for prefix tuning: prepended to each layer's keys and
-values, attended to without a mask) and the rotary angles taken at the new position. Earlier
-positions can influence a new one only through their keys and values, so the new rows are what a
-KV-cache engine computes, and a what-if that replaces a value (or anything upstream of it)
-persists in the cache as it would there.
+them), and a decode step runs the model on its new position only, with the rotary angles taken at
+that position. The cache enters where the attention joins a prefix's keys and values to the new
+ones (``_cat_prefix``, MindFormers' prefix-tuning path): ptrace's own join puts the cached keys and
+values (already in the attention's [batch, kv_heads, positions, head_dim] layout) before the new
+ones and keeps the result for the next step, a concatenation per tensor, no layout changes. The
+new position attends to every cached one unmasked, as a prefix is attended to. Earlier positions
+can influence a new one only through their keys and values, so the new rows are what a KV-cache
+engine computes, and a what-if that replaces a value (or anything upstream of it) persists in the
+cache as it would there.
 """
 
 from __future__ import annotations
@@ -50,8 +53,8 @@ class CpuModel:
         self.n_heads = self.config.num_heads
         self.n_kv_heads = self.config.n_kv_heads or self.n_heads
         self.head_dim = self.config.hidden_size // self.n_heads
-        self.cached_keys: dict[int, ms.Tensor] = {}
-        self.cached_values: dict[int, ms.Tensor] = {}
+        #: layer -> (keys, values) of every position so far, [batch, kv_heads, positions, head_dim]
+        self.cache: dict[int, tuple[ms.Tensor, ms.Tensor]] = {}
         self._start = 0  # first position of the running forward pass (the cache holds those before)
         self._emit: Emit = lambda _name, _rows: None
 
@@ -65,7 +68,7 @@ class CpuModel:
             "rotary_dtype": dtype_name(self.config.rotary_dtype),
             "seq_length": self.seq_length,
             "kv_cache": "ptrace's own: a decode step computes its new position only, earlier "
-                        "positions' keys and values passed as prefix_keys_values",
+                        "positions' keys and values joined to its own as a prefix's are",
         }
 
     def check_length(self, longest: int) -> None:
@@ -75,26 +78,19 @@ class CpuModel:
                              hint=f"pass --engine-option seq_length={longest}")
 
     def start_request(self) -> None:
-        self.cached_keys.clear()
-        self.cached_values.clear()
+        self.cache.clear()
 
     def forward(self, sequence: list[int], start: int) -> np.ndarray:
         """Logits (float32) of positions ``start:`` of ``sequence``, earlier positions coming
         from the cache.
 
         The prefill computes every position's logits (prompt logprobs and the "logits" tensor
-        need them); later steps let the model gather the last position before the LM head."""
+        need them); a later step has one position, its new one."""
         import mindspore as ms
-        from mindspore import ops
 
         self._start = start
         input_ids = ms.Tensor(np.asarray(sequence[start:], np.int32)[None])
-        if start == 0:
-            logits = self.model(input_ids)[0]
-        else:  # [layers, 2, batch, cached positions, kv_heads * head_dim], as MindFormers takes it
-            cache = ops.stack([ops.stack((self.cached_keys[i], self.cached_values[i])) for i in range(self.num_layers)])
-            logits = self.model(input_ids, batch_valid_length=ms.Tensor([len(sequence) - start], ms.int32),
-                                prefix_keys_values=cache)[0]
+        logits = self.model(input_ids)[0]  # the attention's joins bring in the cache (module docstring)
         return logits.asnumpy().reshape(-1, self.config.vocab_size).astype(np.float32, copy=False)
 
     def install_hooks(self, wanted: set[str], emit: Emit, hooks: ExitStack) -> None:
@@ -107,7 +103,7 @@ class CpuModel:
             return states_hook
 
         def on_logits(_cell: Any, _args: Any, output: ms.Tensor) -> ms.Tensor | None:
-            # The LM head only ever sees this step's positions (forward() gathers before it).
+            # The LM head only ever sees this step's positions.
             new = emit("logits", output.reshape(-1, output.shape[-1]))
             return None if new is None else new.reshape(output.shape)
 
@@ -118,11 +114,16 @@ class CpuModel:
                 hook_cell(hooks, cell, on_states(name))
         if "logits" in wanted:
             hook_cell(hooks, self.model.lm_head, on_logits)
+        for i, layer in enumerate(decoder.layers):
+            if {f"layers.{i}.q", f"layers.{i}.k"} & wanted:
+                hook_cell(hooks, layer.attention.apply_rotary_emb, self._rotary_hook(i, wanted))
+            if f"layers.{i}.v" in wanted:
+                hook_cell(hooks, layer.attention.wv, self._value_hook(i))
         # Always installed, observed or not: they make a decode step attend to the cache.
         hook_cell(hooks, decoder.freqs_mgr, self._positions_hook)
         for i, layer in enumerate(decoder.layers):
-            hook_cell(hooks, layer.attention.apply_rotary_emb, self._rotary_hook(i, wanted))
-            hook_cell(hooks, layer.attention.wv, self._value_hook(i, wanted))
+            layer.attention._cat_prefix = self._join_cache(i)  # shadows the method of the class
+            hooks.callback(delattr, layer.attention, "_cat_prefix")
 
     def _emit_rows(self, name: str, states: ms.Tensor, to_rows: Callable[[ms.Tensor], ms.Tensor],
                    from_rows: Callable[[ms.Tensor], ms.Tensor]) -> ms.Tensor:
@@ -155,26 +156,28 @@ class CpuModel:
                 query = self._emit_rows(f"layers.{layer}.q", query, to_rows, from_rows)
             if f"layers.{layer}.k" in wanted:
                 key = self._emit_rows(f"layers.{layer}.k", key, to_rows, from_rows)
-            self._cache(self.cached_keys, layer, to_rows(key).reshape(1, key.shape[2], -1))
             return query, key
         return rotary_hook
 
-    def _value_hook(self, layer: int, wanted: set[str]) -> Callable:
+    def _value_hook(self, layer: int) -> Callable:
         """v as the value projection returns it, [batch, positions, kv_heads * head_dim]."""
         heads, head_dim = self.n_kv_heads, self.head_dim
 
         def value_hook(_cell: Any, _args: Any, value: ms.Tensor) -> ms.Tensor:
-            if f"layers.{layer}.v" in wanted:
-                value = self._emit_rows(
-                    f"layers.{layer}.v", value,
-                    lambda t: t[0].reshape(-1, heads, head_dim), lambda t: t.reshape(1, -1, heads * head_dim))
-            self._cache(self.cached_values, layer, value)
-            return value
+            return self._emit_rows(f"layers.{layer}.v", value, lambda t: t[0].reshape(-1, heads, head_dim),
+                                   lambda t: t.reshape(1, -1, heads * head_dim))
         return value_hook
 
-    def _cache(self, cache: dict[int, ms.Tensor], layer: int, rows: ms.Tensor) -> None:
-        """Append this step's keys or values of ``layer``, [batch, positions, kv_heads * head_dim]
-        (the layout ``prefix_keys_values`` takes), to what earlier steps cached."""
+    def _join_cache(self, layer: int) -> Callable:
+        """The attention's join of a prefix's keys and values to the new ones, made the KV cache of
+        ``layer``: earlier steps' keys and values (after the rotary embedding and any interceptor's
+        replacement) before this step's, the whole kept for the next step."""
         from mindspore import ops
 
-        cache[layer] = ops.concat((cache[layer], rows), axis=1) if self._start else rows
+        def join(key: ms.Tensor, value: ms.Tensor, _prefix: None) -> tuple[ms.Tensor, ms.Tensor]:
+            if self._start:  # [batch, kv_heads, positions, head_dim]: positions are axis 2
+                cached_key, cached_value = self.cache[layer]
+                key, value = ops.concat((cached_key, key), axis=2), ops.concat((cached_value, value), axis=2)
+            self.cache[layer] = key, value
+            return key, value
+        return join
