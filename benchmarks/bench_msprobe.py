@@ -194,7 +194,8 @@ def main() -> None:
         else:
             model = make_large_model(scratch / "model", EXAMPLE)
             lengths, new_tokens = args.lengths or [1024, 2048, 4096, 8192], 20
-        bench = Bench(args.msprobe_python, model, scratch, new_tokens, args.repeats)
+        # absolute (runs happen in other directories), not resolved (a venv's python is a link)
+        bench = Bench(Path(os.path.abspath(args.msprobe_python)), model, scratch, new_tokens, args.repeats)
         version = subprocess.run([str(args.msprobe_python), "-c", "from importlib.metadata import version as v; "
                                   "print('mindstudio-probe', v('mindstudio-probe'), 'torch', v('torch'), "
                                   "'transformers', v('transformers'))"], capture_output=True, text=True).stdout
