@@ -357,7 +357,7 @@ class Bundle:
         rows = sum(last - first for first, last, _ in segments)
         return (rows, *self.manifest.arrays[path].shape[1:])
 
-    def array_dtype(self, array: str, request: int = 0) -> str | None:
+    def array_dtype(self, array: str, request: int) -> str | None:
         """The logical dtype of ``array`` (as its manifest entry says), None if absent."""
         part = self._part(array, request)
         return None if part is None else self.manifest.arrays[part[0]].dtype
