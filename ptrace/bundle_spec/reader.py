@@ -340,12 +340,16 @@ class Bundle:
         if part is None:
             raise self._corrupt(self.stored_path(array, request), "is missing")
         path, segments = part
-        if len(segments) == 1:
-            return self._read(path, slice(*segments[0][:2]))
-        if not segments:
+        return self._joined(path, [(first, last) for first, last, _ in segments])
+
+    def _joined(self, path: str, ranges: list[tuple[int, int]]) -> np.ndarray:
+        """Rows ``first:last`` of the array at ``path`` for each range, one after another."""
+        if len(ranges) == 1:
+            return self._read(path, slice(*ranges[0]))
+        if not ranges:
             node = self._node_or_missing(path)
             return dtypes.from_storage(np.zeros((0, *node.shape[1:]), node.dtype), logical_dtype(node))
-        return np.concatenate([self._read(path, slice(first, last)) for first, last, _ in segments])
+        return np.concatenate([self._read(path, slice(first, last)) for first, last in ranges])
 
     def part_shape(self, array: str, request: int) -> tuple[int, ...] | None:
         """The shape of ``request``'s part of ``array`` (its rows, then the row shape), None if
@@ -450,18 +454,13 @@ class Bundle:
     def tensor_rows(self, request: int, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a request's full tensor (reads only the chunks they live in)."""
         path, segments = self._tensor_part(request, name)
-        pieces, offset = [], 0
+        ranges, offset = [], 0
         for first, last, _ in segments:
             low, high = max(start, offset), min(stop, offset + last - first)
             if low < high:
-                pieces.append(self._read(path, slice(first + low - offset, first + high - offset)))
+                ranges.append((first + low - offset, first + high - offset))
             offset += last - first
-        if len(pieces) == 1:
-            return pieces[0]
-        if not pieces:
-            node = self._node_or_missing(path)
-            return dtypes.from_storage(np.zeros((0, *node.shape[1:]), node.dtype), logical_dtype(node))
-        return np.concatenate(pieces)
+        return self._joined(path, ranges)
 
     def tensor_blocks(self, request: int, name: str, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """A request's full tensor in blocks of about ``rows`` rows, ``(first row, block)``, each
