@@ -1,10 +1,10 @@
-"""A tensor's chunks read straight from the store and decoded in one call each.
+"""An array's chunks read straight from the store and decoded in one call each.
 
 Zarr's read path (an event loop, a thread hop per codec, a buffer per step) costs as much as
 the decoding itself on ptrace's 4 MiB chunks, and compare reads every chunk of two bundles.
-:meth:`~ptrace.bundle_spec.reader.Bundle.verified_blocks` therefore reads arrays whose codecs
-are the ones ptrace writes (bytes, then blosc or nothing, then crc32c; chunks of whole rows)
-through :class:`ChunkReader`, and anything else the spec allows through Zarr.
+The reader therefore decodes arrays whose metadata has ptrace's own shape
+(:func:`~ptrace.bundle_spec.arrays.parse_array`: bytes, then blosc or nothing, then crc32c;
+chunks of whole rows) through :class:`ChunkReader`, and anything else the spec allows through Zarr.
 
 The checks are Zarr's and stricter (SPEC.md section 8): a stored chunk larger than its codecs
 can produce is refused before it is read, its CRC-32C is verified before it is decoded, and a
@@ -15,16 +15,13 @@ of the chunk's size, which the reader has already bounded.
 
 from __future__ import annotations
 
-import math
 import struct
-import sys
 
 import google_crc32c
 import numpy as np
-import zarr
 from numcodecs import blosc
-from zarr.codecs import BloscCodec
 
+from ptrace.bundle_spec.arrays import ArrayMeta
 from ptrace.bundle_spec.store import BundleStore
 
 #: c-blosc's header (version, codec version, flags, typesize, nbytes, blocksize, cbytes) and
@@ -35,45 +32,32 @@ _CHECKSUM_BYTES = 4
 
 
 class ChunkReader:
-    """Decodes the chunks of one array, the ``index``-th along its first axis at a time."""
+    """Decodes the chunks of one array (``meta.direct``), the ``index``-th along its first axis at a time."""
 
-    def __init__(self, store: BundleStore, node: zarr.Array, compressed: bool) -> None:
+    def __init__(self, store: BundleStore, path: str, meta: ArrayMeta) -> None:
         self._store = store
-        self._metadata = node.metadata
-        self._prefix = f"{node.path}/" if node.path else ""
-        self._trailing = (0,) * (node.ndim - 1)
-        self._dtype = np.dtype(node.dtype)
-        self._fill = node.metadata.fill_value
-        self._compressed = compressed
-        self.chunk_bytes = math.prod(node.chunks) * self._dtype.itemsize
+        self._meta = meta
+        self._prefix = f"{path}/" if path else ""
+        self.chunk_bytes = meta.chunk_bytes
         #: Where each chunk's stored bytes are read: as large as its codecs can make a chunk.
-        self._stored = np.empty(self.chunk_bytes + _CHECKSUM_BYTES + (_BLOSC_OVERHEAD if compressed else 0), np.uint8)
-
-    @classmethod
-    def of(cls, store: BundleStore, node: zarr.Array) -> ChunkReader | None:
-        """A reader for ``node`` (whose metadata the bundle reader has checked), or None where
-        Zarr must read it: other compressors, or chunks that split rows."""
-        middle = node.metadata.codecs[1:-1]
-        if sys.byteorder != "little" or tuple(node.chunks[1:]) != tuple(node.shape[1:]) or len(middle) > 1 \
-                or (middle and not isinstance(middle[0], BloscCodec)):
-            return None
-        return cls(store, node, compressed=bool(middle))
+        self._stored = np.empty(self.chunk_bytes + _CHECKSUM_BYTES + (_BLOSC_OVERHEAD if meta.compressed else 0),
+                                np.uint8)
 
     def read(self, index: int, out: np.ndarray) -> None:
         """Decode chunk ``index`` into ``out`` (``chunk_bytes`` contiguous uint8). A chunk that is
         not stored reads as the fill value (the bundle reader bounds how many may be absent).
         Raises ValueError, saying why, for a chunk that does not decode as declared."""
-        key = self._prefix + self._metadata.encode_chunk_key((index, *self._trailing))
+        key = self._prefix + self._meta.chunk_key(index)
         stored = self._store.read_stored(key, self._stored)
         if stored is None:
-            out.view(self._dtype)[...] = self._fill
+            out.view(self._meta.dtype)[...] = self._meta.fill_value
             return
         if len(stored) < _CHECKSUM_BYTES:
             raise ValueError(f"chunk {key} holds {len(stored)} bytes, too few for its checksum")
         body = stored[:-_CHECKSUM_BYTES]
         if google_crc32c.value(body) != int(stored[-_CHECKSUM_BYTES:].view("<u4")[0]):
             raise ValueError(f"chunk {key}: stored and computed checksums do not match")
-        if not self._compressed:
+        if not self._meta.compressed:
             if len(body) != out.nbytes:
                 raise ValueError(f"chunk {key} holds {len(body)} bytes, not {out.nbytes}")
             out[...] = body

@@ -5,8 +5,12 @@ its spec version is one this code reads, and that its writer finished (SPEC.md s
 Every array is checked when first opened against the spec's codecs and dtypes and against
 limits derived from what is actually stored (SPEC.md section 8), so a declaration cannot make a
 reader allocate or iterate without bound; every metadata document is bounded in size and depth
-and typed strictly. Everything read afterwards is checksummed chunk by chunk by Zarr's
-``crc32c`` codec; ``validate_bundle`` additionally re-computes every array's whole-content CRC-32C.
+and typed strictly. Everything read afterwards is checksummed chunk by chunk (the ``crc32c``
+codec); ``validate_bundle`` additionally re-computes every array's whole-content CRC-32C.
+
+The arrays ptrace writes are read without Zarr (:mod:`~ptrace.bundle_spec.arrays`,
+:mod:`~ptrace.bundle_spec.chunks`): reading a bundle then never imports it. Arrays with other
+codecs the spec allows are read through Zarr (:mod:`~ptrace.bundle_spec.zarr_fallback`).
 Whatever a bundle holds, a reader fails with a :class:`~ptrace.errors.BundleCorruptError` that
 names the bundle and the node.
 """
@@ -23,12 +27,9 @@ from typing import Any, TypeVar
 import google_crc32c
 import msgpack
 import numpy as np
-import zarr
-from zarr.abc.codec import BytesBytesCodec
-from zarr.codecs import BytesCodec, Crc32cCodec
-from zarr.core.chunk_grids import RegularChunkGrid
 
 from ptrace.bundle_spec import dtypes, layout
+from ptrace.bundle_spec.arrays import MAX_NODE_METADATA_BYTES, ArrayMeta, parse_array, parse_json
 from ptrace.bundle_spec.chunks import ChunkReader
 from ptrace.bundle_spec.layout import request_array, segment_table, stats_array, tensor_array
 from ptrace.bundle_spec.names import tensor_positions
@@ -59,9 +60,6 @@ D = TypeVar("D", bound=Document)
 #: row ranges in order.
 Part = tuple[str, list[tuple[int, int, int]]]
 
-#: The most one chunk may hold (logical bytes): what one chunk read allocates. ptrace writes
-#: chunks of about 4 MiB (or one row, when a row is larger).
-MAX_CHUNK_BYTES = 64 << 20
 #: Chunks that are declared but not stored read as the fill value without costing a byte on
 #: disk; a bundle may have a few (older writers skipped all-zero chunks), never more than this.
 MAX_ABSENT_CHUNKS = 1024
@@ -78,33 +76,6 @@ def error_reason(exc: BaseException) -> str:
     """An exception as a short clause for an error line (library messages can be long)."""
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     return text if len(text) <= 160 else text[:159] + "…"
-
-
-def logical_dtype(node: zarr.Array) -> str:
-    return node.attrs["ptrace"]["dtype"] if "ptrace" in node.attrs else np.dtype(node.dtype).name
-
-
-def _array_problem(node: zarr.Array) -> str | None:
-    """Why an array breaks SPEC.md section 4's rules for its metadata, or None."""
-    if node.ndim < 1:
-        return "has no axis"
-    if not isinstance(node.metadata.chunk_grid, RegularChunkGrid):
-        return "does not use a regular chunk grid"
-    codecs = node.metadata.codecs
-    if len(codecs) < 2 or not isinstance(codecs[0], BytesCodec) or not isinstance(codecs[-1], Crc32cCodec) \
-            or not all(isinstance(codec, BytesBytesCodec) for codec in codecs[1:]):
-        return "does not use the codecs bytes -> compressors -> crc32c"
-    if codecs[0].endian is not None and codecs[0].endian.value != "little":
-        return "is not little endian"
-    attribute = node.attrs.get("ptrace", {"dtype": np.dtype(node.dtype).name})
-    logical = attribute.get("dtype") if isinstance(attribute, dict) else None
-    if not isinstance(logical, str) or not dtypes.is_logical(logical) \
-            or dtypes.storage_dtype(logical) != np.dtype(node.dtype):
-        return f"has dtype {np.dtype(node.dtype).name} tagged {logical!r}, not a logical dtype stored as such"
-    chunk_bytes = math.prod(node.chunks) * np.dtype(node.dtype).itemsize
-    if chunk_bytes > MAX_CHUNK_BYTES:
-        return f"declares chunks of {chunk_bytes} bytes (the most a reader accepts is {MAX_CHUNK_BYTES})"
-    return None
 
 
 def _unpack_document(payload: bytes) -> Any:
@@ -137,19 +108,24 @@ class Bundle:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._store = open_read_store(self.path)
-        self._nodes: dict[str, zarr.Array] = {}
+        self._nodes: dict[str, ArrayMeta] = {}
+        #: The arrays that Zarr reads (codecs that ptrace does not decode itself), by path.
+        self._zarr_arrays: dict[str, Any] = {}
         self._segment_tables: dict[str, dict[int, list[tuple[int, int, int]]]] = {}
         #: (array, chunk index, decoded bytes) of the last chunk a range ended inside
         self._kept_chunk: tuple[str, int, np.ndarray | None] = ("", -1, None)
         self._absent_chunks = self._absent_bytes = 0
         try:
-            self._root = zarr.open_group(self._store, mode="r", zarr_format=3)
+            root = self._node_document("")
+            if root.get("node_type") != "group":
+                raise ValueError(f"its root is a {root.get('node_type')!r} node")
         except PtraceError:
             raise
         except Exception as exc:  # any malformed root metadata: not something we can read
             raise NotABundleError(f"{self.path} is not a ptrace bundle "
                                   f"(no Zarr v3 group: {error_reason(exc)})") from None
-        marker = self._root.attrs.get(ROOT_ATTRIBUTE)
+        attributes = root.get("attributes", {})
+        marker = attributes.get(ROOT_ATTRIBUTE) if isinstance(attributes, dict) else None
         version = marker.get("spec_version") if isinstance(marker, dict) else None
         if type(version) is not int:
             raise NotABundleError(f"{self.path} is a Zarr store but not a ptrace bundle "
@@ -178,29 +154,44 @@ class Bundle:
     def _has_node(self, path: str) -> bool:
         return self._store.is_stored(f"{path}/zarr.json")
 
-    def _node(self, path: str) -> zarr.Array:
-        """The array at ``path`` (KeyError if absent), checked once (opening reads metadata)."""
-        node = self._nodes.get(path)
-        if node is not None:
-            return node
+    def _node_document(self, path: str) -> dict[str, Any]:
+        """The ``zarr.json`` of the node at ``path`` ("" for the root), parsed (KeyError if absent;
+        :class:`~ptrace.bundle_spec.arrays.MetadataError` if it is not Zarr v3 metadata)."""
+        key = f"{path}/zarr.json" if path else "zarr.json"
+        payload = self._store.read_stored(key, np.empty(MAX_NODE_METADATA_BYTES, np.uint8))
+        if payload is None:
+            raise KeyError(path)
+        return parse_json(payload.tobytes())
+
+    def _node(self, path: str) -> ArrayMeta:
+        """The array at ``path`` (KeyError if absent), checked once when first opened."""
+        meta = self._nodes.get(path)
+        if meta is not None:
+            return meta
         if not self._has_node(path):
             raise KeyError(path)
+        problem = None
         try:
-            node = self._root[path]
+            document = self._node_document(path)
+            if document.get("node_type") == "group":
+                raise self._corrupt(path, "is a group, expected an array")
+            meta = parse_array(document)
+            if meta is None:  # codecs ptrace does not decode itself: Zarr reads this array
+                from ptrace.bundle_spec.zarr_fallback import open_array
+
+                self._zarr_arrays[path], meta, problem = open_array(self._store.zarr_store(), path)
         except PtraceError:
             raise
         except Exception as exc:
             raise self._corrupt(path, f"has malformed Zarr metadata ({error_reason(exc)})") from None
-        if not isinstance(node, zarr.Array):
-            raise self._corrupt(path, "is a group, expected an array")
-        problem = _array_problem(node)
+        problem = problem or meta.problem()
         if problem:
             raise self._corrupt(path, problem)
-        self._count_absent_chunks(path, node)
-        self._nodes[path] = node
-        return node
+        self._count_absent_chunks(path, meta)
+        self._nodes[path] = meta
+        return meta
 
-    def _count_absent_chunks(self, path: str, node: zarr.Array) -> None:
+    def _count_absent_chunks(self, path: str, node: ArrayMeta) -> None:
         """Refuse declarations that the stored chunks do not back (SPEC.md section 8).
 
         A chunk that is declared but not stored reads as the fill value: cheap to declare
@@ -212,29 +203,35 @@ class Bundle:
         if absent <= 0:
             return
         self._absent_chunks += absent
-        self._absent_bytes += absent * math.prod(node.chunks) * np.dtype(node.dtype).itemsize
+        self._absent_bytes += absent * node.chunk_bytes
         if self._absent_chunks > MAX_ABSENT_CHUNKS or self._absent_bytes > MAX_ABSENT_BYTES:
             raise self._corrupt(path, f"declares shape {list(node.shape)} in {node.nchunks} chunks but "
                                       f"stores {max(stored, 0)}: its declared size is corrupt")
 
-    def _read(self, path: str, selection: Any = Ellipsis) -> np.ndarray:
-        try:
-            node = self._node(path)
-        except KeyError:
-            raise self._corrupt(path, "is missing") from None
-        try:
-            data = node[selection]
-        except PtraceError:
-            raise
-        except Exception as exc:  # a checksum, a codec, a truncated chunk: all corruption
-            raise self._corrupt(path, f"is corrupted ({error_reason(exc)})") from None
-        return dtypes.from_storage(np.asarray(data), logical_dtype(node))
+    def _read(self, path: str, rows: slice = slice(None)) -> np.ndarray:
+        """Rows ``rows`` of the array at ``path`` (all of them by default), in its logical dtype."""
+        meta = self._node_or_missing(path)
+        first, last, _ = rows.indices(meta.shape[0])
+        if last <= first:
+            data = np.zeros((0, *meta.shape[1:]), meta.dtype)
+        elif meta.direct:
+            blocks = [block.copy() for _, block in self._chunk_blocks(path, meta, first, last, last - first,
+                                                                          keep=False)]
+            data = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        else:
+            try:
+                data = np.asarray(self._zarr_arrays[path][first:last])
+            except PtraceError:
+                raise
+            except Exception as exc:  # a checksum, a codec, a truncated chunk: all corruption
+                raise self._corrupt(path, f"is corrupted ({error_reason(exc)})") from None
+        return dtypes.from_storage(data, meta.logical_dtype)
 
     def _read_document(self, kind: type[D]) -> D:
         if not self._has_node(kind.path):
             raise KeyError(kind.path)
         node = self._node(kind.path)
-        if node.ndim != 1 or np.dtype(node.dtype) != np.uint8 or node.nchunks > 1:
+        if node.ndim != 1 or node.dtype != np.uint8 or node.nchunks > 1:
             raise self._corrupt(kind.path, "is not a one-chunk uint8 array (a metadata document)")
         raw = self._read(kind.path)
         try:
@@ -347,8 +344,7 @@ class Bundle:
         if len(ranges) == 1:
             return self._read(path, slice(*ranges[0]))
         if not ranges:
-            node = self._node_or_missing(path)
-            return dtypes.from_storage(np.zeros((0, *node.shape[1:]), node.dtype), logical_dtype(node))
+            return self._read(path, slice(0, 0))
         return np.concatenate([self._read(path, slice(first, last)) for first, last in ranges])
 
     def part_shape(self, array: str, request: int) -> tuple[int, ...] | None:
@@ -407,7 +403,7 @@ class Bundle:
 
     def whatif_info(self) -> dict[str, Any] | None:
         """``meta/whatif`` if this run was perturbed on purpose (SPEC.md section 3.7)."""
-        return self._read_document(WhatIfInfo).to_dict() if WhatIfInfo.path in self._root else None
+        return self._read_document(WhatIfInfo).to_dict() if self._has_node(WhatIfInfo.path) else None
 
     def replay_info(self) -> dict[str, Any] | None:
         """``meta/replay`` if this bundle is a replay of another one (SPEC.md section 3.6)."""
@@ -480,7 +476,7 @@ class Bundle:
             raise self._corrupt(path, "is not in the manifest")
         return self._verified_range(path, 0, record.shape[0], record.crc32c, rows)
 
-    def _node_or_missing(self, path: str) -> zarr.Array:
+    def _node_or_missing(self, path: str) -> ArrayMeta:
         try:
             return self._node(path)
         except KeyError:
@@ -500,10 +496,9 @@ class Bundle:
         record = self.manifest.arrays[path]
         if tuple(node.shape) != tuple(record.shape):
             raise self._corrupt(path, f"has shape {list(node.shape)}, the manifest says {list(record.shape)}")
-        reader = ChunkReader.of(self._store, node)
-        blocks = self._sliced_blocks(path, first, last, rows) if reader is None \
-            else self._chunk_blocks(path, node, reader, first, last, rows)
-        crc, logical = 0, logical_dtype(node)
+        blocks = self._chunk_blocks(path, node, first, last, rows) if node.direct \
+            else self._sliced_blocks(path, first, last, rows)
+        crc, logical = 0, node.logical_dtype
         for start, block in blocks:
             crc = google_crc32c.extend(crc, np.ascontiguousarray(block).reshape(-1).view(np.uint8))
             yield start, dtypes.from_storage(block, logical)
@@ -518,13 +513,15 @@ class Bundle:
         for start in range(first, last, max(1, rows)):
             yield start, dtypes.to_storage(self._read(path, slice(start, min(start + rows, last))))
 
-    def _chunk_blocks(self, path: str, node: zarr.Array, reader: ChunkReader, first: int, last: int,
-                      rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    def _chunk_blocks(self, path: str, node: ArrayMeta, first: int, last: int, rows: int,
+                      keep: bool = True) -> Iterator[tuple[int, np.ndarray]]:
         """Blocks of as many whole chunks as fit in ``rows`` rows (at least one), decoded into
         one reused buffer (in storage dtype), cut to rows ``first:last``.
 
-        Short requests share chunks: the chunk where a range ends is kept (decoded, verified),
-        so that reading the requests in order decodes each chunk once, not once per request."""
+        Short requests share chunks: the chunk where a range ends is kept (decoded, verified;
+        unless not to ``keep``: one slot, for the tensor streamed), so that reading the requests
+        in order decodes each chunk once, not once per request."""
+        reader = ChunkReader(self._store, path, node)
         chunk_rows = node.chunks[0]
         per_block = max(1, rows // chunk_rows)
         buffer = np.empty((per_block * chunk_rows, *node.chunks[1:]), node.dtype)
@@ -544,7 +541,7 @@ class Bundle:
                     raise self._corrupt(path, f"is corrupted ({error_reason(exc)})") from None
             start = block_chunk * chunk_rows
             low, high = max(first, start), min(last, start + taken * chunk_rows)
-            if high == last and last % chunk_rows:  # the next rows, another request's, start in it
+            if keep and high == last and last % chunk_rows:  # the next rows, another request's, start in it
                 self._kept_chunk = (path, block_chunk + taken - 1, chunks[taken - 1].copy())
             yield low, buffer[low - start:high - start]
 

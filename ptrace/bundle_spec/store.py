@@ -16,15 +16,12 @@ import os
 import shutil
 import stat
 import struct
+import threading
 import zipfile
-from collections.abc import AsyncIterator, Iterable
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
-
-from zarr.abc.store import ByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
-from zarr.storage import LocalStore, ZipStore
 
 from ptrace.errors import (
     BundleCorruptError,
@@ -39,7 +36,11 @@ _ZIP_HINT = "make the zip with `ptrace pack` (members stored, each once)"
 
 
 class BundleStore(abc.ABC):
-    """What readers need beyond Zarr's store API: what is stored, to weigh declarations against."""
+    """A bundle's stored bytes, read without Zarr: what is stored, and one key's bytes at a time.
+
+    ptrace reads its own arrays through this alone (:mod:`~ptrace.bundle_spec.arrays`); an array
+    with codecs of another writer goes through Zarr, over :meth:`zarr_store`, with the same checks.
+    """
 
     @abc.abstractmethod
     def stored_keys(self) -> list[str]:
@@ -58,24 +59,31 @@ class BundleStore(abc.ABC):
     @abc.abstractmethod
     def read_stored(self, key: str, buffer: np.ndarray) -> np.ndarray | None:
         """The bytes stored under ``key``, read in one call into the start of ``buffer`` (uint8)
-        and returned as a view of it, or None if nothing is stored there. Bypasses Zarr's
-        asynchronous machinery; more bytes than ``buffer`` holds are refused before reading."""
+        and returned as a view of it, or None if nothing is stored there. More bytes than
+        ``buffer`` holds are refused before reading."""
+
+    @abc.abstractmethod
+    def zarr_store(self) -> Any:
+        """A read-only Zarr store over the same bytes, with the same checks (imports Zarr)."""
+
+    def close(self) -> None:
+        """Release what reading holds open."""
 
     def _too_large(self, location: object, key: str, size: int, limit: int) -> BundleCorruptError:
-        return BundleCorruptError(f"{location}: {key} stores {size} bytes, more than its array's chunks can "
-                                  f"encode to ({limit})", hint="run `ptrace validate` on it for a full check")
+        return BundleCorruptError(f"{location}: {key} stores {size} bytes, more than a reader accepts there "
+                                  f"({limit})", hint="run `ptrace validate` on it for a full check")
 
 
-class DirectoryStore(BundleStore, LocalStore):
-    """A read-only ``LocalStore`` that reads only regular files under its root, through no link.
+class DirectoryStore(BundleStore):
+    """A bundle directory, read only from regular files under its root, through no link.
 
     Every key is resolved one path component at a time with ``lstat``: a symbolic link anywhere
     on the way (pointing anywhere, even inside the bundle) or a file that is not a regular file
     (a FIFO would block forever) is refused, so no byte from outside the bundle is ever read.
     """
 
-    def __init__(self, root: Path | str, *, read_only: bool = True) -> None:
-        super().__init__(root, read_only=True)
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
         self._keys: list[str] | None = None
 
     def _refuse(self, path: Path, mode: int) -> BundleCorruptError:
@@ -85,7 +93,7 @@ class DirectoryStore(BundleStore, LocalStore):
         return BundleCorruptError(f"{self.root}: {name} is not a regular file",
                                   hint="a bundle holds only directories and regular files: remove it")
 
-    def _lookup(self, key: str) -> tuple[Path, int] | None:
+    def lookup(self, key: str) -> tuple[Path, int] | None:
         """The path of ``key`` and its ``lstat`` mode, or None when nothing is there."""
         path = self.root
         parts = [part for part in key.split("/") if part]
@@ -104,9 +112,9 @@ class DirectoryStore(BundleStore, LocalStore):
                 raise self._refuse(path, mode)
         return path, mode
 
-    def _file(self, key: str) -> Path | None:
+    def file(self, key: str) -> Path | None:
         """The regular file holding ``key``, or None when nothing is stored there."""
-        found = self._lookup(key)
+        found = self.lookup(key)
         if found is None or stat.S_ISDIR(found[1]):
             return None
         if not stat.S_ISREG(found[1]):
@@ -131,7 +139,7 @@ class DirectoryStore(BundleStore, LocalStore):
         return self._keys
 
     def read_stored(self, key: str, buffer: np.ndarray) -> np.ndarray | None:
-        path = self._file(key)
+        path = self.file(key)
         if path is None:
             return None
         # No link and no blocking open, even if the file was swapped since it was looked up.
@@ -145,55 +153,20 @@ class DirectoryStore(BundleStore, LocalStore):
             size = file.readinto(memoryview(buffer)[:status.st_size])
         return buffer[:size]
 
-    # -- the Store API, each call checked ---------------------------------------------------
-    def get_sync(self, key: str, *, prototype: BufferPrototype | None = None,
-                 byte_range: ByteRequest | None = None) -> Buffer | None:
-        if self._file(key) is None:
-            return None
-        return super().get_sync(key, prototype=prototype, byte_range=byte_range)
+    def zarr_store(self) -> Any:
+        from ptrace.bundle_spec.zarr_fallback import CheckedLocalStore
 
-    async def get(self, key: str, prototype: BufferPrototype | None = None,
-                  byte_range: ByteRequest | None = None) -> Buffer | None:
-        if self._file(key) is None:
-            return None
-        return await super().get(key, prototype, byte_range)
-
-    async def get_partial_values(self, prototype: BufferPrototype,
-                                 key_ranges: Iterable[tuple[str, ByteRequest | None]]) -> list[Buffer | None]:
-        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
-
-    async def exists(self, key: str) -> bool:
-        return self._file(key) is not None
-
-    async def getsize(self, key: str) -> int:
-        path = self._file(key)
-        if path is None:
-            raise FileNotFoundError(key)
-        return path.stat().st_size
-
-    async def list(self) -> AsyncIterator[str]:
-        for key in self.stored_keys():
-            yield key
-
-    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
-        for key in self.stored_keys():
-            if key.startswith(prefix):
-                yield key
-
-    async def list_dir(self, prefix: str) -> AsyncIterator[str]:
-        found = self._lookup(prefix)
-        if found is None or not stat.S_ISDIR(found[1]):
-            return
-        for entry in sorted(os.listdir(found[0])):
-            yield entry
+        return CheckedLocalStore(self)
 
 
-class ArchiveStore(BundleStore, ZipStore):
-    """A read-only ``ZipStore`` over an archive whose members were checked by :func:`check_archive`."""
+class ArchiveStore(BundleStore):
+    """A zipped bundle whose members were checked by :func:`check_archive`."""
 
     def __init__(self, path: Path | str) -> None:
-        super().__init__(path, mode="r", read_only=True)
+        self.path = Path(path)
         self._keys: list[str] | None = None
+        self._archive: zipfile.ZipFile | None = None
+        self._lock = threading.Lock()  # one member read at a time: the zip shares one file handle
 
     def stored_keys(self) -> list[str]:
         if self._keys is None:
@@ -202,32 +175,40 @@ class ArchiveStore(BundleStore, ZipStore):
         return self._keys
 
     def read_stored(self, key: str, buffer: np.ndarray) -> np.ndarray | None:
-        if not self._is_open:
-            self._sync_open()
         with self._lock:
+            if self._archive is None:
+                self._archive = zipfile.ZipFile(self.path)
             try:
-                size = self._zf.getinfo(key).file_size
+                member = self._archive.getinfo(key)
             except KeyError:
                 return None
-            if size > buffer.nbytes:
-                raise self._too_large(self.path, key, size, buffer.nbytes)
-            found = self._get(key, default_buffer_prototype())
-        if found is None:
-            return None
-        stored = found.as_numpy_array()
-        buffer[:stored.size] = stored
-        return buffer[:stored.size]
+            if member.file_size > buffer.nbytes:
+                raise self._too_large(self.path, key, member.file_size, buffer.nbytes)
+            try:
+                with self._archive.open(member) as file:
+                    size = file.readinto(memoryview(buffer)[:member.file_size])
+            except (zipfile.BadZipFile, EOFError, OSError) as exc:
+                raise member_unreadable(self.path, key, exc) from None
+        return buffer[:size]
 
-    def _get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
-        try:
-            return super()._get(key, prototype, byte_range)
-        except (zipfile.BadZipFile, EOFError, OSError) as exc:
-            raise BundleCorruptError(f"{self.path}: zip member {key} cannot be read ({exc})",
-                                     hint=_ZIP_HINT) from None
+    def zarr_store(self) -> Any:
+        from ptrace.bundle_spec.zarr_fallback import CheckedZipStore
+
+        return CheckedZipStore(self)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._archive is not None:
+                self._archive.close()
+                self._archive = None
+
+
+def member_unreadable(path: Path, key: str, exc: BaseException) -> BundleCorruptError:
+    return BundleCorruptError(f"{path}: zip member {key} cannot be read ({exc})", hint=_ZIP_HINT)
 
 
 def open_read_store(path: str | os.PathLike[str]) -> DirectoryStore | ArchiveStore:
-    """A read-only Zarr store over a bundle directory or zip file (checked as described above)."""
+    """A bundle directory or zip file, read-only and checked as described above."""
     path = Path(path)
     if path.is_dir():
         return DirectoryStore(path.resolve())

@@ -18,12 +18,12 @@ from typing import Any
 
 import google_crc32c
 import numpy as np
-import zarr
 
 from ptrace.bundle_spec import layout, names
 from ptrace.bundle_spec.dtypes import is_logical
 from ptrace.bundle_spec.layout import request_array, segment_table, stats_array, tensor_array
-from ptrace.bundle_spec.reader import MAX_CHUNK_BYTES, Bundle, error_reason, logical_dtype, open_bundle
+from ptrace.bundle_spec.arrays import MAX_CHUNK_BYTES
+from ptrace.bundle_spec.reader import Bundle, error_reason, open_bundle
 from ptrace.bundle_spec.schema import ArrayRecord, EnvironmentInfo, ModelInfo, ReplayInfo, RequestsInfo, RunInfo
 from ptrace.bundle_spec.stats import COLUMNS
 from ptrace.errors import BundleCorruptError, BundleError
@@ -103,7 +103,7 @@ def _check_nodes(bundle: Bundle) -> list[str]:
             problems.append(f"node {node} has a name beginning with __ (reserved)")
         if node and not layout.is_metadata(node) and node not in bundle.manifest.arrays:
             try:
-                if isinstance(bundle._root[node], zarr.Array):
+                if bundle._node_document(node).get("node_type") == "array":
                     problems.append(f"unexpected array {node} (not in the manifest)")
             except BundleError as exc:
                 problems.append(_line(bundle, exc))
@@ -119,11 +119,11 @@ def _check_array(bundle: Bundle, path: str, record: ArrayRecord) -> list[str]:
         return [f"array {path} is missing"]
     except BundleError as exc:
         return [_line(bundle, exc)]
-    logical = logical_dtype(node)
+    logical = node.logical_dtype
     if tuple(node.shape) != tuple(record.shape) or logical != record.dtype:
         return [f"array {path} is {logical}{list(node.shape)}, the manifest says "
                 f"{record.dtype}{list(record.shape)}"]
-    row_bytes = math.prod(node.shape[1:]) * np.dtype(node.dtype).itemsize
+    row_bytes = math.prod(node.shape[1:]) * node.dtype.itemsize
     chunk_rows = node.chunks[0]
     if chunk_rows * row_bytes > MAX_CHUNK_BYTES:
         return [f"array {path}: one block of chunk rows holds {chunk_rows * row_bytes} bytes "
