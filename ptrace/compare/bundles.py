@@ -59,12 +59,9 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
     thresholds = thresholds_for(a.run.dtype, threshold_overrides)
     _check_same_inputs(a, b)
     alignments = {r: align(a, b, r) for r in range(a.num_requests)}
-    requests = [compare_request(a, b, r, alignments[r], thresholds) for r in range(a.num_requests)]
-
     names = sort_forward(set(a.tensor_names) & set(b.tensor_names))
     missing = sorted(set(a.tensor_names) ^ set(b.tensor_names))
     compiled = worth_compiling(a, b, names, alignments)
-    # Tensors are independent and numpy releases the GIL: one worker per core.
     done = 0
 
     def one(name: str) -> TensorResult:
@@ -75,8 +72,18 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
             progress(done, len(names))
         return result
 
+    # Tensors are independent, and decoding and the kernel release the GIL: one worker per core.
+    # The tokens and the NaN/Inf search run meanwhile in this thread, on what the workers leave
+    # of the cores (the second worker waits while the first loads the compiled kernel).
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        tensors = list(pool.map(one, names))
+        compared = pool.map(one, names)
+        try:
+            requests = [compare_request(a, b, r, alignments[r], thresholds) for r in range(a.num_requests)]
+            nonfinite = first_nonfinite(a, "a", names) or first_nonfinite(b, "b", names)
+        except BaseException:  # an error here is the answer: the tensors not started are not waited for
+            pool.shutdown(cancel_futures=True)
+            raise
+        tensors = list(compared)
 
     divergent = first_divergent(tensors)
     requests = [replace(r, first_divergent_tensor=divergent.get(r.index, (None, None))[0],
@@ -88,7 +95,7 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
         token_match_rate=match_rate, first_divergent_step=first_step,
         first_divergent_tensor=first_tensor, first_divergent_position=first_position,
         first_divergent_request=first_request, largest_local_error=largest_local_error(tensors),
-        first_nonfinite=first_nonfinite(a, "a", names) or first_nonfinite(b, "b", names),
+        first_nonfinite=nonfinite,
         thresholds=thresholds.to_dict(), tensors=tensors, requests=requests,
         a=_run_summary(a), b=_run_summary(b), missing=missing)))
 
