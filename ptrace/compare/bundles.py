@@ -17,7 +17,7 @@ from ptrace.bundle_spec.names import sort_forward
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.compare.align import align
 from ptrace.compare.localize import earliest, first_divergent, first_nonfinite, largest_local_error
-from ptrace.compare.results import Comparison, TensorResult
+from ptrace.compare.results import Comparison, RequestResult, TensorResult
 from ptrace.compare.stability import with_stability
 from ptrace.compare.summary import with_summary
 from ptrace.compare.tensors import compare_tensor, worth_compiling
@@ -72,15 +72,19 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
             progress(done, len(names))
         return result
 
+    def tokens_and_nonfinite() -> tuple[list[RequestResult], dict[str, Any] | None]:
+        return ([compare_request(a, b, r, alignments[r], thresholds) for r in range(a.num_requests)],
+                first_nonfinite(a, "a", names) or first_nonfinite(b, "b", names))
+
     # Tensors are independent, and decoding and the kernel release the GIL: one worker per core.
-    # The tokens and the NaN/Inf search run meanwhile in this thread, on what the workers leave
-    # of the cores (the second worker waits while the first loads the compiled kernel).
+    # The tokens and the NaN/Inf search go first to the same workers, so that they run beside the
+    # first tensor (whose worker loads the compiled kernel) and no thread waits for them alone.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        beside = pool.submit(tokens_and_nonfinite)
         compared = pool.map(one, names)
         try:
-            requests = [compare_request(a, b, r, alignments[r], thresholds) for r in range(a.num_requests)]
-            nonfinite = first_nonfinite(a, "a", names) or first_nonfinite(b, "b", names)
-        except BaseException:  # an error here is the answer: the tensors not started are not waited for
+            requests, nonfinite = beside.result()
+        except BaseException:  # an error there is the answer: the tensors not started are not waited for
             pool.shutdown(cancel_futures=True)
             raise
         tensors = list(compared)
