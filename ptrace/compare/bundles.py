@@ -76,7 +76,8 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
         return ([compare_request(a, b, r, alignments[r], thresholds) for r in range(a.num_requests)],
                 first_nonfinite(a, "a", names) or first_nonfinite(b, "b", names))
 
-    # Tensors are independent, and decoding and the kernel release the GIL: one worker per core.
+    # Tensors are independent, and reading, decoding and the kernel release the GIL (the CRC-32C
+    # does not): one worker per core.
     # The tokens and the NaN/Inf search go first to the same workers, so that they run beside the
     # first tensor (whose worker loads the compiled kernel) and no thread waits for them alone.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
