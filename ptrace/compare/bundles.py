@@ -17,7 +17,7 @@ from ptrace.bundle_spec.names import sort_forward
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.compare.align import align
 from ptrace.compare.localize import earliest, first_divergent, first_nonfinite, largest_local_error
-from ptrace.compare.results import Comparison, TensorResult
+from ptrace.compare.results import Comparison, RequestResult, TensorResult
 from ptrace.compare.stability import with_stability
 from ptrace.compare.summary import with_summary
 from ptrace.compare.tensors import compare_tensor, worth_compiling
@@ -59,12 +59,9 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
     thresholds = thresholds_for(a.run.dtype, threshold_overrides)
     _check_same_inputs(a, b)
     alignments = {r: align(a, b, r) for r in range(a.num_requests)}
-    requests = [compare_request(a, b, r, alignments[r], thresholds) for r in range(a.num_requests)]
-
     names = sort_forward(set(a.tensor_names) & set(b.tensor_names))
     missing = sorted(set(a.tensor_names) ^ set(b.tensor_names))
     compiled = worth_compiling(a, b, names, alignments)
-    # Tensors are independent and numpy releases the GIL: one worker per core.
     done = 0
 
     def one(name: str) -> TensorResult:
@@ -75,8 +72,23 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
             progress(done, len(names))
         return result
 
+    def tokens_and_nonfinite() -> tuple[list[RequestResult], dict[str, Any] | None]:
+        return ([compare_request(a, b, r, alignments[r], thresholds) for r in range(a.num_requests)],
+                first_nonfinite(a, "a", names) or first_nonfinite(b, "b", names))
+
+    # Tensors are independent, and reading, decoding and the kernel release the GIL (the CRC-32C
+    # does not): one worker per core.
+    # The tokens and the NaN/Inf search go first to the same workers, so that they run beside the
+    # first tensor (whose worker loads the compiled kernel) and no thread waits for them alone.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        tensors = list(pool.map(one, names))
+        beside = pool.submit(tokens_and_nonfinite)
+        compared = pool.map(one, names)
+        try:
+            requests, nonfinite = beside.result()
+        except BaseException:  # an error there is the answer: the tensors not started are not waited for
+            pool.shutdown(cancel_futures=True)
+            raise
+        tensors = list(compared)
 
     divergent = first_divergent(tensors)
     requests = [replace(r, first_divergent_tensor=divergent.get(r.index, (None, None))[0],
@@ -88,7 +100,7 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
         token_match_rate=match_rate, first_divergent_step=first_step,
         first_divergent_tensor=first_tensor, first_divergent_position=first_position,
         first_divergent_request=first_request, largest_local_error=largest_local_error(tensors),
-        first_nonfinite=first_nonfinite(a, "a", names) or first_nonfinite(b, "b", names),
+        first_nonfinite=nonfinite,
         thresholds=thresholds.to_dict(), tensors=tensors, requests=requests,
         a=_run_summary(a), b=_run_summary(b), missing=missing)))
 

@@ -8,10 +8,17 @@ with it within float64 rounding, NaN and infinity included.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import pytest
 
+import ptrace
 from ptrace.bundle_spec import open_bundle, writer
 from ptrace.compare import compare, metrics, tensors
 from tests.bundle_spec.test_roundtrip import write_minimal
@@ -71,6 +78,7 @@ def awkward_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 def kernel(request, monkeypatch):
     if request.param == "numpy":
         monkeypatch.setattr(metrics, "_row_sums_function", lambda: metrics._numpy_row_sums)
+        monkeypatch.setattr(metrics, "NUMPY_BLOCK_ELEMENTS", 2 * WIDTH)  # a piece of 3 rows: blocks of 2 and 1
     else:
         pytest.importorskip("numba")
         monkeypatch.setattr(tensors, "KERNEL_MIN_ELEMENTS", 0)  # these tensors are small: numpy's otherwise
@@ -122,3 +130,22 @@ def test_the_kernel_is_loaded_only_where_the_comparison_pays_for_it(tmp_path, mo
     with open_bundle(tmp_path / "a.zarr") as bundle_a, open_bundle(tmp_path / "b.zarr") as bundle_b:
         compare(bundle_a, bundle_b)
     assert bool(loads) == enough
+
+
+def test_numpy_stands_in_where_numba_has_no_writable_cache(tmp_path):
+    """A read-only installation run by a user without a writable home: numba refuses to define
+    the cached kernel (RuntimeError), and compare sums with numpy instead of failing."""
+    pytest.importorskip("numba")
+    site = tmp_path / "site"
+    shutil.copytree(Path(ptrace.__file__).parent, site / "ptrace", ignore=shutil.ignore_patterns("__pycache__"))
+    (site / "ptrace" / "compare" / "__pycache__").write_text("")  # no cache directory can be made beside it
+    not_a_directory = tmp_path / "home"
+    not_a_directory.write_text("")
+    env = {**os.environ, "PYTHONPATH": str(site), "HOME": str(not_a_directory),
+           "XDG_CACHE_HOME": str(not_a_directory / "cache"), "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("NUMBA_CACHE_DIR", None)
+    code = "from ptrace.compare import metrics; print(metrics._row_sums_function() is metrics._numpy_row_sums)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]
