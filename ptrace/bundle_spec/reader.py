@@ -518,32 +518,47 @@ class Bundle:
         """Blocks of as many whole chunks as fit in ``rows`` rows (at least one), decoded into
         one reused buffer (in storage dtype), cut to rows ``first:last``.
 
-        Short requests share chunks: the chunk where a range ends is kept (decoded, verified;
-        unless not to ``keep``: one slot, for the tensor streamed), so that reading the requests
-        in order decodes each chunk once, not once per request."""
+        Short requests share chunks: the chunk where a range ends, if more rows follow in it, is
+        kept (decoded, verified; one slot, set unless not to ``keep``), so that reading the
+        requests in order decodes each chunk once, not once per request. The kept chunk is the
+        last block's own buffer (never written again), and a block that is just that chunk is
+        served from it: no copy either way. Threads may share a bundle: the slot is read once."""
         reader = ChunkReader(self._store, path, node)
         chunk_rows = node.chunks[0]
         per_block = max(1, rows // chunk_rows)
-        buffer = np.empty((per_block * chunk_rows, *node.chunks[1:]), node.dtype)
-        chunks = buffer.reshape(per_block, -1).view(np.uint8)
+        buffer: np.ndarray | None = None
         stop_chunk = -(-last // chunk_rows)
         for block_chunk in range(first // chunk_rows, stop_chunk, per_block):
             taken = min(per_block, stop_chunk - block_chunk)
-            for offset in range(taken):
-                if self._kept_chunk[:2] == (path, block_chunk + offset):
-                    chunks[offset] = self._kept_chunk[2]
-                    continue
-                try:
-                    reader.read(block_chunk + offset, chunks[offset])
-                except PtraceError:
-                    raise
-                except Exception as exc:  # a checksum, a header, a truncated chunk: all corruption
-                    raise self._corrupt(path, f"is corrupted ({error_reason(exc)})") from None
+            kept_path, kept_index, kept = self._kept_chunk
+            if taken == 1 and (kept_path, kept_index) == (path, block_chunk):
+                block = kept
+            else:
+                if buffer is None:
+                    buffer = np.empty((per_block * chunk_rows, *node.chunks[1:]), node.dtype)
+                block = buffer
+                self._decode(path, reader, block_chunk, taken, block.reshape(per_block, -1).view(np.uint8))
             start = block_chunk * chunk_rows
             low, high = max(first, start), min(last, start + taken * chunk_rows)
-            if keep and high == last and last % chunk_rows:  # the next rows, another request's, start in it
-                self._kept_chunk = (path, block_chunk + taken - 1, chunks[taken - 1].copy())
-            yield low, buffer[low - start:high - start]
+            if keep and high == last and last % chunk_rows and last < node.shape[0]:
+                # the last block: its buffer is not reused, so the chunk is kept as is
+                self._kept_chunk = (path, block_chunk + taken - 1, block[(taken - 1) * chunk_rows:taken * chunk_rows])
+            yield low, block[low - start:high - start]
+
+    def _decode(self, path: str, reader: ChunkReader, first_chunk: int, count: int, chunks: np.ndarray) -> None:
+        """Decode ``count`` chunks from ``first_chunk`` on into the rows of ``chunks`` (the kept
+        chunk copied, not decoded again)."""
+        kept_path, kept_index, kept = self._kept_chunk
+        for offset in range(count):
+            if (kept_path, kept_index) == (path, first_chunk + offset):
+                chunks[offset] = kept.reshape(-1).view(np.uint8)
+                continue
+            try:
+                reader.read(first_chunk + offset, chunks[offset])
+            except PtraceError:
+                raise
+            except Exception as exc:  # a checksum, a header, a truncated chunk: all corruption
+                raise self._corrupt(path, f"is corrupted ({error_reason(exc)})") from None
 
     def _missing_tensor_message(self, request: int, name: str) -> str:
         return f"{self.path}: request {request} has no tensor {name!r} (captured: " \
