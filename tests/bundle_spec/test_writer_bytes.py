@@ -4,8 +4,9 @@ The writer encodes chunks and writes ``zarr.json`` itself (Zarr's event loop cos
 than the encoding). Readers other than ptrace's must see nothing different, so here the same
 arrays are written a second time through ``zarr`` (``create_array`` with the arguments the writer
 declares, ``append`` in pieces that end inside chunks, so that Zarr rewrites partial chunks too),
-and every file of the two bundles is compared. The writer runs with small chunks and a small
-memory bound, so that it also writes partial chunks out early and rewrites them.
+and every file of the two bundles is compared (the arrays' contents read back, too, are the
+rows written). The writer runs with small chunks and a small memory bound, so that it also
+writes partial chunks out early and rewrites them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.storage import LocalStore
 
-from ptrace.bundle_spec import BundleWriter, chunks
+from ptrace.bundle_spec import BundleWriter, chunks, open_bundle
 from ptrace.bundle_spec import writer as writer_module
 from ptrace.bundle_spec.layout import stats_array, tensor_array
 from ptrace.bundle_spec.schema import ROOT_ATTRIBUTE, SPEC_VERSION
@@ -119,3 +120,7 @@ def test_writer_stores_the_bytes_zarr_stores(tmp_path, monkeypatch):
         {"uint16", "uint8", "int8", "bool", "float32"}
     assert all(document["shape"][0] % document["chunk_grid"]["configuration"]["chunk_shape"][0]
                for name, document in arrays.items() if name.startswith("tensors/"))
+    with open_bundle(tmp_path / "ptrace.zarr") as bundle:
+        for request in range(REQUESTS):
+            for name in TENSORS:
+                assert bundle.tensor(request, name).tobytes() == _tensor(name, request).tobytes(), (name, request)
