@@ -13,8 +13,9 @@ killed leaves only ``OUT.partial``, which has no manifest and so never reads as 
 Nothing is written through Zarr's store or codec pipeline (an event loop, thread hops, and the
 array's metadata rewritten at every append: most of what writing cost a stats-mode capture).
 Chunks are encoded by :class:`~ptrace.bundle_spec.chunks.ChunkWriter`, and each array's
-``zarr.json`` is Zarr's own metadata object, serialized once with the array's final shape; the
-files are byte for byte those Zarr's ``append`` would have left (tests/bundle_spec/test_writer_bytes.py).
+``zarr.json`` is Zarr's own metadata object, written when the array is created (empty) and once
+more at commit with its final shape, not at every append; the files are byte for byte those
+Zarr's ``append`` would have left (tests/bundle_spec/test_writer_bytes.py).
 """
 
 from __future__ import annotations
@@ -269,6 +270,7 @@ class BundleWriter:
             (0, *row_shape), dtypes.storage_dtype(logical), (chunk_rows, *row_shape),
             [BytesCodec(endian="little"), *_compressors()], attributes={"ptrace": {"dtype": logical}},
         )
+        self._write_metadata(path, metadata)  # as Zarr creates it; written again with its shape at commit
         return _Stream(metadata=metadata, chunks=ChunkWriter(self.staging / path, metadata), logical=logical,
                        chunk_rows=chunk_rows, row_bytes=row_bytes)
 
