@@ -118,6 +118,7 @@ class ChunkWriter:
         self._dtype = np.dtype(metadata.dtype.to_native_dtype())
         self._fill = metadata.fill_value
         self.chunk_shape = tuple(metadata.chunks)
+        self._made: Path | None = None  # the directory of the last chunk written
         self._blosc = None
         if middle:
             codec = middle[0]
@@ -136,7 +137,9 @@ class ChunkWriter:
         data = np.ascontiguousarray(rows).view(np.uint8).reshape(-1)
         body = blosc.compress(data, *self._blosc) if self._blosc else data
         path = self._path(index)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent != self._made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made = path.parent
         with path.open("wb") as file:
             file.write(body)
             file.write(struct.pack("<I", google_crc32c.value(body)))

@@ -13,14 +13,15 @@ killed leaves only ``OUT.partial``, which has no manifest and so never reads as 
 Nothing is written through Zarr's store or codec pipeline (an event loop, thread hops, and the
 array's metadata rewritten at every append: most of what writing cost a stats-mode capture).
 Chunks are encoded by :class:`~ptrace.bundle_spec.chunks.ChunkWriter`, and each array's
-``zarr.json`` is Zarr's own metadata object, written when the array is created (empty) and once
-more at commit with its final shape, not at every append; the files are byte for byte those
-Zarr's ``append`` would have left (tests/bundle_spec/test_writer_bytes.py).
+``zarr.json`` is Zarr's own metadata object, written once at commit with the array's final shape
+(not at every append); the files are byte for byte those Zarr's ``append`` would have left
+(tests/bundle_spec/test_writer_bytes.py).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -83,11 +84,15 @@ def _array_metadata(shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, 
     """What Zarr's ``create_array`` declares for these arguments: a regular chunk grid, the default
     chunk key encoding, fill value 0 (the codecs fitted to the dtype, as Zarr does)."""
     return ArrayV3Metadata(
-        shape=shape, data_type=parse_dtype(dtype, zarr_format=3),
+        shape=shape, data_type=_zarr_dtype(dtype),
         chunk_grid={"name": "regular", "configuration": {"chunk_shape": chunks}},
         chunk_key_encoding={"name": "default", "separator": "/"}, fill_value=0, codecs=codecs,
         attributes=attributes, dimension_names=None,
     )
+
+
+#: Zarr's data type for a numpy dtype: looked up in Zarr's registry of data types, by trying each.
+_zarr_dtype = functools.cache(functools.partial(parse_dtype, zarr_format=3))
 
 
 def _metadata_bytes(metadata: ArrayV3Metadata | GroupMetadata) -> bytes:
@@ -270,7 +275,7 @@ class BundleWriter:
             (0, *row_shape), dtypes.storage_dtype(logical), (chunk_rows, *row_shape),
             [BytesCodec(endian="little"), *_compressors()], attributes={"ptrace": {"dtype": logical}},
         )
-        self._write_metadata(path, metadata)  # as Zarr creates it; written again with its shape at commit
+        (self.staging / path).mkdir(parents=True)  # its zarr.json, with its shape, comes at commit
         return _Stream(metadata=metadata, chunks=ChunkWriter(self.staging / path, metadata), logical=logical,
                        chunk_rows=chunk_rows, row_bytes=row_bytes)
 
