@@ -100,7 +100,10 @@ class ChunkWriter:
     """Encodes and stores the chunks of one array whose chunks span whole rows, the ``index``-th
     along its first axis at a time, as Zarr would: in the storage dtype little endian, blosc (or
     nothing), then the CRC-32C of the stored bytes, under the array's chunk key. Like Zarr, a
-    chunk is stored whole: rows short of a full chunk are padded with the fill value.
+    chunk is stored whole: rows short of a full chunk are padded with the fill value. Every chunk
+    written is stored, all-zero ones included (what Zarr's ``write_empty_chunks`` did for the
+    writer): a chunk that is not stored reads as the fill value, indistinguishable from a deleted
+    one, and readers bound how many may be absent.
 
     Files are written in place, not through a temporary file as Zarr's store does: the writer
     stages the whole bundle, which a rename makes visible only when it is complete.
