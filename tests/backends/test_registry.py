@@ -11,7 +11,12 @@ import tomllib
 from pathlib import Path
 
 from ptrace.backends.base import Backend
-from ptrace.backends.registry import BackendEntry, _registered, entries, register_backend
+from ptrace.backends.registry import (
+    BackendEntry,
+    _registered,
+    entries,
+    register_backend,
+)
 from tests.cli.test_cli import _one_line_error
 from tests.conftest import run_cli
 
