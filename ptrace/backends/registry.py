@@ -9,6 +9,7 @@ reports its error instead of breaking the CLI.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import tomllib
@@ -51,7 +52,17 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
 
 def entries() -> dict[str, BackendEntry]:
     """Every backend: ptrace's own entry points, other distributions' (out-of-tree engines), and
-    classes registered directly.
+    classes registered directly."""
+    found = dict(_installed())
+    for name, cls in _registered.items():
+        found[name] = BackendEntry(name, f"{cls.__module__}:{cls.__qualname__}")
+    return dict(sorted(found.items()))
+
+
+@functools.cache
+def _installed() -> dict[str, BackendEntry]:
+    """The entry points, read once a process: reading them scans every installed distribution,
+    and a capture looks its backend up several times (and every backend's packages once).
 
     ptrace's own come from the code being run: in a source checkout from its ``pyproject.toml``
     (which may be newer than what an editable install recorded, or never installed at all),
@@ -66,9 +77,7 @@ def entries() -> dict[str, BackendEntry]:
         is_ptrace = ep.dist is not None and ep.dist.name == "ptrace"
         if not (is_ptrace and checkout is not None):
             found.setdefault(ep.name, BackendEntry(ep.name, ep.value))
-    for name, cls in _registered.items():
-        found[name] = BackendEntry(name, f"{cls.__module__}:{cls.__qualname__}")
-    return dict(sorted(found.items()))
+    return found
 
 
 def loadable() -> dict[str, type[Backend]]:

@@ -9,11 +9,19 @@ rows and the partial last chunk of every array together, is bounded (``PENDING_B
 it, the arrays staging the most are appended, then partial chunks are written out (the next rows
 rewrite them whole). Whole-content CRC-32Cs are extended as rows are appended. A writer that is
 killed leaves only ``OUT.partial``, which has no manifest and so never reads as a complete bundle.
+
+Nothing is written through Zarr's store or codec pipeline (an event loop, thread hops, and the
+array's metadata rewritten at every append: most of what writing cost a stats-mode capture).
+Chunks are encoded by :class:`~ptrace.bundle_spec.chunks.ChunkWriter`, and each array's
+``zarr.json`` is Zarr's own metadata object, written once at commit with the array's final shape
+(not at every append); the files are byte for byte those Zarr's ``append`` would have left
+(tests/bundle_spec/test_writer_bytes.py).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -22,11 +30,14 @@ from pathlib import Path
 import google_crc32c
 import msgpack
 import numpy as np
-import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
-from zarr.storage import LocalStore
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
+from zarr.core.metadata.v3 import ArrayV3Metadata
+from zarr.dtype import parse_dtype
 
 from ptrace.bundle_spec import dtypes, layout
+from ptrace.bundle_spec.chunks import ChunkWriter
 from ptrace.bundle_spec.schema import (
     ROOT_ATTRIBUTE,
     SPEC_VERSION,
@@ -53,11 +64,8 @@ PENDING_BYTES = 64 << 20
 #: slot), counted against ``PENDING_BYTES``: a decode step stages one row per request and
 #: tensor, so a long batched decode holds millions of small blocks.
 _BLOCK_OVERHEAD = 128
-
-
-#: Store every chunk, all-zero ones included: a chunk that is not stored reads as the fill
-#: value, indistinguishable from a deleted one, and readers bound how many may be absent.
-_EVERY_CHUNK = {"write_empty_chunks": True}
+#: Zarr's name for an array's or a group's metadata document.
+_ZARR_JSON = "zarr.json"
 
 
 def _chunk_rows(row_bytes: int) -> int:
@@ -71,12 +79,33 @@ def _compressors() -> list:
     return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
 
 
+def _array_metadata(shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...], codecs: list,
+                    attributes: dict | None = None) -> ArrayV3Metadata:
+    """What Zarr's ``create_array`` declares for these arguments: a regular chunk grid, the default
+    chunk key encoding, fill value 0 (the codecs fitted to the dtype, as Zarr does)."""
+    return ArrayV3Metadata(
+        shape=shape, data_type=_zarr_dtype(dtype),
+        chunk_grid={"name": "regular", "configuration": {"chunk_shape": chunks}},
+        chunk_key_encoding={"name": "default", "separator": "/"}, fill_value=0, codecs=codecs,
+        attributes=attributes, dimension_names=None,
+    )
+
+
+#: Zarr's data type for a numpy dtype: looked up in Zarr's registry of data types, by trying each.
+_zarr_dtype = functools.cache(functools.partial(parse_dtype, zarr_format=3))
+
+
+def _metadata_bytes(metadata: ArrayV3Metadata | GroupMetadata) -> bytes:
+    return metadata.to_buffer_dict(default_buffer_prototype())[_ZARR_JSON].to_bytes()
+
+
 @dataclass
 class _Stream:
     """An array being written row block by row block; ``rows`` counts the rows received, the last
     ``pending_rows`` of which are held back until their chunk is whole (or memory is short)."""
 
-    array: zarr.Array
+    metadata: ArrayV3Metadata  # as created: its shape is that of no rows
+    chunks: ChunkWriter
     logical: str
     chunk_rows: int
     row_bytes: int
@@ -88,6 +117,10 @@ class _Stream:
     @property
     def pending_bytes(self) -> int:
         return self.pending_rows * self.row_bytes
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return tuple(self.metadata.shape[1:])
 
     @property
     def _written(self) -> int:
@@ -103,23 +136,31 @@ class _Stream:
             self.flush(whole_chunks_only=True)
 
     def flush(self, whole_chunks_only: bool = False) -> None:
-        """Append the held rows: all of them, or those up to the last chunk boundary.
+        """Write the held rows: all of them, or those up to the last chunk boundary.
 
-        Appending into a partial last chunk (written out earlier under the memory bound) makes
-        Zarr rewrite that chunk with the new rows: the chunk grid stays regular, every chunk stored.
+        Rows that go on a partial last chunk (written out earlier under the memory bound) are
+        written with the rows it holds, read back, as Zarr's ``append`` rewrites it: the chunk
+        grid stays regular, every chunk stored.
         """
         if not self.pending_rows:
             return
         data = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
         cut = (self.rows // self.chunk_rows) * self.chunk_rows - self._written if whole_chunks_only \
             else data.shape[0]
-        self.array.append(data[:cut], axis=0)
+        first, held = divmod(self._written, self.chunk_rows)
+        rows = data[:cut] if not held else np.concatenate([self.chunks.read(first, held), data[:cut]])
+        for index, start in enumerate(range(0, rows.shape[0], self.chunk_rows), first):
+            self.chunks.write(index, rows[start:start + self.chunk_rows])
         rest = data[cut:].copy()  # a copy: the view would keep the whole of ``data`` alive
         self.pending = [rest] if rest.shape[0] else []
         self.pending_rows = rest.shape[0]
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.rows, *self.row_shape)
+
     def record(self) -> ArrayRecord:
-        return ArrayRecord(shape=tuple(self.array.shape), dtype=self.logical, crc32c=self.crc)
+        return ArrayRecord(shape=self.shape, dtype=self.logical, crc32c=self.crc)
 
 
 class BundleWriter:
@@ -137,10 +178,10 @@ class BundleWriter:
             shutil.rmtree(self.staging)
         self.created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         self.bundle_id = uuid.uuid4().hex
-        self._root = zarr.open_group(
-            LocalStore(self.staging), mode="w",
-            attributes={ROOT_ATTRIBUTE: {"spec_version": SPEC_VERSION}},
-        )
+        self.staging.mkdir(parents=True)
+        (self.staging / _ZARR_JSON).write_bytes(
+            _metadata_bytes(GroupMetadata(attributes={ROOT_ATTRIBUTE: {"spec_version": SPEC_VERSION}})))
+        self._groups = {""}  # the groups whose zarr.json is written
         self._streams: dict[str, _Stream] = {}
         #: array -> request -> rows staged (storage dtype), and the bytes staged per array
         self._staged: dict[str, dict[int, list[np.ndarray]]] = {}
@@ -155,11 +196,22 @@ class BundleWriter:
 
     def _write_msgpack(self, path: str, data: dict) -> None:
         payload = np.frombuffer(msgpack.packb(data, use_bin_type=True), dtype=np.uint8)
-        array = self._root.create_array(
-            path, shape=payload.shape, dtype=np.uint8, chunks=payload.shape,
-            serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0, config=_EVERY_CHUNK,
-        )
-        array[...] = payload
+        metadata = _array_metadata(payload.shape, payload.dtype, payload.shape, [BytesCodec(), Crc32cCodec()])
+        ChunkWriter(self.staging / path, metadata).write(0, payload)
+        self._write_metadata(path, metadata)
+
+    def _write_metadata(self, path: str, metadata: ArrayV3Metadata) -> None:
+        """Write an array's zarr.json, and that of each group above it not written yet (empty
+        groups, as Zarr creates them for an array's path)."""
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            group = "/".join(parts[:depth])
+            if group not in self._groups:
+                (self.staging / group).mkdir(parents=True, exist_ok=True)
+                (self.staging / group / _ZARR_JSON).write_bytes(_metadata_bytes(GroupMetadata()))
+                self._groups.add(group)
+        (self.staging / path).mkdir(parents=True, exist_ok=True)
+        (self.staging / path / _ZARR_JSON).write_bytes(_metadata_bytes(metadata))
 
     # -- arrays ------------------------------------------------------------------------------
     def append(self, array: str, request: int, rows: np.ndarray) -> None:
@@ -169,9 +221,9 @@ class BundleWriter:
         if stream is None:
             stream = self._streams[array] = self._create_stream(array, rows)
             self._staged[array], self._staged_bytes[array], self._segments[array] = {}, 0, []
-        elif rows.shape[1:] != stream.array.shape[1:] or dtypes.logical_name(rows.dtype) != stream.logical:
+        elif rows.shape[1:] != stream.row_shape or dtypes.logical_name(rows.dtype) != stream.logical:
             raise BundleError(f"{self.path}: {array} gets {dtypes.logical_name(rows.dtype)} rows of shape "
-                              f"{rows.shape[1:]} after {stream.logical} rows of {stream.array.shape[1:]}")
+                              f"{rows.shape[1:]} after {stream.logical} rows of {stream.row_shape}")
         if not rows.shape[0]:
             return
         block = np.ascontiguousarray(dtypes.to_storage(rows))
@@ -219,13 +271,13 @@ class BundleWriter:
         row_shape = tuple(rows.shape[1:])
         row_bytes = rows.dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
         chunk_rows = _chunk_rows(row_bytes)
-        array = self._root.create_array(
-            path, shape=(0, *row_shape), dtype=dtypes.storage_dtype(logical),
-            chunks=(chunk_rows, *row_shape) if row_shape else (chunk_rows,),
-            serializer=BytesCodec(endian="little"), compressors=_compressors(),
-            fill_value=0, attributes={"ptrace": {"dtype": logical}}, config=_EVERY_CHUNK,
+        metadata = _array_metadata(
+            (0, *row_shape), dtypes.storage_dtype(logical), (chunk_rows, *row_shape),
+            [BytesCodec(endian="little"), *_compressors()], attributes={"ptrace": {"dtype": logical}},
         )
-        return _Stream(array=array, logical=logical, chunk_rows=chunk_rows, row_bytes=row_bytes)
+        (self.staging / path).mkdir(parents=True)  # its zarr.json, with its shape, comes at commit
+        return _Stream(metadata=metadata, chunks=ChunkWriter(self.staging / path, metadata), logical=logical,
+                       chunk_rows=chunk_rows, row_bytes=row_bytes)
 
     # -- finishing ---------------------------------------------------------------------------
     def commit(self, *, ptrace_version: str, command: list[str], mode: str,
@@ -238,6 +290,8 @@ class BundleWriter:
             tables = self._streams[layout.segment_table(array)] = self._create_stream(layout.segment_table(array), table)
             tables.add(table)
             tables.flush()
+        for path, stream in self._streams.items():
+            self._write_metadata(path, stream.metadata.update_shape(stream.shape))
         self._held = 0
         manifest = Manifest(
             spec_version=SPEC_VERSION, ptrace_version=ptrace_version, bundle_id=self.bundle_id,

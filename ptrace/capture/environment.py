@@ -7,6 +7,7 @@ bundle must be safe to attach to a public bug report.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -83,13 +84,17 @@ def package_versions(names: Sequence[str] | None = None) -> dict[str, str | None
     bundles from different engines list the same names)."""
     if names is None:
         names = tuple(dict.fromkeys((*CORE_PACKAGES, *recorded_packages())))
-    found: dict[str, str | None] = {}
-    for name in names:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+    return {name: _installed_version(name) for name in names}
+
+
+@functools.cache
+def _installed_version(name: str) -> str | None:
+    """Looked up once a process: each look-up parses the distribution's whole METADATA (a few ms
+    for torch's), and the modules this process imported are those of the first look-up anyway."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def _cpu_model() -> str:

@@ -11,7 +11,12 @@ import tomllib
 from pathlib import Path
 
 from ptrace.backends.base import Backend
-from ptrace.backends.registry import BackendEntry
+from ptrace.backends.registry import (
+    BackendEntry,
+    _registered,
+    entries,
+    register_backend,
+)
 from tests.cli.test_cli import _one_line_error
 from tests.conftest import run_cli
 
@@ -96,3 +101,17 @@ def test_every_declared_entry_point_names_its_backend_class():
     for name, target in declared.items():
         cls = BackendEntry(name, target).load()
         assert issubclass(cls, Backend) and cls.name == name, target
+
+
+def test_entries_read_once_still_follow_registered_classes():
+    """The installed entry points are read once a process; classes registered later still count."""
+    class Late(Backend):
+        name = "registered-late"
+
+    before = entries()
+    register_backend(Late)
+    try:
+        assert entries() == dict(sorted({**before, Late.name: BackendEntry(Late.name, f"{__name__}:{Late.__qualname__}")}.items()))
+    finally:
+        _registered.pop(Late.name)
+    assert entries() == before
