@@ -84,35 +84,42 @@ class DirectoryStore(BundleStore):
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+        self._root = str(self.root)
         self._keys: list[str] | None = None
+        #: Directories under the root already found to be directories, not links: a chunk read
+        #: checks its own file, not every directory on its way again (compare reads thousands).
+        self._directories: set[str] = {self._root}
 
-    def _refuse(self, path: Path, mode: int) -> BundleCorruptError:
-        name = path.relative_to(self.root).as_posix()
+    def _refuse(self, path: str, mode: int) -> BundleCorruptError:
+        name = os.path.relpath(path, self._root).replace(os.sep, "/")
         if stat.S_ISLNK(mode):
             return BundleCorruptError(f"{self.root}: {name} is a symbolic link", hint=_LINK_HINT)
         return BundleCorruptError(f"{self.root}: {name} is not a regular file",
                                   hint="a bundle holds only directories and regular files: remove it")
 
-    def lookup(self, key: str) -> tuple[Path, int] | None:
+    def lookup(self, key: str) -> tuple[str, int] | None:
         """The path of ``key`` and its ``lstat`` mode, or None when nothing is there."""
-        path = self.root
         parts = [part for part in key.split("/") if part]
         if any(part in (".", "..") or "\0" in part for part in parts):
             raise BundleCorruptError(f"{self.root}: invalid key {key!r}")
-        mode = os.lstat(path).st_mode
-        for part in parts:
-            if not stat.S_ISDIR(mode):
-                return None
-            path = path / part
+        path, mode = self._root, os.lstat(self._root).st_mode
+        for depth, part in enumerate(parts, 1):
+            path = f"{path}/{part}"
+            if depth < len(parts) and path in self._directories:
+                continue
             try:
                 mode = os.lstat(path).st_mode
             except (FileNotFoundError, NotADirectoryError):
                 return None
             if stat.S_ISLNK(mode):
                 raise self._refuse(path, mode)
+            if depth < len(parts):
+                if not stat.S_ISDIR(mode):
+                    return None
+                self._directories.add(path)
         return path, mode
 
-    def file(self, key: str) -> Path | None:
+    def file(self, key: str) -> str | None:
         """The regular file holding ``key``, or None when nothing is stored there."""
         found = self.lookup(key)
         if found is None or stat.S_ISDIR(found[1]):
@@ -124,17 +131,20 @@ class DirectoryStore(BundleStore):
     def stored_keys(self) -> list[str]:
         """Every regular file of the bundle, from one walk that follows no link (and refuses one)."""
         if self._keys is None:
-            keys = []
-            for directory, dirs, files in os.walk(self.root, followlinks=False):
-                for name in (*dirs, *files):
-                    path = Path(directory, name)
-                    mode = os.lstat(path).st_mode
-                    if stat.S_ISLNK(mode):
-                        raise self._refuse(path, mode)
-                    if stat.S_ISREG(mode):
-                        keys.append(path.relative_to(self.root).as_posix())
-                    elif not stat.S_ISDIR(mode):
-                        raise self._refuse(path, mode)
+            keys: list[str] = []
+            pending = [(self._root, "")]
+            while pending:
+                directory, prefix = pending.pop()
+                with os.scandir(directory) as entries:
+                    for entry in entries:  # the entry's type, from the directory listing: no link followed
+                        if entry.is_symlink():
+                            raise self._refuse(entry.path, stat.S_IFLNK)
+                        if entry.is_dir(follow_symlinks=False):
+                            pending.append((entry.path, f"{prefix}{entry.name}/"))
+                        elif entry.is_file(follow_symlinks=False):
+                            keys.append(prefix + entry.name)
+                        else:
+                            raise self._refuse(entry.path, entry.stat(follow_symlinks=False).st_mode)
             self._keys = sorted(keys)
         return self._keys
 

@@ -73,7 +73,7 @@ class CheckedLocalStore(LocalStore):
         path = self._checked.file(key)
         if path is None:
             raise FileNotFoundError(key)
-        return path.stat().st_size
+        return os.stat(path).st_size
 
     async def list(self) -> AsyncIterator[str]:
         for key in self._checked.stored_keys():
