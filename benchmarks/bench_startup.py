@@ -4,8 +4,9 @@ Times each command in a fresh process (the median of ``--repeats``), ``ptrace co
 tiny bundles (4 prompt tokens, 3 generated; start-up is all there is to it). Then splits compare's
 start-up into its parts: each row imports one more layer of what the command loads, so the
 difference to the row above is that layer's cost (the interpreter, the CLI with typer and rich,
-the pydantic that typer's option parsing loads, numpy, zarr, ptrace's reader and comparison, and
-finally the comparison itself with its output). ``bench_msprobe.py`` prints the same rows beside
+the pydantic that typer's option parsing loads, numpy, ptrace's reader and comparison with
+what they import (blosc, CRC-32C, msgpack, ml_dtypes; not zarr, which reading ptrace's own
+bundles does not need), and finally the comparison itself with its output). ``bench_msprobe.py`` prints the same rows beside
 msprobe's.
 
 Target (issue #14): ``ptrace --help`` and ``ptrace compare`` < 0.3 s, with no engine imported.
@@ -33,7 +34,6 @@ LAYERS = {
     "+ CLI (typer, rich, ptrace.cli)": "import ptrace.cli",
     "+ typer's option parsing (pydantic)": "import typer._adapters",
     "+ numpy": "import numpy",
-    "+ zarr": "import zarr",
     "+ ptrace reader and compare": "import ptrace.bundle_spec, ptrace.compare",
 }
 
