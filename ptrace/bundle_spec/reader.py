@@ -17,7 +17,6 @@ names the bundle and the node.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from functools import cached_property
