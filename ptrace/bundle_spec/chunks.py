@@ -30,7 +30,7 @@ import numpy as np
 from numcodecs import blosc
 
 from ptrace.bundle_spec.arrays import ArrayMeta
-from ptrace.bundle_spec.store import BundleStore
+from ptrace.bundle_spec.store import BundleStore, DirectoryStore
 from ptrace.errors import BundleError
 
 if TYPE_CHECKING:  # the writer's metadata is Zarr's; reading never imports Zarr
@@ -106,11 +106,10 @@ class ChunkWriter:
                 or (middle and not isinstance(middle[0], BloscCodec)):
             raise BundleError(f"{directory}: chunks with codecs {metadata.codecs} are written through Zarr only")
         self._directory = directory
-        self._metadata = metadata
-        self._trailing = (0,) * (len(metadata.shape) - 1)
-        self._dtype = np.dtype(metadata.dtype.to_native_dtype())
-        self._fill = metadata.fill_value
         self.chunk_shape = tuple(metadata.chunks)
+        #: The reader's view of the array (its chunk keys; reading back a partial chunk)
+        self._meta = ArrayMeta(tuple(metadata.shape), self.chunk_shape, np.dtype(metadata.dtype.to_native_dtype()),
+                               metadata.fill_value, direct=True, compressed=bool(middle))
         self._made: Path | None = None  # the directory of the last chunk written
         self._blosc = None
         if middle:
@@ -119,12 +118,12 @@ class ChunkWriter:
                            codec.blocksize, codec.typesize)
 
     def _path(self, index: int) -> Path:
-        return self._directory / self._metadata.encode_chunk_key((index, *self._trailing))
+        return self._directory / self._meta.chunk_key(index)
 
     def write(self, index: int, rows: np.ndarray) -> None:
         """Store chunk ``index``, made of ``rows`` (in the array's dtype, at most a chunk's)."""
         if rows.shape[0] < self.chunk_shape[0]:
-            whole = np.full(self.chunk_shape, self._fill, self._dtype)
+            whole = np.full(self.chunk_shape, self._meta.fill_value, self._meta.dtype)
             whole[:rows.shape[0]] = rows
             rows = whole
         data = np.ascontiguousarray(rows).view(np.uint8).reshape(-1)
@@ -139,10 +138,10 @@ class ChunkWriter:
 
     def read(self, index: int, rows: int) -> np.ndarray:
         """The first ``rows`` rows of the stored chunk ``index``: a partial chunk written out
-        earlier, which the rows that follow are about to complete."""
-        stored = self._path(index).read_bytes()
-        body = stored[:-_CHECKSUM_BYTES]
-        if google_crc32c.value(body) != int.from_bytes(stored[-_CHECKSUM_BYTES:], "little"):
-            raise BundleError(f"{self._path(index)}: the chunk written earlier no longer matches its checksum")
-        data = blosc.decompress(body) if self._blosc else body
-        return np.frombuffer(data, self._dtype).reshape(self.chunk_shape)[:rows]
+        earlier, which the rows that follow are about to complete (decoded as any reader does)."""
+        chunk = np.empty(self.chunk_shape, self._meta.dtype)
+        try:
+            ChunkReader(DirectoryStore(self._directory), "", self._meta).read(index, chunk.reshape(-1).view(np.uint8))
+        except ValueError as exc:
+            raise BundleError(f"{self._directory}: the chunk written earlier no longer reads back ({exc})") from None
+        return chunk[:rows]
