@@ -5,8 +5,8 @@ some), and checks every known key strictly against its field's annotation: a boo
 (``complete: "false"`` is refused, not truthy), an int is an int and not a bool
 (``spec_version: true`` is refused), a float may be written as an int, lists and maps are checked
 element by element. A missing required key or a wrong type is a corrupt bundle, reported with
-the key's path inside the document. The documents are plain data: serialising them is the
-writer's job (msgpack), not theirs.
+the key's path inside the document. ``to_bytes``/``from_bytes`` are their stored form (msgpack,
+plain values only, bounded in depth).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, ClassVar, Self
 
+import msgpack
+
 from ptrace.bundle_spec import layout
 from ptrace.bundle_spec.names import DEFAULT_PATTERNS
 from ptrace.errors import BundleCorruptError
@@ -28,6 +30,42 @@ from ptrace.errors import BundleCorruptError
 SPEC_VERSION = 2
 #: Root-group attribute key that marks a Zarr hierarchy as a ptrace bundle.
 ROOT_ATTRIBUTE = "ptrace_bundle"
+#: The deepest nesting a metadata document may have (ptrace's own are about 5 deep).
+MAX_DOCUMENT_DEPTH = 64
+#: What a metadata document may hold besides maps and lists.
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+class DocumentError(BundleCorruptError):
+    """Bytes that are not a metadata document: not msgpack, or not plain values (the reader names the node)."""
+
+
+def unpack_document(payload: bytes) -> Any:
+    """Decode one metadata document: plain msgpack values only, bounded in depth.
+
+    The walk is iterative, so a document nested a thousand levels deep is refused here instead of
+    exhausting Python's recursion in whatever reads it next.
+    """
+    def refuse_extension(code: int, data: bytes) -> Any:
+        raise DocumentError(f"msgpack extension type {code} is not allowed")
+
+    try:
+        data = msgpack.unpackb(payload, raw=False, strict_map_key=True, ext_hook=refuse_extension)
+    except (ValueError, msgpack.UnpackException) as exc:
+        text = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise DocumentError(text[:160]) from None
+    pending = [(data, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_DOCUMENT_DEPTH:
+            raise DocumentError(f"nested more than {MAX_DOCUMENT_DEPTH} levels deep")
+        if isinstance(value, dict):
+            pending.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            pending.extend((v, depth + 1) for v in value)
+        elif not isinstance(value, _PLAIN):
+            raise DocumentError(f"msgpack value of type {type(value).__name__} is not allowed")
+    return data
 
 
 def plain(value: Any) -> Any:
@@ -81,6 +119,16 @@ class Document:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def to_bytes(self) -> bytes:
+        """The document as stored in a bundle: msgpack (SPEC.md section 3)."""
+        return msgpack.packb(self.to_dict(), use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> Self:
+        """A stored document read back (:class:`DocumentError`, or another corruption error
+        naming the key, for anything that is not one)."""
+        return cls.from_dict(unpack_document(payload))
 
     @classmethod
     @cache

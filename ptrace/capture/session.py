@@ -36,7 +36,7 @@ from ptrace.bundle_spec.writer import BundleWriter
 from ptrace.capture.environment import Redactor, collect_environment
 from ptrace.capture.inputs import Prompt, resolve_prompts
 from ptrace.capture.model import describe_model
-from ptrace.bundle_spec.reader import open_bundle
+from ptrace.bundle_spec.structure import open_bundle
 from ptrace.capture import datasets, whatif
 from ptrace.capture.recorder import StepSelection, TensorRecorder
 from ptrace.errors import BackendError, UsageError

@@ -34,7 +34,8 @@ import numpy as np
 from ptrace.backends.base import EngineTensor, Interceptor, TensorSite
 from ptrace.backends.model_dir import read_config
 from ptrace.bundle_spec import names as canonical
-from ptrace.bundle_spec.reader import Bundle, open_bundle
+from ptrace.bundle_spec.reader import Bundle
+from ptrace.bundle_spec.structure import open_bundle
 from ptrace.bundle_spec.schema import WhatIfSpec
 from ptrace.capture.recorder import StepSelection
 from ptrace.errors import PtraceError, UsageError
