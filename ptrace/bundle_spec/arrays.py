@@ -120,7 +120,9 @@ class ArrayMeta:
     def logical_dtype(self) -> Any:
         """The ``ptrace.dtype`` attribute (SPEC.md section 4), else the storage dtype's name;
         whatever the attribute holds (:meth:`problem` checks it)."""
-        attribute = self.attributes.get("ptrace", {"dtype": self.dtype.name})
+        attribute = self.attributes.get("ptrace")
+        if attribute is None:
+            return self.dtype.name
         return attribute.get("dtype") if isinstance(attribute, dict) else None
 
     def chunk_key(self, index: int) -> str:
