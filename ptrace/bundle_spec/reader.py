@@ -131,6 +131,8 @@ class Bundle:
         #: (array, chunk index, decoded bytes) of the last chunk a range ended inside
         self._kept_chunk: tuple[str, int, np.ndarray | None] = ("", -1, None)
         self._absent_chunks = self._absent_bytes = 0
+        #: Whether the structural rules were found kept (:mod:`~ptrace.bundle_spec.structure`).
+        self.structure_checked = False
         try:
             root = GroupMeta.from_json(self._node_metadata(""))
         except (MetadataError, KeyError) as exc:  # no or malformed root metadata: not something we can read

@@ -46,16 +46,24 @@ def open_bundle(path: str | os.PathLike[str]) -> Bundle:
     :class:`~ptrace.errors.BundleError` naming the first rule it breaks."""
     bundle = Bundle(path)
     try:
-        problems = structural_problems(bundle)
+        require_structure(bundle)
     except BaseException:
         bundle.close()
         raise
+    return bundle
+
+
+def require_structure(bundle: Bundle) -> None:
+    """Raise a :class:`~ptrace.errors.BundleCorruptError` naming the first structural rule
+    ``bundle`` breaks (once per bundle: a bundle from :func:`open_bundle` has passed already)."""
+    if bundle.structure_checked:
+        return
+    problems = structural_problems(bundle)
     if problems:
-        bundle.close()
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
         raise BundleCorruptError(f"{bundle.path}: {problems[0]}{more}",
                                  hint="run `ptrace validate` on it to see every problem")
-    return bundle
+    bundle.structure_checked = True
 
 
 def structural_problems(bundle: Bundle) -> list[str]:

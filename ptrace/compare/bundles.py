@@ -15,6 +15,7 @@ from typing import Any
 
 from ptrace.bundle_spec.names import sort_forward
 from ptrace.bundle_spec.reader import Bundle
+from ptrace.bundle_spec.structure import require_structure
 from ptrace.compare.align import align
 from ptrace.compare.localize import earliest, first_divergent, first_nonfinite, largest_local_error
 from ptrace.compare.results import Comparison, RequestResult, TensorResult
@@ -55,7 +56,10 @@ def _check_same_inputs(a: Bundle, b: Bundle) -> None:
 
 def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | None = None,
             progress: Callable[[int, int], None] | None = None) -> Comparison:
-    """Compare run ``b`` against reference run ``a`` (same inputs; engines, dtypes may differ)."""
+    """Compare run ``b`` against reference run ``a`` (same inputs; engines, dtypes may differ).
+    A bundle that breaks the spec's structural rules is refused, however it was opened."""
+    require_structure(a)
+    require_structure(b)
     thresholds = thresholds_for(a.run.dtype, threshold_overrides)
     _check_same_inputs(a, b)
     alignments = {r: align(a, b, r) for r in range(a.num_requests)}

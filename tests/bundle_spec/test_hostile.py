@@ -28,6 +28,7 @@ from zarr.storage import LocalStore
 from ptrace import compare_bundles
 from ptrace.bundle_spec import open_bundle, pack, validate_bundle
 from ptrace.bundle_spec.layout import segment_table
+from ptrace.bundle_spec.reader import Bundle
 from ptrace.errors import BundleCorruptError, BundleError, NotABundleError
 from tests.bundle_spec.test_roundtrip import write_minimal
 from tests.conftest import run_cli
@@ -106,6 +107,12 @@ def assert_refused(bundle: Path, match: str) -> None:
     with pytest.raises(BundleError, match=match):
         with open_bundle(bundle) as a, open_bundle(bundle) as b:
             compare_bundles(a, b)
+    try:  # opened by hand, without open_bundle's checks: compare runs them itself
+        unchecked = Bundle(bundle)
+    except BundleError:
+        return  # refused before any structure could be read
+    with unchecked, pytest.raises(BundleError, match=match):
+        compare_bundles(unchecked, unchecked)
 
 
 def one_line_error(result) -> str:
