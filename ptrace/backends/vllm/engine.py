@@ -14,6 +14,7 @@ out (SPEC.md section 5, vLLM column):
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import ExitStack
 from typing import Any
@@ -203,8 +204,8 @@ class VllmBackend(Backend):
                                   "use shorter prompts")
         k = sampling.logprobs
         requests: dict[str, int] = {}
-        hooks = VllmHooks(self, interceptors, self.wanted_tensors(interceptors), [len(p) for p in prompts],
-                          sampling.prompt_logprobs)
+        hooks = VllmHooks(self.model, self.runner, functools.partial(self._intercept, interceptors),
+                          self.wanted_tensors(interceptors), [len(p) for p in prompts], sampling.prompt_logprobs)
         with ExitStack() as stack, torch.inference_mode():
             hooks.install(stack)
             forced_choices = stack.enter_context(ForcedTokens.recording())
