@@ -121,6 +121,6 @@ def _ptrace_requirement() -> list[str]:
     checkout = source_checkout()
     if checkout is not None:
         return ["-e", str(checkout)]
-    from ptrace import __version__
+    from ptrace import DISTRIBUTION, __version__
 
-    return [f"ptrace=={__version__}"]
+    return [f"{DISTRIBUTION}=={__version__}"]
