@@ -53,15 +53,18 @@ def _flat64(block: np.ndarray) -> np.ndarray:
 
 def summable(stored: np.ndarray, logical: str) -> np.ndarray:
     """Rows read in their storage dtype (a bundle's, logical dtype ``logical``) as the row sums
-    take them: bfloat16 as its bits, other floats as numpy floats (float8 decoded), without
-    importing ml_dtypes."""
-    return stored if logical == "bfloat16" and stored.dtype == BFLOAT16_BITS else to_float(stored, logical)
+    take them, without importing ml_dtypes: bfloat16 as its bits, anything else as numpy floats
+    (float8 decoded, integers widened, so that no uint16 tensor passes for bfloat16)."""
+    if logical == "bfloat16" and stored.dtype == BFLOAT16_BITS:
+        return stored
+    values = to_float(stored, logical)
+    return values if values.dtype.kind == "f" else values.astype(np.float64)
 
 
 def _kernel_input(block: np.ndarray) -> np.ndarray:
     """Rows as the kernel reads them: float32 and float64 as they are, bfloat16 as its bits."""
     rows = np.ascontiguousarray(block).reshape(block.shape[0], -1)
-    if rows.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 (were it not imported, no array has it)
+    if rows.dtype.name == "bfloat16":  # ml_dtypes' type, from a caller that has it (compare gives bits)
         return rows.view(BFLOAT16_BITS)
     if rows.dtype in (np.float32, np.float64, BFLOAT16_BITS):
         return rows

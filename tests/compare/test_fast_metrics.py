@@ -169,3 +169,13 @@ def test_numpy_stands_in_where_numba_has_no_writable_cache(tmp_path):
                           check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True"]
+
+
+
+def test_an_integer_tensor_is_compared_by_its_values_not_as_bfloat16_bits(tmp_path):
+    a = np.arange(ROWS * WIDTH, dtype=np.uint16).reshape(ROWS, WIDTH) + 1
+    write_minimal(tmp_path / "a.zarr", {"layers.0.out": a})
+    write_minimal(tmp_path / "b.zarr", {"layers.0.out": a + 2})
+    with open_bundle(tmp_path / "a.zarr") as bundle_a, open_bundle(tmp_path / "b.zarr") as bundle_b:
+        result = compare(bundle_a, bundle_b).tensors[0]
+    assert result.max_abs_err == 2 and result.mean_abs_err == 2
