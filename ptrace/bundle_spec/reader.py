@@ -472,13 +472,14 @@ class Bundle:
                 yield offset + start - first, block
             offset += last - first
 
-    def verified_blocks(self, path: str, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    def verified_blocks(self, path: str, rows: int, *, stored: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """The whole array at ``path`` in blocks of about ``rows`` rows, ``(first row, block)``,
-        its whole-content CRC-32C checked against the manifest after the last block."""
+        its whole-content CRC-32C checked against the manifest after the last block (``stored``:
+        in the storage dtype, as :meth:`tensor_rows`)."""
         record = self.manifest.arrays.get(path)
         if record is None:
             raise self._corrupt(path, "is not in the manifest")
-        return self._verified_range(path, 0, record.shape[0], record.crc32c, rows)
+        return self._verified_range(path, 0, record.shape[0], record.crc32c, rows, stored=stored)
 
     def _node_or_missing(self, path: str) -> ArrayMeta:
         try:

@@ -9,7 +9,7 @@ import numpy as np
 from ptrace.bundle_spec import stats as row_stats
 from ptrace.bundle_spec.layout import request_array, stats_array, tensor_array
 from ptrace.bundle_spec.reader import Bundle
-from ptrace.bundle_spec.dtypes import numpy_dtype
+from ptrace.bundle_spec.dtypes import storage_dtype
 
 
 def _tensor_rows(bundle: Bundle) -> list[dict[str, Any]]:
@@ -22,7 +22,7 @@ def _tensor_rows(bundle: Bundle) -> list[dict[str, Any]]:
             if found is not None:
                 shape = shape or list(found)
                 dtype = bundle.array_dtype(tensor_array(name), r)
-                nbytes += int(np.prod(found)) * numpy_dtype(dtype).itemsize
+                nbytes += int(np.prod(found)) * storage_dtype(dtype).itemsize
         stats_blocks = list(bundle.stats_by_request(name).values()) \
             if bundle.part_shape(stats_array(name), 0) is not None else []
         row_size = int(np.prod(shape[1:])) if shape else 1

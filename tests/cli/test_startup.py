@@ -71,3 +71,12 @@ def test_compare_of_small_bundles_loads_no_engine_no_report_stack_no_kernel_and_
     loaded = _loaded(tmp_path, "compare", str(a), str(b), "--json", str(tmp_path / "c.json"))
     assert "ptrace.compare" in loaded and (tmp_path / "c.json").stat().st_size  # the comparison did run
     assert _among(loaded, ENGINES + REPORT + KERNEL + ("zarr", "ml_dtypes")) == []
+
+
+@pytest.mark.parametrize("command", ["inspect", "validate"])
+def test_inspect_and_validate_of_a_bfloat16_bundle_load_no_ml_dtypes(tmp_path, command):
+    """They read sizes and checksums: the stored bits are all they need."""
+    bundle = write_bundle(tmp_path / "b.zarr", [SyntheticRequest(prompt=(1, 2), outputs=(3, 4))], dtype="bfloat16")
+    loaded = _loaded(tmp_path, command, str(bundle))
+    assert "ptrace.bundle_spec.reader" in loaded
+    assert _among(loaded, ENGINES + ("ml_dtypes",)) == []
