@@ -52,9 +52,9 @@ LAYERS = {
 }
 
 #: CPU seconds each third-party package may take to import within the commands above (with what
-#: it imports first), 2.5-3x what it took on the 2-core machine shared with other work (numpy
-#: 0.06 s, typer 0.11-0.15 s): the slack absorbs a busier machine, not a release that imports
-#: several times slower. ml_dtypes (0.1 s in 0.5, 0.7 s in 0.7) has none: no command here needs it.
+#: it imports first), 2.5x or more (at least 20 ms) what it took on the 2-core machine shared with
+#: other work (numpy 0.06 s, typer 0.11-0.15 s): the slack absorbs a busier machine, not a
+#: release that imports several times slower. ml_dtypes (0.1 s in 0.5, 0.7 s in 0.7) has none: no command here needs it.
 IMPORT_BUDGETS = {
     "typer": 0.35,  # with click, rich, and pydantic for its option parsing
     "rich": 0.10,  # what typer has not imported yet (its markdown, for help texts)
