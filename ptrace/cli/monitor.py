@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.text import Text
 
 from ptrace.cli import verdicts as v
 from ptrace.cli.console import console, safe_text
@@ -95,7 +94,8 @@ def monitor(
             sys.stdout.flush()
         elif cycle.compared:
             style = {"pass": "green", "warn": "yellow"}.get(cycle.result, "red")
-            console.print(Text(f"{cycle.started_at} {cycle.message}", style=style))
+            # One line per cycle however long (a log line): the terminal may wrap it, rich must not.
+            console.out.print(safe_text(f"{cycle.started_at} {cycle.message}", style=style), soft_wrap=True)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -135,11 +135,13 @@ TRICKLE_SECONDS = 0.5
 
 
 class _Misbehaving(BaseHTTPRequestHandler):
-    """Lists one model, then answers completions the way ``server.mode`` says; ``golden``
-    answers ``server.completion`` (a completion as vLLM writes it) and counts the requests."""
+    """Lists one model (``server.model``), then answers completions the way ``server.mode`` says:
+    ``golden`` with ``server.completion`` (a completion as vLLM writes it), the trickles noting
+    when the first one came (``server.first_request``)."""
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._send(200, json.dumps({"object": "list", "data": [{"id": "tiny", "object": "model"}]}).encode())
+        model = {"id": self.server.model, "object": "model"}  # type: ignore[attr-defined]
+        self._send(200, json.dumps({"object": "list", "data": [model]}).encode())
 
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -155,7 +157,6 @@ class _Misbehaving(BaseHTTPRequestHandler):
             time.sleep(3)
             self._send(200, b"{}")
         elif mode == "golden":
-            self.server.completions += 1  # type: ignore[attr-defined]
             self._send(200, json.dumps(self.server.completion).encode())  # type: ignore[attr-defined]
         elif mode in ("trickle", "trickle-body"):
             self.server.first_request = self.server.first_request or time.monotonic()  # type: ignore[attr-defined]
@@ -194,11 +195,12 @@ class _Misbehaving(BaseHTTPRequestHandler):
 @contextmanager
 def misbehaving_server(mode: str) -> Iterator[ThreadingHTTPServer]:
     """A real HTTP server on 127.0.0.1 whose completions fail as ``mode`` says; yields it
-    (``server.mode`` may be changed while it runs, ``server.url`` is its API root)."""
+    (``server.mode``, ``server.model`` and ``server.completion`` may be changed while it runs,
+    ``server.url`` is its API root)."""
     server = ThreadingHTTPServer((HOST, 0), _Misbehaving)
     server.daemon_threads = True
     server.mode = mode  # type: ignore[attr-defined]
-    server.completion, server.completions, server.first_request = None, 0, None  # type: ignore[attr-defined]
+    server.model, server.completion, server.first_request = "tiny", None, None  # type: ignore[attr-defined]
     server.url = f"http://{HOST}:{server.server_address[1]}/v1"  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
