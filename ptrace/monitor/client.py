@@ -10,7 +10,9 @@ connecting to the answer's last byte, and never reads more than :data:`MAX_RESPO
 broken server cannot make the canary hang or grow. A socket timeout alone bounds each wait for
 the next bytes, not the answer: a server that sends a byte every half second would hold a
 request for as long as it likes. So a timer shuts the connection's socket down at the deadline,
-which ends whatever read is waiting on it (:class:`_Deadline`).
+which ends whatever read is waiting on it (:class:`_Deadline`). Connecting comes before the
+watch (the TCP connection, and an https endpoint's TLS handshake): the socket timeout bounds each
+of its waits, and a deadline that passed meanwhile ends the request as soon as it is connected.
 """
 
 from __future__ import annotations
