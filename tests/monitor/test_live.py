@@ -169,8 +169,9 @@ def test_prometheus_scrapes_the_canary(live, tmp_path):
                 assert answer["status"] == "success", answer
                 return answer["data"]["result"]
 
-            wait_until(lambda: bool(query("ptrace_token_agreement_ratio")), timeout=90,
-                       what="ptrace_token_agreement_ratio in Prometheus", process=canary)
+            # The series exist from the start (NaN until the first comparison): wait for one.
+            wait_until(lambda: bool(query("ptrace_canary_up == 1")), timeout=90,
+                       what="a compared cycle in Prometheus", process=canary)
             [series] = query("ptrace_token_agreement_ratio")
             assert series["metric"]["job"] == "ptrace" and float(series["value"][1]) == 1.0
             [up] = query("ptrace_canary_up")
