@@ -49,6 +49,9 @@ class TorchBackend(SequentialBackend):
     options = (
         EngineOption("attn_implementation", str, "HF attention implementation (eager, sdpa, "
                      "flash_attention_2, ...)", default="sdpa"),
+        EngineOption("float32_matmul_precision", str, "torch's float32 matmul precision: highest, high "
+                     "(TF32 or bfloat16 passes where the hardware has them), medium",
+                     choices=("highest", "high", "medium")),
     )
     capabilities = Capabilities(devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16", "float64"))
     tensor_type = TorchTensor
@@ -66,6 +69,10 @@ class TorchBackend(SequentialBackend):
             raise BackendUnavailableError(f"device {options.device} requested but torch sees no CUDA GPU",
                                           hint="use --device cpu")
         attn = options.engine_options["attn_implementation"]
+        precision = options.engine_options.get("float32_matmul_precision")
+        self._restore_precision = torch.get_float32_matmul_precision()
+        if precision is not None:  # process-wide in torch: put back by close()
+            torch.set_float32_matmul_precision(precision)
         transformers.utils.logging.disable_progress_bar()
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(options.model_dir,
@@ -84,6 +91,13 @@ class TorchBackend(SequentialBackend):
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         self._cache: transformers.DynamicCache | None = None
+
+    def close(self) -> None:
+        previous = getattr(self, "_restore_precision", None)
+        if previous is not None:
+            import torch
+
+            torch.set_float32_matmul_precision(previous)
 
     # -- engine facts --------------------------------------------------------------------------
     def set_seed(self, seed: int) -> dict[str, int]:
