@@ -41,7 +41,9 @@ def settings(
                               title=f"{bundle} (values {first['source']})", title_justify="left")
         for key, value in first["values"].items():
             setting = SETTINGS[key]
-            table.add_row(key, setting.group, show(value), ", ".join(setting.acts_at) or "after every tensor")
+            where = ", ".join(setting.acts_at) or "after every tensor"
+            table.add_row(key, setting.group, show(value),
+                          where + (f" from position {setting.from_position}" if setting.from_position else ""))
         console.print(table)
         return
     with open_bundle(other) as opened:
