@@ -189,3 +189,22 @@ def test_settings_refuses_corrupt_bundle_and_lone_fail_on_diff(reference: Path, 
     assert cli.returncode != 0 and "Traceback" not in cli.stderr and cli.stderr.strip().count("\n") == 0
     cli = run_cli("settings", reference, "--fail-on-diff")
     assert cli.returncode != 0 and "two bundles" in cli.stderr
+
+
+def test_a_dtype_change_is_one_clause(reference: Path, example_model: Path, tmp_path: Path) -> None:
+    from ptrace.bundle_spec import open_bundle
+    from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
+    from ptrace.compare import compare
+
+    bfloat16 = capture(CaptureConfig(backend="torch", model=example_model, output=tmp_path / "bf16.zarr",
+                                     dtype="bfloat16", random_input_ids=16, command=("test",),
+                                     sampling=SamplingParams(seed=3, max_new_tokens=3),
+                                     settings=CaptureSettings(tensors=("*",))))
+    with open_bundle(reference) as a, open_bundle(bfloat16) as b:
+        result = compare(a, b)
+    differing = {d["key"]: d for d in result.settings_diff}
+    assert {"param_dtype", "matmul_dtype", "kv_cache_dtype"} <= set(differing)
+    assert "norm_dtype" not in differing  # HF's RMSNorm computes in float32 whatever the model's dtype
+    assert all(d["group"] == "numerics" for d in differing.values())
+    assert result.summary.count("float32 vs bfloat16") == 1
+    assert "the runs compute in float32 vs bfloat16 (param_dtype, matmul_dtype" in result.summary
