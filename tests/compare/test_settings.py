@@ -7,6 +7,7 @@ where it acts, and find that the runs part ways there.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -87,7 +88,7 @@ def test_vocabulary_acts_at_canonical_tensors() -> None:
     for setting in VOCABULARY:
         assert setting.group in GROUPS
         for pattern in setting.acts_at:
-            assert any(__import__("fnmatch").fnmatchcase(n, pattern) for n in names), (setting.key, pattern)
+            assert any(fnmatch.fnmatchcase(n, pattern) for n in names), (setting.key, pattern)
 
 
 def test_unknown_is_never_a_difference() -> None:

@@ -86,4 +86,3 @@ def test_ms_softmax_in_float16_is_named_where_attention_changes(example_model: P
     assert diff["softmax_dtype"]["acts_at"] == "layers.0.attn"
     assert diff["softmax_dtype"]["consistent"] is True, result.first_divergent_tensor
     assert "softmax_dtype float32 vs float16" in result.summary
-    print(result.summary)
