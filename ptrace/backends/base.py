@@ -385,5 +385,11 @@ class Backend(ABC):
         """Engine settings that change numerics (recorded in ``meta/run.engine``)."""
         return {}
 
+    def resolved_settings(self) -> dict[str, Any]:
+        """The arithmetic settings (``ptrace.bundle_spec.settings.VOCABULARY``) the loaded engine
+        uses, read back from its model and engine objects, not from config.json (recorded in
+        ``meta/settings``). A key left out is recorded as "unknown": never guess one."""
+        return {}
+
     def close(self) -> None:
         """Release the engine (processes, device memory)."""

@@ -21,6 +21,7 @@ import numpy as np
 from ptrace.backends.base import Capabilities, EngineOption, LoadOptions, layer_modules
 from ptrace.backends.sequential import SequentialBackend
 from ptrace.backends.torch_tensor import TorchTensor
+from ptrace.bundle_spec.settings import UNKNOWN
 from ptrace.errors import BackendError, BackendUnavailableError, ModelError
 
 if TYPE_CHECKING:  # torch is imported where it is used, so listing backends stays cheap
@@ -48,6 +49,9 @@ class TorchBackend(SequentialBackend):
     options = (
         EngineOption("attn_implementation", str, "HF attention implementation (eager, sdpa, "
                      "flash_attention_2, ...)", default="sdpa"),
+        EngineOption("float32_matmul_precision", str, "torch's float32 matmul precision: highest, high "
+                     "(TF32 or bfloat16 passes where the hardware has them), medium",
+                     choices=("highest", "high", "medium")),
     )
     capabilities = Capabilities(devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16", "float64"))
     tensor_type = TorchTensor
@@ -65,6 +69,10 @@ class TorchBackend(SequentialBackend):
             raise BackendUnavailableError(f"device {options.device} requested but torch sees no CUDA GPU",
                                           hint="use --device cpu")
         attn = options.engine_options["attn_implementation"]
+        precision = options.engine_options.get("float32_matmul_precision")
+        self._restore_precision = torch.get_float32_matmul_precision()
+        if precision is not None:  # process-wide in torch: put back by close()
+            torch.set_float32_matmul_precision(precision)
         transformers.utils.logging.disable_progress_bar()
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(options.model_dir,
@@ -83,6 +91,13 @@ class TorchBackend(SequentialBackend):
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         self._cache: transformers.DynamicCache | None = None
+
+    def close(self) -> None:
+        previous = getattr(self, "_restore_precision", None)
+        if previous is not None:
+            import torch
+
+            torch.set_float32_matmul_precision(previous)
 
     # -- engine facts --------------------------------------------------------------------------
     def set_seed(self, seed: int) -> dict[str, int]:
@@ -131,6 +146,49 @@ class TorchBackend(SequentialBackend):
                     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
             })
         return info
+
+    def resolved_settings(self) -> dict[str, Any]:
+        """Read back from the loaded modules (``ptrace.backends.torch_settings``); config keys
+        only from the config object the modules were built from, never from config.json."""
+        from ptrace.backends import torch_settings as ts
+
+        config, layer = self.model.config, self._layers[0]
+        attention, mlp = layer.self_attn, layer.mlp
+        dtype = ts.dtype_name(self.model.dtype)
+        values: dict[str, Any] = {
+            **ts.torch_numerics(), **_rope_settings(self.model, attention),
+            "norm_eps": ts.norm_eps(layer.input_layernorm),
+            "hidden_act": getattr(config, "hidden_act", None) if hasattr(mlp, "act_fn") else None,
+            "tie_word_embeddings": ts.is_tied(self.model.get_output_embeddings(), self.model.get_input_embeddings()),
+            "attention_scale": getattr(attention, "scaling", None),
+            "attn_logit_softcap": getattr(attention, "attn_logit_softcapping", None),
+            "final_logit_softcap": getattr(config, "final_logit_softcapping", None),
+            "sliding_window": ts.one_value([getattr(l.self_attn, "sliding_window", None) for l in self._layers]),
+            "param_dtype": ts.dtype_name(self.model.get_input_embeddings().weight.dtype),
+            "residual_dtype": dtype, "rotary_dtype": dtype,  # HF casts cos/sin to the hidden states' dtype
+            "kv_cache_dtype": dtype,  # a DynamicCache keeps k and v as computed
+            "kv_cache_scales": None,
+            "attention_backend": self.attn_implementation,
+            # ptrace's own loop: one request at a time, the whole prompt in one forward pass
+            "chunked_prefill": False, "max_num_batched_tokens": None, "prefix_caching": False,
+            "tensor_parallel_size": 1, "pipeline_parallel_size": 1,
+            "logprobs_mode": "raw_logprobs",  # log_softmax of the raw logits (SequentialBackend)
+        }
+        projection = getattr(attention, "q_proj", None)
+        if projection is not None:
+            values["qkv_bias"] = projection.bias is not None
+            values["matmul_dtype"] = ts.dtype_name(projection.weight.dtype)
+        experts = getattr(mlp, "experts", None)
+        router = getattr(mlp, "gate", mlp)
+        values["moe_top_k"] = getattr(router, "top_k", getattr(mlp, "top_k", UNKNOWN)) if experts is not None else None
+        values["moe_norm_topk_prob"] = (getattr(router, "norm_topk_prob", getattr(mlp, "norm_topk_prob", UNKNOWN))
+                                        if experts is not None else None)
+        if self.attn_implementation == "eager":  # HF's eager attention: softmax(..., dtype=torch.float32)
+            values["softmax_dtype"] = "float32"
+        elif ts.full_precision(dtype):
+            values["softmax_dtype"] = dtype
+        values["norm_dtype"] = _norm_dtype(layer.input_layernorm, dtype)
+        return values
 
     # -- generation ----------------------------------------------------------------------------
     def _start_request(self) -> None:
@@ -220,6 +278,46 @@ class TorchBackend(SequentialBackend):
                         states[0, :, -new_positions:] = new.transpose(0, 1)
             return query, key, value
         return observe
+
+
+def _rope_settings(model: torch.nn.Module, attention: torch.nn.Module) -> dict[str, Any]:
+    """Rope as the model's rotary embedding computes it: theta from its table where the table is
+    unscaled, else from the rope parameters it was built from; the rotated share of a head from
+    the table's length; the pairing from the model module's rotate function."""
+    from ptrace.backends import torch_settings as ts
+
+    rotary = getattr(model.get_decoder(), "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        return {}
+    kind = getattr(rotary, "rope_type", UNKNOWN)
+    parameters = getattr(model.config, "rope_parameters", None) or {}
+    head_dim = getattr(attention, "head_dim", None)
+    module = sys.modules[type(attention).__module__]
+    layout = "half-split" if hasattr(module, "rotate_half") else UNKNOWN
+    return {
+        "rope_type": kind,
+        "rope_theta": ts.theta_from_inv_freq(rotary.inv_freq) if kind == "default"
+        else parameters.get("rope_theta", UNKNOWN),
+        "rope_scaling_factor": parameters.get("factor") if kind != "default" else None,
+        "partial_rotary_factor": 2 * rotary.inv_freq.numel() / head_dim if head_dim else UNKNOWN,
+        "rope_layout": layout,
+    }
+
+
+def _norm_dtype(norm: torch.nn.Module, dtype: str) -> str:
+    """HF's RMSNorms compute in float32 whatever the model's dtype (``.to(torch.float32)`` in their
+    forward); another norm computes in the model's dtype when that is full precision."""
+    import inspect
+
+    from ptrace.backends import torch_settings as ts
+
+    try:
+        source = inspect.getsource(type(norm).forward)
+    except (OSError, TypeError):
+        source = ""
+    if "torch.float32" in source:
+        return "float32"
+    return dtype if ts.full_precision(dtype) else UNKNOWN
 
 
 def _inner_attention(attention: torch.nn.Module, implementation: str, registry: Any) -> Callable:

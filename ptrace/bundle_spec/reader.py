@@ -42,6 +42,7 @@ from ptrace.bundle_spec.schema import (
     ReplayInfo,
     RequestsInfo,
     RunInfo,
+    SettingsInfo,
     WhatIfInfo,
 )
 from ptrace.bundle_spec.store import open_read_store
@@ -404,6 +405,10 @@ class Bundle:
     def whatif_info(self) -> dict[str, Any] | None:
         """``meta/whatif`` if this run was perturbed on purpose (SPEC.md section 3.7)."""
         return self._read_document(WhatIfInfo).to_dict() if self._has_node(WhatIfInfo.path) else None
+
+    def settings_info(self) -> SettingsInfo | None:
+        """``meta/settings``: the arithmetic settings the engine used (SPEC.md section 3.8), if recorded."""
+        return self._read_document(SettingsInfo) if self._has_node(SettingsInfo.path) else None
 
     def replay_info(self) -> dict[str, Any] | None:
         """``meta/replay`` if this bundle is a replay of another one (SPEC.md section 3.6)."""

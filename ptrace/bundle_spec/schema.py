@@ -327,3 +327,17 @@ class WhatIfInfo(Document):
     injections: tuple[WhatIfSpec, ...]
     #: One line saying what was done, for reports.
     label: str = ""
+
+
+@dataclass(frozen=True)
+class SettingsInfo(Document):
+    """``meta/settings`` (SPEC.md 3.8): every arithmetic setting of the vocabulary
+    (``bundle_spec.settings``) as the engine used it, read back from the loaded model and engine
+    objects; ``"unknown"`` where the engine cannot report one."""
+
+    path: ClassVar[str] = layout.SETTINGS
+
+    #: vocabulary key -> value (str, number, bool, nil) or "unknown"
+    values: Mapping[str, Any]
+    #: "resolved" (read back from the engine) or "as read" (from config.json, older bundles)
+    source: str = "resolved"

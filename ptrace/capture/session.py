@@ -26,11 +26,13 @@ from ptrace.bundle_spec.schema import (
     RequestsInfo,
     RunInfo,
     SamplingParams,
+    SettingsInfo,
     WhatIfInfo,
     WhatIfSpec,
     plain,
 )
 from ptrace.bundle_spec.layout import request_array
+from ptrace.bundle_spec.settings import complete
 from ptrace.bundle_spec.store import claim_output
 from ptrace.bundle_spec.writer import BundleWriter
 from ptrace.capture.environment import Redactor, collect_environment
@@ -256,7 +258,9 @@ def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, prog
                       engine=backend.engine_info(), engine_options=dict(config.engine_options))
         if config.whatifs:
             documents = [*documents, WhatIfInfo(tuple(config.whatifs), whatif.labels(config.whatifs))]
-        for document in (model, run, collect_environment(), RequestsInfo(tuple(records), dataset), *documents):
+        resolved = SettingsInfo(complete(backend.resolved_settings()))
+        for document in (model, run, resolved, collect_environment(), RequestsInfo(tuple(records), dataset),
+                         *documents):
             writer.write_document(type(document).from_dict(redactor.scrub(document.to_dict())))
         from ptrace import __version__
 

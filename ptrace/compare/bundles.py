@@ -18,6 +18,7 @@ from ptrace.bundle_spec.reader import Bundle
 from ptrace.compare.align import align
 from ptrace.compare.localize import earliest, first_divergent, first_nonfinite, largest_local_error
 from ptrace.compare.results import Comparison, RequestResult, TensorResult
+from ptrace.compare.settings import recorded as recorded_settings
 from ptrace.compare.stability import with_stability
 from ptrace.compare.summary import with_summary
 from ptrace.compare.tensors import compare_tensor, worth_compiling
@@ -40,6 +41,7 @@ def _run_summary(bundle: Bundle) -> dict[str, Any]:
         "environment": bundle.environment.to_dict(), "replay": bundle.replay_info(),
         "output_tokens": [list(r.output_tokens) for r in records],
         "prompts": [r.prompt for r in records],
+        "settings": recorded_settings(bundle),
     }
 
 

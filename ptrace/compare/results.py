@@ -412,3 +412,6 @@ class Comparison(Result):
     bisection: Bisection | None = None
     #: divergence against prompt length, KL against position (``compare.stability``)
     stability: Stability | None = None
+    #: the arithmetic settings whose values differ between the runs (``compare.settings``):
+    #: ``{key, group, a, b, acts_at, from_position, consistent}`` each, vocabulary order
+    settings_diff: list[dict[str, Any]] = field(default_factory=list)
