@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ptrace.backends import routing
 from ptrace.backends.base import Capabilities, EngineOption, LoadOptions, layer_modules
 from ptrace.backends.sequential import SequentialBackend
 from ptrace.backends.torch_tensor import TorchTensor
+from ptrace.bundle_spec.names import MOE_PARTS
 from ptrace.bundle_spec.settings import UNKNOWN
 from ptrace.errors import BackendError, BackendUnavailableError, ModelError
 
@@ -229,10 +231,24 @@ class TorchBackend(SequentialBackend):
         for name, module in points.items():
             if name in wanted:
                 on_output(module, name)
+        for i in self.moe_layers:
+            if wanted & {f"layers.{i}.{part}" for part in MOE_PARTS}:
+                hooks.callback(self._layers[i].mlp.gate.register_forward_hook(self._routing_hook(i)).remove)
         qkv_layers = {i for i in range(len(self._layers))
                       if wanted & {f"layers.{i}.q", f"layers.{i}.k", f"layers.{i}.v"}}
         if qkv_layers:
             self._wrap_attention(qkv_layers, wanted, hooks)
+
+    def _routing_hook(self, layer: int) -> Callable:
+        """On an HF sparse-MoE block's router (``mlp.gate``: Qwen2-MoE, Qwen3-MoE, Mixtral), whose
+        output is (logits, combine weights, expert ids) for rows of positions: shows the three,
+        and routes by what the interceptors hand back (:mod:`ptrace.backends.routing`)."""
+        def hook(gate: torch.nn.Module, _args: Any, output: Any) -> Any:
+            logits, weights, ids = output
+            routed = routing.observe(lambda part, rows: self._emit(f"layers.{layer}.{part}", rows),
+                                     logits, weights, ids, renormalize=getattr(gate, "norm_topk_prob", True))
+            return None if routed is None else (routed.logits, routed.weights, routed.ids)
+        return hook
 
     def _wrap_attention(self, layers: set[int], wanted: set[str], hooks: ExitStack) -> None:
         from transformers import AttentionInterface

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, ClassVar, Self
 
-from ptrace.bundle_spec import layout
+from ptrace.bundle_spec import layout, moe
 from ptrace.bundle_spec.names import DEFAULT_PATTERNS
 from ptrace.errors import BundleCorruptError
 
@@ -158,6 +158,11 @@ class ModelInfo(Document):
     @property
     def num_layers(self) -> int:
         return int(self.config.get("num_hidden_layers", 0))
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """The mixture-of-experts layers (they have routing tensors, SPEC.md section 5)."""
+        return moe.moe_layers(self.config)
 
 
 @dataclass(frozen=True)

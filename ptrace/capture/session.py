@@ -132,16 +132,15 @@ def _check(config: CaptureConfig) -> StepSelection:
     return StepSelection.parse(config.settings.steps)
 
 
-def _select_tensors(patterns: Sequence[str], num_layers: int) -> list[str]:
+def _select_tensors(patterns: Sequence[str], num_layers: int, moe_layers: Sequence[int] = ()) -> list[str]:
     if tuple(patterns) == ("none",):  # tokens and logprobs only
         return []
-    known = canonical.all_names(num_layers)
+    known = canonical.all_names(num_layers, moe_layers)
     selected = canonical.select(known, patterns)
     unmatched = [p for p in patterns if not canonical.select(known, [p])]
     if unmatched:
         raise UsageError(f"--tensors {', '.join(unmatched)} matches no canonical tensor",
-                         hint=f"names are embed, layers.{{0..{num_layers - 1}}}."
-                              f"{{{','.join(canonical.LAYER_PARTS)}}}, final_norm, logits")
+                         hint=canonical.naming_hint(num_layers, moe_layers))
     return selected
 
 
@@ -177,10 +176,10 @@ def capture_runs(configs: Sequence[CaptureConfig], *, progress: Progress | None 
     for config in configs:  # everything that can fail cheaply fails before the engine starts
         _check(config)
         claim_output(Path(config.output), config.overwrite)
-        if _select_tensors(config.settings.tensors, model.num_layers) and not declared.capabilities.tensors:
+        if _select_tensors(config.settings.tensors, model.num_layers, model.moe_layers) and not declared.capabilities.tensors:
             raise UsageError(f"backend {declared.name} cannot observe intermediate tensors: it captures "
                              "tokens and logprobs only", hint="pass --tensors none")
-        _check_whatifs(config, declared, model.num_layers)
+        _check_whatifs(config, declared, model.num_layers, model.moe_layers)
     python = engine_python(configs[0].backend)
     if python is not None:
         if interceptors:
@@ -204,7 +203,8 @@ def capture_runs(configs: Sequence[CaptureConfig], *, progress: Progress | None 
                 for config, docs in zip(configs, documents, strict=True)]
 
 
-def _check_whatifs(config: CaptureConfig, backend: type[Backend], num_layers: int) -> None:
+def _check_whatifs(config: CaptureConfig, backend: type[Backend], num_layers: int,
+                   moe_layers: Sequence[int] = ()) -> None:
     if not config.whatifs:
         return
     if not backend.capabilities.replace and any(whatif.kind_of(s).on_tensors for s in config.whatifs):
@@ -214,9 +214,9 @@ def _check_whatifs(config: CaptureConfig, backend: type[Backend], num_layers: in
         if config.whatif_source is None:
             raise UsageError("a splice what-if needs the bundle to take values from")
         with open_bundle(config.whatif_source) as source:
-            whatif.check(config.whatifs, num_layers=num_layers, source=source)
+            whatif.check(config.whatifs, num_layers=num_layers, source=source, moe_layers=moe_layers)
     else:
-        whatif.check(config.whatifs, num_layers=num_layers, source=None)
+        whatif.check(config.whatifs, num_layers=num_layers, source=None, moe_layers=moe_layers)
 
 
 def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, progress: Progress | None,
@@ -224,7 +224,7 @@ def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, prog
     settings, sampling = config.settings, config.sampling
     steps = StepSelection.parse(settings.steps)
     output = Path(config.output)
-    names = _select_tensors(settings.tensors, model.num_layers)
+    names = _select_tensors(settings.tensors, model.num_layers, model.moe_layers)
     command = list(config.command if config.command is not None else sys.argv)
     redactor = Redactor.from_environment(os.environ, command)
     seeds = _seed_everything(backend, sampling.seed)
@@ -243,7 +243,7 @@ def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, prog
         forced = None if config.forced_tokens is None else [np.asarray(f, np.int64)
                                                               for f in config.forced_tokens]
         before, after = (whatif.WhatIfInterceptor(config.whatifs, model.num_layers, config.whatif_source,
-                                                  after_record=phase) for phase in (False, True))
+                                                  after_record=phase, moe_layers=model.moe_layers) for phase in (False, True))
         try:
             generations = backend.generate([p.ids for p in prompts], sampling,
                                            [*interceptors, before, recorder, after], on_step, forced)

@@ -72,6 +72,11 @@ class Kind(ABC):
         if missing:
             raise UsageError(f"what-if {cls.name} needs {', '.join(missing)}", hint=_usage(cls))
 
+    @classmethod
+    def globs(cls, spec: WhatIfSpec) -> tuple[str, ...]:
+        """The tensor globs the spec changes: those it names."""
+        return spec.tensors
+
     def param(self, spec: WhatIfSpec, name: str) -> Any:
         return spec.params.get(name, self.params[name])
 
@@ -186,6 +191,27 @@ class Restore(Splice):
 
 
 @kind
+class Route(Splice):
+    name = "route"
+    help = ("force the source bundle's expert choices in mixture-of-experts layers (weights=1: its "
+            "combine weights too; else the router's own weights of those experts): does routing explain "
+            "the divergence? Select layers with layers=FIRST-LAST")
+    params = {"weights": 0}
+
+    @classmethod
+    def check(cls, spec: WhatIfSpec) -> None:
+        super().check(spec)
+        if spec.tensors:
+            raise UsageError("what-if route takes no tensor names: it replaces layers.*.experts",
+                             hint="select layers with route:layers=0-1, add the weights with weights=1")
+
+    @classmethod
+    def globs(cls, spec: WhatIfSpec) -> tuple[str, ...]:
+        parts = ("experts", "expert_weights") if int(spec.params.get("weights", 0)) else ("experts",)
+        return tuple(f"layers.*.{part}" for part in parts)
+
+
+@kind
 class ConfigOverride(Kind):
     name = "config"
     help = "override model config.json keys at load time, e.g. rms_norm_eps=1e-5 rope_theta=1e6"
@@ -293,21 +319,21 @@ def describe(spec: WhatIfSpec) -> str:
 
 # -- checks before any engine starts ----------------------------------------------------------
 
-def check(specs: Sequence[WhatIfSpec], *, num_layers: int, source: Bundle | None) -> None:
+def check(specs: Sequence[WhatIfSpec], *, num_layers: int, source: Bundle | None,
+          moe_layers: Sequence[int] = ()) -> None:
     """Every problem a what-if can have, raised before an engine loads."""
-    known = canonical.all_names(num_layers)
+    known = canonical.all_names(num_layers, moe_layers)
     for spec in specs:
         kind_cls = kind_of(spec)
         kind_cls.check(spec)
         where = f"what-if {describe(spec)}"
         if kind_cls.on_tensors:
-            if not spec.tensors:
+            if not kind_cls.globs(spec):
                 raise UsageError(f"{where}: name the tensors to change", hint=_usage(kind_cls))
-            for glob in spec.tensors:
+            for glob in kind_cls.globs(spec):
                 if not canonical.select(known, [glob]):
                     raise UsageError(f"{where}: {glob!r} matches no canonical tensor of this model",
-                                     hint=f"names are embed, layers.{{0..{num_layers - 1}}}."
-                                          f"{{{','.join(canonical.LAYER_PARTS)}}}, final_norm, logits")
+                                     hint=canonical.naming_hint(num_layers, moe_layers))
         _parse_range(spec.positions, "positions")
         _parse_range(spec.layers, "layers")
         StepSelection.parse(spec.steps)
@@ -337,7 +363,7 @@ def _parse_range(text: str | None, what: str) -> tuple[int, int] | None:
 
 def targets(spec: WhatIfSpec, known: Sequence[str]) -> list[str]:
     """The canonical names a spec changes, its layer range applied."""
-    names = canonical.select(known, spec.tensors)
+    names = canonical.select(known, kind_of(spec).globs(spec))
     layers = _parse_range(spec.layers, "layers")
     if layers is None:
         return names
@@ -406,9 +432,9 @@ class WhatIfInterceptor(Interceptor):
     """Applies the tensor kinds of some what-if specs to a run, in the order given."""
 
     def __init__(self, specs: Sequence[WhatIfSpec], num_layers: int, source: str | Path | None = None, *,
-                 after_record: bool = False) -> None:
+                 after_record: bool = False, moe_layers: Sequence[int] = ()) -> None:
         """The specs of one phase: before the recorder (``after_record=False``) or after it."""
-        known = canonical.all_names(num_layers)
+        known = canonical.all_names(num_layers, moe_layers)
         self.specs = [(s, KINDS[s.kind](), set(targets(s, known)), StepSelection.parse(s.steps),
                        _parse_range(s.positions, "positions")) for s in specs
                       if KINDS[s.kind].on_tensors and KINDS[s.kind].after_record == after_record]

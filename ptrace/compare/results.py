@@ -321,6 +321,8 @@ class WhatIfResult(Result):
     bundles: dict[str, str] = field(default_factory=dict)
     #: the same against the baseline per prompt-length bucket and position (long-context what-ifs)
     stability: Stability | None = None
+    #: expert choices that differ from the baseline's (``compare.routing``); None for dense models
+    routing: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -415,3 +417,5 @@ class Comparison(Result):
     #: the arithmetic settings whose values differ between the runs (``compare.settings``):
     #: ``{key, group, a, b, acts_at, from_position, consistent}`` each, vocabulary order
     settings_diff: list[dict[str, Any]] = field(default_factory=list)
+    #: mixture-of-experts expert choices that differ (``compare.routing``); None for dense models
+    routing: dict[str, Any] | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ptrace.compare import settings
+from ptrace.compare import routing, settings
 from ptrace.compare.results import Comparison, TensorResult
 from ptrace.compare.thresholds import PASS, Thresholds, worst
 
@@ -66,6 +66,10 @@ def summarize(c: Comparison) -> str:
         summary = f"{label}: {_tokens(c)}; {c.calibration.sentence}"
     else:
         summary = f"{c.verdict.upper()}: {_tokens(c)}; {_where(c)}; {_size(c)}"
+    moe = routing.sentence(c.routing, c.first_divergent_request, c.first_divergent_tensor,
+                           c.first_divergent_position)
+    if moe:
+        summary += f"; {moe}"
     if c.first_nonfinite:
         summary += f"; first NaN/Inf in {c.first_nonfinite['tensor']} ({c.first_nonfinite['bundle']})"
     for clause in settings.clauses(c):

@@ -22,6 +22,7 @@ from contextlib import ExitStack
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from ptrace.backends import routing
 from ptrace.backends.base import TensorSite
 from ptrace.backends.flat_batch import FlatBatch
 from ptrace.backends.torch_tensor import TorchTensor
@@ -84,6 +85,14 @@ class VllmHooks:
             })
             if self.wanted & {f"layers.{i}.q", f"layers.{i}.k", f"layers.{i}.v"}:
                 stack.callback(layer.self_attn.attn.register_forward_pre_hook(self._qkv_hook(i)).remove)
+        for i, sparse in enumerate(layer.mlp for layer in self.layers):
+            if not hasattr(getattr(sparse, "experts", None), "router"):
+                continue  # a dense MLP: only a fused-MoE block (gate + experts) routes
+            points[f"layers.{i}.router"] = (sparse.gate, "first")  # GateLinear: (logits, bias)
+            if self.wanted & {f"layers.{i}.experts", f"layers.{i}.expert_weights"}:
+                router = sparse.experts.router
+                router.select_experts = self._routing_hook(i, router.select_experts, router.renormalize)
+                stack.callback(delattr, router, "select_experts")
         for name, (module, kind) in points.items():
             if name in self.wanted:
                 stack.callback(module.register_forward_hook(self._output_hook(name, kind)).remove)
@@ -144,6 +153,20 @@ class VllmHooks:
                     if new is not None:  # the attention layer writes k/v into the paged cache
                         tensors[slot], changed = new, True
             return (*tensors, *args[3:]) if changed else None
+        return hook
+
+    def _routing_hook(self, layer: int, select_experts: Callable, renormalize: bool) -> Callable:
+        """Wraps the fused-MoE router's ``select_experts`` (top-k over the router logits, which
+        the gate's hook has already shown): shows the choice, routes by a replaced one."""
+        def hook(*args: Any, **kwargs: Any) -> tuple:
+            weights, ids = select_experts(*args, **kwargs)
+            if not self.batch:
+                return weights, ids
+            logits = kwargs.get("router_logits", args[1] if len(args) > 1 else None)
+            routed = routing.observe_choice(
+                lambda part, rows: self.batch.emit(f"layers.{layer}.{part}", rows),
+                logits, weights, ids, renormalize=renormalize)
+            return (weights, ids) if routed is None else (routed.weights.contiguous(), routed.ids.contiguous())
         return hook
 
     def _logits_hook(self, original: Callable) -> Callable:
