@@ -113,3 +113,34 @@ def test_validation_refuses_expert_ids_beyond_the_expert_count(runs, tmp_path):
     problems = validate_bundle(forged)
     assert any("layers.0.experts holds expert id" in p and "outside [0, 4)" in p for p in problems), problems
     assert validate_bundle(runs["base"]) == []
+
+
+def test_whatif_results_carry_routing_and_the_report_shows_it(runs, tmp_path):
+    """``ptrace whatif`` on the MoE example: noisy routers flip expert choices against the
+    baseline replay, forcing the source's routing back removes every flip, and the report's
+    routing panel shows both."""
+    import json
+
+    result = run_cli("whatif", runs["base"], "-b", "torch", "-i", NOISE, "-i", f"{NOISE}+route",
+                     "-o", tmp_path / "w", "--json", tmp_path / "w.json", "--report", tmp_path / "w.html",
+                     timeout=600)
+    assert result.returncode == 0, result.stderr
+    noisy, routed = json.loads((tmp_path / "w.json").read_text())["whatifs"]
+    assert noisy["routing"]["flip_count"] > 0 and routed["routing"]["flip_count"] == 0
+    assert f"{noisy['routing']['flip_count']}/{noisy['routing']['choices']} expert choices differ" in noisy["sentence"]
+    html = (tmp_path / "w.html").read_text()
+    assert 'id="routing"' in html and "What the what-ifs did to the routing" in html
+    assert f"{noisy['routing']['flip_count']} / {noisy['routing']['choices']}" in html
+
+
+def test_the_routing_panel_lists_flips_per_layer_and_position(runs):
+    from dataclasses import replace
+
+    from ptrace.reports.html import render
+
+    noisy = _compare(runs["base"], runs["noisy"])
+    html = render(noisy)
+    routing = noisy.routing
+    assert 'id="routing"' in html and "<code>layers.3</code>" in html
+    assert f"{routing['flip_count']} of {routing['choices']} expert choices differ" in html
+    assert 'id="routing"' not in render(replace(noisy, routing=None)), "no panel without routing"
