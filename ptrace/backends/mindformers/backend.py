@@ -25,6 +25,7 @@ from ptrace.backends.mindformers.model import MindFormersModel
 from ptrace.backends.mindformers.tensor import MindSporeTensor, dtype_name
 from ptrace.backends.model_dir import read_config
 from ptrace.backends.sequential import SequentialBackend
+from ptrace.bundle_spec import moe
 from ptrace.errors import BackendUnavailableError, ModelError, UsageError
 
 log = logging.getLogger("ptrace.backends")
@@ -99,6 +100,11 @@ class MindFormersBackend(SequentialBackend):
         _check_dtype_runs(getattr(ms, options.dtype), device_target)
         self.hf_config = read_config(options.model_dir)
         model_type = self.hf_config.get("model_type")
+        if moe.moe_layers(self.hf_config):
+            raise ModelError(f"backend ms does not run mixture-of-experts models ({model_type}): MindFormers' "
+                             "MoE layers need an Ascend NPU, and ptrace maps only its dense Qwen2/Qwen3/Llama layers",
+                             hint="capture MoE models, and their routing (layers.*.router, .experts, "
+                                  ".expert_weights), with --backend torch or vllm")
         supported = ASCEND_MODEL_CLASSES if ascend else SUPPORTED_MODEL_TYPES
         if model_type not in supported:
             raise ModelError(f"backend ms does not support model_type {model_type!r} on {device_target}",
