@@ -11,7 +11,7 @@ import pytest
 
 from ptrace.bundle_spec import open_bundle
 from ptrace.bundle_spec.validation import validate_bundle
-from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture, whatif
+from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, whatif
 from ptrace.capture.session import capture_runs
 from ptrace.compare import compare
 from ptrace.compare.routing import margins, sentence
@@ -38,8 +38,9 @@ def runs(tmp_path_factory):
     routing forced back (``route``), which reads the baseline."""
     folder = tmp_path_factory.mktemp("moe")
     base, noisy = capture_runs([_config(folder / "base.zarr"), _config(folder / "noisy.zarr", NOISE)])
-    routed = capture(_config(folder / "routed.zarr", f"{NOISE}+route", source=base))
-    return {"base": base, "noisy": noisy, "routed": routed}
+    routed, weighted = capture_runs([_config(folder / "routed.zarr", f"{NOISE}+route", source=base),
+                                     _config(folder / "weighted.zarr", f"{NOISE}+route:weights=1", source=base)])
+    return {"base": base, "noisy": noisy, "routed": routed, "weighted": weighted}
 
 
 def _compare(a, b):
@@ -78,6 +79,15 @@ def test_route_forces_the_sources_choices_and_lowers_the_mlp_error(runs):
     error = {name: {t.name: t.rel_err for t in c.tensors} for name, c in (("noisy", noisy), ("routed", routed))}
     for layer in range(4):
         assert error["routed"][f"layers.{layer}.mlp"] < error["noisy"][f"layers.{layer}.mlp"], layer
+
+
+def test_route_with_weights_reproduces_the_sources_moe_blocks_exactly(runs):
+    """Forced experts and weights: each MoE block computes exactly what the source's did, so the
+    noise on the router logits reaches nothing after them."""
+    result = _compare(runs["base"], runs["weighted"])
+    errors = {t.name: t.max_abs_err for t in result.tensors}
+    assert errors["layers.0.router"] > 0
+    assert all(errors[f"layers.{i}.{part}"] == 0 for i in range(4) for part in ("expert_weights", "mlp", "out"))
 
 
 def test_the_summary_names_a_flip_that_precedes_the_divergence():
