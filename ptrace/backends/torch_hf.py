@@ -6,7 +6,8 @@ and every activation row to one position. Canonical tensors come from forward ho
 except q/k/v: HF applies the rotary embedding in a plain function, so ptrace registers an
 attention implementation that wraps the model's own one and sees q, k, v exactly as they enter
 attention (k and v are then the KV cache's own storage, so a replaced k or v persists in the
-cache, as an error-injection what-if needs).
+cache, as an error-injection what-if needs). In a sparse-MoE layer the router module's output
+(logits, combine weights, expert ids) gives the routing tensors (:mod:`ptrace.backends.routing`).
 """
 
 from __future__ import annotations

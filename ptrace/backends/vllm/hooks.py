@@ -10,6 +10,8 @@ on its modules fire and may replace outputs. What is vLLM's own here:
 - a vLLM decoder layer returns ``(mlp branch, residual)`` with the residual add deferred into the
   next layer's fused add+norm: the canonical ``layers.{i}.out`` is their sum;
 - q/k/v are the attention layer's inputs (after the rotary embedding): what enters the KV cache;
+- in a fused-MoE layer the router logits are the gate's output, and the expert choice is what the
+  fused-MoE router's ``select_experts`` returns (wrapped): the choice the experts kernel then uses;
 - ``logits``: vLLM computes logits only at each request's last scheduled token; at a prefill
   ptrace also runs the engine's own ``compute_logits`` over the other prompt rows, as vLLM does
   itself for prompt logprobs.
