@@ -23,7 +23,7 @@ import numpy as np
 
 from ptrace.backends.environments import EngineEnvironment
 from ptrace.bundle_spec.names import all_names
-from ptrace.bundle_spec.schema import SamplingParams
+from ptrace.bundle_spec.schema import SamplingParams, ScheduleInfo
 from ptrace.errors import BackendError, UsageError
 
 log = logging.getLogger("ptrace.backends")
@@ -384,6 +384,11 @@ class Backend(ABC):
     def engine_info(self) -> dict[str, Any]:
         """Engine settings that change numerics (recorded in ``meta/run.engine``)."""
         return {}
+
+    def schedule(self) -> ScheduleInfo | None:
+        """The engine steps of the last ``generate`` (``meta/schedule``): which requests ran
+        together; None for engines that run one request at a time."""
+        return None
 
     def close(self) -> None:
         """Release the engine (processes, device memory)."""

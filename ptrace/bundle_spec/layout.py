@@ -21,6 +21,7 @@ ENVIRONMENT = "meta/environment"
 REQUESTS = "meta/requests"
 REPLAY = "meta/replay"
 WHATIF = "meta/whatif"
+SCHEDULE = "meta/schedule"
 
 #: Arrays every request has.
 REQUIRED_REQUEST_ARRAYS = ("prompt_ids", "output_ids", "topk_ids", "topk_logprobs", "positions")

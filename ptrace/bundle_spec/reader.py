@@ -42,6 +42,7 @@ from ptrace.bundle_spec.schema import (
     ReplayInfo,
     RequestsInfo,
     RunInfo,
+    ScheduleInfo,
     WhatIfInfo,
 )
 from ptrace.bundle_spec.store import open_read_store
@@ -403,6 +404,10 @@ class Bundle:
     def whatif_info(self) -> dict[str, Any] | None:
         """``meta/whatif`` if this run was perturbed on purpose (SPEC.md section 3.7)."""
         return self._read_document(WhatIfInfo).to_dict() if self._has_node(WhatIfInfo.path) else None
+
+    def schedule_info(self) -> dict[str, Any] | None:
+        """``meta/schedule`` if a batched engine recorded its steps (SPEC.md section 3.8)."""
+        return self._read_document(ScheduleInfo).to_dict() if self._has_node(ScheduleInfo.path) else None
 
     def replay_info(self) -> dict[str, Any] | None:
         """``meta/replay`` if this bundle is a replay of another one (SPEC.md section 3.6)."""
