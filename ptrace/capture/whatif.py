@@ -213,8 +213,12 @@ class Batch(Kind):
     name = "batch"
     help = ("run the requests in another batch: solo (each alone), fillers=N (among N seeded filler "
             "prompts), max_num_batched_tokens=K (chunked prefill), prefix_cache=on (prompts warmed "
-            "into the prefix cache first), invariant=on (vLLM's batch-invariant mode)")
-    params = {"solo": False, "fillers": 0, "max_num_batched_tokens": 0, "prefix_cache": "off", "invariant": "off"}
+            "into the prefix cache first), invariant=on (vLLM's batch-invariant mode); on an engine that "
+            "runs one request at a time (torch): padded=N (each request in a padded batch of N + 1 rows)")
+    params = {"solo": False, "fillers": 0, "max_num_batched_tokens": 0, "prefix_cache": "off", "invariant": "off",
+              "padded": 0}
+    #: The engine option of engines that run each request alone but can pad it into a batch.
+    PADDED_OPTION: ClassVar[str] = "padded_batch"
     on_tensors = False
     #: Parameters the text form takes as a bare word (``batch:solo``).
     flags: ClassVar[tuple[str, ...]] = ("solo",)
@@ -232,7 +236,7 @@ class Batch(Kind):
         value = spec.params[mode]
         if mode in cls._SWITCHES and value != "on":
             raise UsageError(f"what-if batch:{mode}={value}: the only other value than off is on")
-        if mode in ("fillers", "max_num_batched_tokens") and (not isinstance(value, int) or value < 1):
+        if mode in ("fillers", "max_num_batched_tokens", "padded") and (not isinstance(value, int) or value < 1):
             raise UsageError(f"what-if batch:{mode}={value}: expected a whole number >= 1")
         if mode == "solo" and value is not True:
             raise UsageError("what-if batch:solo takes no value")
@@ -256,7 +260,20 @@ class Batch(Kind):
             return {"enable_prefix_caching": True}
         if mode == "invariant":
             return {"batch_invariant": True}
+        if mode == "padded":
+            return {cls.PADDED_OPTION: value}
         return {}
+
+    @classmethod
+    def refusal(cls, spec: WhatIfSpec, backend: type[Backend]) -> str | None:
+        """Why ``backend`` cannot run ``spec`` (None: it can): a padded batch needs an engine that
+        pads, every other mode one that batches."""
+        if cls.mode(spec)[0] == "padded":
+            if not any(option.name == cls.PADDED_OPTION for option in backend.options):
+                return f"backend {backend.name} has no padded batches (it batches without padding)"
+        elif not backend.capabilities.batched:
+            return f"backend {backend.name} runs one request at a time, it cannot batch"
+        return None
 
     def apply(self, rows, spec, site, context):
         raise NotImplementedError  # applied to whole batches, by ptrace.capture.batching
@@ -365,9 +382,10 @@ def check(specs: Sequence[WhatIfSpec], *, num_layers: int, source: Bundle | None
         kind_cls = kind_of(spec)
         kind_cls.check(spec)
         where = f"what-if {describe(spec)}"
-        if kind_cls is Batch and backend is not None and not backend.capabilities.batched:
-            raise UsageError(f"{where}: backend {backend.name} runs one request at a time, it cannot batch",
-                             hint="run batch what-ifs on a batched engine (vllm)")
+        refusal = Batch.refusal(spec, backend) if kind_cls is Batch and backend is not None else None
+        if refusal:
+            raise UsageError(f"{where}: {refusal}",
+                             hint="batch:padded=N runs on torch; the other batch what-ifs on a batched engine (vllm)")
         if kind_cls.on_tensors:
             if not spec.tensors:
                 raise UsageError(f"{where}: name the tensors to change", hint=_usage(kind_cls))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ptrace.bundle_spec import open_bundle
+from ptrace.bundle_spec.summary import schedule_summary
 from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture, whatif
 from ptrace.capture.batching import NOT_RECORDED, filler_prompts
 from ptrace.compare import Comparison
@@ -135,9 +136,10 @@ def test_batch_whatifs_run_on_vllm_and_fillers_never_reach_the_bundle(four_on_vl
             for r in range(4):
                 np.testing.assert_array_equal(teacher.tensor(r, "embed"), base.tensor(r, "embed"))
         assert all(len(step["requests"]) == 1 for step in solo["teacher-forced"].schedule_info()["steps"])
-        chunks = [t for step in chunked["teacher-forced"].schedule_info()["steps"]
-                  for t, p in zip(step["tokens"], step["prefill"]) if p]
-        assert max(chunks) <= 8 and len(chunks) == 4 * PROMPT // 8
+        steps = chunked["teacher-forced"].schedule_info()["steps"]
+        chunks = [t for step in steps for t, p in zip(step["tokens"], step["prefill"]) if p]
+        assert max(sum(step["tokens"]) for step in steps) <= 8 and sum(chunks) == 4 * PROMPT
+        assert schedule_summary(chunked["teacher-forced"].schedule_info())["chunked_prompts"] == 4
     for bundles in (solo, fillers, chunked):
         for bundle in bundles.values():
             bundle.close()
@@ -152,3 +154,32 @@ def test_batch_invariant_mode_is_refused_on_vllm_cpu(example_model, tmp_path):
                            whatifs=(whatif.parse("batch:invariant=on"),), command=("t",))
     with pytest.raises(BackendUnavailableError, match="batch-invariant mode .* no kernels for cpu"):
         capture(config)
+
+
+# -- torch: the reference in a padded batch --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_on_torch(tmp_path_factory, example_model) -> Path:
+    return capture(CaptureConfig(backend="torch", model=example_model,
+                                 output=tmp_path_factory.mktemp("padded") / "two.zarr", random_input_ids=12,
+                                 num_requests=2, sampling=SamplingParams(max_new_tokens=4, seed=2),
+                                 settings=CaptureSettings(tensors=("embed", "layers.0.*", "layers.*.out", "logits")),
+                                 command=("t",)))
+
+
+def test_torch_runs_each_request_in_a_padded_batch(two_on_torch, tmp_path):
+    c = run_whatifs(WhatIfConfig(ReplayConfig(bundle=two_on_torch, backend="torch", output=tmp_path / "w"),
+                                 ((whatif.parse("batch:padded=3"),),)))
+    (w,) = c.whatifs
+    assert w.label == "batch padded=3" and len(w.first_divergent_step) == 2
+    with open_bundle(w.bundles["teacher-forced"]) as padded, open_bundle(c.b["path"]) as alone:
+        assert padded.run.engine["padded_batch"] == 3 and alone.run.engine["padded_batch"] == 0
+        for r in range(2):  # row 0 is the request's own: its numbers, up to the batch's rounding
+            assert padded.positions(r).tolist() == alone.positions(r).tolist()
+            np.testing.assert_allclose(padded.tensor(r, "logits"), alone.tensor(r, "logits"), rtol=0, atol=1e-4)
+            np.testing.assert_array_equal(padded.tensor(r, "embed"), alone.tensor(r, "embed"))
+
+
+def test_a_padded_batch_is_refused_on_an_engine_that_batches_without_padding(full_bundle, tmp_path):
+    result = run_cli("whatif", full_bundle, "-b", "vllm", "-o", tmp_path / "w", "-i", "batch:padded=3")
+    assert result.returncode == 2 and "backend vllm has no padded batches" in result.stderr, result.stderr
