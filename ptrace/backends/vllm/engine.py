@@ -146,7 +146,7 @@ class VllmBackend(Backend):
             raise BackendUnavailableError(
                 f"vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1) has no kernels for "
                 f"{current_platform.device_type}: it runs on CUDA, ROCm and XPU only",
-                hint="run batch:invariant=on on a GPU build of vLLM")
+                hint="use a GPU build of vLLM, or leave batch_invariant off here")
         self._previous_invariance = os.environ.get("VLLM_BATCH_INVARIANT")
         os.environ["VLLM_BATCH_INVARIANT"] = "1"
 
