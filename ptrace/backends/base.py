@@ -25,7 +25,7 @@ from ptrace.backends.environments import EngineEnvironment
 from ptrace.backends.model_dir import read_config
 from ptrace.bundle_spec import moe
 from ptrace.bundle_spec.names import all_names
-from ptrace.bundle_spec.schema import SamplingParams
+from ptrace.bundle_spec.schema import SamplingParams, ScheduleInfo
 from ptrace.errors import BackendError, UsageError
 
 log = logging.getLogger("ptrace.backends")
@@ -399,6 +399,10 @@ class Backend(ABC):
         uses, read back from its model and engine objects, not from config.json (recorded in
         ``meta/settings``). A key left out is recorded as "unknown": never guess one."""
         return {}
+    def schedule(self) -> ScheduleInfo | None:
+        """The engine steps of the last ``generate`` (``meta/schedule``): which requests ran
+        together; None for engines that run one request at a time."""
+        return None
 
     def close(self) -> None:
         """Release the engine (processes, device memory)."""

@@ -2,7 +2,9 @@
 
 The model runs one request at a time in ptrace's own decode loop (:mod:`.sequential`) over a
 ``DynamicCache`` (no batching, no padding), so every forward pass maps to one step of one request
-and every activation row to one position. Canonical tensors come from forward hooks on the HF modules,
+and every activation row to one position. With ``padded_batch=N`` the request is row 0 of a batch
+whose N other rows are left-padded companions, as HF batched generation runs it: the reference's
+own answer to whether a batch changes a request (row 0 is the only one shown). Canonical tensors come from forward hooks on the HF modules,
 except q/k/v: HF applies the rotary embedding in a plain function, so ptrace registers an
 attention implementation that wraps the model's own one and sees q, k, v exactly as they enter
 attention (k and v are then the KV cache's own storage, so a replaced k or v persists in the
@@ -31,6 +33,8 @@ if TYPE_CHECKING:  # torch is imported where it is used, so listing backends sta
     import torch
 
 _ATTENTION_PREFIX = "ptrace_"
+#: The engine option that runs every request inside a padded batch (``batch:padded=N``).
+PADDED_BATCH = "padded_batch"
 
 
 def _wrapped_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -55,6 +59,8 @@ class TorchBackend(SequentialBackend):
         EngineOption("float32_matmul_precision", str, "torch's float32 matmul precision: highest, high "
                      "(TF32 or bfloat16 passes where the hardware has them), medium",
                      choices=("highest", "high", "medium")),
+        EngineOption(PADDED_BATCH, int, "run each request as the first row of a batch with this many "
+                     "left-padded companion rows of seeded tokens (0: alone)", default=0, minimum=0),
     )
     capabilities = Capabilities(devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16", "float64"))
     tensor_type = TorchTensor
@@ -94,6 +100,8 @@ class TorchBackend(SequentialBackend):
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         self._cache: transformers.DynamicCache | None = None
+        self._companions = int(options.engine_options[PADDED_BATCH])
+        self._mask: torch.Tensor | None = None  # the padded batch's attention mask so far
 
     def close(self) -> None:
         previous = getattr(self, "_restore_precision", None)
@@ -128,6 +136,7 @@ class TorchBackend(SequentialBackend):
 
         info: dict[str, Any] = {
             "torch": torch.__version__,
+            PADDED_BATCH: self._companions,
             "transformers": transformers.__version__,
             "attn_implementation": self.attn_implementation,
             "num_threads": torch.get_num_threads(),
@@ -198,18 +207,42 @@ class TorchBackend(SequentialBackend):
         import transformers
 
         self._cache = transformers.DynamicCache()
+        self._mask = None
 
     def _forward(self, sequence: list[int], start: int, prompt_rows: bool) -> np.ndarray:
         import torch
 
         tokens = torch.as_tensor(sequence[start:], dtype=torch.long, device=self.device)[None]
+        batch = self._padded_batch(tokens) if self._companions else {"input_ids": tokens}
         # The LM head runs over every prompt position only for prompt logprobs; otherwise the
         # "logits" tensor of the prefill is its last row alone (SPEC.md section 6).
         with torch.inference_mode():
-            out = self.model(input_ids=tokens, past_key_values=self._cache, use_cache=True,
+            out = self.model(**batch, past_key_values=self._cache, use_cache=True,
                              logits_to_keep=0 if prompt_rows else 1)
             rows = out.logits[0] if prompt_rows else out.logits[0, -1:]
             return rows.float().cpu().numpy()
+
+    def _padded_batch(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The request (``tokens``, ``[1, new]``) as row 0 of a batch, as HF batched generation
+        pads one: each companion row holds seeded random tokens, left-padded at the prefill to
+        a length of its own, so the model runs with an attention mask and batch-shaped matrix
+        products. Row 0 is never padded: its positions and tokens are the request's own, and
+        the hooks show row 0 only."""
+        import torch
+
+        rows, new = 1 + self._companions, tokens.shape[1]
+        if self._mask is None:  # the same companions for the same prompt, in every run
+            self._companion_rng = np.random.default_rng(tokens[0, :64].tolist())
+        fillers = torch.as_tensor(self._companion_rng.integers(0, self.vocab_size, (rows - 1, new)),
+                                  device=self.device)
+        step_mask = torch.ones((rows, new), dtype=torch.long, device=self.device)
+        if self._mask is None:  # the prefill: companions of mixed lengths, padding on their left
+            lengths = self._companion_rng.integers(1, new + 1, rows - 1)
+            for row, length in enumerate(lengths, start=1):
+                step_mask[row, : new - int(length)] = 0
+        self._mask = step_mask if self._mask is None else torch.cat([self._mask, step_mask], dim=1)
+        positions = (self._mask.cumsum(dim=1) - 1).clamp(min=0)[:, -new:]
+        return {"input_ids": torch.cat([tokens, fillers]), "attention_mask": self._mask, "position_ids": positions}
 
     # -- hooks ---------------------------------------------------------------------------------
     def _install_hooks(self, wanted: set[str], hooks: ExitStack) -> None:

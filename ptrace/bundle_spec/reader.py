@@ -43,6 +43,7 @@ from ptrace.bundle_spec.schema import (
     RequestsInfo,
     RunInfo,
     SettingsInfo,
+    ScheduleInfo,
     WhatIfInfo,
 )
 from ptrace.bundle_spec.store import open_read_store
@@ -409,6 +410,9 @@ class Bundle:
     def settings_info(self) -> SettingsInfo | None:
         """``meta/settings``: the arithmetic settings the engine used (SPEC.md section 3.8), if recorded."""
         return self._read_document(SettingsInfo) if self._has_node(SettingsInfo.path) else None
+    def schedule_info(self) -> dict[str, Any] | None:
+        """``meta/schedule`` if a batched engine recorded its steps (SPEC.md section 3.9)."""
+        return self._read_document(ScheduleInfo).to_dict() if self._has_node(ScheduleInfo.path) else None
 
     def replay_info(self) -> dict[str, Any] | None:
         """``meta/replay`` if this bundle is a replay of another one (SPEC.md section 3.6)."""

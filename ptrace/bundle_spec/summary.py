@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,25 @@ def _tensor_rows(bundle: Bundle) -> list[dict[str, Any]]:
     return rows
 
 
+def schedule_summary(schedule: dict[str, Any]) -> dict[str, Any]:
+    """``meta/schedule`` in a few numbers: steps, requests per step, prefill chunks, prefix-cache
+    hits, and the steps that also ran requests the bundle does not record (fillers)."""
+    steps = schedule["steps"]
+    sizes = [len(step["requests"]) for step in steps]
+    chunks = Counter(r for step in steps for r, p in zip(step["requests"], step["prefill"]) if p)
+    return {
+        "steps": len(steps),
+        "requests_per_step": {"min": min(sizes, default=0), "max": max(sizes, default=0),
+                              "mean": sum(sizes) / len(sizes) if sizes else 0.0},
+        "tokens_per_step_max": max((sum(step["tokens"]) for step in steps), default=0),
+        "prefill_chunks": sum(chunks.values()),
+        "chunked_prompts": sum(n > 1 for r, n in chunks.items() if r >= 0),
+        "cached_tokens": sum(sum(step["cached"]) for step in steps),
+        "steps_with_unrecorded": sum(any(r < 0 for r in step["requests"]) for step in steps),
+        "settings": schedule["settings"],
+    }
+
+
 def describe(bundle: Bundle) -> dict[str, Any]:
     manifest, model, run = bundle.manifest, bundle.model, bundle.run
     requests = []
@@ -54,4 +74,5 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "dataset": None if bundle.requests.dataset is None else bundle.requests.dataset.to_dict(),
         "requests": requests,
         "tensors": _tensor_rows(bundle),
+        "schedule": bundle.schedule_info(),
     }

@@ -39,7 +39,7 @@ from ptrace.capture.environment import Redactor, collect_environment
 from ptrace.capture.inputs import Prompt, resolve_prompts
 from ptrace.capture.model import describe_model
 from ptrace.bundle_spec.reader import open_bundle
-from ptrace.capture import datasets, whatif
+from ptrace.capture import batching, datasets, whatif
 from ptrace.capture.recorder import StepSelection, TensorRecorder
 from ptrace.errors import BackendError, UsageError
 
@@ -214,9 +214,10 @@ def _check_whatifs(config: CaptureConfig, backend: type[Backend], num_layers: in
         if config.whatif_source is None:
             raise UsageError("a splice what-if needs the bundle to take values from")
         with open_bundle(config.whatif_source) as source:
-            whatif.check(config.whatifs, num_layers=num_layers, source=source, moe_layers=moe_layers)
+            whatif.check(config.whatifs, num_layers=num_layers, source=source, moe_layers=moe_layers,
+                         backend=backend)
     else:
-        whatif.check(config.whatifs, num_layers=num_layers, source=None, moe_layers=moe_layers)
+        whatif.check(config.whatifs, num_layers=num_layers, source=None, moe_layers=moe_layers, backend=backend)
 
 
 def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, progress: Progress | None,
@@ -243,10 +244,12 @@ def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, prog
         forced = None if config.forced_tokens is None else [np.asarray(f, np.int64)
                                                               for f in config.forced_tokens]
         before, after = (whatif.WhatIfInterceptor(config.whatifs, model.num_layers, config.whatif_source,
-                                                  after_record=phase, moe_layers=model.moe_layers) for phase in (False, True))
+                                                  after_record=phase, moe_layers=model.moe_layers)
+                         for phase in (False, True))
         try:
-            generations = backend.generate([p.ids for p in prompts], sampling,
-                                           [*interceptors, before, recorder, after], on_step, forced)
+            generations, schedule = batching.generate(backend, [p.ids for p in prompts], sampling,
+                                                      [*interceptors, before, recorder, after], on_step, forced,
+                                                      config.whatifs, _longest_prompt(model, sampling))
         finally:
             before.close()
             after.close()
@@ -258,6 +261,8 @@ def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, prog
                       engine=backend.engine_info(), engine_options=dict(config.engine_options))
         if config.whatifs:
             documents = [*documents, WhatIfInfo(tuple(config.whatifs), whatif.labels(config.whatifs))]
+        if schedule is not None:
+            documents = [*documents, schedule]
         resolved = SettingsInfo(complete(backend.resolved_settings()))
         for document in (model, run, resolved, collect_environment(), RequestsInfo(tuple(records), dataset),
                          *documents):
@@ -277,13 +282,20 @@ def _prompts(config: CaptureConfig, backend: Backend, model: ModelInfo,
                                num_requests=config.num_requests, seed=config.sampling.seed,
                                tokenize=backend.tokenize), None
     longest = config.max_prompt_tokens
-    if longest is None and "max_position_embeddings" in model.config:
-        longest = int(model.config["max_position_embeddings"]) - config.sampling.max_new_tokens
+    if longest is None:
+        longest = _longest_prompt(model, config.sampling)
     return datasets.select(config.dataset, count=config.num_requests, seed=config.sampling.seed,
                            min_tokens=config.min_prompt_tokens or 1, max_tokens=longest,
                            tokenize_batch=backend.tokenize_batch, chat_template=backend.chat_template(),
                            progress=progress and (lambda done, total, stage: progress(
                                done, total, f"selecting {config.num_requests} prompts: {stage}")))
+
+
+def _longest_prompt(model: ModelInfo, sampling: SamplingParams) -> int | None:
+    """The longest prompt the model holds besides the new tokens (None: its config does not say)."""
+    if "max_position_embeddings" not in model.config:
+        return None
+    return int(model.config["max_position_embeddings"]) - sampling.max_new_tokens
 
 
 def _seed_everything(backend: Backend, seed: int) -> dict[str, int]:

@@ -40,6 +40,7 @@ def _run_summary(bundle: Bundle) -> dict[str, Any]:
         "mode": bundle.mode, "command": list(bundle.manifest.command), "model": bundle.model.name,
         "model_fingerprint": bundle.model.fingerprint, "run": run.to_dict(),
         "environment": bundle.environment.to_dict(), "replay": bundle.replay_info(),
+        "schedule": bundle.schedule_info(),
         "output_tokens": [list(r.output_tokens) for r in records],
         "prompts": [r.prompt for r in records],
         "settings": recorded_settings(bundle),

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ptrace.backends.registry import declared_class
 from ptrace.bundle_spec import open_bundle
 from ptrace.bundle_spec.names import forward_key
 from ptrace.bundle_spec.schema import WhatIfSpec, plain
@@ -97,9 +98,10 @@ def run_whatifs(config: WhatIfConfig, *, progress: Progress | None = None) -> Co
     grid = _grid(config)
     with open_bundle(replay_config.bundle) as source:
         plan = _capturing_injections(ReplayPlan.of(source, replace(replay_config, modes=(TEACHER, FREE))), grid)
+        backend = declared_class(replay_config.backend)
         for run in grid:  # everything that can fail cheaply fails before any engine starts
             whatif.check(run.specs, num_layers=source.model.num_layers, source=source,
-                         moe_layers=source.model.moe_layers)
+                         moe_layers=source.model.moe_layers, backend=backend)
         folder = replay_config.output or default_output(Path(replay_config.bundle), replay_config.backend,
                                                         plan.dtype, plan.device)
         folder.mkdir(parents=True, exist_ok=True)

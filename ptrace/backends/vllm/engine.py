@@ -33,7 +33,7 @@ from ptrace.backends.base import (
 )
 from ptrace.backends.environments import TORCH, EngineEnvironment
 from ptrace.backends.model_dir import read_config
-from ptrace.bundle_spec.schema import SamplingParams
+from ptrace.bundle_spec.schema import SamplingParams, ScheduleInfo
 from ptrace.bundle_spec.settings import UNKNOWN
 from ptrace.errors import BackendError, BackendUnavailableError, ModelError, UsageError
 
@@ -48,6 +48,10 @@ _OPTIONS = (
                  "lowered to what the KV cache holds)", minimum=1),
     EngineOption("enforce_eager", bool, "eager mode (ptrace's default; false allows compilation)"),
     EngineOption("enable_chunked_prefill", bool, "split long prompts across steps"),
+    EngineOption("enable_prefix_caching", bool, "reuse the KV cache of shared prompt prefixes (ptrace's "
+                 "default: off)"),
+    EngineOption("batch_invariant", bool, "vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1; "
+                 "CUDA, ROCm and XPU only)"),
     EngineOption("seed", int, "the engine's own seed"),
     EngineOption("gpu_memory_utilization", float, "share of GPU memory vLLM may take (CUDA)"),
     EngineOption("quantization", str, "vLLM quantization method"),
@@ -95,6 +99,8 @@ class VllmBackend(Backend):
             "seed": 0, "trust_remote_code": False,
         }
         kwargs.update(options.engine_options)
+        if kwargs.pop("batch_invariant", False):
+            self._enable_batch_invariance()
         if "attention_backend" in kwargs:
             kwargs["attention_config"] = {"backend": kwargs.pop("attention_backend")}
         try:
@@ -132,7 +138,26 @@ class VllmBackend(Backend):
                                           hint="use kv_cache_dtype=auto here, or a machine whose CPU has "
                                                "AVX-512 or AMX")
 
+    def _enable_batch_invariance(self) -> None:
+        """Turn on vLLM's batch-invariant mode for this engine, or refuse before it starts: its
+        kernels replace torch's matmul, softmax and reductions on CUDA, ROCm and XPU only."""
+        from vllm.platforms import current_platform
+
+        if not (current_platform.is_cuda_alike() or current_platform.is_xpu()):
+            raise BackendUnavailableError(
+                f"vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1) has no kernels for "
+                f"{current_platform.device_type}: it runs on CUDA, ROCm and XPU only",
+                hint="use a GPU build of vLLM, or leave batch_invariant off here")
+        self._previous_invariance = os.environ.get("VLLM_BATCH_INVARIANT")
+        os.environ["VLLM_BATCH_INVARIANT"] = "1"
+
     def close(self) -> None:
+        if hasattr(self, "_previous_invariance"):  # the mode is process-wide: give it back
+            previous = self.__dict__.pop("_previous_invariance")
+            if previous is None:
+                os.environ.pop("VLLM_BATCH_INVARIANT", None)
+            else:
+                os.environ["VLLM_BATCH_INVARIANT"] = previous
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()  # an in-process engine left running can abort at exit
@@ -234,6 +259,19 @@ class VllmBackend(Backend):
         if ts.full_precision(dtype):  # the CPU kernels then compute softmax and norms in it
             values["softmax_dtype"] = values["norm_dtype"] = dtype
         return values
+    def schedule(self) -> ScheduleInfo | None:
+        return getattr(self, "_schedule", None)
+
+    def _batching_settings(self) -> dict[str, Any]:
+        """The settings that shape vLLM's batches (``meta/schedule``'s ``settings``)."""
+        config = self.llm.llm_engine.vllm_config
+        scheduler = config.scheduler_config
+        return {"max_num_batched_tokens": scheduler.max_num_batched_tokens,
+                "max_num_seqs": scheduler.max_num_seqs,
+                "enable_chunked_prefill": scheduler.enable_chunked_prefill,
+                "enable_prefix_caching": config.cache_config.enable_prefix_caching,
+                "block_size": config.cache_config.block_size,
+                "batch_invariant": os.environ.get("VLLM_BATCH_INVARIANT") == "1"}
 
     # -- generation ----------------------------------------------------------------------------
     def _generate(self, prompts: list[np.ndarray], sampling: SamplingParams,
@@ -284,6 +322,7 @@ class VllmBackend(Backend):
                         progress[index] += 1
                     if output.finished:
                         finished[index] = output
+        self._schedule = ScheduleInfo(settings=self._batching_settings(), steps=tuple(hooks.schedule))
         if len(finished) != len(prompts):
             raise BackendError(f"vLLM finished {len(finished)} of {len(prompts)} requests")
         return [_generation(finished[i], prompts[i], k, sampling, forced_choices.get(i), forced)
