@@ -55,8 +55,11 @@ from ptrace.bundle_spec.schema import (
     ReplayInfo,
     RequestsInfo,
     RunInfo,
+    SettingsInfo,
+    ScheduleInfo,
     WhatIfInfo,
 )
+from ptrace import DISTRIBUTION
 from ptrace.bundle_spec.store import BundleStore, open_read_store
 from ptrace.errors import (
     BundleCorruptError,
@@ -78,8 +81,6 @@ MAX_ABSENT_CHUNKS = 1024
 MAX_ABSENT_BYTES = 256 << 20
 
 _VALIDATE_HINT = "run `ptrace validate` on it for a full check"
-#: The name pip installs ptrace by, for the hints that say what to install.
-DISTRIBUTION = "ptrace"
 
 
 def error_reason(exc: BaseException) -> str:
@@ -228,8 +229,9 @@ class Bundle:
             raise self._corrupt(path, f"declares shape {list(node.shape)} in {node.nchunks} chunks but "
                                       f"stores {max(stored, 0)}: its declared size is corrupt")
 
-    def _read(self, path: str, rows: slice = slice(None)) -> np.ndarray:
-        """Rows ``rows`` of the array at ``path`` (all of them by default), in its logical dtype."""
+    def _read(self, path: str, rows: slice = slice(None), *, stored: bool = False) -> np.ndarray:
+        """Rows ``rows`` of the array at ``path`` (all of them by default), in its logical dtype
+        (``stored``: in its storage dtype)."""
         meta = self._node_or_missing(path)
         first, last, _ = rows.indices(meta.shape[0])
         if last <= first:
@@ -245,7 +247,7 @@ class Bundle:
                 raise
             except Exception as exc:  # a checksum, a codec, a truncated chunk: all corruption
                 raise self._corrupt(path, f"is corrupted ({error_reason(exc)})") from None
-        return dtypes.from_storage(data, meta.logical_dtype)
+        return data if stored else dtypes.from_storage(data, meta.logical_dtype)
 
     def _read_document(self, kind: type[D]) -> D:
         if not self._has_node(kind.path):
@@ -357,13 +359,13 @@ class Bundle:
             return dtypes.from_storage(np.zeros((0, *node.shape[1:]), node.dtype), node.logical_dtype)
         return np.concatenate(blocks)
 
-    def _joined(self, path: str, ranges: list[tuple[int, int]]) -> np.ndarray:
+    def _joined(self, path: str, ranges: list[tuple[int, int]], *, stored: bool = False) -> np.ndarray:
         """Rows ``first:last`` of the array at ``path`` for each range, one after another."""
         if len(ranges) == 1:
-            return self._read(path, slice(*ranges[0]))
+            return self._read(path, slice(*ranges[0]), stored=stored)
         if not ranges:
-            return self._read(path, slice(0, 0))
-        return np.concatenate([self._read(path, slice(first, last)) for first, last in ranges])
+            return self._read(path, slice(0, 0), stored=stored)
+        return np.concatenate([self._read(path, slice(first, last), stored=stored) for first, last in ranges])
 
     def part_shape(self, array: str, request: int) -> tuple[int, ...] | None:
         """The shape of ``request``'s part of ``array`` (its rows, then the row shape), None if
@@ -423,6 +425,13 @@ class Bundle:
         """``meta/whatif`` if this run was perturbed on purpose (SPEC.md section 3.7)."""
         return self._read_document(WhatIfInfo).to_dict() if self._has_node(WhatIfInfo.path) else None
 
+    def settings_info(self) -> SettingsInfo | None:
+        """``meta/settings``: the arithmetic settings the engine used (SPEC.md section 3.8), if recorded."""
+        return self._read_document(SettingsInfo) if self._has_node(SettingsInfo.path) else None
+    def schedule_info(self) -> dict[str, Any] | None:
+        """``meta/schedule`` if a batched engine recorded its steps (SPEC.md section 3.9)."""
+        return self._read_document(ScheduleInfo).to_dict() if self._has_node(ScheduleInfo.path) else None
+
     def replay_info(self) -> dict[str, Any] | None:
         """``meta/replay`` if this bundle is a replay of another one (SPEC.md section 3.6)."""
         return self._read_document(ReplayInfo).to_dict() if self._has_node(ReplayInfo.path) else None
@@ -466,8 +475,10 @@ class Bundle:
                 np.concatenate([whole[first:last] for first, last, _ in segments[r]])
                 for r in range(self.num_requests)}
 
-    def tensor_rows(self, request: int, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of a request's full tensor (reads only the chunks they live in)."""
+    def tensor_rows(self, request: int, name: str, start: int, stop: int, *, stored: bool = False) -> np.ndarray:
+        """Rows ``start:stop`` of a request's full tensor (reads only the chunks they live in).
+        ``stored``: in the storage dtype (bfloat16 and float8 as their bits, which
+        :func:`~ptrace.bundle_spec.dtypes.to_float` decodes without importing ml_dtypes)."""
         path, segments = self._tensor_part(request, name)
         ranges, offset = [], 0
         for first, last, _ in segments:
@@ -475,25 +486,28 @@ class Bundle:
             if low < high:
                 ranges.append((first + low - offset, first + high - offset))
             offset += last - first
-        return self._joined(path, ranges)
+        return self._joined(path, ranges, stored=stored)
 
-    def tensor_blocks(self, request: int, name: str, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    def tensor_blocks(self, request: int, name: str, rows: int, *,
+                      stored: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """A request's full tensor in blocks of about ``rows`` rows, ``(first row, block)``, each
-        segment's CRC-32C checked after its last block (see :meth:`verified_blocks`)."""
+        segment's CRC-32C checked after its last block (see :meth:`verified_blocks`).
+        ``stored``: in the storage dtype, as :meth:`tensor_rows`."""
         path, segments = self._tensor_part(request, name)
         offset = 0
         for first, last, crc in segments:
-            for start, block in self._verified_range(path, first, last, crc, rows):
+            for start, block in self._verified_range(path, first, last, crc, rows, stored=stored):
                 yield offset + start - first, block
             offset += last - first
 
-    def verified_blocks(self, path: str, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    def verified_blocks(self, path: str, rows: int, *, stored: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """The whole array at ``path`` in blocks of about ``rows`` rows, ``(first row, block)``,
-        its whole-content CRC-32C checked against the manifest after the last block."""
+        its whole-content CRC-32C checked against the manifest after the last block (``stored``:
+        in the storage dtype, as :meth:`tensor_rows`)."""
         record = self.manifest.arrays.get(path)
         if record is None:
             raise self._corrupt(path, "is not in the manifest")
-        return self._verified_range(path, 0, record.shape[0], record.crc32c, rows)
+        return self._verified_range(path, 0, record.shape[0], record.crc32c, rows, stored=stored)
 
     def _node_or_missing(self, path: str) -> ArrayMeta:
         try:
@@ -501,8 +515,8 @@ class Bundle:
         except KeyError:
             raise self._corrupt(path, "is missing") from None
 
-    def _verified_range(self, path: str, first: int, last: int, expected_crc: int,
-                        rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    def _verified_range(self, path: str, first: int, last: int, expected_crc: int, rows: int, *,
+                        stored: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """Rows ``first:last`` of the array at ``path`` in blocks of about ``rows`` rows, ``(first
         row, block)``, their CRC-32C checked against ``expected_crc`` after the last block: a chunk
         that is missing (it would read as zeros) or swapped with another (each passes its own
@@ -520,7 +534,7 @@ class Bundle:
         crc, logical = 0, node.logical_dtype
         for start, block in blocks:
             crc = google_crc32c.extend(crc, np.ascontiguousarray(block).reshape(-1).view(np.uint8))
-            yield start, dtypes.from_storage(block, logical)
+            yield start, block if stored else dtypes.from_storage(block, logical)
         if crc != expected_crc:
             where = "" if (first, last) == (0, record.shape[0]) else f" rows {first}:{last}"
             raise BundleCorruptError(f"{self.path}: array {path}{where}: content checksum {crc:#010x} != "

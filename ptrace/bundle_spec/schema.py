@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Self
 
 import msgpack
 
-from ptrace.bundle_spec import layout
+from ptrace.bundle_spec import layout, moe
 from ptrace.bundle_spec.names import DEFAULT_PATTERNS
 from ptrace.errors import BundleCorruptError
 
@@ -207,6 +207,11 @@ class ModelInfo(Document):
     def num_layers(self) -> int:
         return int(self.config.get("num_hidden_layers", 0))
 
+    @property
+    def moe_layers(self) -> list[int]:
+        """The mixture-of-experts layers (they have routing tensors, SPEC.md section 5)."""
+        return moe.moe_layers(self.config)
+
 
 @dataclass(frozen=True)
 class SamplingParams(Document):
@@ -375,3 +380,47 @@ class WhatIfInfo(Document):
     injections: tuple[WhatIfSpec, ...]
     #: One line saying what was done, for reports.
     label: str = ""
+
+
+@dataclass(frozen=True)
+class SettingsInfo(Document):
+    """``meta/settings`` (SPEC.md 3.8): every arithmetic setting of the vocabulary
+    (``bundle_spec.settings``) as the engine used it, read back from the loaded model and engine
+    objects; ``"unknown"`` where the engine cannot report one."""
+
+    path: ClassVar[str] = layout.SETTINGS
+
+    #: vocabulary key -> value (str, number, bool, nil) or "unknown"
+    values: Mapping[str, Any]
+    #: "resolved" (read back from the engine) or "as read" (from config.json, older bundles)
+    source: str = "resolved"
+
+
+@dataclass(frozen=True)
+class ScheduleStep(Document):
+    """One engine step of a batched engine: the requests it ran, in row order, one entry each."""
+
+    #: ptrace's request index; -1 for a request the bundle does not record (a what-if's filler).
+    requests: tuple[int, ...]
+    #: Tokens scheduled for each: a prefill chunk, or 1 for a decode.
+    tokens: tuple[int, ...]
+    #: Position of each one's first scheduled token.
+    starts: tuple[int, ...]
+    #: Whether each one's tokens are prompt tokens (a prefill chunk) rather than a decode.
+    prefill: tuple[bool, ...]
+    #: Prompt tokens each one found in the prefix cache when it was admitted at this step (0 otherwise).
+    cached: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ScheduleInfo(Document):
+    """``meta/schedule`` (SPEC.md 3.9): which requests a batched engine ran together, step by
+    step, and the settings that shaped its batches; absent for engines that run one request at
+    a time."""
+
+    path: ClassVar[str] = layout.SCHEDULE
+
+    #: ``max_num_batched_tokens``, ``max_num_seqs``, ``enable_chunked_prefill``,
+    #: ``enable_prefix_caching``, ... as the engine ran.
+    settings: Mapping[str, Any]
+    steps: tuple[ScheduleStep, ...] = ()

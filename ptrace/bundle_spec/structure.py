@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from ptrace.bundle_spec import crc, layout, names
+from ptrace.bundle_spec import crc, layout, moe, names
 from ptrace.bundle_spec.arrays import MetadataError, node_type
 from ptrace.bundle_spec.dtypes import is_logical
 from ptrace.bundle_spec.layout import (
@@ -220,6 +220,36 @@ def _check_request(bundle: Bundle, record: Any) -> list[str]:
                     (bundle.array_dtype(array, r) != "float64" or list(found) != [found[0], len(COLUMNS)]):
                 problems.append(f"request {r}: stats/{name} is {bundle.array_dtype(array, r)}{list(found)}, "
                                 f"expected float64{[found[0], len(COLUMNS)]}")
+    return problems + _check_routing(bundle, r)
+
+
+def _check_routing(bundle: Bundle, r: int) -> list[str]:
+    """Expert ids (``layers.{i}.experts``, section 5) are int32, top-k wide, and name experts the
+    model has (meta/model's config.json declares how many): a few int32 per position, read here."""
+    routed = [name for name in bundle.tensor_names if name.endswith(".experts") and names.layer_index(name) is not None]
+    if not routed:
+        return []
+    problems = []
+    experts, top_k = moe.num_experts(bundle.model.config), moe.top_k(bundle.model.config)
+    for name in routed:
+        where = f"request {r}: {name}"
+        if not experts:
+            problems.append(f"{where}: expert ids in a model whose config.json declares no experts")
+            continue
+        shape = bundle.part_shape(tensor_array(name), r)
+        if shape is not None:
+            dtype = bundle.array_dtype(tensor_array(name), r)
+            if dtype != "int32" or len(shape) != 2 or (top_k and shape[1] != top_k):
+                problems.append(f"{where} is {dtype}{list(shape)}, expected int32[rows, {top_k or 'top_k'}]")
+                continue
+            ids = bundle.tensor(r, name)
+            low, high = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
+        else:  # a stats capture: the rows' min and max
+            stats = bundle.stats(r, name)
+            low, high = (int(stats[:, 0].min()), int(stats[:, 1].max())) if stats.size else (0, 0)
+        if low < 0 or high >= experts:
+            problems.append(f"{where} holds expert id {low if low < 0 else high} outside [0, {experts}) "
+                            f"(meta/model's config.json declares {experts} experts)")
     return problems
 
 

@@ -77,13 +77,13 @@ def _read_verified(bundle: Bundle, path: str, record: ArrayRecord, step: int) ->
     segment's (SPEC.md section 4): a segment swapped for another of the same length passes the
     chunks' checksums."""
     if bundle.spec_version == 1 or layout.is_segment_table(path) or not record.shape[0]:
-        for _ in bundle.verified_blocks(path, step):
+        for _ in bundle.verified_blocks(path, step, stored=True):
             pass
         return
     segments = sorted(segment for parts in bundle._segments(path).values() for segment in parts)
     crc = 0
     for first, last, segment_crc in segments:
-        for _, block in bundle._verified_range(path, first, last, segment_crc, step):
+        for _, block in bundle._verified_range(path, first, last, segment_crc, step, stored=True):
             crc = google_crc32c.extend(crc, np.ascontiguousarray(block).reshape(-1).view(np.uint8))
     if crc != record.crc32c:
         raise BundleCorruptError(f"array {path}: content checksum {crc:#010x} != manifest {record.crc32c:#010x} "

@@ -19,6 +19,8 @@ from ptrace.bundle_spec.structure import require_structure
 from ptrace.compare.align import align
 from ptrace.compare.localize import earliest, first_divergent, first_nonfinite, largest_local_error
 from ptrace.compare.results import Comparison, RequestResult, TensorResult
+from ptrace.compare.routing import compare_routing, is_categorical
+from ptrace.compare.settings import recorded as recorded_settings
 from ptrace.compare.stability import with_stability
 from ptrace.compare.summary import with_summary
 from ptrace.compare.tensors import compare_tensor, worth_compiling
@@ -39,8 +41,10 @@ def _run_summary(bundle: Bundle) -> dict[str, Any]:
         "mode": bundle.mode, "command": list(bundle.manifest.command), "model": bundle.model.name,
         "model_fingerprint": bundle.model.fingerprint, "run": run.to_dict(),
         "environment": bundle.environment.to_dict(), "replay": bundle.replay_info(),
+        "schedule": bundle.schedule_info(),
         "output_tokens": [list(r.output_tokens) for r in records],
         "prompts": [r.prompt for r in records],
+        "settings": recorded_settings(bundle),
     }
 
 
@@ -63,7 +67,7 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
     thresholds = thresholds_for(a.run.dtype, threshold_overrides)
     _check_same_inputs(a, b)
     alignments = {r: align(a, b, r) for r in range(a.num_requests)}
-    names = sort_forward(set(a.tensor_names) & set(b.tensor_names))
+    names = sort_forward(n for n in set(a.tensor_names) & set(b.tensor_names) if not is_categorical(n))
     missing = sorted(set(a.tensor_names) ^ set(b.tensor_names))
     compiled = worth_compiling(a, b, names, alignments)
     done = 0
@@ -106,7 +110,8 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
         first_divergent_request=first_request, largest_local_error=largest_local_error(tensors),
         first_nonfinite=nonfinite,
         thresholds=thresholds.to_dict(), tensors=tensors, requests=requests,
-        a=_run_summary(a), b=_run_summary(b), missing=missing)))
+        a=_run_summary(a), b=_run_summary(b), missing=missing,
+        routing=compare_routing(a, b, alignments))))
 
 
 def combine(*, tensors: Comparison, tokens: Comparison) -> Comparison:

@@ -1,6 +1,6 @@
 """Pass / warn / fail: how close is close enough, per dtype.
 
-Defaults follow the seed document's production advice for float32 (mean abs error < 1e-4 and
+Defaults follow common production limits for float32 (mean abs error < 1e-4 and
 cosine similarity > 0.999) and scale with the unit roundoff of lower precisions. The
 *reference* run's dtype (bundle A's) picks the row: the question a replay answers is whether the
 other run reproduces the reference at the reference's precision.

@@ -17,8 +17,10 @@ import math
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
+                               start_http_server)
 
+from ptrace import DISTRIBUTION
 from ptrace.errors import UsageError
 from ptrace.monitor.canary import RESULTS, CycleResult, Golden
 from ptrace.monitor.textfile import FIRST_DIVERGENCE, KL_MAX, NO_DIVERGENCE, TOKEN_AGREEMENT, write_metrics_file
@@ -28,9 +30,13 @@ from ptrace.monitor.textfile import FIRST_DIVERGENCE, KL_MAX, NO_DIVERGENCE, TOK
 KL_BUCKETS = (1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, math.inf)
 
 
+# prometheus_client's one switch for them, process-wide: ptrace exports no *_created series at all.
+disable_created_metrics()
+
+
 def _ptrace_version() -> str:
     try:
-        return version("ptrace")
+        return version(DISTRIBUTION)
     except PackageNotFoundError:  # run from a checkout
         return "unknown"
 
@@ -57,7 +63,8 @@ class CanaryMetrics:
                                   registry=registry)
         self.duration = Gauge("ptrace_canary_cycle_duration_seconds", "How long the last cycle took.",
                               registry=registry)
-        for gauge in (self.agreement, self.first_divergence, self.kl_max, self.logprob_error):
+        self.measurements = (self.agreement, self.first_divergence, self.kl_max, self.logprob_error)
+        for gauge in self.measurements:
             gauge.set(math.nan)
         info = Gauge("ptrace_build_info", "The golden bundle the canary compares against: its engine, dtype and "
                      "model fingerprint, and this ptrace's version.",
@@ -70,6 +77,8 @@ class CanaryMetrics:
         self.duration.set(cycle.duration_seconds)
         self.up.set(1 if cycle.compared else 0)
         if not cycle.compared:
+            for gauge in self.measurements:
+                gauge.set(math.nan)
             return
         self.agreement.set(cycle.token_match_rate)
         first = cycle.first_divergent_step

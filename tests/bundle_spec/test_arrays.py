@@ -18,6 +18,7 @@ import zarr
 from zarr.storage import LocalStore
 
 import ptrace.bundle_spec
+from ptrace import DISTRIBUTION
 from ptrace.bundle_spec import open_bundle, validate_bundle
 from ptrace.bundle_spec.arrays import ArrayMeta, ForeignArrayError, MetadataError
 from ptrace.bundle_spec.layout import stats_array, tensor_array
@@ -110,4 +111,4 @@ def test_without_zarr_another_writers_array_is_refused_with_what_to_install(tmp_
     monkeypatch.delattr(ptrace.bundle_spec, "zarr_fallback", raising=False)
     with pytest.raises(ImportError, match=r"stats/logits uses codecs .* through Zarr, which is not installed") as raised:
         open_bundle(tmp_path / "b.zarr")
-    assert "pip install 'ptrace[zarr]'" in str(raised.value)
+    assert f"pip install '{DISTRIBUTION}[zarr]'" in str(raised.value)
