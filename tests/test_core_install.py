@@ -16,7 +16,6 @@ import tomllib
 from tests.conftest import GOLDEN, ROOT
 
 
-
 def test_core_install_runs_help_inspect_validate_and_compare(tmp_path):
     source = tmp_path / "src"  # a copy: building in the checkout would leave build/ and *.egg-info there
     shutil.copytree(ROOT / "ptrace", source / "ptrace", ignore=shutil.ignore_patterns("__pycache__"))

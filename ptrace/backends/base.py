@@ -404,5 +404,5 @@ class Backend(ABC):
         together; None for engines that run one request at a time."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a hook: an engine that holds nothing releases nothing)
         """Release the engine (processes, device memory)."""

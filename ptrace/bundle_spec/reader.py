@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import google_crc32c
 import numpy as np
 
+from ptrace import DISTRIBUTION
 from ptrace.bundle_spec import chunks, dtypes, layout
 from ptrace.bundle_spec.arrays import (
     MAX_NODE_METADATA_BYTES,
@@ -55,11 +56,10 @@ from ptrace.bundle_spec.schema import (
     ReplayInfo,
     RequestsInfo,
     RunInfo,
-    SettingsInfo,
     ScheduleInfo,
+    SettingsInfo,
     WhatIfInfo,
 )
-from ptrace import DISTRIBUTION
 from ptrace.bundle_spec.store import BundleStore, open_read_store
 from ptrace.errors import (
     BundleCorruptError,

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from ptrace.bundle_spec import stats as row_stats
+from ptrace.bundle_spec.dtypes import storage_dtype
 from ptrace.bundle_spec.layout import request_array, stats_array, tensor_array
 from ptrace.bundle_spec.reader import Bundle
-from ptrace.bundle_spec.dtypes import storage_dtype
 
 
 def _tensor_rows(bundle: Bundle) -> list[dict[str, Any]]:

@@ -16,9 +16,9 @@ numpy needs for a small comparison: below :data:`KERNEL_MIN_ELEMENTS` numpy does
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Callable
 
 import numpy as np
 

@@ -17,8 +17,7 @@ import math
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
-                               start_http_server)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 from ptrace import DISTRIBUTION
 from ptrace.errors import UsageError

@@ -289,7 +289,7 @@ def test_deeply_nested_metadata_is_refused_without_recursion(bundle):
     model["config"] = nested
     forge_document(bundle, "meta/model", model)
     with open_bundle(bundle) as opened, pytest.raises(BundleCorruptError, match="meta/model .*nested more than"):
-        opened.model
+        _ = opened.model
     assert_refused(bundle, "meta/model .*nested more than")
     line = one_line_error(run_cli("inspect", bundle))
     assert str(bundle) in line and "meta/model" in line

@@ -29,8 +29,8 @@ from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, captu
 from ptrace.monitor.canary import Canary, load_golden, run
 from ptrace.monitor.client import Endpoint
 from tests.conftest import ROOT, run_cli
-from tests.monitor.test_faults import STAMP
 from tests.monitor.servers import HOST, free_port, get, prometheus_server, start_vllm, stop, wait_for_vllm, wait_until
+from tests.monitor.test_faults import STAMP
 from tests.monitor.test_textfile import samples
 
 pytestmark = pytest.mark.slow

@@ -232,7 +232,7 @@ class VllmBackend(Backend):
             "attention_scale": float(kernel.scale),
             "attn_logit_softcap": soft_cap,
             "final_logit_softcap": getattr(self.model.logits_processor, "soft_cap", UNKNOWN),
-            "sliding_window": ts.one_value([l.self_attn.attn.sliding_window for l in self.layers]),
+            "sliding_window": ts.one_value([layer.self_attn.attn.sliding_window for layer in self.layers]),
             "param_dtype": ts.dtype_name(self.model.model.embed_tokens.weight.dtype),
             "residual_dtype": dtype,
             "rotary_dtype": ts.dtype_name(attention.rotary_emb.cos_sin_cache.dtype),
