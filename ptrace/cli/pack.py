@@ -12,7 +12,7 @@ from ptrace.cli.console import console
 
 
 def pack(
-    bundle: Annotated[Path, typer.Argument(help="Bundle directory (*.zarr).")],
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle directory (*.zarr).")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Zip to write (default: BUNDLE.zip).")] = None,
     overwrite: opt.Overwrite = False,
 ) -> None:
@@ -24,7 +24,7 @@ def pack(
 
 
 def unpack(
-    archive: Annotated[Path, typer.Argument(help="Zipped bundle (*.zarr.zip).")],
+    archive: Annotated[Path, typer.Argument(metavar="ARCHIVE", help="Zipped bundle (*.zarr.zip).")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory to write (default: without .zip).")] = None,
     overwrite: opt.Overwrite = False,
 ) -> None:
