@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ptrace.bundle_spec import open_bundle, validate_bundle
-from tests.conftest import ROOT, run_cli
+from tests.conftest import GOLDEN, ROOT, run_cli
 from tests.monitor.servers import misbehaving_server
 
 COMMANDS = ("capture", "replay", "whatif", "compare", "monitor", "inspect", "validate", "pack", "unpack",
@@ -159,6 +159,14 @@ def test_a_bundle_name_that_is_not_one_is_refused(tmp_path, example_model, name)
     (line,) = result.stderr.strip().splitlines()
     assert ".zarr or .zarr.zip" in line and name in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pack_and_unpack_check_the_names_they_write(full_bundle, tmp_path):
+    for command, source, name in (("pack", full_bundle, "b.zip"), ("unpack", GOLDEN / "torch.zarr.zip", "b.txt")):
+        result = run_cli(command, source, "-o", tmp_path / name)
+        assert result.returncode == 2 and "a bundle's name ends in" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert run_cli("pack", full_bundle, "-o", tmp_path / "b.zarr.zip").returncode == 0
 
 
 def _corrupt(bundle: Path, into: Path) -> Path:
