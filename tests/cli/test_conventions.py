@@ -19,7 +19,7 @@ from ptrace.bundle_spec import open_bundle, validate_bundle
 from tests.conftest import GOLDEN, ROOT, run_cli
 from tests.monitor.servers import misbehaving_server
 
-COMMANDS = ("capture", "replay", "whatif", "compare", "monitor", "inspect", "validate", "pack", "unpack",
+COMMANDS = ("capture", "replay", "whatif", "compare", "monitor", "settings", "inspect", "validate", "pack", "unpack",
             "backends", "envs", "envs list", "envs create")
 
 
@@ -78,6 +78,7 @@ def test_json_stdout_stays_json_when_something_prints_on_file_descriptor_1():
 @pytest.mark.parametrize("args", [("inspect", "{full}", "--json"), ("validate", "{full}", "--json"),
                                   ("compare", "{full}", "{full}", "--json", "-"),
                                   ("compare", "{full}", "{full}", "--json", "-", "--report", "{tmp}/r.html"),
+                                  ("settings", "{full}", "--json"), ("settings", "{full}", "{full}", "--json"),
                                   ("backends", "--json"), ("envs", "list", "--json")],
                          ids=lambda args: " ".join(a for a in args if not a.startswith("{")))
 def test_json_alone_on_stdout(args, full_bundle, tmp_path):
