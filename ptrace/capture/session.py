@@ -36,7 +36,8 @@ from ptrace.bundle_spec.schema import (
 from ptrace.bundle_spec.dtypes import canonical as canonical_dtype
 from ptrace.bundle_spec.layout import request_array
 from ptrace.bundle_spec.settings import complete
-from ptrace.bundle_spec.store import ZIP_SUFFIX, check_bundle_name, claim_output, pack
+from ptrace.bundle_spec.packing import pack
+from ptrace.bundle_spec.store import ZIP_SUFFIX, check_bundle_name, claim_output
 from ptrace.bundle_spec.writer import BundleWriter
 from ptrace.capture.environment import Redactor, collect_environment
 from ptrace.capture.inputs import Prompt, resolve_prompts
