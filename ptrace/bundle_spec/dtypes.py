@@ -124,3 +124,16 @@ def _float8_table(logical: str) -> np.ndarray:
     table = values.astype(np.float32)
     table.flags.writeable = False
     return table
+
+
+#: Short names people type for compute dtypes (PyTorch's and most engines' spellings), and the
+#: logical names they stand for.
+ALIASES = {"fp64": "float64", "double": "float64", "fp32": "float32", "float": "float32",
+           "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def canonical(name: str) -> str:
+    """The logical name of a dtype as a user may write it (``bf16`` -> ``bfloat16``); other
+    names are returned unchanged, for whoever checks them to refuse."""
+    lowered = name.strip().lower()
+    return ALIASES.get(lowered, lowered if is_logical(lowered) else name)

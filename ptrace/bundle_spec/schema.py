@@ -202,6 +202,8 @@ class ModelInfo(Document):
     #: sha256 over the sorted ``name=sha256`` lines of each map
     fingerprint: str
     tokenizer_fingerprint: str
+    #: the directory as the user gave it (``model_path`` is absolute); None in older bundles
+    model_path_given: str | None = None
 
     @property
     def num_layers(self) -> int:

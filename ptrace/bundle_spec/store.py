@@ -28,6 +28,7 @@ from ptrace.errors import (
     BundleExistsError,
     BundleNotFoundError,
     NotABundleError,
+    UsageError,
 )
 
 _LINK_HINT = "ptrace never follows links inside a bundle: replace the link by a copy of its target, or remove it"
@@ -288,6 +289,18 @@ def _member_problem(member: zipfile.ZipInfo, raw, size: int, seen: set[str]) -> 
     if end > size:
         return f"declares {member.compress_size} bytes past the end of the archive"
     return None
+
+
+#: What a bundle is named (SPEC.md section 1): a directory store, or the same in a zip.
+DIRECTORY_SUFFIX, ZIP_SUFFIX = ".zarr", ".zarr.zip"
+
+
+def check_bundle_name(path: Path, suffixes: tuple[str, ...] = (DIRECTORY_SUFFIX, ZIP_SUFFIX)) -> None:
+    """Refuse to write a bundle under a name no one would take for one (``-o out.txt``)."""
+    if not any(path.name.endswith(suffix) and path.name != suffix for suffix in suffixes):
+        stem = path.name.split(".")[0] or "run"
+        raise UsageError(f"{path}: a bundle's name ends in {' or '.join(suffixes)}",
+                         hint=f"write it as {path.with_name(stem + suffixes[0])}")
 
 
 def claim_output(path: Path, overwrite: bool) -> None:

@@ -63,8 +63,10 @@ def _combined(hashes: dict[str, str]) -> str:
 
 
 def describe_model(model_dir: str | Path) -> ModelInfo:
-    """Check a model directory and fingerprint its weights and tokenizer."""
-    model_dir = Path(model_dir)
+    """Check a model directory and fingerprint its weights and tokenizer. Its path is recorded
+    absolute, so that a replay finds it from any directory, and as given."""
+    given = str(model_dir)
+    model_dir = Path(os.path.abspath(model_dir))  # like resolve(), but keeps the links people made
     config = read_config(model_dir)
     weight_files = sorted({p for pattern in WEIGHT_PATTERNS for p in model_dir.glob(pattern)})
     if not weight_files:
@@ -76,5 +78,5 @@ def describe_model(model_dir: str | Path) -> ModelInfo:
     return ModelInfo(
         model_path=str(model_dir), name=model_dir.resolve().name, architecture=str(architectures[0]),
         config=config, weights=weights, tokenizer=tokenizer, fingerprint=_combined(weights),
-        tokenizer_fingerprint=_combined(tokenizer),
+        tokenizer_fingerprint=_combined(tokenizer), model_path_given=given,
     )

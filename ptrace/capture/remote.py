@@ -6,7 +6,8 @@ its own (engines print freely on stdout and stderr), one JSON object per line:
 ``{"progress": [done, total, stage]}``, ``{"done": [paths]}`` or
 ``{"error": {"type": "BackendError", "message": ..., "hint": ...}}``. Errors keep their class, so
 the CLI's one-line message and exit code are the same as if the engine ran here. The engine's
-own output goes to a log file that the error names (or to the terminal with ``--debug``).
+own output goes to a log file that the error names when it holds anything (or to the terminal
+with ``--debug``).
 """
 
 from __future__ import annotations
@@ -57,15 +58,16 @@ def run_in_environment(python: Path, configs: Sequence[CaptureConfig],
                 outcome.update({k: v for k, v in message.items() if k != "progress"})
         code = child.wait()
     log_path = Path(engine_log.name)
+    if ("done" in outcome and code == 0) or (log_path.exists() and log_path.stat().st_size == 0):
+        log_path.unlink(missing_ok=True)  # nothing to read there: never point at it
     if "done" in outcome and code == 0:
-        log_path.unlink(missing_ok=True)
         return [Path(p) for p in outcome["done"]]
     failure = outcome.get("error") or {"type": "BackendError", "hint": None,
                                        "message": f"the {configs[0].backend} engine process exited with code {code}"}
     cls = getattr(errors, failure["type"], None)
     if not (isinstance(cls, type) and issubclass(cls, errors.PtraceError)):
         cls = errors.BackendError
-    where = "" if verbose else f" (engine log: {log_path})"
+    where = "" if verbose or not log_path.exists() else f" (engine log: {log_path})"
     raise cls(failure["message"] + where, hint=failure.get("hint"))
 
 

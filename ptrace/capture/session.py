@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields, replace
@@ -31,9 +33,11 @@ from ptrace.bundle_spec.schema import (
     WhatIfSpec,
     plain,
 )
+from ptrace.bundle_spec.dtypes import canonical as canonical_dtype
 from ptrace.bundle_spec.layout import request_array
 from ptrace.bundle_spec.settings import complete
-from ptrace.bundle_spec.store import claim_output
+from ptrace.bundle_spec.packing import pack
+from ptrace.bundle_spec.store import ZIP_SUFFIX, check_bundle_name, claim_output
 from ptrace.bundle_spec.writer import BundleWriter
 from ptrace.capture.environment import Redactor, collect_environment
 from ptrace.capture.inputs import Prompt, resolve_prompts
@@ -109,10 +113,11 @@ def _tuples(value: Any) -> Any:
 
 
 class Progress(Protocol):
-    """Progress callback: ``(steps done, steps in total)``, or, with ``stage``, of the work that
-    comes before the steps (selecting prompts from a data set)."""
+    """Progress callback: ``(done, total, stage)``, ``stage`` naming the phase: loading the
+    engine (``total`` None), selecting prompts from a data set, then the steps of each bundle
+    written (named by the bundle)."""
 
-    def __call__(self, done: int, total: int, stage: str | None = None, /) -> None: ...
+    def __call__(self, done: int, total: int | None, stage: str | None = None, /) -> None: ...
 
 
 def _check(config: CaptureConfig) -> StepSelection:
@@ -165,6 +170,9 @@ def capture_runs(configs: Sequence[CaptureConfig], *, progress: Progress | None 
     installed here, they run in its engine environment (``ptrace envs``), in one process.
     """
     documents = list(documents) if documents is not None else [() for _ in configs]
+    configs = [replace(c, dtype=canonical_dtype(c.dtype)) for c in configs]  # bf16 -> bfloat16
+    for config in configs:
+        check_bundle_name(Path(config.output))
     engine = {(c.backend, str(c.model), c.dtype, c.device, tuple(sorted(c.engine_options.items())),
                whatif.load_key(c.whatifs)) for c in configs}
     if len(engine) != 1 or len(documents) != len(configs):
@@ -195,8 +203,11 @@ def capture_runs(configs: Sequence[CaptureConfig], *, progress: Progress | None 
         model_dir = Path(first.model)
         if overrides:  # a model config what-if: the same weights under a changed config.json
             model_dir = cleanup.enter_context(whatif.patched_model(model_dir, overrides))
-            model = replace(describe_model(model_dir), model_path=model.model_path, name=model.name)
+            model = replace(describe_model(model_dir), model_path=model.model_path, name=model.name,
+                            model_path_given=model.model_path_given)
         cleanup.callback(backend.close)
+        if progress:
+            progress(0, None, f"loading {first.model} ({first.dtype}, {first.device})")
         backend.load(LoadOptions(model_dir, first.dtype, first.device,
                                  {**first.engine_options, **engine_overrides}))
         return [_capture_one(backend, config, model, progress, interceptors, docs)
@@ -222,9 +233,27 @@ def _check_whatifs(config: CaptureConfig, backend: type[Backend], num_layers: in
 
 def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, progress: Progress | None,
                  interceptors: Sequence[Interceptor], documents: Sequence[Document]) -> Path:
+    """One capture on the loaded engine, written as a ``*.zarr`` directory or a ``*.zarr.zip``."""
+    target = Path(config.output)
+    if not target.name.endswith(ZIP_SUFFIX):
+        return _write_bundle(backend, config, target, model, progress, interceptors, documents)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:  # written as a directory, then packed: every member is known before the zip is made
+        bundle = _write_bundle(backend, config, staging / "bundle.zarr", model, progress, interceptors,
+                               documents, label=target.name)
+        return pack(bundle, target, overwrite=config.overwrite)
+    finally:
+        shutil.rmtree(staging)
+
+
+def _write_bundle(backend: Backend, config: CaptureConfig, output: Path, model: ModelInfo,
+                  progress: Progress | None, interceptors: Sequence[Interceptor], documents: Sequence[Document],
+                  label: str | None = None) -> Path:
+    """The capture written as a bundle directory at ``output`` (``label``: the name progress
+    shows, when that is not ``output``'s)."""
     settings, sampling = config.settings, config.sampling
     steps = StepSelection.parse(settings.steps)
-    output = Path(config.output)
     names = _select_tensors(settings.tensors, model.num_layers, model.moe_layers)
     command = list(config.command if config.command is not None else sys.argv)
     redactor = Redactor.from_environment(os.environ, command)
@@ -239,7 +268,7 @@ def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, prog
             nonlocal done
             done += 1
             if progress:
-                progress(done, total)
+                progress(done, total, f"writing {label or output.name}")
 
         forced = None if config.forced_tokens is None else [np.asarray(f, np.int64)
                                                               for f in config.forced_tokens]

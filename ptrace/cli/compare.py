@@ -12,8 +12,8 @@ from ptrace.cli.console import console
 
 
 def compare(
-    reference: Annotated[Path, typer.Argument(help="Bundle A, the reference.")],
-    other: Annotated[Path, typer.Argument(help="Bundle B, compared against A.")],
+    reference: Annotated[Path, typer.Argument(metavar="A", help="Bundle A, the reference.")],
+    other: Annotated[Path, typer.Argument(metavar="B", help="Bundle B, compared against A.")],
     report: v.Report = None,
     json_out: v.JsonOut = None,
     metrics_file: v.MetricsFile = None,
@@ -41,13 +41,14 @@ def compare(
 
     v.check_fail_on(fail_on)
     overrides = v.threshold_overrides(thresholds, pass_cos, pass_mean_abs)
-    with open_bundle(reference) as a, open_bundle(other) as b, console.progress("comparing tensors") as update:
-        if require_same_model and a.model.fingerprint != b.model.fingerprint:
-            raise ModelMismatchError(f"{other} was captured with other weights than {reference} (fingerprint "
-                                     f"{b.model.fingerprint[:12]} != {a.model.fingerprint[:12]})",
-                                     hint="compare runs of the same checkpoint, or drop --require-same-model")
-        comparison = run_compare(a, b, threshold_overrides=overrides, progress=update)
-        if calibration is not None:
-            with open_bundle(calibration) as c:
-                comparison = calibrate(comparison, run_compare(a, c, threshold_overrides=overrides))
-    v.emit(comparison, report=report, json_out=json_out, metrics_file=metrics_file, fail_on=fail_on)
+    with console.data_on_stdout(str(json_out) == "-"):
+        with open_bundle(reference) as a, open_bundle(other) as b, console.progress("comparing tensors") as update:
+            if require_same_model and a.model.fingerprint != b.model.fingerprint:
+                raise ModelMismatchError(f"{other} was captured with other weights than {reference} (fingerprint "
+                                         f"{b.model.fingerprint[:12]} != {a.model.fingerprint[:12]})",
+                                         hint="compare runs of the same checkpoint, or drop --require-same-model")
+            comparison = run_compare(a, b, threshold_overrides=overrides, progress=update)
+            if calibration is not None:
+                with open_bundle(calibration) as c:
+                    comparison = calibrate(comparison, run_compare(a, c, threshold_overrides=overrides))
+        v.emit(comparison, report=report, json_out=json_out, metrics_file=metrics_file, fail_on=fail_on)

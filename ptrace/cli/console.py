@@ -1,5 +1,9 @@
 """The one place the CLI talks to the user: results on stdout, errors as one line on stderr.
 
+With ``--json -`` stdout carries the JSON alone (:meth:`Console.data_on_stdout`): every human
+line goes to stderr then, and so does anything else written to stdout meanwhile (an engine's
+own prints). Progress is a bar on a terminal and one line per phase elsewhere (logs, CI).
+
 Bundles come from strangers, so nothing they hold may drive the terminal: a model name, a
 prompt or an array name carrying ESC, CSI or OSC sequences (clear the screen, move the cursor,
 write the clipboard with OSC 52, fake a link with OSC 8) must print as visible text. This is
@@ -14,10 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console as RichConsole
 from rich.console import ConsoleOptions, RenderableType
@@ -81,6 +87,8 @@ class Console:
                                         width=None if sys.stdout.isatty() else 160)
         self.err = _TerminalSafeConsole(stderr=True, soft_wrap=True, highlight=False, markup=False)
         self.debug = False
+        #: Where JSON goes: stdout, or (inside :meth:`data_on_stdout`) the saved real stdout.
+        self._data: IO[str] | None = None
 
     def print(self, *renderables: Any) -> None:
         self.out.print(*(item if hasattr(item, "__rich_console__") and not isinstance(item, Text)
@@ -90,13 +98,47 @@ class Console:
         """A table to fill with ``add_row`` and ``print``; cells are escaped plain text."""
         return SafeTable(*columns, **kwargs)
 
-    def json(self, data: Any) -> None:
-        """Machine-readable output: plain JSON on stdout, nothing else (control characters escaped)."""
-        self.json_text(json.dumps(data, indent=2, default=str, allow_nan=True))
+    def json(self, data: Any, *, indent: int | None = 2, allow_nan: bool = True) -> None:
+        """Machine-readable output: plain JSON on stdout, nothing else (control characters escaped);
+        ``indent=None`` writes one object per line (a stream of them)."""
+        self.json_text(json.dumps(data, indent=indent, default=str, allow_nan=allow_nan))
 
     def json_text(self, text: str) -> None:
         """JSON serialised already (escaped, as :meth:`json` writes it) on stdout, nothing else."""
-        sys.stdout.write(text + "\n")
+        stream = self._data or sys.stdout
+        stream.write(text + "\n")
+        stream.flush()
+
+    @contextmanager
+    def data_on_stdout(self, active: bool = True) -> Iterator[None]:
+        """While active, stdout carries only what :meth:`json` writes: human lines (results,
+        "wrote ..." lines) go to stderr, and file descriptor 1 points at stderr too, so that an
+        engine printing on its own stdout cannot corrupt the JSON."""
+        if not active:
+            yield
+            return
+        out = self.out
+        self.out = self.err
+        sys.stdout.flush()
+        try:
+            fd = sys.stdout.fileno()
+        except (AttributeError, OSError, ValueError):  # a captured stream (tests): Python level only
+            fd = None
+        saved = None
+        if fd is not None:
+            saved = os.dup(fd)
+            os.dup2(sys.stderr.fileno(), fd)
+            self._data = os.fdopen(os.dup(saved), "w", encoding="utf-8")
+        try:
+            yield
+        finally:
+            self.out = out
+            sys.stdout.flush()
+            if saved is not None:
+                self._data.close()
+                self._data = None
+                os.dup2(saved, fd)
+                os.close(saved)
 
     def success(self, message: str) -> None:
         self.out.print(safe_text(message, style="green"))
@@ -116,8 +158,12 @@ class Console:
 
     @contextmanager
     def progress(self, description: str) -> Iterator[Any]:
-        """A progress bar on stderr; yields ``update(done, total, stage=None)``, ``stage`` naming
-        work that is not the main one (the bar then reads ``description: stage``)."""
+        """Progress on stderr; yields ``update(done, total, stage=None)``, ``stage`` naming the
+        phase (the bar then reads ``description: stage``). On a terminal a bar; elsewhere one
+        line per phase (a new stage, or a new run of steps), with the time since the start."""
+        if not self.err.is_terminal:
+            yield _PhaseLines(self, description).update
+            return
         bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                        TimeRemainingColumn(), console=self.err, transient=True)
         task = bar.add_task(terminal_safe(description), total=None)
@@ -125,6 +171,27 @@ class Console:
             yield lambda done, total, stage=None: bar.update(
                 task, completed=done, total=total,
                 description=terminal_safe(f"{description}: {stage}" if stage else description))
+
+
+class _PhaseLines:
+    """Progress without a terminal: a line when a phase starts, none per step (a log stays short
+    and still shows that a two-minute run is alive, and where it is)."""
+
+    def __init__(self, console: Console, description: str) -> None:
+        self.console, self.description = console, description
+        self.started = time.monotonic()
+        self.phase: tuple[str | None, int | None] | None = None
+        self.done = 0
+
+    def update(self, done: int, total: int | None, stage: str | None = None) -> None:
+        restarted = done < self.done or self.phase is None or (stage, total) != self.phase
+        self.done = done
+        if not restarted:
+            return
+        self.phase = stage, total
+        what = f"{self.description}: {stage}" if stage else self.description
+        size = f", {total} steps" if total and not stage else ""
+        self.console.err.print(safe_text(f"[{time.monotonic() - self.started:6.1f} s] {what}{size}"))
 
 
 console = Console()

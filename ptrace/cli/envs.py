@@ -9,13 +9,14 @@ from rich.text import Text
 
 from ptrace.cli import options as opt
 from ptrace.cli.console import console
+from ptrace.cli.help import PanelCommand, PanelGroup
 
 envs = typer.Typer(help="Engine environments: each engine in its own Python environment, because "
                         "their pins exclude each other (MindSpore: numpy<2; vLLM: numpy 2, transformers 5).",
-                   no_args_is_help=True)
+                   no_args_is_help=True, cls=PanelGroup, rich_markup_mode=None)
 
 
-@envs.command("list")
+@envs.command("list", cls=PanelCommand)
 def list_environments(
     as_json: opt.Json = False,
     pythons: Annotated[bool, typer.Option(
@@ -43,10 +44,10 @@ def list_environments(
     console.print(table)
 
 
-@envs.command("create")
+@envs.command("create", cls=PanelCommand)
 def create_environment(
     names: Annotated[list[str] | None, typer.Argument(
-        metavar="[NAME]...", help="Environments to create (see `ptrace envs list`).")] = None,
+        metavar="NAME", help="Environments to create (see `ptrace envs list`).")] = None,
     every: Annotated[bool, typer.Option(
         "--all", help="Every environment this machine can use (those of NPU-only engines only on request).")] = False,
     python: Annotated[str | None, typer.Option(help="Python interpreter for the new environment.")] = None,

@@ -75,7 +75,7 @@ def _schedule_fields(schedule: dict[str, Any]) -> dict[str, Any]:
 
 
 def inspect(
-    bundle: Annotated[Path, typer.Argument(help="Bundle: *.zarr directory or *.zarr.zip file.")],
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle: *.zarr directory or *.zarr.zip file.")],
     as_json: opt.Json = False,
 ) -> None:
     """Show a bundle: model, run, environment, inputs, generated text and captured tensors."""

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -21,7 +19,7 @@ NO_COMPARISON = 3
 
 
 def monitor(
-    golden: Annotated[Path, typer.Argument(help="The golden bundle: a capture of the served model and settings.")],
+    golden: Annotated[Path, typer.Argument(metavar="GOLDEN", help="The golden bundle: a capture of the served model and settings.")],
     endpoint: Annotated[str, typer.Option(
         rich_help_panel=CANARY, help="The server's OpenAI API root, e.g. http://127.0.0.1:8000/v1.")],
     model: Annotated[str | None, typer.Option(
@@ -57,9 +55,10 @@ def monitor(
 
     Every --interval seconds the canary sends the golden bundle's prompts, compares tokens and top-k logprobs.
 
+    \b
         ptrace monitor golden.zarr --endpoint http://127.0.0.1:8000/v1
-
-        ptrace monitor golden.zarr --endpoint http://127.0.0.1:8000/v1 --once --metrics-file canary.prom
+        ptrace monitor golden.zarr --endpoint http://127.0.0.1:8000/v1 \\
+            --once --metrics-file canary.prom
 
     The endpoint must return top-k logprobs as token ids (vLLM's return_tokens_as_token_ids).
 
@@ -90,8 +89,7 @@ def monitor(
         if metrics_file is not None:
             metrics.write(metrics_file)
         if json_out:
-            sys.stdout.write(json.dumps(cycle.to_dict(), allow_nan=False) + "\n")
-            sys.stdout.flush()
+            console.json(cycle.to_dict(), indent=None, allow_nan=False)
         elif cycle.compared:
             style = {"pass": "green", "warn": "yellow"}.get(cycle.result, "red")
             # One line per cycle however long (a log line): the terminal may wrap it, rich must not.
@@ -99,7 +97,8 @@ def monitor(
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    last = run(canary, interval=interval, once=once, stop=stop, on_cycle=report)
+    with console.data_on_stdout(json_out):
+        last = run(canary, interval=interval, once=once, stop=stop, on_cycle=report)
     if once and not last.compared:
         raise typer.Exit(NO_COMPARISON)
     if once and fail_on is not None and at_least(last.result, fail_on):

@@ -21,7 +21,7 @@ Model = Annotated[Path, typer.Option(
     "--model", "-m", rich_help_panel=ENGINE,
     help="Model directory: config.json, *.safetensors and tokenizer files (Hugging Face layout).")]
 Dtype = Annotated[str, typer.Option(
-    rich_help_panel=ENGINE, help="Compute dtype: float32, float16, bfloat16 or float64.")]
+    rich_help_panel=ENGINE, help="Compute dtype: float32, float16, bfloat16 or float64 (or fp32, fp16, bf16, fp64).")]
 Device = Annotated[str, typer.Option(rich_help_panel=ENGINE, help="cpu, cuda, cuda:1, ...")]
 #: Replaced by :func:`engine_option_help` when help is shown (reading every backend's schema
 #: costs an import of each backend module, which plain commands need not pay).
@@ -33,7 +33,8 @@ KvCacheDtype = Annotated[str | None, typer.Option(
     rich_help_panel=ENGINE, metavar="DTYPE",
     help="KV cache dtype (vLLM: auto, fp8, fp8_e4m3, fp8_e5m2): a common cause of long-sequence "
          "drift. Same as -E kv_cache_dtype=DTYPE.")]
-Output = Annotated[Path, typer.Option("--output", "-o", help="Bundle to write (a *.zarr directory).")]
+Output = Annotated[Path, typer.Option(
+    "--output", "-o", help="Bundle to write: a *.zarr directory, or a *.zarr.zip file.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of text.")]
 
@@ -71,7 +72,7 @@ WHATIF = "What-ifs (error injection)"
 Inject = Annotated[list[str] | None, typer.Option(
     "--inject", "-i", rich_help_panel=WHATIF, metavar="SPEC",
     help="A what-if, repeatable (each one run on its own): KIND:GLOBS[:KEY=VALUE]..., e.g. "
-         "noise:layers.*.k,layers.*.v:std=1e-3:positions=0-99 (kinds: noise, ulp, cast, scale, zero, "
+         "noise:layers.*.k:std=1e-3:positions=0-99 (kinds: noise, ulp, cast, scale, zero, "
          "splice, config, engine; selectors steps=, positions=, layers=, requests=, seed=). Join "
          "injections that act together with '+'.")]
 InjectFile = Annotated[Path | None, typer.Option(

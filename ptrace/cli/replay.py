@@ -16,7 +16,7 @@ from ptrace.cli.console import console
 
 def replay(
     ctx: typer.Context,
-    bundle: Annotated[Path, typer.Argument(help="The captured bundle (*.zarr or *.zarr.zip).")],
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="The captured bundle (*.zarr or *.zarr.zip).")],
     backend: opt.Backend,
     dtype: Annotated[str | None, typer.Option(rich_help_panel=opt.ENGINE, help="Override the captured dtype.")] = None,
     device: Annotated[str | None, typer.Option(rich_help_panel=opt.ENGINE, help="Override the captured device.")] = None,
@@ -58,10 +58,9 @@ def replay(
 
     Examples: does vLLM reproduce a MindSpore capture; in bfloat16; with an fp8 KV cache?
 
+    \b
         ptrace replay ms.zarr --backend vllm --report report.html
-
-        ptrace replay ms.zarr --backend vllm --dtype bfloat16
-
+        ptrace replay ms.zarr --backend vllm --dtype bf16
         ptrace replay ms.zarr --backend vllm --kv-cache-dtype fp8
 
     With --inject the replay is also run with errors injected on purpose (see `ptrace whatif`).
@@ -80,25 +79,33 @@ def replay(
         engine_options=opt.engine_options(engine_option, kv_cache_dtype), overwrite=overwrite,
         threshold_overrides=v.threshold_overrides(thresholds, pass_cos, pass_mean_abs),
         command=("ptrace", *sys.argv[1:]), calibrate=calibrate, localize=localize)
-    if whatifs:
-        from ptrace.capture.whatif import sweep_values
-        from ptrace.replay.whatif import WhatIfConfig, default_output, run_whatifs
+    with console.data_on_stdout(str(json_out) == "-"):
+        if whatifs:
+            _run_whatifs(config, whatifs, sweep, repeats, report=report, json_out=json_out,
+                         metrics_file=metrics_file, fail_on=fail_on)
+            return
+        with console.progress(f"replay on {backend}") as update:
+            result = run_replay(config, progress=update)
+        for mode, path in result.bundles.items():
+            console.print(f"{mode} replay: {path}")
+        target = report or next(iter(result.bundles.values())).with_suffix("").with_suffix(".report.html")
+        v.emit(result.primary, report=target, json_out=json_out, metrics_file=metrics_file, fail_on=fail_on)
 
-        with console.progress(f"what-ifs on {backend}") as update:
-            comparison = run_whatifs(WhatIfConfig(config, whatifs, sweep and sweep_values(sweep), repeats),
-                                     progress=update)
-        for result in comparison.whatifs:
-            console.print(Text(result.sentence))
-        folder = output or default_output(bundle, backend, comparison.b["dtype"], comparison.b["device"])
-        v.emit(comparison, report=report or folder / "report.html", json_out=json_out, metrics_file=metrics_file,
-               fail_on=fail_on)
-        return
-    with console.progress(f"replay on {backend}") as update:
-        result = run_replay(config, progress=update)
-    for mode, path in result.bundles.items():
-        console.print(f"{mode} replay: {path}")
-    target = report or next(iter(result.bundles.values())).with_suffix("").with_suffix(".report.html")
-    v.emit(result.primary, report=target, json_out=json_out, metrics_file=metrics_file, fail_on=fail_on)
+
+def _run_whatifs(config, whatifs: tuple, sweep: str | None, repeats: int, *, report: Path | None,
+                 json_out: Path | None, metrics_file: Path | None, fail_on: str | None) -> None:
+    from ptrace.capture.whatif import sweep_values
+    from ptrace.replay.whatif import WhatIfConfig, default_output, run_whatifs
+
+    with console.progress(f"what-ifs on {config.backend}") as update:
+        comparison = run_whatifs(WhatIfConfig(config, whatifs, sweep and sweep_values(sweep), repeats),
+                                 progress=update)
+    for result in comparison.whatifs:
+        console.print(Text(result.sentence))
+    folder = config.output or default_output(config.bundle, config.backend, comparison.b["dtype"],
+                                             comparison.b["device"])
+    v.emit(comparison, report=report or folder / "report.html", json_out=json_out, metrics_file=metrics_file,
+           fail_on=fail_on)
 
 
 def _whatifs(inject: list[str] | None, inject_file: Path | None) -> tuple:
@@ -117,10 +124,15 @@ Each --inject is one what-if, run (teacher-forced and free-running) next to an u
 
 Noise in the KV cache of the first 100 positions (how often do generations diverge?), four levels:
 
-    ptrace whatif run.zarr -b vllm -i 'noise:layers.*.k,layers.*.v:std=1:positions=0-99' --sweep std=1e-3,1e-2,1e-1,1
+\b
+    ptrace whatif run.zarr -b vllm \\
+        -i 'noise:layers.*.k,layers.*.v:std=1:positions=0-99' \\
+        --sweep std=1e-3,1e-2,1e-1,1
 
 Would float16 rounding of one layer's attention explain a difference there?
 
-    ptrace whatif run.zarr -b torch -i 'cast:layers.2.attn:dtype=float16' -i 'cast:layers.2.q,layers.2.k:dtype=float16'
+\b
+    ptrace whatif run.zarr -b torch -i 'cast:layers.2.attn:dtype=fp16' \\
+        -i 'cast:layers.2.q,layers.2.k:dtype=fp16'
 
 Also: splice (the reference's value), config (rms_norm_eps=...), engine (kv_cache_dtype=fp8). """

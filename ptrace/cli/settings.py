@@ -15,8 +15,8 @@ _BUNDLE_HELP = "Bundle: *.zarr directory or *.zarr.zip file."
 
 
 def settings(
-    bundle: Annotated[Path, typer.Argument(help=_BUNDLE_HELP)],
-    other: Annotated[Path | None, typer.Argument(help="A second bundle: show where the two differ.")] = None,
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help=_BUNDLE_HELP)],
+    other: Annotated[Path | None, typer.Argument(metavar="OTHER", help="A second bundle: show where the two differ.")] = None,
     as_json: opt.Json = False,
     fail_on_diff: Annotated[bool, typer.Option(
         "--fail-on-diff", help="Exit 1 when an arithmetic setting differs between the two bundles.")] = False,

@@ -12,7 +12,7 @@ from ptrace.cli.console import console
 
 
 def validate(
-    bundle: Annotated[Path, typer.Argument(help="Bundle: *.zarr directory or *.zarr.zip file.")],
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle: *.zarr directory or *.zarr.zip file.")],
     as_json: opt.Json = False,
 ) -> None:
     """Check a bundle completely (reads every chunk); exit 1 if anything is wrong."""

@@ -12,18 +12,21 @@ Two modes, both by default:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ptrace.backends.registry import declared_class
-from ptrace.bundle_spec import open_bundle
+from ptrace.bundle_spec import open_bundle, validate_bundle
+from ptrace.bundle_spec.dtypes import canonical as canonical_dtype
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.bundle_spec.schema import CaptureSettings, Document, ReplayInfo, SamplingParams, WhatIfSpec
 from ptrace.capture.model import describe_model
 from ptrace.capture.session import CaptureConfig, Progress, capture_runs
 from ptrace.compare import Comparison, combine, compare
 from ptrace.compare.calibration import calibrate
-from ptrace.errors import BackendUnavailableError, ModelError, ModelMismatchError, UsageError
+from ptrace.errors import BackendUnavailableError, BundleCorruptError, ModelError, ModelMismatchError, UsageError
 
 log = logging.getLogger("ptrace.replay")
 
@@ -76,8 +79,29 @@ def default_output(bundle: Path, backend: str, dtype: str, device: str) -> Path:
     return bundle.with_name(f"{stem}.replay-{backend}-{dtype}-{device.replace(':', '')}")
 
 
+@contextmanager
+def open_source(path: Path) -> Iterator[Bundle]:
+    """The bundle to replay, opened after a complete validation (every chunk's checksum read):
+    a corrupt source is refused before any engine starts and anything is written, not found
+    by the comparison after the engine ran."""
+    problems = validate_bundle(path)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise BundleCorruptError(f"{path}: {problems[0]}{more}; nothing was run",
+                                 hint=f"`ptrace validate {path}` lists every problem; re-capture or re-copy it")
+    with open_bundle(path) as source:
+        yield source
+
+
+def recorded_model(source: Bundle) -> Path:
+    """The source's model directory: where the capture recorded it (absolute), else as it was
+    given there (bundles of older versions, or a copy moved with its model), from here."""
+    candidates = [Path(p) for p in (source.model.model_path, source.model.model_path_given) if p]
+    return next((p for p in candidates if p.is_dir()), candidates[0])
+
+
 def _check_model(source: Bundle, config: ReplayConfig) -> tuple[Path, bool]:
-    model_path = Path(config.model or source.model.model_path)
+    model_path = Path(config.model or recorded_model(source))
     try:
         model = describe_model(model_path)
     except ModelError as exc:
@@ -93,7 +117,7 @@ def _check_model(source: Bundle, config: ReplayConfig) -> tuple[Path, bool]:
 
 
 def replay(config: ReplayConfig, *, progress: Progress | None = None) -> ReplayResult:
-    with open_bundle(config.bundle) as source:
+    with open_source(config.bundle) as source:
         plan = ReplayPlan.of(source, config)
         prefix = config.output or default_output(Path(config.bundle), config.backend, plan.dtype, plan.device)
         if config.localize:  # refuse a source it cannot localize before any engine starts
@@ -150,7 +174,7 @@ def _calibration_config(source: Bundle, config: ReplayConfig, plan: ReplayPlan, 
     that engine has it, on the source's weights."""
     devices = declared_class(backend).capabilities.devices
     device = plan.device if plan.device.split(":")[0] in devices else source.run.device
-    model = Path(source.model.model_path)
+    model = recorded_model(source)
     return replace(config, backend=backend, dtype=plan.dtype, device=device, engine_options={}, calibrate=False,
                    localize=False,
                    model=model if model.exists() else config.model, allow_model_mismatch=False,
@@ -190,7 +214,7 @@ class ReplayPlan:
                              "replay needs equal lengths", hint="capture without --stop-at-eos")
         same_engine = config.backend == run.backend
         return cls(config=config, source_id=source.manifest.bundle_id, model_path=model_path, mismatch=mismatch,
-                   dtype=config.dtype or run.dtype, device=config.device or run.device,
+                   dtype=canonical_dtype(config.dtype or run.dtype), device=config.device or run.device,
                    prompts=tuple(tuple(source.prompt_ids(r).tolist()) for r in range(source.num_requests)),
                    outputs=outputs, sampling=replace(run.sampling, max_new_tokens=max_new), settings=run.capture,
                    engine_options={**(dict(run.engine_options) if same_engine else {}), **config.engine_options})

@@ -27,7 +27,7 @@ from ptrace.capture.session import Progress, capture_runs
 from ptrace.compare import Comparison, combine, compare
 from ptrace.compare.results import Propagation, TensorResult, WhatIfResult
 from ptrace.errors import UsageError
-from ptrace.replay.session import FREE, TEACHER, ReplayConfig, ReplayPlan
+from ptrace.replay.session import FREE, TEACHER, ReplayConfig, ReplayPlan, open_source
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def run_whatifs(config: WhatIfConfig, *, progress: Progress | None = None) -> Co
     what-if's result in ``whatifs``."""
     replay_config = config.replay
     grid = _grid(config)
-    with open_bundle(replay_config.bundle) as source:
+    with open_source(replay_config.bundle) as source:
         plan = _capturing_injections(ReplayPlan.of(source, replace(replay_config, modes=(TEACHER, FREE))), grid)
         backend = declared_class(replay_config.backend)
         for run in grid:  # everything that can fail cheaply fails before any engine starts

@@ -91,7 +91,8 @@ def test_incremental_decode_matches_recomputing_the_sequence(example_model, dtyp
     prompt = np.random.default_rng(0).integers(100, 2000, 30)
     keep = Keep({"logits"})
     greedy = engine.generate([prompt], SamplingParams(max_new_tokens=12, logprobs=0), [keep])[0]
-    decoded = keep.rows("logits", 0)[len(prompt) - 1:]
+    decoded = keep.rows("logits", 0)  # from the last prompt position on
+    assert len(decoded) == len(greedy.output_ids)
     for step in range(1, len(greedy.output_ids)):
         recompute = Keep({"logits"})
         sequence = np.concatenate([prompt, greedy.output_ids[:step]])
@@ -99,6 +100,26 @@ def test_incremental_decode_matches_recomputing_the_sequence(example_model, dtyp
         assert again.output_ids[0] == greedy.output_ids[step], step
         np.testing.assert_allclose(decoded[step], recompute.rows("logits", 0)[-1], atol=atol, err_msg=f"step {step}")
     engine.close()
+
+
+@pytest.mark.parametrize("prompt_logprobs", [False, True])
+def test_logits_are_recorded_where_torch_records_them(example_model, prompt_logprobs):
+    """Without prompt logprobs the logits tensor starts at the last prompt position, in both
+    engines (the LM head runs there only); with them, at the first. Same rows, same values."""
+    sampling = SamplingParams(max_new_tokens=3, logprobs=2, prompt_logprobs=prompt_logprobs)
+    seen, rows = {}, {}
+    for name in ("ms", "torch"):
+        engine = create_backend(name)
+        engine.load(LoadOptions(example_model))
+        keep = Keep({"logits"})
+        engine.generate(PROMPTS, sampling, [keep])
+        engine.close()
+        seen[name] = {key: (site.start, len(value)) for key, (site, value) in keep.seen.items()}
+        rows[name] = [keep.rows("logits", r) for r in range(len(PROMPTS))]
+    assert seen["ms"] == seen["torch"]
+    for request, prompt in enumerate(PROMPTS):
+        assert seen["ms"][("logits", request, 0)] == ((0, len(prompt)) if prompt_logprobs else (len(prompt) - 1, 1))
+        np.testing.assert_allclose(rows["ms"][request], rows["torch"][request], atol=5e-5)
 
 
 def test_graph_mode_is_refused(example_model):

@@ -159,9 +159,10 @@ class AscendModel:
     def start_request(self) -> None:
         self.model.block_mgr.clear_cache()  # the previous request's blocks go back to the pool
 
-    def forward(self, sequence: list[int], start: int) -> np.ndarray:
+    def forward(self, sequence: list[int], start: int, every_position: bool) -> np.ndarray:
         """Logits (float32) of positions ``start:`` of ``sequence``: the prompt at the prefill
-        (``start == 0``), then the one new position."""
+        (``start == 0``), then the one new position; of the last one only unless
+        ``every_position``."""
         import mindspore as ms
 
         prefill = start == 0
@@ -177,7 +178,7 @@ class AscendModel:
         with self._eager():
             self.model.add_flags_custom_mcore(is_prefill=prefill)
             hidden = self.model(**inputs)  # [new positions, hidden] after the final norm
-            logits = self.gpt.output_layer(hidden)
+            logits = self.gpt.output_layer(hidden if every_position else hidden[-1:])
         return logits.astype(ms.float32).reshape(-1, logits.shape[-1]).asnumpy()
 
     def install_hooks(self, wanted: set[str], emit: Emit, hooks: ExitStack) -> None:

@@ -208,7 +208,7 @@ class MindFormersBackend(SequentialBackend):
         self.engine.start_request()
 
     def _forward(self, sequence: list[int], start: int, prompt_rows: bool) -> np.ndarray:
-        return self.engine.forward(sequence, start)  # every new position, wanted or not
+        return self.engine.forward(sequence, start, prompt_rows)
 
 
 def _check_dtype_runs(dtype: Any, device_target: str) -> None:

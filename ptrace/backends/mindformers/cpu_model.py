@@ -130,18 +130,17 @@ class CpuModel:
     def start_request(self) -> None:
         self.cache.clear()
 
-    def forward(self, sequence: list[int], start: int) -> np.ndarray:
+    def forward(self, sequence: list[int], start: int, every_position: bool) -> np.ndarray:
         """Logits (float32) of positions ``start:`` of ``sequence``, earlier positions coming
-        from the cache.
-
-        The prefill computes every position's logits (prompt logprobs and the "logits" tensor
-        need them); a later step has one position, its new one."""
+        from the cache; of the last position only unless ``every_position`` (the LM head then
+        runs on that one, as LlamaForCausalLM's own forward runs it after its decoder)."""
         import mindspore as ms
 
         self._start = start
         input_ids = ms.Tensor(np.asarray(sequence[start:], np.int32)[None])
-        logits = self.model(input_ids)[0]  # the attention's joins bring in the cache (module docstring)
-        return logits.asnumpy().reshape(-1, self.config.vocab_size).astype(np.float32, copy=False)
+        hidden = self.model.model(input_ids)  # the attention's joins bring in the cache (module docstring)
+        logits = self.model.lm_head(hidden if every_position else hidden[:, -1:])
+        return logits.astype(ms.float32).asnumpy().reshape(-1, self.config.vocab_size)
 
     def install_hooks(self, wanted: set[str], emit: Emit, hooks: ExitStack) -> None:
         self._emit = emit

@@ -36,9 +36,11 @@ class MindFormersModel(Protocol):
     def start_request(self) -> None:
         """Forget the previous request's KV cache."""
 
-    def forward(self, sequence: list[int], start: int) -> np.ndarray:
-        """Logits (float32) of positions ``start:`` of ``sequence``: every prompt position at the
-        prefill (``start == 0``), then the one new position."""
+    def forward(self, sequence: list[int], start: int, every_position: bool) -> np.ndarray:
+        """Logits (float32) of positions ``start:`` of ``sequence`` (the prompt at the prefill,
+        ``start == 0``, then the one new position): of every one of them when
+        ``every_position`` (prompt logprobs), else of the last only (the LM head runs on that
+        one: the others' logits are never recorded, as in the other engines)."""
 
     def install_hooks(self, wanted: set[str], emit: Emit, hooks: ExitStack) -> None:
         """Hook the cells so that each tensor in ``wanted`` reaches ``emit``; every hook's
