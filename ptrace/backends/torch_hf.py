@@ -175,7 +175,7 @@ class TorchBackend(SequentialBackend):
             "attention_scale": getattr(attention, "scaling", None),
             "attn_logit_softcap": getattr(attention, "attn_logit_softcapping", None),
             "final_logit_softcap": getattr(config, "final_logit_softcapping", None),
-            "sliding_window": ts.one_value([getattr(layer.self_attn, "sliding_window", None) for layer in self._layers]),
+            "sliding_window": ts.one_value([getattr(decoder.self_attn, "sliding_window", None) for decoder in self._layers]),
             "param_dtype": ts.dtype_name(self.model.get_input_embeddings().weight.dtype),
             "residual_dtype": dtype, "rotary_dtype": dtype,  # HF casts cos/sin to the hidden states' dtype
             "kv_cache_dtype": dtype,  # a DynamicCache keeps k and v as computed

@@ -232,13 +232,12 @@ class VllmBackend(Backend):
             "attention_scale": float(kernel.scale),
             "attn_logit_softcap": soft_cap,
             "final_logit_softcap": getattr(self.model.logits_processor, "soft_cap", UNKNOWN),
-            "sliding_window": ts.one_value([layer.self_attn.attn.sliding_window for layer in self.layers]),
+            "sliding_window": ts.one_value([decoder.self_attn.attn.sliding_window for decoder in self.layers]),
             "param_dtype": ts.dtype_name(self.model.model.embed_tokens.weight.dtype),
             "residual_dtype": dtype,
             "rotary_dtype": ts.dtype_name(attention.rotary_emb.cos_sin_cache.dtype),
             "kv_cache_dtype": kv_dtype,
-            "kv_cache_scales": None if kv_dtype == dtype else
-            "calculated" if config.cache_config.calculate_kv_scales else UNKNOWN,
+            "kv_cache_scales": None if kv_dtype == dtype else _kv_scales(attention.attn),
             "attention_backend": attention.attn.attn_backend.get_name(),
             "chunked_prefill": config.scheduler_config.enable_chunked_prefill,
             "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
@@ -345,6 +344,15 @@ def _rope_settings(rotary: Any) -> dict[str, Any]:
             "rope_scaling_factor": None if kind == "default" else getattr(rotary, "scaling_factor", UNKNOWN),
             "partial_rotary_factor": rotary.rotary_dim / rotary.head_size,
             "rope_layout": "half-split" if rotary.is_neox_style else "interleaved"}
+
+
+def _kv_scales(attention: Any) -> str:
+    """The scales a quantized KV cache is written with, as ``"k=S, v=S"``: the attention layer's
+    ``_k_scale`` / ``_v_scale`` buffers (1.0 unless the checkpoint brings its own)."""
+    buffers = dict(attention.named_buffers())
+    if "_k_scale" not in buffers or "_v_scale" not in buffers:
+        return UNKNOWN
+    return f"k={float(buffers['_k_scale']):g}, v={float(buffers['_v_scale']):g}"
 
 
 def _model_runner(llm: Any) -> Any:
