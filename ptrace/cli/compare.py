@@ -32,11 +32,11 @@ def compare(
     """Compare two bundles of the same inputs (say, a colleague's NPU capture against yours).
 
     Works with no engine installed: it only reads the bundles. With --calibration C (a trusted
-    engine's bfloat16 run of A, say), B is judged by how its error compares with C's.
+    engine's bfloat16 run of A, say), B is judged by how its error compares with C's; a replay of
+    A is judged as `ptrace replay` judged it (the calibration and limits it recorded).
     """
     from ptrace.bundle_spec import open_bundle
-    from ptrace.compare import compare as run_compare
-    from ptrace.compare.calibration import calibrate
+    from ptrace.compare.judgment import judge
     from ptrace.errors import ModelMismatchError
 
     v.check_fail_on(fail_on)
@@ -46,8 +46,5 @@ def compare(
             raise ModelMismatchError(f"{other} was captured with other weights than {reference} (fingerprint "
                                      f"{b.model.fingerprint[:12]} != {a.model.fingerprint[:12]})",
                                      hint="compare runs of the same checkpoint, or drop --require-same-model")
-        comparison = run_compare(a, b, threshold_overrides=overrides, progress=update)
-        if calibration is not None:
-            with open_bundle(calibration) as c:
-                comparison = calibrate(comparison, run_compare(a, c, threshold_overrides=overrides))
+        comparison = judge(a, b, calibration=calibration, threshold_overrides=overrides, progress=update)
     v.emit(comparison, report=report, json_out=json_out, metrics_file=metrics_file, fail_on=fail_on)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.text import Text
 
 from ptrace.cli import options as opt
 from ptrace.cli import verdicts as v
@@ -87,8 +86,6 @@ def replay(
         with console.progress(f"what-ifs on {backend}") as update:
             comparison = run_whatifs(WhatIfConfig(config, whatifs, sweep and sweep_values(sweep), repeats),
                                      progress=update)
-        for result in comparison.whatifs:
-            console.print(Text(result.sentence))
         folder = output or default_output(bundle, backend, comparison.b["dtype"], comparison.b["device"])
         v.emit(comparison, report=report or folder / "report.html", json_out=json_out, metrics_file=metrics_file,
                fail_on=fail_on)

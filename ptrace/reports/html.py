@@ -34,13 +34,16 @@ def _environment() -> jinja2.Environment:
 
 
 def _verdict(summary: str) -> dict[str, Any]:
-    """The summary as the banner shows it: the verdict word, then one line per clause (tokens;
-    where the runs part ways; the size judgement naming the limit that tripped)."""
-    head, sep, rest = summary.partition(": ")
-    word, _, qualifier = head.partition(" ")  # "PASS (within bfloat16 noise): ..."
+    """The summary as the banner shows it: the what-ifs' sentences first when there are any (one
+    line each), then the verdict word and one line per clause (tokens; where the runs part ways;
+    the size judgement naming the limit that tripped)."""
+    *whatif_lines, verdict = summary.split("\n")
+    head, sep, rest = verdict.partition(": ")
+    word = head.rsplit(" ", 1)[-1]
     if not sep or not word.isupper():
-        return {"word": "", "clauses": [summary]}
-    return {"word": word, "clauses": [clause for clause in (qualifier, *rest.split("; ")) if clause]}
+        return {"whatifs": whatif_lines, "word": "", "lead": "", "clauses": [verdict]}
+    return {"whatifs": whatif_lines, "word": word, "lead": head[:-len(word)].strip(),
+            "clauses": [clause for clause in rest.split("; ") if clause]}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -151,7 +154,7 @@ def render(comparison: Comparison) -> str:
     b_mode = _b_mode(c)
     template = _environment().get_template("report.html.j2")
     return template.render(
-        title=_title(c), c=c, verdict=_verdict(c.summary), whatifs=whatifs.section(c.whatifs),
+        title=_title(c), c=c, verdict=_verdict(c.summary), whatifs=whatifs.section(c.whatifs, c),
         stability=stability.section(c.stability),
         error_chart=localization.error_chart(c), calibration_rows=localization.calibration_rows(c),
         local_chart=localization.local_error_chart(c.local_errors, c.local_error_source),

@@ -173,3 +173,37 @@ def test_hostile_strings_in_every_new_panel_are_escaped(whatif_comparison):
     assert "Sweep over" in html and "Calibration:" in html and "Bisection:" in html
     assert HOSTILE not in html and "<script" not in html.lower()
     assert html.count(escape(HOSTILE)) >= 10
+
+
+def test_a_whatif_report_and_summary_lead_with_the_whatifs(whatif_comparison):
+    lines = whatif_comparison.summary.split("\n")
+    assert len(lines) == len(whatif_comparison.whatifs) + 1
+    assert all(line == f"what-if {w.sentence}" for line, w in zip(lines, whatif_comparison.whatifs))
+    assert lines[-1].startswith("baseline (torch float32, no injection) against the source: PASS")
+    html = render(whatif_comparison)
+    first_whatif = html.index(str(escape(whatif_comparison.whatifs[0].sentence)))
+    assert first_whatif < html.index('id="verdict"') < html.index('id="tokens"'), "what-ifs first, baseline below"
+    assert html.count('class="whatif-tokens"') == len(whatif_comparison.whatifs), "a token view per what-if"
+
+
+def test_propagation_curves_have_distinct_colours(whatif_comparison):
+    chart = whatifs.section(whatif_comparison.whatifs)["propagation"]
+    colours = [line["color"] for line in chart.lines]
+    assert len(colours) == len(set(colours)) == len(whatif_comparison.whatifs)
+
+
+def test_the_report_states_the_limits_it_applied_and_fails_only_failing_rows(replayed):
+    c = replayed.primary
+    assert c.thresholds_dtype == "bfloat16"
+    assert all(t.first_fail_position is None for t in c.tensors if t.verdict == "pass")
+    html = render(c)
+    assert f"size limits ({c.thresholds_dtype})" in html and f"mean abs &lt; {c.thresholds['pass_mean_abs']}" in html
+    assert "not calibrated (--no-calibrate)" in html
+    assert "(within" not in _banner(html).split("<li>")[1], "the first clause is a whole clause"
+
+
+def test_a_map_of_rounding_alone_still_shows_its_data_and_marks_the_floor(replayed):
+    maps = heatmap.heatmaps(replayed.primary)
+    assert any(stop["label"].endswith("= noise floor") for stop in maps["legend"])
+    colours = {cell["color"] for m in maps["maps"] for cell in m["cells"]}
+    assert len(colours) >= 4, f"rounding within the floor must not be one grey: {colours}"
