@@ -47,7 +47,7 @@ demo: setup
 	$(PTRACE) replay $(DEMO)/ms-fp32.zarr --backend torch --output $(DEMO)/torch-fp32 \
 		--report $(DEMO)/ms-vs-torch.html --overwrite
 	$(PTRACE) pack $(DEMO)/ms-fp32.zarr --overwrite
-	# The seed document's case 3.2: noise in the KV cache of the first 100 positions, 4 levels, 8 prompts.
+	# Noise in the KV cache of the first 100 positions: how often do generations diverge? 4 levels, 8 prompts.
 	$(PTRACE) capture --backend vllm --model $(MODEL) --random-input-ids 128 --num-requests 8 --seed 7 \
 		--max-new-tokens 32 --tensors 'layers.*.out,layers.*.k,logits' --output $(DEMO)/vllm-8.zarr --overwrite
 	$(PTRACE) whatif $(DEMO)/vllm-8.zarr --backend vllm --output $(DEMO)/kv-noise --overwrite \

@@ -8,12 +8,12 @@ For each model (the shipped example, and a larger random Qwen2: hidden 1024, 8 l
                 ``--mode stats`` and ``--mode full`` with the default tensors (every layer
                 output, and the logits from the last prompt position on), in stats mode with
                 layer outputs only, and in stats mode with ``--prompt-logprobs`` (the LM head
-                over every prompt position, what the default was before issue #14);
+                over every prompt position, what the default was before November 2026);
 - np.save:      writing the full capture's tensors with ``numpy.save`` (uncompressed, no checksum);
 - writer:       writing the same tensors, streamed step by step as a capture does, with
                 ``BundleWriter`` (chunked, compressed, checksummed).
 
-Targets (issue #14): stats <= 1.05x plain; full <= 1.2x (plain + np.save), with a bundle no
+Targets: stats <= 1.05x plain; full <= 1.2x (plain + np.save), with a bundle no
 larger than the .npy files.
 Runs are interleaved and repeated; the median wall time is reported, and the median CPU time of
 this process beside it (steadier where other work shares the machine).

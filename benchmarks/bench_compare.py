@@ -8,7 +8,7 @@ core (wall clock, and per CPU-second, which a machine shared with other work dis
 the peak memory of both sizes side by side. ``--baseline DIR`` times another ptrace (a checkout
 of an older commit) on the same bundles in the same run, row for row.
 
-Targets (issue #14): >= 1 GB/s per core; peak memory bounded by the chunk size, not the bundle size.
+Targets: >= 1 GB/s per core; peak memory bounded by the chunk size, not the bundle size.
 
     python benchmarks/bench_compare.py [--requests 3] [--quick] [--baseline /tmp/old-checkout]
 """

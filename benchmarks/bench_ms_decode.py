@@ -1,4 +1,4 @@
-"""What does the MindSpore backend cost against torch on the same run? Issue #14 item 4.
+"""What does the MindSpore backend cost against torch on the same run?
 
 A random-init Llama shaped like SmolLM-135M (30 layers, hidden 576, 9 heads, 3 KV heads,
 vocabulary 49152, tied embeddings), a 40-token prompt and 32 greedy new tokens, with the logits

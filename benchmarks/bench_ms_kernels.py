@@ -1,4 +1,4 @@
-"""Why is the ms backend slow on CPU where ptrace cannot help? Issue #14 item 4.
+"""Why is the ms backend slow on CPU where ptrace cannot help?
 
 The single MindSpore ops one decode step of ``bench_ms_decode.py``'s model runs, timed alone
 against the same op in torch, in float32 and float16: the matrix products of one new position

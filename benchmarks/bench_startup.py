@@ -9,7 +9,7 @@ what they import (blosc, CRC-32C, msgpack, ml_dtypes; not zarr, which reading pt
 bundles does not need), and finally the comparison itself with its output). ``bench_msprobe.py`` prints the same rows beside
 msprobe's.
 
-Target (issue #14): ``ptrace --help`` and ``ptrace compare`` < 0.3 s, with no engine imported.
+Target: ``ptrace --help`` and ``ptrace compare`` < 0.3 s, with no engine imported.
 
     python benchmarks/bench_startup.py [--repeats 5]
 """

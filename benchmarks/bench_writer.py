@@ -8,7 +8,7 @@ in a fresh process, and prints that process's peak RSS above what it held before
 volume of stats written, the wall time and the write amplification (bytes the process wrote /
 bytes of the finished bundle: partial chunks written under the memory bound are rewritten).
 
-Target (issue #13): peak memory flat in the number of requests, bounded by the writer's budget
+Target: peak memory flat in the number of requests, bounded by the writer's budget
 (``PENDING_BYTES``) and chunk sizes; it was linear (all pending stats held until commit).
 
     python benchmarks/bench_writer.py [--requests 100,400] [--positions 4000] [--decode-steps 64]
@@ -58,7 +58,7 @@ with tempfile.TemporaryDirectory() as tmp:
                       "written": written_bytes() - wrote, "stored": stored}))
 """
 
-TENSORS = 30  # issue #13's figure; every canonical tensor of the example model would be 4 x 8 + 3 = 35
+TENSORS = 30  # a typical selection; every canonical tensor of the example model would be 4 x 8 + 3 = 35
 
 
 def measure(requests: int, prompt: int, steps: int, traced: bool) -> dict:
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--requests", default="100,400", help="comma-separated request counts")
     parser.add_argument("--positions", type=int, default=4000, help="positions per request (prompt + decode)")
     parser.add_argument("--decode-steps", type=int, default=64,
-                        help="of which decode steps, one row per request each (issue #13: 64 new tokens)")
+                        help="of which decode steps, one row per request each (64 new tokens by default)")
     parser.add_argument("--tracemalloc", action="store_true",
                         help="also the peak of Python's allocations (slower; RSS adds the allocator's slack)")
     args = parser.parse_args()

@@ -26,6 +26,10 @@ from __future__ import annotations
 
 import importlib
 
+#: The distribution name on the package index (``pip install ptrace-llm``): ``ptrace`` there is an
+#: unrelated project, so the import name and the command differ from it.
+DISTRIBUTION = "ptrace-llm"
+
 _LAZY = {  # public name -> (module, attribute)
     "Bundle": ("ptrace.bundle_spec", "Bundle"),
     "open_bundle": ("ptrace.bundle_spec", "open_bundle"),
@@ -48,7 +52,7 @@ def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("ptrace")
+        return version(DISTRIBUTION)
     except PackageNotFoundError:  # running from a source tree that was never installed
         return "0.0.0+unknown"
 

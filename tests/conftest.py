@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ptrace import hardware
+
 ROOT = Path(__file__).resolve().parents[1]
 #: The committed bundles of the current spec version (tests/data/make_golden.py), and of each
 #: older version beside them.
@@ -20,6 +22,13 @@ GOLDEN_ROOT = ROOT / "tests" / "data" / "golden"
 GOLDEN = GOLDEN_ROOT / "v2"
 #: Any Qwen2/Llama-family HF directory can stand in for the example model.
 EXAMPLE_MODEL = Path(os.environ.get("PTRACE_TEST_MODEL", ROOT / "examples" / "tiny-qwen2"))
+
+# Skips on the same probes the backends refuse on (ptrace.hardware), with the same reasons: the
+# suite passes on any x86-64 machine, and says what it could not check there.
+NO_FP8_KV_CACHE = hardware.missing_fp8_kv_cache()
+needs_fp8_kv_cache = pytest.mark.skipif(NO_FP8_KV_CACHE is not None, reason=NO_FP8_KV_CACHE or "")
+lacks_fp8_kv_cache = pytest.mark.skipif(NO_FP8_KV_CACHE is None, reason="this CPU has an fp8 KV cache")
+without_ascend_npu = pytest.mark.skipif(hardware.missing_ascend_npu() is None, reason="an Ascend NPU is present")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -59,7 +68,7 @@ def full_bundle(tmp_path_factory: pytest.TempPathFactory, example_model: Path) -
 
 @pytest.fixture(scope="session")
 def fp32_bundle(tmp_path_factory: pytest.TempPathFactory, example_model: Path) -> Path:
-    """The seed document's stage-1 input on the reference engine, every canonical tensor."""
+    """128 random token ids (seed 42) on the reference engine, every canonical tensor."""
     from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
 
     out = tmp_path_factory.mktemp("replays") / "fp32.zarr"

@@ -1,4 +1,4 @@
-"""A core install (``pip install ptrace``, no extras) runs the engine-free commands.
+"""A core install (``pip install ptrace-llm``, no extras) runs the engine-free commands.
 
 ``compare`` on a laptop needs no engine: the core dependencies alone must start the CLI and
 read, validate and compare bundles. This builds a fresh virtual environment from the package
@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 
 from tests.conftest import GOLDEN, ROOT
 
@@ -31,6 +32,10 @@ def test_core_install_runs_help_inspect_validate_and_compare(tmp_path):
     probe = subprocess.run([python, "-c", "import importlib.util as u; print([m for m in ('torch', 'transformers') "
                             "if u.find_spec(m)])"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert probe.stdout.strip() == "[]", "the core install must not bring an engine"
+    # The distribution is ptrace-llm (``ptrace`` on the index is another project); the import name is ptrace.
+    version = subprocess.run([python, "-c", "import ptrace; print(ptrace.__version__)"], capture_output=True,
+                             text=True, env=env, cwd=tmp_path)
+    assert version.stdout.strip() == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
     def run(*args):
         result = subprocess.run([ptrace, *map(str, args)], capture_output=True, text=True, env=env, cwd=tmp_path,

@@ -1,7 +1,7 @@
 """Engine environments: one Python environment per engine, because their pins exclude each other.
 
 MindSpore needs ``numpy<2`` and transformers 4.57.1; vLLM needs numpy 2 and transformers 5.x
-(BACKEND_NOTES, and the seed document's "environment isolation"). ptrace installs itself into
+(no one set of packages satisfies both engines). ptrace installs itself into
 each engine's environment, so ``ptrace capture --backend ms`` from any environment runs the
 engine side where the engine is installed (``ptrace.capture.remote``) and reads back the bundle.
 
@@ -121,6 +121,6 @@ def _ptrace_requirement() -> list[str]:
     checkout = source_checkout()
     if checkout is not None:
         return ["-e", str(checkout)]
-    from ptrace import __version__
+    from ptrace import DISTRIBUTION, __version__
 
-    return [f"ptrace=={__version__}"]
+    return [f"{DISTRIBUTION}=={__version__}"]

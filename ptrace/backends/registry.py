@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from ptrace import DISTRIBUTION
 from ptrace.backends import environments
 from ptrace.backends.base import Backend
 from ptrace.backends.environments import EngineEnvironment
@@ -74,7 +75,8 @@ def _installed() -> dict[str, BackendEntry]:
         own = dict(project.get("entry-points", {}).get(GROUP, {}))
     found = {name: BackendEntry(name, target) for name, target in own.items()}
     for ep in entry_points(group=GROUP):
-        is_ptrace = ep.dist is not None and ep.dist.name == "ptrace"
+        # Metadata may spell the name with "_" (``ptrace_llm``): compare normalized names.
+        is_ptrace = ep.dist is not None and ep.dist.name.lower().replace("_", "-") == DISTRIBUTION
         if not (is_ptrace and checkout is not None):
             found.setdefault(ep.name, BackendEntry(ep.name, ep.value))
     return found

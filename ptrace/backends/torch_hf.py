@@ -54,7 +54,7 @@ class TorchBackend(SequentialBackend):
 
     @classmethod
     def install_hint(cls) -> str:
-        return "install it with: pip install 'ptrace[torch]' (or run `make setup`)"
+        return "install it with: pip install 'ptrace-llm[torch]' (or run `make setup`)"
 
     def _load(self, options: LoadOptions) -> None:
         import torch

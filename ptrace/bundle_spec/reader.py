@@ -133,7 +133,7 @@ class Bundle:
         if self.spec_version > SPEC_VERSION:
             raise BundleVersionError(
                 f"{self.path} uses bundle spec version {self.spec_version}; this ptrace reads up to "
-                f"version {SPEC_VERSION}", hint="upgrade ptrace: pip install -U ptrace")
+                f"version {SPEC_VERSION}", hint="upgrade ptrace: pip install -U ptrace-llm")
         if self.spec_version < 1:
             raise NotABundleError(f"{self.path} claims an invalid spec version {self.spec_version}")
         try:

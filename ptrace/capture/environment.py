@@ -11,20 +11,18 @@ import functools
 import os
 import platform
 import re
-import shutil
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
+from ptrace import DISTRIBUTION, hardware
 from ptrace.backends.registry import recorded_packages
 from ptrace.bundle_spec.schema import EnvironmentInfo
 
 #: ptrace's own distributions whose versions decide what a bundle holds; each backend declares
 #: its engine's (``Backend.packages``). Absent ones are recorded as None.
-CORE_PACKAGES = ("ptrace", "numpy", "zarr", "ml_dtypes")
+CORE_PACKAGES = (DISTRIBUTION, "numpy", "zarr", "ml_dtypes")
 ENV_PREFIXES = (
     "VLLM_", "MS_", "MINDSPORE_", "CUDA_", "CUBLAS_", "CUDNN_", "NCCL_", "ASCEND_", "HCCL_",
     "OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH_", "PYTORCH_", "HF_", "TRANSFORMERS_",
@@ -97,50 +95,6 @@ def _installed_version(name: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _run(command: list[str]) -> str | None:
-    if not shutil.which(command[0]):
-        return None
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def accelerators() -> list[dict[str, Any]]:
-    """GPUs and NPUs visible on this machine, found without importing any engine."""
-    found: list[dict[str, Any]] = []
-    nvidia = _run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])
-    for line in (nvidia or "").splitlines():
-        name, _, driver = line.partition(",")
-        found.append({"kind": "cuda", "name": name.strip(), "driver": driver.strip()})
-    npus = sorted(p.name for p in Path("/dev").glob("davinci[0-9]*"))
-    if npus:
-        cann = None
-        for cfg in Path("/usr/local/Ascend").glob("*/latest/*/ascend_toolkit_install.info"):
-            cann = cfg.read_text(errors="replace").strip()
-            break
-        found.extend({"kind": "npu", "name": name, "driver": cann} for name in npus)
-    return found
-
-
 def collect_environment(environ: Mapping[str, str] | None = None) -> EnvironmentInfo:
     environ = os.environ if environ is None else environ
     return EnvironmentInfo(
@@ -148,8 +102,8 @@ def collect_environment(environ: Mapping[str, str] | None = None) -> Environment
                 "executable": sys.executable},
         os={"system": platform.system(), "release": platform.release(), "machine": platform.machine(),
             "platform": platform.platform()},
-        hardware={"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "memory_bytes": _memory_bytes(),
-                  "accelerators": accelerators()},
+        hardware={"cpu": hardware.cpu_model(), "cpu_count": os.cpu_count(),
+                  "memory_bytes": hardware.memory_bytes(), "accelerators": hardware.accelerators()},
         packages=package_versions(),
         env=numerics_env(environ),
     )

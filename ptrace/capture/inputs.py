@@ -1,4 +1,4 @@
-"""Where prompts come from: text, a file of prompts, or the seed document's random token ids
+"""Where prompts come from: text, a file of prompts, or seeded random token ids
 (a data set: :mod:`ptrace.capture.datasets`)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 from ptrace.bundle_spec.schema import PromptSource
 from ptrace.errors import UsageError
 
-#: The seed document's stage-1 input: ``np.random.randint(100, 2000, size=(1, 128))``.
+#: ``--random-input-ids 128 --seed 42``: ``np.random.seed(42); np.random.randint(100, 2000, (1, 128))``.
 RANDOM_ID_RANGE = (100, 2000)
 
 

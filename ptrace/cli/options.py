@@ -31,7 +31,7 @@ EngineOption = Annotated[list[str] | None, typer.Option(
     help="Engine option, repeatable: see `ptrace backends` for each engine's keys.")]
 KvCacheDtype = Annotated[str | None, typer.Option(
     rich_help_panel=ENGINE, metavar="DTYPE",
-    help="KV cache dtype (vLLM: auto, fp8, fp8_e4m3, fp8_e5m2): the seed's knob for long-sequence "
+    help="KV cache dtype (vLLM: auto, fp8, fp8_e4m3, fp8_e5m2): a common cause of long-sequence "
          "drift. Same as -E kv_cache_dtype=DTYPE.")]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Bundle to write (a *.zarr directory).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]

@@ -112,11 +112,11 @@ WHATIF_HELP = """Replay a bundle with errors injected on purpose, and watch them
 
 Each --inject is one what-if, run (teacher-forced and free-running) next to an unperturbed baseline replay on the same engine, dtype and device; the report and --json say, per what-if, how many requests diverge and where, the KL, the first affected tensor and how the error grows through the layers. --sweep and --repeats make curves.
 
-The seed document's case 3.2 (KV-cache noise -> divergence), four noise levels:
+Noise in the KV cache of the first 100 positions (how often do generations diverge?), four levels:
 
     ptrace whatif run.zarr -b vllm -i 'noise:layers.*.k,layers.*.v:std=1:positions=0-99' --sweep std=1e-3,1e-2,1e-1,1
 
-Case 3.1 (would float16 rounding of one layer's attention explain it?):
+Would float16 rounding of one layer's attention explain a difference there?
 
     ptrace whatif run.zarr -b torch -i 'cast:layers.2.attn:dtype=float16' -i 'cast:layers.2.q,layers.2.k:dtype=float16'
 

@@ -9,7 +9,7 @@ as ``None``; ``from_dict`` reads ``None`` back as NaN wherever the field is a fl
 
 Per-position results (one entry per tensor and compared position: millions on a big bundle) are
 numpy arrays in memory, 8 bytes an entry where a list of Python floats takes about 32, so that
-compare's memory stays bounded by its block size (issue #14); in JSON they are lists.
+compare's memory stays bounded by its block size; in JSON they are lists.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Pass / warn / fail: how close is close enough, per dtype.
 
-Defaults follow the seed document's production advice for float32 (mean abs error < 1e-4 and
+Defaults follow common production limits for float32 (mean abs error < 1e-4 and
 cosine similarity > 0.999) and scale with the unit roundoff of lower precisions. The *coarser*
 of the two runs' dtypes picks the row (``noise.coarser``), as it picks the noise floor: a
 bfloat16 replay of a float32 capture cannot be closer to it than bfloat16 rounding allows, and

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from ptrace import DISTRIBUTION
 from ptrace.errors import UsageError
 from ptrace.monitor.canary import RESULTS, CycleResult, Golden
 from ptrace.monitor.textfile import FIRST_DIVERGENCE, KL_MAX, NO_DIVERGENCE, TOKEN_AGREEMENT, write_metrics_file
@@ -30,7 +31,7 @@ KL_BUCKETS = (1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, ma
 
 def _ptrace_version() -> str:
     try:
-        return version("ptrace")
+        return version(DISTRIBUTION)
     except PackageNotFoundError:  # run from a checkout
         return "unknown"
 

@@ -1,1 +1,1 @@
-"""Reports: render comparison results as a self-contained HTML page (issue #3)."""
+"""Reports: render comparison results as a self-contained HTML page."""

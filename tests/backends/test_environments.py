@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import ptrace
 from ptrace.backends import environments
 from ptrace.backends.registry import engine_environment, engine_environments
 from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams
@@ -40,6 +41,14 @@ def test_envs_list_reports_each_environment(tmp_path):
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     assert set(rows) == set(engine_environments()) == {"vllm", "ms", "vllm-ms"}
     assert all(row["python"] is None and row["path"].startswith(str(tmp_path)) for row in rows.values())
+
+
+def test_an_installed_ptrace_is_required_by_its_distribution_name(monkeypatch):
+    """Outside a source checkout an engine environment gets ptrace from the package index, where
+    the distribution is ptrace-llm (``ptrace`` there is an unrelated project)."""
+    assert environments._ptrace_requirement() == ["-e", str(environments.source_checkout())]
+    monkeypatch.setattr(environments, "source_checkout", lambda: None)
+    assert environments._ptrace_requirement() == [f"ptrace-llm=={ptrace.__version__}"]
 
 
 def test_capture_config_crosses_as_json():

@@ -18,6 +18,7 @@ from ptrace.bundle_spec.schema import SamplingParams
 from ptrace.backends.model_dir import read_config
 from ptrace.errors import BackendUnavailableError, ModelError, UsageError
 from ptrace.testing.conformance import PROMPTS, BackendTests, Keep, Replace
+from tests.conftest import without_ascend_npu
 
 register_backend(MindFormersBackend)
 
@@ -106,7 +107,7 @@ def test_graph_mode_is_refused(example_model):
         engine.load(LoadOptions(example_model, engine_options={"mode": "graph"}))
 
 
-@pytest.mark.skipif(bool(__import__("glob").glob("/dev/davinci[0-9]*")), reason="an Ascend NPU is present")
+@without_ascend_npu
 @pytest.mark.parametrize("device", ["npu", "npu:1", "ascend"])
 def test_npu_without_an_ascend_device_is_refused(example_model, device):
     engine = create_backend("ms")

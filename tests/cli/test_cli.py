@@ -69,7 +69,7 @@ class _NotInstalled(Backend):
 
     @classmethod
     def install_hint(cls) -> str:
-        return "install it with: pip install 'ptrace[imaginary]'"
+        return "install it with: pip install 'ptrace-llm[imaginary]'"
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_engine_not_installed_says_how_to_install(tmp_path, example_model, not_i
               "--random-input-ids", "4", "-o", str(tmp_path / "b.zarr")])
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
-    assert "not installed" in err and "pip install 'ptrace[imaginary]'" in err
+    assert "not installed" in err and "pip install 'ptrace-llm[imaginary]'" in err
     main_backends = run_cli("backends", "--json")
     assert any(row["name"] == "torch" and row["available"] for row in json.loads(main_backends.stdout))
 

@@ -1,4 +1,4 @@
-"""The fused compare gives the metrics of a plain float64 numpy implementation (issue #14).
+"""The fused compare gives the metrics of a plain float64 numpy implementation.
 
 The reference below is written the obvious way, row by row, so that it can be read against the
 definitions; compare streams two bundles chunked differently (one float32, one bfloat16, as a

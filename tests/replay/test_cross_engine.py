@@ -17,6 +17,7 @@ from ptrace.bundle_spec import open_bundle
 from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
 from ptrace.replay.session import ReplayConfig, replay
 from ptrace.reports.html import write_report
+from tests.conftest import needs_fp8_kv_cache
 from tests.replay.agreement import assert_compare_agrees
 
 
@@ -124,8 +125,9 @@ def test_ms_float16_replay_differs_measurably_and_locally(fp32_bundle, tmp_path)
 
 
 @vllm_env
+@needs_fp8_kv_cache
 def test_fp8_kv_cache_replay_is_recorded_and_localized_to_attention(fp32_bundle, tmp_path):
-    """The seed document's long-sequence knob: an fp8 KV cache leaves k as computed (it is
+    """A common cause of long-sequence drift: an fp8 KV cache leaves k as computed (it is
     captured before it is stored) and first shows in the attention output that reads the cache."""
     result = replay(ReplayConfig(bundle=fp32_bundle, backend="vllm", output=tmp_path / "r",
                                  engine_options={"kv_cache_dtype": "fp8"}, modes=("teacher-forced",)))

@@ -12,7 +12,7 @@ from ptrace.compare import Comparison
 from ptrace.errors import UsageError
 from ptrace.replay.session import ReplayConfig
 from ptrace.replay.whatif import WhatIfConfig, run_whatifs
-from tests.conftest import run_cli, write_sharegpt
+from tests.conftest import needs_fp8_kv_cache, run_cli, write_sharegpt
 from tests.replay.test_cross_engine import vllm_env
 
 LEVELS = (1e-3, 1e-2, 1e-1, 1.0)
@@ -36,7 +36,7 @@ def test_a_kv_noise_sweep_runs_in_one_command(eight_prompts, tmp_path, engine):
     assert all(w.first_affected_tensor == "layers.0.k" for w in c.whatifs), [w.first_affected_tensor for w in c.whatifs]
     rates = [w.divergence_rate for w in c.whatifs]
     kls = [w.mean_kl for w in c.whatifs]
-    assert rates[-1] > rates[0] and rates[-1] >= 0.5, rates  # the seed's case 3.2: more noise, more divergence
+    assert rates[-1] > rates[0] and rates[-1] >= 0.5, rates  # KV-cache noise: more noise, more divergence
     assert kls == sorted(kls) and kls[0] > 0, kls
     assert all(len(w.first_divergent_step) == 8 and 0 <= w.divergence_rate <= 1 for w in c.whatifs)
     # the baseline is this engine's own replay of the capture, and the JSON is strict
@@ -87,7 +87,7 @@ def long_prompts(tmp_path_factory, example_model):
 
 
 def test_kv_noise_over_a_dataset_bundle_gives_curves_against_prompt_length(long_prompts, tmp_path):
-    """Issue 13 item 5 end to end: KV-cache noise at two levels over the long set, reported per
+    """What-ifs against prompt length: KV-cache noise at two levels over the long set, reported per
     prompt-length bucket in the JSON and as curves in the report."""
     out, report = tmp_path / "w.json", tmp_path / "w.html"
     result = run_cli("whatif", long_prompts, "-b", "torch", "-o", tmp_path / "w", "--json", out, "--report", report,
@@ -118,8 +118,9 @@ def test_kv_noise_over_a_dataset_bundle_gives_curves_against_prompt_length(long_
 
 
 @vllm_env
+@needs_fp8_kv_cache
 def test_an_fp8_kv_cache_over_a_dataset_bundle_per_prompt_length(long_prompts, tmp_path):
-    """The seed's other long-context knob, as a what-if on vLLM against its own float32 cache."""
+    """An fp8 KV cache, the other long-context cause, as a what-if on vLLM against its own float32 cache."""
     c = run_whatifs(WhatIfConfig(ReplayConfig(bundle=long_prompts, backend="vllm", output=tmp_path / "w"),
                                  ((whatif.parse("engine:kv_cache_dtype=fp8"),),)))
     (fp8,) = c.whatifs

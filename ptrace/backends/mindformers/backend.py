@@ -3,7 +3,6 @@ drives through ptrace's decode loop (:class:`SequentialBackend`); see the packag
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ptrace import hardware
 from ptrace.backends.base import Capabilities, EngineOption, LoadOptions
 from ptrace.backends.environments import TORCH, EngineEnvironment
 from ptrace.backends.mindformers.ascend_model import AscendModel
@@ -110,9 +110,10 @@ class MindFormersBackend(SequentialBackend):
         if kind in ("npu", "ascend"):
             if index and not index.isdigit():
                 raise UsageError(f"device {device}: the NPU index must be a number (npu:0, npu:1, ...)")
-            if not glob.glob("/dev/davinci[0-9]*"):
+            reason = hardware.missing_ascend_npu()
+            if reason:
                 raise BackendUnavailableError(
-                    f"device {device}: no Ascend NPU visible (no /dev/davinci*): "
+                    f"device {device}: {reason}: "
                     "the MindFormers Qwen2/Qwen3 path needs one",
                     hint="use --device cpu, where MindFormers' legacy LlamaForCausalLM runs qwen2 and "
                          "llama models")

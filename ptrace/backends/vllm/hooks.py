@@ -22,24 +22,27 @@ from contextlib import ExitStack
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ptrace.backends.base import Interceptor, TensorSite
+from ptrace.backends.base import TensorSite
 from ptrace.backends.flat_batch import FlatBatch
 from ptrace.backends.torch_tensor import TorchTensor
 
 if TYPE_CHECKING:
     import torch
 
-    from ptrace.backends.vllm.engine import VllmBackend
+#: Shows one tensor to the capture's interceptors; returns the replacement, if any replaced it.
+Intercept = Callable[[TensorSite, TorchTensor], "TorchTensor | None"]
 
 
 class VllmHooks:
     """Forward hooks that turn vLLM's flattened activations into canonical per-request tensors,
     for one ``generate`` call."""
 
-    def __init__(self, backend: VllmBackend, interceptors: list[Interceptor], wanted: set[str],
+    def __init__(self, model: torch.nn.Module, runner: Any, intercept: Intercept, wanted: set[str],
                  prompt_lengths: list[int], prompt_rows: bool) -> None:
-        self.backend = backend
-        self.interceptors = interceptors
+        #: The worker's model (its ``.model`` is the decoder) and model runner.
+        self.model, self.runner = model, runner
+        self.layers = list(model.model.layers)
+        self.intercept = intercept
         self.wanted = wanted
         #: Whether the "logits" of a prefill cover every prompt position (prompt logprobs asked
         #: for), or only the last one, which vLLM computes anyway (SPEC.md section 6).
@@ -50,14 +53,13 @@ class VllmHooks:
         self.prompt_logits: dict[int, torch.Tensor] = {}  # first row -> replaced prompt logits
 
     def _show(self, site: TensorSite, rows: torch.Tensor) -> torch.Tensor | None:
-        new = self.backend._intercept(self.interceptors, site, TorchTensor(rows))
+        new = self.intercept(site, TorchTensor(rows))
         return None if new is None else new.native
 
     # -- installation ----------------------------------------------------------------------------
     def install(self, stack: ExitStack) -> None:
         """Hook what is wanted; ``stack`` removes every hook when it closes."""
-        backend = self.backend
-        decoder, runner = backend.model.model, backend.runner
+        decoder, runner = self.model.model, self.runner
         execute = runner.execute_model
 
         def execute_model(scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
@@ -67,12 +69,12 @@ class VllmHooks:
         stack.callback(delattr, runner, "execute_model")
         # On the outer model: the decoder's torch.compile wrapper calls forward() directly,
         # bypassing hooks on the decoder itself (its submodules are called normally).
-        model = backend.model
+        model = self.model
         stack.callback(model.register_forward_pre_hook(self._on_batch, with_kwargs=True).remove)
         stack.callback(model.register_forward_hook(self._after_batch).remove)
         points: dict[str, tuple[torch.nn.Module, str]] = {"embed": (decoder.embed_tokens, "plain"),
                                                           "final_norm": (decoder.norm, "first")}
-        for i, layer in enumerate(backend.layers):
+        for i, layer in enumerate(self.layers):
             points.update({
                 f"layers.{i}.attn_norm": (layer.input_layernorm, "first"),
                 f"layers.{i}.attn": (layer.self_attn, "plain"),
@@ -94,7 +96,7 @@ class VllmHooks:
     def _on_batch(self, _module: Any, args: tuple, kwargs: dict) -> None:
         """Before each forward pass: which rows belong to which request, at which positions."""
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
-        runner = self.backend.runner
+        runner = self.runner
         scheduled = getattr(runner, "_ptrace_scheduled", None)
         if positions is None or scheduled is None:
             self.batch.clear()
@@ -127,7 +129,7 @@ class VllmHooks:
         return hook
 
     def _qkv_hook(self, layer: int) -> Callable:
-        attention = self.backend.layers[layer].self_attn
+        attention = self.layers[layer].self_attn
 
         def hook(_module: Any, args: tuple) -> tuple | None:
             if not self.batch:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from ptrace import hardware
 from ptrace.backends.base import Capabilities, LoadOptions
 from ptrace.backends.environments import EngineEnvironment
 from ptrace.backends.vllm.engine import VllmBackend
@@ -32,10 +31,10 @@ class VllmMindSporeBackend(VllmBackend):
 
     @classmethod
     def missing_hardware(cls) -> str | None:
-        if any(Path("/dev").glob("davinci[0-9]*")):
+        reason = hardware.missing_ascend_npu()
+        if reason is None:
             return None
-        return ("vllm-ms needs an Ascend NPU, and none is visible here (no /dev/davinci*); "
-                "compare with --backend vllm or --backend ms instead")
+        return f"vllm-ms needs an Ascend NPU: {reason}; compare with --backend vllm or --backend ms instead"
 
     def _load(self, options: LoadOptions) -> None:
         reason = self.missing_hardware()
