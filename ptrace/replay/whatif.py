@@ -24,6 +24,7 @@ from ptrace.bundle_spec.schema import WhatIfSpec, plain
 from ptrace.capture import whatif
 from ptrace.capture.session import Progress, capture_runs
 from ptrace.compare import Comparison, combine, compare
+from ptrace.compare.judgment import judge
 from ptrace.compare.results import Propagation, TensorResult, WhatIfResult
 from ptrace.compare.summary import with_summary
 from ptrace.errors import UsageError
@@ -125,11 +126,12 @@ def run_whatifs(config: WhatIfConfig, *, progress: Progress | None = None) -> Co
 
 
 def _replay_comparison(reference: Any, runs: dict[str, Path], overrides: dict[str, float]) -> Comparison:
-    """Tensors from the teacher-forced run, tokens from the free-running one, as ``replay`` does."""
+    """Tensors from the teacher-forced run, tokens from the free-running one, as ``replay`` does,
+    judged as ``compare`` judges them (uncalibrated: a dtype change says so)."""
     comparisons = {}
     for mode, path in runs.items():
         with open_bundle(path) as replayed:
-            comparisons[mode] = compare(reference, replayed, threshold_overrides=overrides)
+            comparisons[mode] = judge(reference, replayed, threshold_overrides=overrides)
     return combine(tensors=comparisons[TEACHER], tokens=comparisons[FREE])
 
 

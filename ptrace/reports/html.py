@@ -9,6 +9,7 @@ an environment value) is shown as text, never run. The same comparison renders t
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Mapping
 from pathlib import Path, PurePath
@@ -38,11 +39,11 @@ def _verdict(summary: str) -> dict[str, Any]:
     line each), then the verdict word and one line per clause (tokens; where the runs part ways;
     the size judgement naming the limit that tripped)."""
     *whatif_lines, verdict = summary.split("\n")
-    head, sep, rest = verdict.partition(": ")
-    word = head.rsplit(" ", 1)[-1]
-    if not sep or not word.isupper():
+    found = re.match(r"(.*?)\b(PASS|WARN|FAIL): (.*)", verdict, re.S)
+    if found is None:
         return {"whatifs": whatif_lines, "word": "", "lead": "", "clauses": [verdict]}
-    return {"whatifs": whatif_lines, "word": word, "lead": head[:-len(word)].strip(),
+    lead, word, rest = found.groups()
+    return {"whatifs": whatif_lines, "word": word, "lead": lead.strip(),
             "clauses": [clause for clause in rest.split("; ") if clause]}
 
 

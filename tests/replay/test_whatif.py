@@ -50,10 +50,11 @@ def test_the_cli_runs_whatifs_and_refuses_without_one(eight_prompts, tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     # the summary names the what-ifs first, one line each; the baseline's own check comes below
-    said = [line for line in result.stdout.splitlines() + result.stderr.splitlines() if line.startswith(("what-if ", "baseline "))]
-    assert said[:2] == [f"what-if {w['sentence']}" for w in data["whatifs"]], said
-    assert "cast to bfloat16" in said[0] or "layers.2.attn" in said[0], said
-    assert said[2].startswith("baseline (torch float32, no injection) against the source: PASS"), said
+    said = " ".join(result.stdout.split())  # the console wraps long lines
+    where = [said.find(" ".join(f"what-if {w['sentence']}".split())) for w in data["whatifs"]]
+    where.append(said.find("baseline (torch float32, no injection) against the source: PASS"))
+    assert -1 not in where and where == sorted(where), said
+    assert all("layers." in w["sentence"] for w in data["whatifs"]), "each sentence names its what-if"
     first = [w["first_affected_tensor"] for w in data["whatifs"]]
     assert first == ["layers.2.attn", "layers.1.mlp"]
     assert [s is None for s in data["whatifs"][1]["first_divergent_step"]].count(False) <= 1, "only request 3"

@@ -110,18 +110,17 @@ def test_one_heatmap_per_request_with_its_own_divergence(replayed):
     first, second = maps["maps"]
     assert (first["index"], second["index"]) == (0, 1)
     assert first["marker"] is None and second["marker"] is not None
-    neutral = {heatmap.EXACT, heatmap.ROUNDING}
+    above = {heatmap.ramp(heatmap.ABOVE, k / heatmap.SHADES) for k in range(heatmap.SHADES + 1)} | {heatmap.NONFINITE}
     # hatched (None) = not compared: only the logits, which start at the last prompt position
     assert all(cell["title"].startswith("logits,") for cell in first["cells"] if cell["color"] is None)
-    assert {cell["color"] for cell in first["cells"]} <= neutral | {None}, \
-        "request 1's error does not leak into request 0"
-    hot = [cell for cell in second["cells"] if cell["color"] not in neutral | {None}]
+    assert not {cell["color"] for cell in first["cells"]} & above, "request 1's error does not leak into request 0"
+    hot = [cell for cell in second["cells"] if cell["color"] in above]
     assert hot and all(int(re.search(r"positions? (\d+)", cell["title"]).group(1)) >= 5 for cell in hot)
     assert any(cell["color"] == heatmap.NONFINITE and cell["title"].startswith("logits, position 7") for cell in hot)
     assert second["marker"]["row"] == [label["text"] for label in second["labels"]].index("L2")
     assert second["marker"]["column"] == 5, "one column per position in a short request"
     assert first["prompt_end"] is not None, "the prompt's end is marked"
-    assert maps["legend"][-1]["label"] == "1e4x", "the scale reaches the largest ratio (1200x) in the data"
+    assert maps["legend"][-1]["label"] == "1e3x", "the scale reaches the largest ratio (1200x) in the data"
     html = render(c)
     assert 'aria-label="error by layer and position, request 0"' in html and "prompt ends" in html
     assert "parts at <span class=\"mono\">layers.2.mlp</span>, position 5" in html
