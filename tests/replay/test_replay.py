@@ -77,8 +77,10 @@ def test_a_torch_bfloat16_replay_of_a_torch_capture_is_not_calibrated_against_it
 def test_bfloat16_replay_drifts_within_rounding_noise(fp32_bundle, tmp_path):
     c = replay(ReplayConfig(bundle=fp32_bundle, backend="torch", dtype="bfloat16", output=tmp_path / "r",
                             calibrate=False)).primary
-    # large for float32's limits, but within bfloat16's noise floor: rounding, and a pass
-    assert c.verdict == "pass" and c.thresholds_dtype == "bfloat16", c.summary
+    # large for float32's limits, but within bfloat16's noise floor: rounding, every tensor passes
+    # (a token flip between near-tied tokens may warn)
+    assert c.thresholds_dtype == "bfloat16" and all(t.verdict == "pass" for t in c.tensors), c.summary
+    assert c.verdict == "pass" or (c.verdict == "warn" and "near-tie" in c.summary), c.summary
     assert c.first_divergent_tensor is None, c.summary
     assert all(0 < max(t.position_rel) <= t.noise_floor for t in c.tensors), "every tensor rounds, none diverges"
     assert all(t.first_fail_position is None for t in c.tensors), "no failing row names a failing position"
@@ -124,7 +126,8 @@ def test_cli_replay_writes_report_and_json_and_gates(fp32_bundle, tmp_path):
                      "--report", report, "--json", out, "--fail-on", "fail", "--no-calibrate")
     data = json.loads(out.read_text())
     assert result.returncode == (1 if data["verdict"] == "fail" else 0), result.stderr
-    assert data["verdict"] == "pass" and 0 <= data["token_match_rate"] <= 1, "bfloat16 rounding, bfloat16's limits"
+    assert data["verdict"] in ("pass", "warn") and 0 <= data["token_match_rate"] <= 1
+    assert all(t["verdict"] == "pass" for t in data["tensors"]), "bfloat16 rounding, bfloat16's limits"
     assert data["first_divergent_step"] is None or isinstance(data["first_divergent_step"], int)
     assert data["first_divergent_tensor"] is None  # bfloat16 rounding is no divergence
     assert {"name", "verdict", "max_abs_err", "mean_abs_err", "cos_sim", "rel_err", "noise_floor"} <= set(data["tensors"][0])
