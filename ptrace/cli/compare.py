@@ -20,8 +20,8 @@ def compare(
     fail_on: v.FailOn = None,
     calibration: Annotated[Path | None, typer.Option(
         "--calibration", rich_help_panel=v.VERDICT, metavar="BUNDLE",
-        help="A trusted engine's run of A's inputs at B's dtype: judge B's error as a multiple of its "
-             "error ('within bfloat16 noise'), as replay --calibrate does.")] = None,
+        help="A trusted engine's run of A's inputs at B's dtype: test whether B's error is more than "
+             "the dtype explains, as replay --calibrate does (default: the calibration a replay recorded).")] = None,
     require_same_model: Annotated[bool, typer.Option(
         "--require-same-model", rich_help_panel=v.VERDICT,
         help="Refuse bundles of different weights (fingerprints) instead of only saying so: for CI.")] = False,

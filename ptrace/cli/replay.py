@@ -38,9 +38,9 @@ def replay(
     fail_on: v.FailOn = None,
     calibrate: Annotated[bool | None, typer.Option(
         "--calibrate/--no-calibrate", rich_help_panel=v.VERDICT,
-        help="Also replay on a trusted engine (the capture's own, else torch) at this dtype and judge the "
-             "error as a multiple of its error: pass 'within bfloat16 noise'. Default: when --dtype or "
-             "--device changes.")] = None,
+        help="Also replay on a trusted engine at this dtype (the capture's own, else torch, else another; "
+             "never this replay's own engine, dtype and device) and test whether the error is more than "
+             "the dtype explains. Default: when --dtype or --device changes.")] = None,
     localize: Annotated[bool, typer.Option(
         "--localize", rich_help_panel=v.VERDICT,
         help="Also replay with every layer fed the capture's input (its own error, measured) and, if "

@@ -56,6 +56,8 @@ def _where(c: Comparison) -> str:
 def _size(c: Comparison) -> str:
     thresholds = Thresholds(**c.thresholds)
     level = worst([t.verdict for t in c.tensors])
+    if not c.tensors:
+        return "no tensor in both runs"
     if level == PASS:
         return f"every tensor within rounding noise or the {c.thresholds_dtype} limits"
     first = next(t for t in c.tensors if t.verdict == level)  # forward order: the earliest at the worst level
