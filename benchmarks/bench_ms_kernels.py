@@ -57,22 +57,22 @@ def main() -> None:
         for dtype in (np.float32, np.float16):
             mx, mw = ms.Tensor(x.astype(dtype)), ms.Tensor(w.astype(dtype))
             tx, tw = torch.from_numpy(x.astype(dtype)), torch.from_numpy(w.astype(dtype))
-            times += [fastest_us(lambda: matmul(mx, mw), calls),
-                      fastest_us(lambda: torch.nn.functional.linear(tx, tw), calls)]
+            times += [fastest_us(lambda mx=mx, mw=mw: matmul(mx, mw), calls),
+                      fastest_us(lambda tx=tx, tw=tw: torch.nn.functional.linear(tx, tw), calls)]
         print(f"{f'{rows}x{inner} @ ({outputs}x{inner})^T':26} {times[0]:9.0f} {times[1]:10.0f} "
               f"{times[2]:9.0f} {times[3]:10.0f} {times[2] / times[0]:12.1f}x")
     hidden = rng.standard_normal((1, 1, 576), np.float32)
     th = torch.from_numpy(hidden)
     for dtype in (ms.float32, ms.float16):
         mh = ms.Tensor(hidden).astype(dtype)
-        print(f"mul [1,1,576] {dtype}: ms {fastest_us(lambda: ops.mul(mh, mh), 300):.0f}, "
+        print(f"mul [1,1,576] {dtype}: ms {fastest_us(lambda mh=mh: ops.mul(mh, mh), 300):.0f}, "
               f"torch float32 {fastest_us(lambda: th * th, 300):.1f}")
     for size in CAST_SIZES:
         half, single = ms.Tensor(np.ones(size, np.float16)), ms.Tensor(np.ones(size, np.float32))
         torch_half = torch.ones(size, dtype=torch.float16)
         calls = 20 if size > 10_000 else 100
-        print(f"cast {size:7d} elements: ms float16->float32 {fastest_us(lambda: ops.cast(half, ms.float32), calls):6.0f}, "
-              f"float32->float16 {fastest_us(lambda: ops.cast(single, ms.float16), calls):6.0f}; torch "
+        print(f"cast {size:7d} elements: ms float16->float32 {fastest_us(lambda half=half: ops.cast(half, ms.float32), calls):6.0f}, "
+              f"float32->float16 {fastest_us(lambda single=single: ops.cast(single, ms.float16), calls):6.0f}; torch "
               f"{fastest_us(torch_half.float, calls):6.0f}")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import ptrace
 from tests.conftest import ROOT
 
 

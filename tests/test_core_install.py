@@ -16,7 +16,6 @@ import tomllib
 from tests.conftest import GOLDEN, ROOT
 
 
-
 def test_core_install_runs_help_inspect_validate_and_compare(tmp_path):
     source = tmp_path / "src"  # a copy: building in the checkout would leave build/ and *.egg-info there
     shutil.copytree(ROOT / "ptrace", source / "ptrace", ignore=shutil.ignore_patterns("__pycache__"))
@@ -29,9 +28,9 @@ def test_core_install_runs_help_inspect_validate_and_compare(tmp_path):
     install = subprocess.run([python, "-m", "pip", "install", "--quiet", str(source)], capture_output=True,
                              text=True, env=env, cwd=tmp_path, timeout=900)
     assert install.returncode == 0, install.stderr
-    probe = subprocess.run([python, "-c", "import importlib.util as u; print([m for m in ('torch', 'transformers') "
-                            "if u.find_spec(m)])"], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert probe.stdout.strip() == "[]", "the core install must not bring an engine"
+    probe = subprocess.run([python, "-c", "import importlib.util as u; print([m for m in ('torch', 'transformers', "
+                            "'zarr') if u.find_spec(m)])"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert probe.stdout.strip() == "[]", "the core install must not bring an engine, nor Zarr (an optional extra)"
     # The distribution is ptrace-llm (``ptrace`` on the index is another project); the import name is ptrace.
     version = subprocess.run([python, "-c", "import ptrace; print(ptrace.__version__)"], capture_output=True,
                              text=True, env=env, cwd=tmp_path)

@@ -22,8 +22,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ptrace.backends.environments import EngineEnvironment
+from ptrace.backends.model_dir import read_config
+from ptrace.bundle_spec import moe
 from ptrace.bundle_spec.names import all_names
-from ptrace.bundle_spec.schema import SamplingParams
+from ptrace.bundle_spec.schema import SamplingParams, ScheduleInfo
 from ptrace.errors import BackendError, UsageError
 
 log = logging.getLogger("ptrace.backends")
@@ -352,7 +354,14 @@ class Backend(ABC):
 
     def wanted_tensors(self, interceptors: Sequence[Interceptor]) -> set[str]:
         """The canonical tensors some interceptor wants: engines hook only these."""
-        return {name for name in all_names(self.num_layers) if any(i.wants(name) for i in interceptors)}
+        return {name for name in all_names(self.num_layers, self.moe_layers)
+                if any(i.wants(name) for i in interceptors)}
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """The loaded model's mixture-of-experts layers (their routing tensors, SPEC.md section 5),
+        as its config.json declares them."""
+        return moe.moe_layers(read_config(self.load_options.model_dir)) if self.load_options else []
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text``, by the model's own tokenizer: every engine here loads the HF
@@ -385,5 +394,15 @@ class Backend(ABC):
         """Engine settings that change numerics (recorded in ``meta/run.engine``)."""
         return {}
 
-    def close(self) -> None:
+    def resolved_settings(self) -> dict[str, Any]:
+        """The arithmetic settings (``ptrace.bundle_spec.settings.VOCABULARY``) the loaded engine
+        uses, read back from its model and engine objects, not from config.json (recorded in
+        ``meta/settings``). A key left out is recorded as "unknown": never guess one."""
+        return {}
+    def schedule(self) -> ScheduleInfo | None:
+        """The engine steps of the last ``generate`` (``meta/schedule``): which requests ran
+        together; None for engines that run one request at a time."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 (a hook: an engine that holds nothing releases nothing)
         """Release the engine (processes, device memory)."""

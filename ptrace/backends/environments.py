@@ -103,7 +103,7 @@ def create(spec: EngineEnvironment, *, python: str = sys.executable, requirement
     steps = [] if env_python.is_file() else [[python, "-m", "venv", str(target)]]
     if spec.first:
         steps.append([str(env_python), "-m", "pip", "install", *pip_flags, *spec.first])
-    # One resolve for the engine and ptrace: ptrace's own needs (numpy, zarr) must bend to the
+    # One resolve for the engine and ptrace: ptrace's own needs (numpy, numcodecs) must bend to the
     # engine's pins, not the other way round.
     steps.append([str(env_python), "-m", "pip", "install", *pip_flags, *(requirements or spec.requirements),
                   *also, *_ptrace_requirement()])

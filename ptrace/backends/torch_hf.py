@@ -2,11 +2,14 @@
 
 The model runs one request at a time in ptrace's own decode loop (:mod:`.sequential`) over a
 ``DynamicCache`` (no batching, no padding), so every forward pass maps to one step of one request
-and every activation row to one position. Canonical tensors come from forward hooks on the HF modules,
+and every activation row to one position. With ``padded_batch=N`` the request is row 0 of a batch
+whose N other rows are left-padded companions, as HF batched generation runs it: the reference's
+own answer to whether a batch changes a request (row 0 is the only one shown). Canonical tensors come from forward hooks on the HF modules,
 except q/k/v: HF applies the rotary embedding in a plain function, so ptrace registers an
 attention implementation that wraps the model's own one and sees q, k, v exactly as they enter
 attention (k and v are then the KV cache's own storage, so a replaced k or v persists in the
-cache, as an error-injection what-if needs).
+cache, as an error-injection what-if needs). In a sparse-MoE layer the router module's output
+(logits, combine weights, expert ids) gives the routing tensors (:mod:`ptrace.backends.routing`).
 """
 
 from __future__ import annotations
@@ -18,15 +21,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ptrace.backends import routing
 from ptrace.backends.base import Capabilities, EngineOption, LoadOptions, layer_modules
 from ptrace.backends.sequential import SequentialBackend
 from ptrace.backends.torch_tensor import TorchTensor
+from ptrace.bundle_spec.names import MOE_PARTS
+from ptrace.bundle_spec.settings import UNKNOWN
 from ptrace.errors import BackendError, BackendUnavailableError, ModelError
 
 if TYPE_CHECKING:  # torch is imported where it is used, so listing backends stays cheap
     import torch
 
 _ATTENTION_PREFIX = "ptrace_"
+#: The engine option that runs every request inside a padded batch (``batch:padded=N``).
+PADDED_BATCH = "padded_batch"
 
 
 def _wrapped_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -48,6 +56,11 @@ class TorchBackend(SequentialBackend):
     options = (
         EngineOption("attn_implementation", str, "HF attention implementation (eager, sdpa, "
                      "flash_attention_2, ...)", default="sdpa"),
+        EngineOption("float32_matmul_precision", str, "torch's float32 matmul precision: highest, high "
+                     "(TF32 or bfloat16 passes where the hardware has them), medium",
+                     choices=("highest", "high", "medium")),
+        EngineOption(PADDED_BATCH, int, "run each request as the first row of a batch with this many "
+                     "left-padded companion rows of seeded tokens (0: alone)", default=0, minimum=0),
     )
     capabilities = Capabilities(devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16", "float64"))
     tensor_type = TorchTensor
@@ -65,6 +78,10 @@ class TorchBackend(SequentialBackend):
             raise BackendUnavailableError(f"device {options.device} requested but torch sees no CUDA GPU",
                                           hint="use --device cpu")
         attn = options.engine_options["attn_implementation"]
+        precision = options.engine_options.get("float32_matmul_precision")
+        self._restore_precision = torch.get_float32_matmul_precision()
+        if precision is not None:  # process-wide in torch: put back by close()
+            torch.set_float32_matmul_precision(precision)
         transformers.utils.logging.disable_progress_bar()
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(options.model_dir,
@@ -83,6 +100,15 @@ class TorchBackend(SequentialBackend):
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         self._cache: transformers.DynamicCache | None = None
+        self._companions = int(options.engine_options[PADDED_BATCH])
+        self._mask: torch.Tensor | None = None  # the padded batch's attention mask so far
+
+    def close(self) -> None:
+        previous = getattr(self, "_restore_precision", None)
+        if previous is not None:
+            import torch
+
+            torch.set_float32_matmul_precision(previous)
 
     # -- engine facts --------------------------------------------------------------------------
     def set_seed(self, seed: int) -> dict[str, int]:
@@ -110,6 +136,7 @@ class TorchBackend(SequentialBackend):
 
         info: dict[str, Any] = {
             "torch": torch.__version__,
+            PADDED_BATCH: self._companions,
             "transformers": transformers.__version__,
             "attn_implementation": self.attn_implementation,
             "num_threads": torch.get_num_threads(),
@@ -132,23 +159,90 @@ class TorchBackend(SequentialBackend):
             })
         return info
 
+    def resolved_settings(self) -> dict[str, Any]:
+        """Read back from the loaded modules (``ptrace.backends.torch_settings``); config keys
+        only from the config object the modules were built from, never from config.json."""
+        from ptrace.backends import torch_settings as ts
+
+        config, layer = self.model.config, self._layers[0]
+        attention, mlp = layer.self_attn, layer.mlp
+        dtype = ts.dtype_name(self.model.dtype)
+        values: dict[str, Any] = {
+            **ts.torch_numerics(), **_rope_settings(self.model, attention),
+            "norm_eps": ts.norm_eps(layer.input_layernorm),
+            "hidden_act": getattr(config, "hidden_act", None) if hasattr(mlp, "act_fn") else None,
+            "tie_word_embeddings": ts.is_tied(self.model.get_output_embeddings(), self.model.get_input_embeddings()),
+            "attention_scale": getattr(attention, "scaling", None),
+            "attn_logit_softcap": getattr(attention, "attn_logit_softcapping", None),
+            "final_logit_softcap": getattr(config, "final_logit_softcapping", None),
+            "sliding_window": ts.one_value([getattr(layer.self_attn, "sliding_window", None) for layer in self._layers]),
+            "param_dtype": ts.dtype_name(self.model.get_input_embeddings().weight.dtype),
+            "residual_dtype": dtype, "rotary_dtype": dtype,  # HF casts cos/sin to the hidden states' dtype
+            "kv_cache_dtype": dtype,  # a DynamicCache keeps k and v as computed
+            "kv_cache_scales": None,
+            "attention_backend": self.attn_implementation,
+            # ptrace's own loop: one request at a time, the whole prompt in one forward pass
+            "chunked_prefill": False, "max_num_batched_tokens": None, "prefix_caching": False,
+            "tensor_parallel_size": 1, "pipeline_parallel_size": 1,
+            "logprobs_mode": "raw_logprobs",  # log_softmax of the raw logits (SequentialBackend)
+        }
+        projection = getattr(attention, "q_proj", None)
+        if projection is not None:
+            values["qkv_bias"] = projection.bias is not None
+            values["matmul_dtype"] = ts.dtype_name(projection.weight.dtype)
+        experts = getattr(mlp, "experts", None)
+        router = getattr(mlp, "gate", mlp)
+        values["moe_top_k"] = getattr(router, "top_k", getattr(mlp, "top_k", UNKNOWN)) if experts is not None else None
+        values["moe_norm_topk_prob"] = (getattr(router, "norm_topk_prob", getattr(mlp, "norm_topk_prob", UNKNOWN))
+                                        if experts is not None else None)
+        if self.attn_implementation == "eager":  # HF's eager attention: softmax(..., dtype=torch.float32)
+            values["softmax_dtype"] = "float32"
+        elif ts.full_precision(dtype):
+            values["softmax_dtype"] = dtype
+        values["norm_dtype"] = _norm_dtype(layer.input_layernorm, dtype)
+        return values
+
     # -- generation ----------------------------------------------------------------------------
     def _start_request(self) -> None:
         import transformers
 
         self._cache = transformers.DynamicCache()
+        self._mask = None
 
     def _forward(self, sequence: list[int], start: int, prompt_rows: bool) -> np.ndarray:
         import torch
 
         tokens = torch.as_tensor(sequence[start:], dtype=torch.long, device=self.device)[None]
+        batch = self._padded_batch(tokens) if self._companions else {"input_ids": tokens}
         # The LM head runs over every prompt position only for prompt logprobs; otherwise the
         # "logits" tensor of the prefill is its last row alone (SPEC.md section 6).
         with torch.inference_mode():
-            out = self.model(input_ids=tokens, past_key_values=self._cache, use_cache=True,
+            out = self.model(**batch, past_key_values=self._cache, use_cache=True,
                              logits_to_keep=0 if prompt_rows else 1)
             rows = out.logits[0] if prompt_rows else out.logits[0, -1:]
             return rows.float().cpu().numpy()
+
+    def _padded_batch(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The request (``tokens``, ``[1, new]``) as row 0 of a batch, as HF batched generation
+        pads one: each companion row holds seeded random tokens, left-padded at the prefill to
+        a length of its own, so the model runs with an attention mask and batch-shaped matrix
+        products. Row 0 is never padded: its positions and tokens are the request's own, and
+        the hooks show row 0 only."""
+        import torch
+
+        rows, new = 1 + self._companions, tokens.shape[1]
+        if self._mask is None:  # the same companions for the same prompt, in every run
+            self._companion_rng = np.random.default_rng(tokens[0, :64].tolist())
+        fillers = torch.as_tensor(self._companion_rng.integers(0, self.vocab_size, (rows - 1, new)),
+                                  device=self.device)
+        step_mask = torch.ones((rows, new), dtype=torch.long, device=self.device)
+        if self._mask is None:  # the prefill: companions of mixed lengths, padding on their left
+            lengths = self._companion_rng.integers(1, new + 1, rows - 1)
+            for row, length in enumerate(lengths, start=1):
+                step_mask[row, : new - int(length)] = 0
+        self._mask = step_mask if self._mask is None else torch.cat([self._mask, step_mask], dim=1)
+        positions = (self._mask.cumsum(dim=1) - 1).clamp(min=0)[:, -new:]
+        return {"input_ids": torch.cat([tokens, fillers]), "attention_mask": self._mask, "position_ids": positions}
 
     # -- hooks ---------------------------------------------------------------------------------
     def _install_hooks(self, wanted: set[str], hooks: ExitStack) -> None:
@@ -171,10 +265,24 @@ class TorchBackend(SequentialBackend):
         for name, module in points.items():
             if name in wanted:
                 on_output(module, name)
+        for i in self.moe_layers:
+            if wanted & {f"layers.{i}.{part}" for part in MOE_PARTS}:
+                hooks.callback(self._layers[i].mlp.gate.register_forward_hook(self._routing_hook(i)).remove)
         qkv_layers = {i for i in range(len(self._layers))
                       if wanted & {f"layers.{i}.q", f"layers.{i}.k", f"layers.{i}.v"}}
         if qkv_layers:
             self._wrap_attention(qkv_layers, wanted, hooks)
+
+    def _routing_hook(self, layer: int) -> Callable:
+        """On an HF sparse-MoE block's router (``mlp.gate``: Qwen2-MoE, Qwen3-MoE, Mixtral), whose
+        output is (logits, combine weights, expert ids) for rows of positions: shows the three,
+        and routes by what the interceptors hand back (:mod:`ptrace.backends.routing`)."""
+        def hook(gate: torch.nn.Module, _args: Any, output: Any) -> Any:
+            logits, weights, ids = output
+            routed = routing.observe(lambda part, rows: self._emit(f"layers.{layer}.{part}", rows),
+                                     logits, weights, ids, renormalize=getattr(gate, "norm_topk_prob", True))
+            return None if routed is None else (routed.logits, routed.weights, routed.ids)
+        return hook
 
     def _wrap_attention(self, layers: set[int], wanted: set[str], hooks: ExitStack) -> None:
         from transformers import AttentionInterface
@@ -220,6 +328,46 @@ class TorchBackend(SequentialBackend):
                         states[0, :, -new_positions:] = new.transpose(0, 1)
             return query, key, value
         return observe
+
+
+def _rope_settings(model: torch.nn.Module, attention: torch.nn.Module) -> dict[str, Any]:
+    """Rope as the model's rotary embedding computes it: theta from its table where the table is
+    unscaled, else from the rope parameters it was built from; the rotated share of a head from
+    the table's length; the pairing from the model module's rotate function."""
+    from ptrace.backends import torch_settings as ts
+
+    rotary = getattr(model.get_decoder(), "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        return {}
+    kind = getattr(rotary, "rope_type", UNKNOWN)
+    parameters = getattr(model.config, "rope_parameters", None) or {}
+    head_dim = getattr(attention, "head_dim", None)
+    module = sys.modules[type(attention).__module__]
+    layout = "half-split" if hasattr(module, "rotate_half") else UNKNOWN
+    return {
+        "rope_type": kind,
+        "rope_theta": ts.theta_from_inv_freq(rotary.inv_freq) if kind == "default"
+        else parameters.get("rope_theta", UNKNOWN),
+        "rope_scaling_factor": parameters.get("factor") if kind != "default" else None,
+        "partial_rotary_factor": 2 * rotary.inv_freq.numel() / head_dim if head_dim else UNKNOWN,
+        "rope_layout": layout,
+    }
+
+
+def _norm_dtype(norm: torch.nn.Module, dtype: str) -> str:
+    """HF's RMSNorms compute in float32 whatever the model's dtype (``.to(torch.float32)`` in their
+    forward); another norm computes in the model's dtype when that is full precision."""
+    import inspect
+
+    from ptrace.backends import torch_settings as ts
+
+    try:
+        source = inspect.getsource(type(norm).forward)
+    except (OSError, TypeError):
+        source = ""
+    if "torch.float32" in source:
+        return "float32"
+    return dtype if ts.full_precision(dtype) else UNKNOWN
 
 
 def _inner_attention(attention: torch.nn.Module, implementation: str, registry: Any) -> Callable:

@@ -1,13 +1,20 @@
 """The bundle format: SPEC.md (beside this file) first, this code second.
 
-``open_bundle`` reads, ``validate_bundle`` checks, ``BundleWriter`` writes, ``pack``/``unpack``
-convert between the directory and zip forms. The writer is imported when first used: it
-imports Zarr, which reading never needs.
+``open_bundle`` reads (refusing what breaks the spec's structural rules), ``validate_bundle``
+checks everything, ``BundleWriter`` writes, ``pack``/``unpack`` convert between the directory and
+zip forms. The writer is imported when first used: reading never needs it.
+
+The modules, in tiers (each imports only those above it): the format, without I/O (``layout``,
+``names``, ``dtypes``, ``schema``, ``stats``, ``arrays``: ``zarr.json``, ``chunks``: chunk bytes,
+``crc``); the storage (``store``: directory and zip); ``zarr_fallback`` (Zarr, optional); the
+reader (``reader``); the rules every reader enforces (``structure``: ``open_bundle``); then
+``validation``, ``packing`` and ``writer``.
 """
 
 from typing import TYPE_CHECKING, Any
 
-from ptrace.bundle_spec.reader import Bundle, open_bundle
+from ptrace.bundle_spec.packing import pack, unpack
+from ptrace.bundle_spec.reader import Bundle
 from ptrace.bundle_spec.schema import (
     SPEC_VERSION,
     DatasetInfo,
@@ -20,7 +27,7 @@ from ptrace.bundle_spec.schema import (
     RunInfo,
     SamplingParams,
 )
-from ptrace.bundle_spec.store import pack, unpack
+from ptrace.bundle_spec.structure import open_bundle
 from ptrace.bundle_spec.validation import validate_bundle
 
 if TYPE_CHECKING:

@@ -21,6 +21,10 @@ ENVIRONMENT = "meta/environment"
 REQUESTS = "meta/requests"
 REPLAY = "meta/replay"
 WHATIF = "meta/whatif"
+#: The arithmetic settings the engine actually used (optional: older bundles lack it).
+SETTINGS = "meta/settings"
+#: Which requests a batched engine ran together, step by step (optional).
+SCHEDULE = "meta/schedule"
 
 #: Arrays every request has.
 REQUIRED_REQUEST_ARRAYS = ("prompt_ids", "output_ids", "topk_ids", "topk_logprobs", "positions")

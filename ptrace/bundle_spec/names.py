@@ -16,6 +16,13 @@ import numpy as np
 #: Per-layer tensors, in forward order within a layer.
 LAYER_PARTS: tuple[str, ...] = ("attn_norm", "q", "k", "v", "attn", "mlp_norm", "mlp", "out")
 
+#: The routing of a mixture-of-experts layer (whose ``mlp`` is the sparse block): router logits
+#: over the experts, the chosen expert ids (int32, top-k in the engine's order) and their combine
+#: weights. Only MoE layers have them; they come between ``mlp_norm`` and ``mlp``.
+MOE_PARTS: tuple[str, ...] = ("router", "experts", "expert_weights")
+
+_FORWARD_PARTS = (*LAYER_PARTS[:6], *MOE_PARTS, *LAYER_PARTS[6:])
+
 #: The LM head's output: the one tensor whose rows MAY skip prompt positions (SPEC.md section 6).
 LOGITS = "logits"
 
@@ -25,13 +32,24 @@ DEFAULT_PATTERNS: tuple[str, ...] = ("layers.*.out", "logits")
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.([a-z_]+)$")
 
 
-def all_names(num_layers: int) -> list[str]:
-    """Every canonical name of a model with ``num_layers`` decoder layers, in forward order."""
+def all_names(num_layers: int, moe_layers: Iterable[int] = ()) -> list[str]:
+    """Every canonical name of a model with ``num_layers`` decoder layers, in forward order;
+    the layers in ``moe_layers`` (mixture of experts) also have the :data:`MOE_PARTS`."""
+    moe = set(moe_layers)
     names = ["embed"]
     for i in range(num_layers):
-        names.extend(f"layers.{i}.{part}" for part in LAYER_PARTS)
+        parts = _FORWARD_PARTS if i in moe else LAYER_PARTS
+        names.extend(f"layers.{i}.{part}" for part in parts)
     names.extend(["final_norm", "logits"])
     return names
+
+
+def naming_hint(num_layers: int, moe_layers: Sequence[int] = ()) -> str:
+    """What the names of a model are, for the hint of a glob that matches none of them."""
+    hint = f"names are embed, layers.{{0..{num_layers - 1}}}.{{{','.join(LAYER_PARTS)}}}, final_norm, logits"
+    if moe_layers:
+        return f"{hint}; mixture-of-experts layers {list(moe_layers)} also have {','.join(MOE_PARTS)}"
+    return f"{hint} (a dense model: no {','.join(MOE_PARTS)})"
 
 
 def forward_key(name: str) -> tuple[int, int, int]:
@@ -39,8 +57,8 @@ def forward_key(name: str) -> tuple[int, int, int]:
     if name == "embed":
         return (0, 0, 0)
     match = _LAYER_RE.match(name)
-    if match and match.group(2) in LAYER_PARTS:
-        return (1, int(match.group(1)), LAYER_PARTS.index(match.group(2)))
+    if match and match.group(2) in _FORWARD_PARTS:
+        return (1, int(match.group(1)), _FORWARD_PARTS.index(match.group(2)))
     if name == "final_norm":
         return (2, 0, 0)
     if name == "logits":

@@ -1,20 +1,22 @@
 """Reading bundles, defensively: they travel with bug reports and are opened by strangers.
 
-``open_bundle`` checks, before anything else is trusted: that the path is a ptrace bundle, that
-its spec version is one this code reads, and that its writer finished (SPEC.md section 7).
+A :class:`Bundle` checks, before anything else is trusted: that the path is a ptrace bundle,
+that its spec version is one this code reads, and that its writer finished (SPEC.md section 7).
 Every array is checked when first opened against the spec's codecs and dtypes and against
 limits derived from what is actually stored (SPEC.md section 8), so a declaration cannot make a
 reader allocate or iterate without bound; every metadata document is bounded in size and depth
 and typed strictly. Everything read afterwards is checksummed chunk by chunk (the ``crc32c``
-codec); ``validate_bundle`` additionally re-computes every array's whole-content CRC-32C.
+codec), and each request's rows against their segment's CRC-32C (or the manifest's, for an array
+read whole). Readers open bundles through :func:`~ptrace.bundle_spec.structure.open_bundle`,
+which also refuses what breaks the spec's structural rules; ``validate_bundle`` additionally
+re-computes every array's whole-content CRC-32C.
 
 The arrays ptrace writes are read without Zarr (:mod:`~ptrace.bundle_spec.arrays`,
-:mod:`~ptrace.bundle_spec.chunks`): reading a bundle then never imports it. Arrays with other
-codecs the spec allows are read through Zarr (:mod:`~ptrace.bundle_spec.zarr_fallback`).
+:mod:`~ptrace.bundle_spec.chunks`). Arrays with other codecs the spec allows are read through
+Zarr (:mod:`~ptrace.bundle_spec.zarr_fallback`), when the optional ``zarr`` extra is installed.
 Whatever a bundle holds, a reader fails with a :class:`~ptrace.errors.BundleCorruptError` that
 names the bundle and the node.
 """
-
 from __future__ import annotations
 
 import os
@@ -24,27 +26,41 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import google_crc32c
-import msgpack
 import numpy as np
 
-from ptrace.bundle_spec import dtypes, layout
-from ptrace.bundle_spec.arrays import MAX_NODE_METADATA_BYTES, ArrayMeta, parse_array, parse_json
-from ptrace.bundle_spec.chunks import ChunkReader
-from ptrace.bundle_spec.layout import request_array, segment_table, stats_array, tensor_array
+from ptrace import DISTRIBUTION
+from ptrace.bundle_spec import chunks, dtypes, layout
+from ptrace.bundle_spec.arrays import (
+    MAX_NODE_METADATA_BYTES,
+    ArrayMeta,
+    ForeignArrayError,
+    GroupMeta,
+    MetadataError,
+)
+from ptrace.bundle_spec.chunks import ChunkError
+from ptrace.bundle_spec.layout import (
+    request_array,
+    segment_table,
+    stats_array,
+    tensor_array,
+)
 from ptrace.bundle_spec.names import tensor_positions
 from ptrace.bundle_spec.schema import (
     ROOT_ATTRIBUTE,
     SPEC_VERSION,
     Document,
+    DocumentError,
     EnvironmentInfo,
     Manifest,
     ModelInfo,
     ReplayInfo,
     RequestsInfo,
     RunInfo,
+    ScheduleInfo,
+    SettingsInfo,
     WhatIfInfo,
 )
-from ptrace.bundle_spec.store import open_read_store
+from ptrace.bundle_spec.store import BundleStore, open_read_store
 from ptrace.errors import (
     BundleCorruptError,
     BundleError,
@@ -63,12 +79,8 @@ Part = tuple[str, list[tuple[int, int, int]]]
 #: disk; a bundle may have a few (older writers skipped all-zero chunks), never more than this.
 MAX_ABSENT_CHUNKS = 1024
 MAX_ABSENT_BYTES = 256 << 20
-#: The deepest nesting a metadata document may have (ptrace's own are about 5 deep).
-MAX_METADATA_DEPTH = 64
 
 _VALIDATE_HINT = "run `ptrace validate` on it for a full check"
-#: What a metadata document may hold besides maps and lists.
-_PLAIN = (str, bytes, int, float, bool, type(None))
 
 
 def error_reason(exc: BaseException) -> str:
@@ -77,32 +89,38 @@ def error_reason(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:159] + "…"
 
 
-def _unpack_document(payload: bytes) -> Any:
-    """Decode one metadata document: plain msgpack values only, bounded in depth.
+class SegmentTableError(BundleCorruptError):
+    """A segment table that does not say which rows are whose (the reader names it)."""
 
-    The walk is iterative, so a document nested a thousand levels deep is refused here instead of
-    exhausting Python's recursion in whatever reads it next.
-    """
-    def refuse_extension(code: int, data: bytes) -> Any:
-        raise ValueError(f"msgpack extension type {code} is not allowed")
 
-    data = msgpack.unpackb(payload, raw=False, strict_map_key=True, ext_hook=refuse_extension)
-    pending = [(data, 1)]
-    while pending:
-        value, depth = pending.pop()
-        if depth > MAX_METADATA_DEPTH:
-            raise ValueError(f"nested more than {MAX_METADATA_DEPTH} levels deep")
-        if isinstance(value, dict):
-            pending.extend((v, depth + 1) for v in value.values())
-        elif isinstance(value, list):
-            pending.extend((v, depth + 1) for v in value)
-        elif not isinstance(value, _PLAIN):
-            raise ValueError(f"msgpack value of type {type(value).__name__} is not allowed")
-    return data
+def segments_by_request(table: np.ndarray, rows: int, requests: int) -> dict[int, list[tuple[int, int, int]]]:
+    """A segment table (SPEC.md section 2) as each request's ``(start, stop, crc32c)`` row ranges,
+    in order, checked: an int64 ``[segments, 4]`` array whose segments tile the ``rows`` rows of
+    its data array in order, none empty, each naming one of ``requests`` requests, with a 32-bit
+    CRC-32C. Raises :class:`SegmentTableError` otherwise."""
+    if table.dtype != np.int64 or table.ndim != 2 or table.shape[1] != len(layout.SEGMENT_COLUMNS):
+        raise SegmentTableError(f"is {table.dtype}{list(table.shape)}, not int64 [segments, "
+                                f"{len(layout.SEGMENT_COLUMNS)}]")
+    request, start, stop, crc = table.T
+    tiles = rows == 0 if not stop.size else start[0] == 0 and stop[-1] == rows \
+        and np.array_equal(start[1:], stop[:-1]) and bool(np.all(stop > start))
+    if not tiles:
+        raise SegmentTableError(f"does not cut the {rows} rows into consecutive, non-empty segments")
+    if np.any((request < 0) | (request >= requests)) or np.any((crc < 0) | (crc >= 1 << 32)):
+        raise SegmentTableError(f"names a request outside 0..{requests - 1} or a CRC-32C outside 32 bits")
+    found: dict[int, list[tuple[int, int, int]]] = {}
+    for r, first, last, checksum in table.tolist():
+        found.setdefault(r, []).append((first, last, checksum))
+    return found
+
+
+class ZarrNotInstalledError(PtraceError, ImportError):
+    """A bundle holds an array that only Zarr reads, and the optional ``zarr`` extra is not
+    installed: not a problem of the bundle (no check reports it as one), of this installation."""
 
 
 class Bundle:
-    """A complete, readable bundle. Open with :func:`open_bundle`."""
+    """A complete, readable bundle. Readers open one with :func:`~ptrace.bundle_spec.structure.open_bundle`."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -114,17 +132,14 @@ class Bundle:
         #: (array, chunk index, decoded bytes) of the last chunk a range ended inside
         self._kept_chunk: tuple[str, int, np.ndarray | None] = ("", -1, None)
         self._absent_chunks = self._absent_bytes = 0
+        #: Whether the structural rules were found kept (:mod:`~ptrace.bundle_spec.structure`).
+        self.structure_checked = False
         try:
-            root = self._node_document("")
-            if root.get("node_type") != "group":
-                raise ValueError(f"its root is a {root.get('node_type')!r} node")
-        except PtraceError:
-            raise
-        except Exception as exc:  # any malformed root metadata: not something we can read
-            raise NotABundleError(f"{self.path} is not a ptrace bundle "
-                                  f"(no Zarr v3 group: {error_reason(exc)})") from None
-        attributes = root.get("attributes", {})
-        marker = attributes.get(ROOT_ATTRIBUTE) if isinstance(attributes, dict) else None
+            root = GroupMeta.from_json(self._node_metadata(""))
+        except (MetadataError, KeyError) as exc:  # no or malformed root metadata: not something we can read
+            reason = "no zarr.json" if isinstance(exc, KeyError) else f"its zarr.json {exc}"
+            raise NotABundleError(f"{self.path} is not a ptrace bundle (no Zarr v3 group: {reason})") from None
+        marker = root.attributes.get(ROOT_ATTRIBUTE)
         version = marker.get("spec_version") if isinstance(marker, dict) else None
         if type(version) is not int:
             raise NotABundleError(f"{self.path} is a Zarr store but not a ptrace bundle "
@@ -133,7 +148,7 @@ class Bundle:
         if self.spec_version > SPEC_VERSION:
             raise BundleVersionError(
                 f"{self.path} uses bundle spec version {self.spec_version}; this ptrace reads up to "
-                f"version {SPEC_VERSION}", hint="upgrade ptrace: pip install -U ptrace-llm")
+                f"version {SPEC_VERSION}", hint=f"upgrade ptrace: pip install -U {DISTRIBUTION}")
         if self.spec_version < 1:
             raise NotABundleError(f"{self.path} claims an invalid spec version {self.spec_version}")
         try:
@@ -153,14 +168,13 @@ class Bundle:
     def _has_node(self, path: str) -> bool:
         return self._store.is_stored(f"{path}/zarr.json")
 
-    def _node_document(self, path: str) -> dict[str, Any]:
-        """The ``zarr.json`` of the node at ``path`` ("" for the root), parsed (KeyError if absent;
-        :class:`~ptrace.bundle_spec.arrays.MetadataError` if it is not Zarr v3 metadata)."""
+    def _node_metadata(self, path: str) -> bytes:
+        """The ``zarr.json`` of the node at ``path`` ("" for the root), bounded (KeyError if absent)."""
         key = f"{path}/zarr.json" if path else "zarr.json"
         payload = self._store.read_stored(key, np.empty(MAX_NODE_METADATA_BYTES, np.uint8))
         if payload is None:
             raise KeyError(path)
-        return parse_json(payload.tobytes())
+        return payload.tobytes()
 
     def _node(self, path: str) -> ArrayMeta:
         """The array at ``path`` (KeyError if absent), checked once when first opened."""
@@ -171,24 +185,32 @@ class Bundle:
             raise KeyError(path)
         problem = None
         try:
-            document = self._node_document(path)
-            if document.get("node_type") == "group":
-                raise self._corrupt(path, "is a group, expected an array")
-            meta = parse_array(document)
-            if meta is None:  # codecs ptrace does not decode itself: Zarr reads this array
-                from ptrace.bundle_spec.zarr_fallback import open_array
-
-                self._zarr_arrays[path], meta, problem = open_array(self._store.zarr_store(), path)
-        except PtraceError:
-            raise
-        except Exception as exc:
-            raise self._corrupt(path, f"has malformed Zarr metadata ({error_reason(exc)})") from None
+            meta = ArrayMeta.from_json(self._node_metadata(path))
+        except MetadataError as exc:
+            raise self._corrupt(path, f"has malformed Zarr metadata ({exc})") from None
+        except ForeignArrayError:  # codecs ptrace does not decode itself: Zarr reads this array
+            self._zarr_arrays[path], meta, problem = self._open_through_zarr(path)
         problem = problem or meta.problem()
         if problem:
             raise self._corrupt(path, problem)
         self._count_absent_chunks(path, meta)
         self._nodes[path] = meta
         return meta
+
+    def _open_through_zarr(self, path: str) -> tuple[Any, ArrayMeta, str | None]:
+        """An array of another writer's shape, opened by Zarr (the ``zarr`` extra)."""
+        try:
+            from ptrace.bundle_spec import zarr_fallback
+        except ImportError:
+            raise ZarrNotInstalledError(f"{self.path}: {path} uses codecs or chunks that ptrace reads only "
+                                        "through Zarr, which is not installed",
+                                        hint=f"pip install '{DISTRIBUTION}[zarr]'") from None
+        try:
+            return zarr_fallback.open_array(self._store, path)
+        except PtraceError:
+            raise
+        except Exception as exc:
+            raise self._corrupt(path, f"has malformed Zarr metadata ({error_reason(exc)})") from None
 
     def _count_absent_chunks(self, path: str, node: ArrayMeta) -> None:
         """Refuse declarations that the stored chunks do not back (SPEC.md section 8).
@@ -207,8 +229,9 @@ class Bundle:
             raise self._corrupt(path, f"declares shape {list(node.shape)} in {node.nchunks} chunks but "
                                       f"stores {max(stored, 0)}: its declared size is corrupt")
 
-    def _read(self, path: str, rows: slice = slice(None)) -> np.ndarray:
-        """Rows ``rows`` of the array at ``path`` (all of them by default), in its logical dtype."""
+    def _read(self, path: str, rows: slice = slice(None), *, stored: bool = False) -> np.ndarray:
+        """Rows ``rows`` of the array at ``path`` (all of them by default), in its logical dtype
+        (``stored``: in its storage dtype)."""
         meta = self._node_or_missing(path)
         first, last, _ = rows.indices(meta.shape[0])
         if last <= first:
@@ -224,7 +247,7 @@ class Bundle:
                 raise
             except Exception as exc:  # a checksum, a codec, a truncated chunk: all corruption
                 raise self._corrupt(path, f"is corrupted ({error_reason(exc)})") from None
-        return dtypes.from_storage(data, meta.logical_dtype)
+        return data if stored else dtypes.from_storage(data, meta.logical_dtype)
 
     def _read_document(self, kind: type[D]) -> D:
         if not self._has_node(kind.path):
@@ -232,13 +255,10 @@ class Bundle:
         node = self._node(kind.path)
         if node.ndim != 1 or node.dtype != np.uint8 or node.nchunks > 1:
             raise self._corrupt(kind.path, "is not a one-chunk uint8 array (a metadata document)")
-        raw = self._read(kind.path)
         try:
-            data = _unpack_document(raw.tobytes())
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise self._corrupt(kind.path, f"is not a valid metadata document ({error_reason(exc)})") from None
-        try:
-            return kind.from_dict(data)
+            return kind.from_bytes(self._read(kind.path).tobytes())
+        except DocumentError as exc:
+            raise self._corrupt(kind.path, f"is not a valid metadata document ({exc})") from None
         except BundleCorruptError as exc:
             raise BundleCorruptError(f"{self.path}: {exc}", hint=_VALIDATE_HINT) from None
 
@@ -310,22 +330,11 @@ class Bundle:
         path = segment_table(array)
         if path not in self.manifest.arrays:
             raise self._corrupt(array, f"has no segment table {path}")
-        table = self._read(path)
-        rows = self.manifest.arrays[array].shape[0]
-        if table.dtype != np.int64 or table.ndim != 2 or table.shape[1] != len(layout.SEGMENT_COLUMNS):
-            raise self._corrupt(path, f"is {table.dtype}{list(table.shape)}, not int64 [segments, "
-                                      f"{len(layout.SEGMENT_COLUMNS)}]")
-        request, start, stop, crc = table.T
-        tiles = rows == 0 if not stop.size else start[0] == 0 and stop[-1] == rows \
-            and np.array_equal(start[1:], stop[:-1]) and bool(np.all(stop > start))
-        if not tiles:
-            raise self._corrupt(path, f"does not cut the {rows} rows of {array} into consecutive, non-empty segments")
-        if np.any((request < 0) | (request >= self.num_requests)) or np.any((crc < 0) | (crc >= 1 << 32)):
-            raise self._corrupt(path, f"names a request outside 0..{self.num_requests - 1} or a CRC-32C "
-                                      "outside 32 bits")
-        found = {}
-        for r, first, last, checksum in table.tolist():
-            found.setdefault(r, []).append((first, last, checksum))
+        table = self._checked_rows(path, 0, self.manifest.arrays[path].shape[0], self.manifest.arrays[path].crc32c)
+        try:
+            found = segments_by_request(table, self.manifest.arrays[array].shape[0], self.num_requests)
+        except SegmentTableError as exc:
+            raise self._corrupt(path, str(exc)) from None
         self._segment_tables[array] = found
         return found
 
@@ -336,15 +345,27 @@ class Bundle:
         if part is None:
             raise self._corrupt(self.stored_path(array, request), "is missing")
         path, segments = part
-        return self._joined(path, [(first, last) for first, last, _ in segments])
+        parts = [self._checked_rows(path, *segment) for segment in segments] or [self._checked_rows(path, 0, 0, 0)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _joined(self, path: str, ranges: list[tuple[int, int]]) -> np.ndarray:
+    def _checked_rows(self, path: str, first: int, last: int, expected_crc: int) -> np.ndarray:
+        """Rows ``first:last`` of the array at ``path`` (a copy, in its logical dtype), their
+        CRC-32C checked against ``expected_crc`` (a segment's, or the manifest's for a whole array)."""
+        blocks = [block.copy() for _, block in self._verified_range(path, first, last, expected_crc, last - first)]
+        if len(blocks) == 1:
+            return blocks[0]
+        if not blocks:
+            node = self._node_or_missing(path)
+            return dtypes.from_storage(np.zeros((0, *node.shape[1:]), node.dtype), node.logical_dtype)
+        return np.concatenate(blocks)
+
+    def _joined(self, path: str, ranges: list[tuple[int, int]], *, stored: bool = False) -> np.ndarray:
         """Rows ``first:last`` of the array at ``path`` for each range, one after another."""
         if len(ranges) == 1:
-            return self._read(path, slice(*ranges[0]))
+            return self._read(path, slice(*ranges[0]), stored=stored)
         if not ranges:
-            return self._read(path, slice(0, 0))
-        return np.concatenate([self._read(path, slice(first, last)) for first, last in ranges])
+            return self._read(path, slice(0, 0), stored=stored)
+        return np.concatenate([self._read(path, slice(first, last), stored=stored) for first, last in ranges])
 
     def part_shape(self, array: str, request: int) -> tuple[int, ...] | None:
         """The shape of ``request``'s part of ``array`` (its rows, then the row shape), None if
@@ -404,6 +425,13 @@ class Bundle:
         """``meta/whatif`` if this run was perturbed on purpose (SPEC.md section 3.7)."""
         return self._read_document(WhatIfInfo).to_dict() if self._has_node(WhatIfInfo.path) else None
 
+    def settings_info(self) -> SettingsInfo | None:
+        """``meta/settings``: the arithmetic settings the engine used (SPEC.md section 3.8), if recorded."""
+        return self._read_document(SettingsInfo) if self._has_node(SettingsInfo.path) else None
+    def schedule_info(self) -> dict[str, Any] | None:
+        """``meta/schedule`` if a batched engine recorded its steps (SPEC.md section 3.9)."""
+        return self._read_document(ScheduleInfo).to_dict() if self._has_node(ScheduleInfo.path) else None
+
     def replay_info(self) -> dict[str, Any] | None:
         """``meta/replay`` if this bundle is a replay of another one (SPEC.md section 3.6)."""
         return self._read_document(ReplayInfo).to_dict() if self._has_node(ReplayInfo.path) else None
@@ -439,15 +467,18 @@ class Bundle:
         (spec version 2) instead of one per request."""
         if self.spec_version == 1 or stats_array(name) not in self.manifest.arrays:
             return {r: self.stats(r, name) for r in range(self.num_requests)}
-        whole = self._read(stats_array(name))
+        record = self.manifest.arrays[stats_array(name)]
+        whole = self._checked_rows(stats_array(name), 0, record.shape[0], record.crc32c)
         segments = self._segments(stats_array(name))
         empty = whole[:0]
         return {r: empty if not segments.get(r) else
                 np.concatenate([whole[first:last] for first, last, _ in segments[r]])
                 for r in range(self.num_requests)}
 
-    def tensor_rows(self, request: int, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of a request's full tensor (reads only the chunks they live in)."""
+    def tensor_rows(self, request: int, name: str, start: int, stop: int, *, stored: bool = False) -> np.ndarray:
+        """Rows ``start:stop`` of a request's full tensor (reads only the chunks they live in).
+        ``stored``: in the storage dtype (bfloat16 and float8 as their bits, which
+        :func:`~ptrace.bundle_spec.dtypes.to_float` decodes without importing ml_dtypes)."""
         path, segments = self._tensor_part(request, name)
         ranges, offset = [], 0
         for first, last, _ in segments:
@@ -455,25 +486,28 @@ class Bundle:
             if low < high:
                 ranges.append((first + low - offset, first + high - offset))
             offset += last - first
-        return self._joined(path, ranges)
+        return self._joined(path, ranges, stored=stored)
 
-    def tensor_blocks(self, request: int, name: str, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    def tensor_blocks(self, request: int, name: str, rows: int, *,
+                      stored: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """A request's full tensor in blocks of about ``rows`` rows, ``(first row, block)``, each
-        segment's CRC-32C checked after its last block (see :meth:`verified_blocks`)."""
+        segment's CRC-32C checked after its last block (see :meth:`verified_blocks`).
+        ``stored``: in the storage dtype, as :meth:`tensor_rows`."""
         path, segments = self._tensor_part(request, name)
         offset = 0
         for first, last, crc in segments:
-            for start, block in self._verified_range(path, first, last, crc, rows):
+            for start, block in self._verified_range(path, first, last, crc, rows, stored=stored):
                 yield offset + start - first, block
             offset += last - first
 
-    def verified_blocks(self, path: str, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    def verified_blocks(self, path: str, rows: int, *, stored: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """The whole array at ``path`` in blocks of about ``rows`` rows, ``(first row, block)``,
-        its whole-content CRC-32C checked against the manifest after the last block."""
+        its whole-content CRC-32C checked against the manifest after the last block (``stored``:
+        in the storage dtype, as :meth:`tensor_rows`)."""
         record = self.manifest.arrays.get(path)
         if record is None:
             raise self._corrupt(path, "is not in the manifest")
-        return self._verified_range(path, 0, record.shape[0], record.crc32c, rows)
+        return self._verified_range(path, 0, record.shape[0], record.crc32c, rows, stored=stored)
 
     def _node_or_missing(self, path: str) -> ArrayMeta:
         try:
@@ -481,8 +515,8 @@ class Bundle:
         except KeyError:
             raise self._corrupt(path, "is missing") from None
 
-    def _verified_range(self, path: str, first: int, last: int, expected_crc: int,
-                        rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    def _verified_range(self, path: str, first: int, last: int, expected_crc: int, rows: int, *,
+                        stored: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """Rows ``first:last`` of the array at ``path`` in blocks of about ``rows`` rows, ``(first
         row, block)``, their CRC-32C checked against ``expected_crc`` after the last block: a chunk
         that is missing (it would read as zeros) or swapped with another (each passes its own
@@ -500,7 +534,7 @@ class Bundle:
         crc, logical = 0, node.logical_dtype
         for start, block in blocks:
             crc = google_crc32c.extend(crc, np.ascontiguousarray(block).reshape(-1).view(np.uint8))
-            yield start, dtypes.from_storage(block, logical)
+            yield start, block if stored else dtypes.from_storage(block, logical)
         if crc != expected_crc:
             where = "" if (first, last) == (0, record.shape[0]) else f" rows {first}:{last}"
             raise BundleCorruptError(f"{self.path}: array {path}{where}: content checksum {crc:#010x} != "
@@ -544,20 +578,18 @@ class Bundle:
                 self._kept_chunk = (path, block_chunk + taken - 1, block[(taken - 1) * chunk_rows:taken * chunk_rows])
             yield low, block[low - start:high - start]
 
-    def _decode(self, path: str, reader: ChunkReader, first_chunk: int, count: int, chunks: np.ndarray) -> None:
-        """Decode ``count`` chunks from ``first_chunk`` on into the rows of ``chunks`` (the kept
+    def _decode(self, path: str, reader: ChunkReader, first_chunk: int, count: int, out: np.ndarray) -> None:
+        """Decode ``count`` chunks from ``first_chunk`` on into the rows of ``out`` (the kept
         chunk copied, not decoded again)."""
         kept_path, kept_index, kept = self._kept_chunk
         for offset in range(count):
             if (kept_path, kept_index) == (path, first_chunk + offset):
-                chunks[offset] = kept.reshape(-1).view(np.uint8)
+                out[offset] = kept.reshape(-1).view(np.uint8)
                 continue
             try:
-                reader.read(first_chunk + offset, chunks[offset])
-            except PtraceError:
-                raise
-            except Exception as exc:  # a checksum, a header, a truncated chunk: all corruption
-                raise self._corrupt(path, f"is corrupted ({error_reason(exc)})") from None
+                reader.read(first_chunk + offset, out[offset])
+            except ChunkError as exc:  # a checksum, a header, a truncated chunk: all corruption
+                raise self._corrupt(path, f"is corrupted (chunk {reader.key(first_chunk + offset)} {exc})") from None
 
     def _missing_tensor_message(self, request: int, name: str) -> str:
         return f"{self.path}: request {request} has no tensor {name!r} (captured: " \
@@ -574,6 +606,24 @@ class Bundle:
         self.close()
 
 
-def open_bundle(path: str | os.PathLike[str]) -> Bundle:
-    """Open a complete bundle (directory or zip), or raise a :class:`~ptrace.errors.BundleError`."""
-    return Bundle(path)
+class ChunkReader:
+    """The chunks of one array that ptrace decodes itself (``meta.direct``), the ``index``-th
+    along its first axis at a time, read into one buffer as large as its codecs make a chunk."""
+
+    def __init__(self, store: BundleStore, path: str, meta: ArrayMeta) -> None:
+        self._store = store
+        self._meta = meta
+        self._prefix = f"{path}/"
+        self._stored = np.empty(chunks.stored_limit(meta), np.uint8)
+
+    def key(self, index: int) -> str:
+        return self._prefix + self._meta.chunk_key(index)
+
+    def read(self, index: int, out: np.ndarray) -> None:
+        """Decode chunk ``index`` into ``out`` (``chunk_bytes`` contiguous uint8). A chunk that is
+        not stored reads as the fill value (the bundle reader bounds how many may be absent)."""
+        stored = self._store.read_stored(self.key(index), self._stored)
+        if stored is None:
+            out.view(self._meta.dtype)[...] = self._meta.fill_value
+        else:
+            chunks.decode(self._meta, stored, out)

@@ -5,8 +5,8 @@ some), and checks every known key strictly against its field's annotation: a boo
 (``complete: "false"`` is refused, not truthy), an int is an int and not a bool
 (``spec_version: true`` is refused), a float may be written as an int, lists and maps are checked
 element by element. A missing required key or a wrong type is a corrupt bundle, reported with
-the key's path inside the document. The documents are plain data: serialising them is the
-writer's job (msgpack), not theirs.
+the key's path inside the document. ``to_bytes``/``from_bytes`` are their stored form (msgpack,
+plain values only, bounded in depth).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, ClassVar, Self
 
-from ptrace.bundle_spec import layout
+import msgpack
+
+from ptrace.bundle_spec import layout, moe
 from ptrace.bundle_spec.names import DEFAULT_PATTERNS
 from ptrace.errors import BundleCorruptError
 
@@ -28,6 +30,42 @@ from ptrace.errors import BundleCorruptError
 SPEC_VERSION = 2
 #: Root-group attribute key that marks a Zarr hierarchy as a ptrace bundle.
 ROOT_ATTRIBUTE = "ptrace_bundle"
+#: The deepest nesting a metadata document may have (ptrace's own are about 5 deep).
+MAX_DOCUMENT_DEPTH = 64
+#: What a metadata document may hold besides maps and lists.
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+class DocumentError(BundleCorruptError):
+    """Bytes that are not a metadata document: not msgpack, or not plain values (the reader names the node)."""
+
+
+def unpack_document(payload: bytes) -> Any:
+    """Decode one metadata document: plain msgpack values only, bounded in depth.
+
+    The walk is iterative, so a document nested a thousand levels deep is refused here instead of
+    exhausting Python's recursion in whatever reads it next.
+    """
+    def refuse_extension(code: int, data: bytes) -> Any:
+        raise DocumentError(f"msgpack extension type {code} is not allowed")
+
+    try:
+        data = msgpack.unpackb(payload, raw=False, strict_map_key=True, ext_hook=refuse_extension)
+    except (ValueError, msgpack.UnpackException) as exc:
+        text = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise DocumentError(text[:160]) from None
+    pending = [(data, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_DOCUMENT_DEPTH:
+            raise DocumentError(f"nested more than {MAX_DOCUMENT_DEPTH} levels deep")
+        if isinstance(value, dict):
+            pending.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            pending.extend((v, depth + 1) for v in value)
+        elif not isinstance(value, _PLAIN):
+            raise DocumentError(f"msgpack value of type {type(value).__name__} is not allowed")
+    return data
 
 
 def plain(value: Any) -> Any:
@@ -81,6 +119,16 @@ class Document:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def to_bytes(self) -> bytes:
+        """The document as stored in a bundle: msgpack (SPEC.md section 3)."""
+        return msgpack.packb(self.to_dict(), use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> Self:
+        """A stored document read back (:class:`DocumentError`, or another corruption error
+        naming the key, for anything that is not one)."""
+        return cls.from_dict(unpack_document(payload))
 
     @classmethod
     @cache
@@ -158,6 +206,11 @@ class ModelInfo(Document):
     @property
     def num_layers(self) -> int:
         return int(self.config.get("num_hidden_layers", 0))
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """The mixture-of-experts layers (they have routing tensors, SPEC.md section 5)."""
+        return moe.moe_layers(self.config)
 
 
 @dataclass(frozen=True)
@@ -333,3 +386,47 @@ class WhatIfInfo(Document):
     injections: tuple[WhatIfSpec, ...]
     #: One line saying what was done, for reports.
     label: str = ""
+
+
+@dataclass(frozen=True)
+class SettingsInfo(Document):
+    """``meta/settings`` (SPEC.md 3.8): every arithmetic setting of the vocabulary
+    (``bundle_spec.settings``) as the engine used it, read back from the loaded model and engine
+    objects; ``"unknown"`` where the engine cannot report one."""
+
+    path: ClassVar[str] = layout.SETTINGS
+
+    #: vocabulary key -> value (str, number, bool, nil) or "unknown"
+    values: Mapping[str, Any]
+    #: "resolved" (read back from the engine) or "as read" (from config.json, older bundles)
+    source: str = "resolved"
+
+
+@dataclass(frozen=True)
+class ScheduleStep(Document):
+    """One engine step of a batched engine: the requests it ran, in row order, one entry each."""
+
+    #: ptrace's request index; -1 for a request the bundle does not record (a what-if's filler).
+    requests: tuple[int, ...]
+    #: Tokens scheduled for each: a prefill chunk, or 1 for a decode.
+    tokens: tuple[int, ...]
+    #: Position of each one's first scheduled token.
+    starts: tuple[int, ...]
+    #: Whether each one's tokens are prompt tokens (a prefill chunk) rather than a decode.
+    prefill: tuple[bool, ...]
+    #: Prompt tokens each one found in the prefix cache when it was admitted at this step (0 otherwise).
+    cached: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ScheduleInfo(Document):
+    """``meta/schedule`` (SPEC.md 3.9): which requests a batched engine ran together, step by
+    step, and the settings that shaped its batches; absent for engines that run one request at
+    a time."""
+
+    path: ClassVar[str] = layout.SCHEDULE
+
+    #: ``max_num_batched_tokens``, ``max_num_seqs``, ``enable_chunked_prefill``,
+    #: ``enable_prefix_caching``, ... as the engine ran.
+    settings: Mapping[str, Any]
+    steps: tuple[ScheduleStep, ...] = ()

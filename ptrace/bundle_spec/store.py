@@ -19,7 +19,6 @@ import struct
 import threading
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import numpy as np
 
@@ -32,14 +31,14 @@ from ptrace.errors import (
 )
 
 _LINK_HINT = "ptrace never follows links inside a bundle: replace the link by a copy of its target, or remove it"
-_ZIP_HINT = "make the zip with `ptrace pack` (members stored, each once)"
+ZIP_HINT = "make the zip with `ptrace pack` (members stored, each once)"
 
 
 class BundleStore(abc.ABC):
-    """A bundle's stored bytes, read without Zarr: what is stored, and one key's bytes at a time.
+    """A bundle's stored bytes: what is stored, and one key's bytes at a time, bounded.
 
-    ptrace reads its own arrays through this alone (:mod:`~ptrace.bundle_spec.arrays`); an array
-    with codecs of another writer goes through Zarr, over :meth:`zarr_store`, with the same checks.
+    Every read of a bundle goes through this, Zarr's included (an array with codecs of another
+    writer, :mod:`~ptrace.bundle_spec.zarr_fallback`), so the checks apply to every byte read.
     """
 
     @abc.abstractmethod
@@ -62,11 +61,7 @@ class BundleStore(abc.ABC):
         and returned as a view of it, or None if nothing is stored there. More bytes than
         ``buffer`` holds are refused before reading."""
 
-    @abc.abstractmethod
-    def zarr_store(self) -> Any:
-        """A read-only Zarr store over the same bytes, with the same checks (imports Zarr)."""
-
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a hook: a directory store holds nothing open)
         """Release what reading holds open."""
 
     def _too_large(self, location: object, key: str, size: int, limit: int) -> BundleCorruptError:
@@ -163,11 +158,6 @@ class DirectoryStore(BundleStore):
             size = file.readinto(memoryview(buffer)[:status.st_size])
         return buffer[:size]
 
-    def zarr_store(self) -> Any:
-        from ptrace.bundle_spec.zarr_fallback import CheckedLocalStore
-
-        return CheckedLocalStore(self)
-
 
 class ArchiveStore(BundleStore):
     """A zipped bundle whose members were checked by :func:`check_archive`."""
@@ -197,14 +187,9 @@ class ArchiveStore(BundleStore):
             try:
                 with self._archive.open(member) as file:
                     size = file.readinto(memoryview(buffer)[:member.file_size])
-            except (zipfile.BadZipFile, EOFError, OSError) as exc:
+            except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError, NotImplementedError) as exc:
                 raise member_unreadable(self.path, key, exc) from None
         return buffer[:size]
-
-    def zarr_store(self) -> Any:
-        from ptrace.bundle_spec.zarr_fallback import CheckedZipStore
-
-        return CheckedZipStore(self)
 
     def close(self) -> None:
         with self._lock:
@@ -214,7 +199,7 @@ class ArchiveStore(BundleStore):
 
 
 def member_unreadable(path: Path, key: str, exc: BaseException) -> BundleCorruptError:
-    return BundleCorruptError(f"{path}: zip member {key} cannot be read ({exc})", hint=_ZIP_HINT)
+    return BundleCorruptError(f"{path}: zip member {key} cannot be read ({exc})", hint=ZIP_HINT)
 
 
 def open_read_store(path: str | os.PathLike[str]) -> DirectoryStore | ArchiveStore:
@@ -257,16 +242,17 @@ def check_archive(path: Path) -> None:
             for member in members:
                 problem = _member_problem(member, raw, size, seen)
                 if problem:
-                    raise BundleCorruptError(f"{path}: zip member {member.filename!r} {problem}", hint=_ZIP_HINT)
+                    raise BundleCorruptError(f"{path}: zip member {member.filename!r} {problem}", hint=ZIP_HINT)
                 seen.add(member.filename)
                 total += member.compress_size
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, struct.error, ValueError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, struct.error, ValueError,
+            NotImplementedError) as exc:  # NotImplementedError: a zip version Python's zipfile does not read
         if isinstance(exc, BundleError):
             raise
-        raise BundleCorruptError(f"{path} is not a readable zip ({exc})", hint=_ZIP_HINT) from None
+        raise BundleCorruptError(f"{path} is not a readable zip ({exc})", hint=ZIP_HINT) from None
     if total > size:
         raise BundleCorruptError(f"{path}: its members declare {total} bytes but the archive holds {size} "
-                                 "(overlapping members)", hint=_ZIP_HINT)
+                                 "(overlapping members)", hint=ZIP_HINT)
 
 
 def _member_problem(member: zipfile.ZipInfo, raw, size: int, seen: set[str]) -> str | None:
@@ -318,47 +304,3 @@ def replace_path(staged: Path, final: Path) -> None:
         else:
             final.unlink()
     os.replace(staged, final)
-
-
-def pack(bundle_dir: Path, zip_path: Path, *, overwrite: bool = False) -> Path:
-    """Write a bundle directory as one zip (members stored, not deflated: chunks are compressed).
-
-    A symbolic link or special file anywhere in the directory is refused, never followed: a
-    zip made for a bug report must not carry a file the link points to.
-    """
-    from ptrace.bundle_spec.reader import open_bundle
-
-    claim_output(zip_path, overwrite)
-    if not bundle_dir.is_dir():
-        raise BundleError(f"{bundle_dir} is not a bundle directory")
-    open_bundle(bundle_dir).close()  # refuse to pack something that does not read as complete
-    files = DirectoryStore(bundle_dir.resolve()).stored_keys()  # refuses links and special files
-    staged = zip_path.with_name(zip_path.name + ".partial")
-    with zipfile.ZipFile(staged, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for key in files:
-            archive.write(bundle_dir / key, key)
-    replace_path(staged, zip_path)
-    return zip_path
-
-
-def unpack(zip_path: Path, bundle_dir: Path, *, overwrite: bool = False) -> Path:
-    """Extract a zipped bundle into a directory.
-
-    ``open_bundle`` checks the archive first (:func:`check_archive`), so what is written is at
-    most the archive's own size and stays inside ``bundle_dir``.
-    """
-    from ptrace.bundle_spec.reader import open_bundle
-
-    claim_output(bundle_dir, overwrite)
-    open_bundle(zip_path).close()
-    staged = bundle_dir.with_name(bundle_dir.name + ".partial")
-    if staged.exists():
-        shutil.rmtree(staged)
-    try:
-        with zipfile.ZipFile(zip_path) as archive:
-            archive.extractall(staged)
-    except (zipfile.BadZipFile, EOFError) as exc:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise BundleCorruptError(f"{zip_path}: cannot extract ({exc})", hint=_ZIP_HINT) from None
-    replace_path(staged, bundle_dir)
-    return bundle_dir

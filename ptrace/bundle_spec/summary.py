@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
 
 from ptrace.bundle_spec import stats as row_stats
+from ptrace.bundle_spec.dtypes import storage_dtype
 from ptrace.bundle_spec.layout import request_array, stats_array, tensor_array
 from ptrace.bundle_spec.reader import Bundle
-from ptrace.bundle_spec.dtypes import numpy_dtype
 
 
 def _tensor_rows(bundle: Bundle) -> list[dict[str, Any]]:
@@ -22,7 +23,7 @@ def _tensor_rows(bundle: Bundle) -> list[dict[str, Any]]:
             if found is not None:
                 shape = shape or list(found)
                 dtype = bundle.array_dtype(tensor_array(name), r)
-                nbytes += int(np.prod(found)) * numpy_dtype(dtype).itemsize
+                nbytes += int(np.prod(found)) * storage_dtype(dtype).itemsize
         stats_blocks = list(bundle.stats_by_request(name).values()) \
             if bundle.part_shape(stats_array(name), 0) is not None else []
         row_size = int(np.prod(shape[1:])) if shape else 1
@@ -30,6 +31,25 @@ def _tensor_rows(bundle: Bundle) -> list[dict[str, Any]]:
         rows.append({"name": name, "shape_request0": shape, "dtype": dtype, "bytes": nbytes,
                      "stats": summary})
     return rows
+
+
+def schedule_summary(schedule: dict[str, Any]) -> dict[str, Any]:
+    """``meta/schedule`` in a few numbers: steps, requests per step, prefill chunks, prefix-cache
+    hits, and the steps that also ran requests the bundle does not record (fillers)."""
+    steps = schedule["steps"]
+    sizes = [len(step["requests"]) for step in steps]
+    chunks = Counter(r for step in steps for r, p in zip(step["requests"], step["prefill"]) if p)
+    return {
+        "steps": len(steps),
+        "requests_per_step": {"min": min(sizes, default=0), "max": max(sizes, default=0),
+                              "mean": sum(sizes) / len(sizes) if sizes else 0.0},
+        "tokens_per_step_max": max((sum(step["tokens"]) for step in steps), default=0),
+        "prefill_chunks": sum(chunks.values()),
+        "chunked_prompts": sum(n > 1 for r, n in chunks.items() if r >= 0),
+        "cached_tokens": sum(sum(step["cached"]) for step in steps),
+        "steps_with_unrecorded": sum(any(r < 0 for r in step["requests"]) for step in steps),
+        "settings": schedule["settings"],
+    }
 
 
 def describe(bundle: Bundle) -> dict[str, Any]:
@@ -54,4 +74,5 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "dataset": None if bundle.requests.dataset is None else bundle.requests.dataset.to_dict(),
         "requests": requests,
         "tensors": _tensor_rows(bundle),
+        "schedule": bundle.schedule_info(),
     }

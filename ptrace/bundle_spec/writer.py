@@ -10,34 +10,27 @@ it, the arrays staging the most are appended, then partial chunks are written ou
 rewrite them whole). Whole-content CRC-32Cs are extended as rows are appended. A writer that is
 killed leaves only ``OUT.partial``, which has no manifest and so never reads as a complete bundle.
 
-Nothing is written through Zarr's store or codec pipeline (an event loop, thread hops, and the
-array's metadata rewritten at every append: most of what writing cost a stats-mode capture).
-Chunks are encoded by :class:`~ptrace.bundle_spec.chunks.ChunkWriter`, and each array's
-``zarr.json`` is Zarr's own metadata object, written once at commit with the array's final shape
-(not at every append); the files are byte for byte those Zarr's ``append`` would have left
-(tests/bundle_spec/test_writer_bytes.py).
+Nothing is written through Zarr (its event loop, thread hops, and the array's metadata rewritten
+at every append were most of what writing cost a stats-mode capture; and Zarr is not a core
+dependency). Chunks are encoded by :func:`~ptrace.bundle_spec.chunks.encode`, and each array's
+``zarr.json`` by :meth:`~ptrace.bundle_spec.arrays.ArrayMeta.to_json`, written once at commit
+with the array's final shape (not at every append); the files are byte for byte those Zarr's
+``append`` would have left (tests/bundle_spec/test_writer_bytes.py).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import google_crc32c
-import msgpack
 import numpy as np
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.group import GroupMetadata
-from zarr.core.metadata.v3 import ArrayV3Metadata
-from zarr.dtype import parse_dtype
 
-from ptrace.bundle_spec import dtypes, layout
-from ptrace.bundle_spec.chunks import ChunkWriter
+from ptrace.bundle_spec import chunks, dtypes, layout
+from ptrace.bundle_spec.arrays import ArrayMeta, Blosc, GroupMeta
 from ptrace.bundle_spec.schema import (
     ROOT_ATTRIBUTE,
     SPEC_VERSION,
@@ -72,31 +65,55 @@ def _chunk_rows(row_bytes: int) -> int:
     return int(max(1, min(MAX_CHUNK_ROWS, CHUNK_BYTES // max(row_bytes, 1))))
 
 
-def _compressors() -> list:
+def _blosc(dtype: np.dtype) -> Blosc:
     # blosc+lz4 with byte shuffle: the fastest codec measured (float activations shrink little
     # whatever the codec, but token ids and positions shrink several times, and the zero padding
-    # of a last partial chunk is free). CRC-32C comes last so it checks the stored bytes.
-    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+    # of a last partial chunk is free). CRC-32C comes after it, so it checks the stored bytes.
+    return Blosc(cname="lz4", clevel=5, shuffle="shuffle", typesize=dtype.itemsize)
 
 
-def _array_metadata(shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...], codecs: list,
-                    attributes: dict | None = None) -> ArrayV3Metadata:
-    """What Zarr's ``create_array`` declares for these arguments: a regular chunk grid, the default
-    chunk key encoding, fill value 0 (the codecs fitted to the dtype, as Zarr does)."""
-    return ArrayV3Metadata(
-        shape=shape, data_type=_zarr_dtype(dtype),
-        chunk_grid={"name": "regular", "configuration": {"chunk_shape": chunks}},
-        chunk_key_encoding={"name": "default", "separator": "/"}, fill_value=0, codecs=codecs,
-        attributes=attributes, dimension_names=None,
-    )
+def _array_meta(shape: tuple[int, ...], dtype: np.dtype, chunk_shape: tuple[int, ...], *, compressed: bool,
+                attributes: dict | None = None) -> ArrayMeta:
+    """An array as ptrace writes it: a regular chunk grid, the default chunk key encoding, fill
+    value 0, the codecs bytes (little endian) -> blosc (if ``compressed``) -> crc32c."""
+    return ArrayMeta(tuple(shape), tuple(chunk_shape), dtype, dtype.type(0).item(), attributes or {},
+                     _blosc(dtype) if compressed else None)
 
 
-#: Zarr's data type for a numpy dtype: looked up in Zarr's registry of data types, by trying each.
-_zarr_dtype = functools.cache(functools.partial(parse_dtype, zarr_format=3))
+class _ChunkFiles:
+    """Stores the chunks of one array under its directory, the ``index``-th along its first axis
+    at a time (:func:`~ptrace.bundle_spec.chunks.encode`). Every chunk written is stored,
+    all-zero ones included (what Zarr's ``write_empty_chunks`` does): a chunk that is not stored
+    reads as the fill value, indistinguishable from a deleted one, and readers bound how many
+    may be absent.
 
+    Files are written in place, not through a temporary file as Zarr's store does: the writer
+    stages the whole bundle, which a rename makes visible only when it is complete.
+    """
 
-def _metadata_bytes(metadata: ArrayV3Metadata | GroupMetadata) -> bytes:
-    return metadata.to_buffer_dict(default_buffer_prototype())[_ZARR_JSON].to_bytes()
+    def __init__(self, directory: Path, meta: ArrayMeta) -> None:
+        self._directory = directory
+        self._meta = meta
+        self._made: Path | None = None  # the directory of the last chunk written
+
+    def write(self, index: int, rows: np.ndarray) -> None:
+        """Store chunk ``index``, made of ``rows`` (in the array's dtype, at most a chunk's)."""
+        path = self._directory / self._meta.chunk_key(index)
+        if path.parent != self._made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made = path.parent
+        path.write_bytes(chunks.encode(self._meta, rows))
+
+    def read(self, index: int, rows: int) -> np.ndarray:
+        """The first ``rows`` rows of the stored chunk ``index``: a partial chunk written out
+        earlier, which the rows that follow are about to complete (decoded as any reader does)."""
+        chunk = np.empty(self._meta.chunks, self._meta.dtype)
+        stored = np.fromfile(self._directory / self._meta.chunk_key(index), np.uint8)
+        try:
+            chunks.decode(self._meta, stored, chunk.reshape(-1).view(np.uint8))
+        except chunks.ChunkError as exc:
+            raise BundleError(f"{self._directory}: the chunk written earlier no longer reads back ({exc})") from None
+        return chunk[:rows]
 
 
 @dataclass
@@ -104,8 +121,8 @@ class _Stream:
     """An array being written row block by row block; ``rows`` counts the rows received, the last
     ``pending_rows`` of which are held back until their chunk is whole (or memory is short)."""
 
-    metadata: ArrayV3Metadata  # as created: its shape is that of no rows
-    chunks: ChunkWriter
+    meta: ArrayMeta  # as created: its shape is that of no rows
+    chunks: _ChunkFiles
     logical: str
     chunk_rows: int
     row_bytes: int
@@ -120,7 +137,7 @@ class _Stream:
 
     @property
     def row_shape(self) -> tuple[int, ...]:
-        return tuple(self.metadata.shape[1:])
+        return tuple(self.meta.shape[1:])
 
     @property
     def _written(self) -> int:
@@ -180,7 +197,7 @@ class BundleWriter:
         self.bundle_id = uuid.uuid4().hex
         self.staging.mkdir(parents=True)
         (self.staging / _ZARR_JSON).write_bytes(
-            _metadata_bytes(GroupMetadata(attributes={ROOT_ATTRIBUTE: {"spec_version": SPEC_VERSION}})))
+            GroupMeta({ROOT_ATTRIBUTE: {"spec_version": SPEC_VERSION}}).to_json())
         self._groups = {""}  # the groups whose zarr.json is written
         self._streams: dict[str, _Stream] = {}
         #: array -> request -> rows staged (storage dtype), and the bytes staged per array
@@ -192,15 +209,12 @@ class BundleWriter:
 
     # -- documents ---------------------------------------------------------------------------
     def write_document(self, document: Document) -> None:
-        self._write_msgpack(document.path, document.to_dict())
+        payload = np.frombuffer(document.to_bytes(), dtype=np.uint8)
+        meta = _array_meta(payload.shape, payload.dtype, payload.shape, compressed=False)
+        _ChunkFiles(self.staging / document.path, meta).write(0, payload)
+        self._write_metadata(document.path, meta)
 
-    def _write_msgpack(self, path: str, data: dict) -> None:
-        payload = np.frombuffer(msgpack.packb(data, use_bin_type=True), dtype=np.uint8)
-        metadata = _array_metadata(payload.shape, payload.dtype, payload.shape, [BytesCodec(), Crc32cCodec()])
-        ChunkWriter(self.staging / path, metadata).write(0, payload)
-        self._write_metadata(path, metadata)
-
-    def _write_metadata(self, path: str, metadata: ArrayV3Metadata) -> None:
+    def _write_metadata(self, path: str, meta: ArrayMeta) -> None:
         """Write an array's zarr.json, and that of each group above it not written yet (empty
         groups, as Zarr creates them for an array's path)."""
         parts = path.split("/")
@@ -208,10 +222,10 @@ class BundleWriter:
             group = "/".join(parts[:depth])
             if group not in self._groups:
                 (self.staging / group).mkdir(parents=True, exist_ok=True)
-                (self.staging / group / _ZARR_JSON).write_bytes(_metadata_bytes(GroupMetadata()))
+                (self.staging / group / _ZARR_JSON).write_bytes(GroupMeta().to_json())
                 self._groups.add(group)
         (self.staging / path).mkdir(parents=True, exist_ok=True)
-        (self.staging / path / _ZARR_JSON).write_bytes(_metadata_bytes(metadata))
+        (self.staging / path / _ZARR_JSON).write_bytes(meta.to_json())
 
     # -- arrays ------------------------------------------------------------------------------
     def append(self, array: str, request: int, rows: np.ndarray) -> None:
@@ -271,12 +285,10 @@ class BundleWriter:
         row_shape = tuple(rows.shape[1:])
         row_bytes = rows.dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
         chunk_rows = _chunk_rows(row_bytes)
-        metadata = _array_metadata(
-            (0, *row_shape), dtypes.storage_dtype(logical), (chunk_rows, *row_shape),
-            [BytesCodec(endian="little"), *_compressors()], attributes={"ptrace": {"dtype": logical}},
-        )
+        meta = _array_meta((0, *row_shape), dtypes.storage_dtype(logical), (chunk_rows, *row_shape),
+                           compressed=True, attributes={"ptrace": {"dtype": logical}})
         (self.staging / path).mkdir(parents=True)  # its zarr.json, with its shape, comes at commit
-        return _Stream(metadata=metadata, chunks=ChunkWriter(self.staging / path, metadata), logical=logical,
+        return _Stream(meta=meta, chunks=_ChunkFiles(self.staging / path, meta), logical=logical,
                        chunk_rows=chunk_rows, row_bytes=row_bytes)
 
     # -- finishing ---------------------------------------------------------------------------
@@ -291,7 +303,7 @@ class BundleWriter:
             tables.add(table)
             tables.flush()
         for path, stream in self._streams.items():
-            self._write_metadata(path, stream.metadata.update_shape(stream.shape))
+            self._write_metadata(path, stream.meta.with_shape(stream.shape))
         self._held = 0
         manifest = Manifest(
             spec_version=SPEC_VERSION, ptrace_version=ptrace_version, bundle_id=self.bundle_id,

@@ -26,18 +26,20 @@ from ptrace.bundle_spec.schema import (
     RequestsInfo,
     RunInfo,
     SamplingParams,
+    SettingsInfo,
     WhatIfInfo,
     WhatIfSpec,
     plain,
 )
 from ptrace.bundle_spec.layout import request_array
+from ptrace.bundle_spec.settings import complete
 from ptrace.bundle_spec.store import claim_output
 from ptrace.bundle_spec.writer import BundleWriter
 from ptrace.capture.environment import Redactor, collect_environment
 from ptrace.capture.inputs import Prompt, resolve_prompts
 from ptrace.capture.model import describe_model
-from ptrace.bundle_spec.reader import open_bundle
-from ptrace.capture import datasets, whatif
+from ptrace.bundle_spec.structure import open_bundle
+from ptrace.capture import batching, datasets, whatif
 from ptrace.capture.recorder import StepSelection, TensorRecorder
 from ptrace.errors import BackendError, UsageError
 
@@ -130,16 +132,15 @@ def _check(config: CaptureConfig) -> StepSelection:
     return StepSelection.parse(config.settings.steps)
 
 
-def _select_tensors(patterns: Sequence[str], num_layers: int) -> list[str]:
+def _select_tensors(patterns: Sequence[str], num_layers: int, moe_layers: Sequence[int] = ()) -> list[str]:
     if tuple(patterns) == ("none",):  # tokens and logprobs only
         return []
-    known = canonical.all_names(num_layers)
+    known = canonical.all_names(num_layers, moe_layers)
     selected = canonical.select(known, patterns)
     unmatched = [p for p in patterns if not canonical.select(known, [p])]
     if unmatched:
         raise UsageError(f"--tensors {', '.join(unmatched)} matches no canonical tensor",
-                         hint=f"names are embed, layers.{{0..{num_layers - 1}}}."
-                              f"{{{','.join(canonical.LAYER_PARTS)}}}, final_norm, logits")
+                         hint=canonical.naming_hint(num_layers, moe_layers))
     return selected
 
 
@@ -175,10 +176,10 @@ def capture_runs(configs: Sequence[CaptureConfig], *, progress: Progress | None 
     for config in configs:  # everything that can fail cheaply fails before the engine starts
         _check(config)
         claim_output(Path(config.output), config.overwrite)
-        if _select_tensors(config.settings.tensors, model.num_layers) and not declared.capabilities.tensors:
+        if _select_tensors(config.settings.tensors, model.num_layers, model.moe_layers) and not declared.capabilities.tensors:
             raise UsageError(f"backend {declared.name} cannot observe intermediate tensors: it captures "
                              "tokens and logprobs only", hint="pass --tensors none")
-        _check_whatifs(config, declared, model.num_layers)
+        _check_whatifs(config, declared, model.num_layers, model.moe_layers)
     python = engine_python(configs[0].backend)
     if python is not None:
         if interceptors:
@@ -202,7 +203,8 @@ def capture_runs(configs: Sequence[CaptureConfig], *, progress: Progress | None 
                 for config, docs in zip(configs, documents, strict=True)]
 
 
-def _check_whatifs(config: CaptureConfig, backend: type[Backend], num_layers: int) -> None:
+def _check_whatifs(config: CaptureConfig, backend: type[Backend], num_layers: int,
+                   moe_layers: Sequence[int] = ()) -> None:
     if not config.whatifs:
         return
     if not backend.capabilities.replace and any(whatif.kind_of(s).on_tensors for s in config.whatifs):
@@ -212,9 +214,10 @@ def _check_whatifs(config: CaptureConfig, backend: type[Backend], num_layers: in
         if config.whatif_source is None:
             raise UsageError("a splice what-if needs the bundle to take values from")
         with open_bundle(config.whatif_source) as source:
-            whatif.check(config.whatifs, num_layers=num_layers, source=source)
+            whatif.check(config.whatifs, num_layers=num_layers, source=source, moe_layers=moe_layers,
+                         backend=backend)
     else:
-        whatif.check(config.whatifs, num_layers=num_layers, source=None)
+        whatif.check(config.whatifs, num_layers=num_layers, source=None, moe_layers=moe_layers, backend=backend)
 
 
 def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, progress: Progress | None,
@@ -222,7 +225,7 @@ def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, prog
     settings, sampling = config.settings, config.sampling
     steps = StepSelection.parse(settings.steps)
     output = Path(config.output)
-    names = _select_tensors(settings.tensors, model.num_layers)
+    names = _select_tensors(settings.tensors, model.num_layers, model.moe_layers)
     command = list(config.command if config.command is not None else sys.argv)
     redactor = Redactor.from_environment(os.environ, command)
     seeds = _seed_everything(backend, sampling.seed)
@@ -241,10 +244,12 @@ def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, prog
         forced = None if config.forced_tokens is None else [np.asarray(f, np.int64)
                                                               for f in config.forced_tokens]
         before, after = (whatif.WhatIfInterceptor(config.whatifs, model.num_layers, config.whatif_source,
-                                                  after_record=phase) for phase in (False, True))
+                                                  after_record=phase, moe_layers=model.moe_layers)
+                         for phase in (False, True))
         try:
-            generations = backend.generate([p.ids for p in prompts], sampling,
-                                           [*interceptors, before, recorder, after], on_step, forced)
+            generations, schedule = batching.generate(backend, [p.ids for p in prompts], sampling,
+                                                      [*interceptors, before, recorder, after], on_step, forced,
+                                                      config.whatifs, _longest_prompt(model, sampling))
         finally:
             before.close()
             after.close()
@@ -256,7 +261,11 @@ def _capture_one(backend: Backend, config: CaptureConfig, model: ModelInfo, prog
                       engine=backend.engine_info(), engine_options=dict(config.engine_options))
         if config.whatifs:
             documents = [*documents, WhatIfInfo(tuple(config.whatifs), whatif.labels(config.whatifs))]
-        for document in (model, run, collect_environment(), RequestsInfo(tuple(records), dataset), *documents):
+        if schedule is not None:
+            documents = [*documents, schedule]
+        resolved = SettingsInfo(complete(backend.resolved_settings()))
+        for document in (model, run, resolved, collect_environment(), RequestsInfo(tuple(records), dataset),
+                         *documents):
             writer.write_document(type(document).from_dict(redactor.scrub(document.to_dict())))
         from ptrace import __version__
 
@@ -273,13 +282,20 @@ def _prompts(config: CaptureConfig, backend: Backend, model: ModelInfo,
                                num_requests=config.num_requests, seed=config.sampling.seed,
                                tokenize=backend.tokenize), None
     longest = config.max_prompt_tokens
-    if longest is None and "max_position_embeddings" in model.config:
-        longest = int(model.config["max_position_embeddings"]) - config.sampling.max_new_tokens
+    if longest is None:
+        longest = _longest_prompt(model, config.sampling)
     return datasets.select(config.dataset, count=config.num_requests, seed=config.sampling.seed,
                            min_tokens=config.min_prompt_tokens or 1, max_tokens=longest,
                            tokenize_batch=backend.tokenize_batch, chat_template=backend.chat_template(),
                            progress=progress and (lambda done, total, stage: progress(
                                done, total, f"selecting {config.num_requests} prompts: {stage}")))
+
+
+def _longest_prompt(model: ModelInfo, sampling: SamplingParams) -> int | None:
+    """The longest prompt the model holds besides the new tokens (None: its config does not say)."""
+    if "max_position_embeddings" not in model.config:
+        return None
+    return int(model.config["max_position_embeddings"]) - sampling.max_new_tokens
 
 
 def _seed_everything(backend: Backend, seed: int) -> dict[str, int]:

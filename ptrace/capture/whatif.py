@@ -8,7 +8,9 @@ gives each *kind* its behaviour and applies the specs to a run:
   :class:`WhatIfInterceptor` that runs before the recorder, so the bundle records what the
   engine computed *with* the injection, and a replaced k or v stays in the engine's KV cache;
 - load-time kinds (``config``: model config overrides such as ``rms_norm_eps``; ``engine``:
-  engine options such as ``kv_cache_dtype``) change how the engine is loaded.
+  engine options such as ``kv_cache_dtype``) change how the engine is loaded;
+- ``batch`` changes which requests run together (:mod:`ptrace.capture.batching`), and for some
+  of its modes the engine options that shape batches.
 
 Kinds register themselves in :data:`KINDS`; ``parse`` reads the short text form
 ``KIND[:GLOBS][:KEY=VALUE]...`` (``noise:layers.*.k,layers.*.v:std=1e-3:positions=0-99``).
@@ -31,10 +33,11 @@ from typing import Any, ClassVar
 import ml_dtypes
 import numpy as np
 
-from ptrace.backends.base import EngineTensor, Interceptor, TensorSite
+from ptrace.backends.base import Backend, EngineTensor, Interceptor, TensorSite
 from ptrace.backends.model_dir import read_config
 from ptrace.bundle_spec import names as canonical
-from ptrace.bundle_spec.reader import Bundle, open_bundle
+from ptrace.bundle_spec.reader import Bundle
+from ptrace.bundle_spec.structure import open_bundle
 from ptrace.bundle_spec.schema import WhatIfSpec
 from ptrace.capture.recorder import StepSelection
 from ptrace.errors import PtraceError, UsageError
@@ -71,6 +74,11 @@ class Kind(ABC):
         missing = [p for p, default in cls.params.items() if default is None and p not in spec.params]
         if missing:
             raise UsageError(f"what-if {cls.name} needs {', '.join(missing)}", hint=_usage(cls))
+
+    @classmethod
+    def globs(cls, spec: WhatIfSpec) -> tuple[str, ...]:
+        """The tensor globs the spec changes: those it names."""
+        return spec.tensors
 
     def param(self, spec: WhatIfSpec, name: str) -> Any:
         return spec.params.get(name, self.params[name])
@@ -186,6 +194,27 @@ class Restore(Splice):
 
 
 @kind
+class Route(Splice):
+    name = "route"
+    help = ("force the source bundle's expert choices in mixture-of-experts layers (weights=1: its "
+            "combine weights too; else the router's own weights of those experts): does routing explain "
+            "the divergence? Select layers with layers=FIRST-LAST")
+    params = {"weights": 0}
+
+    @classmethod
+    def check(cls, spec: WhatIfSpec) -> None:
+        super().check(spec)
+        if spec.tensors:
+            raise UsageError("what-if route takes no tensor names: it replaces layers.*.experts",
+                             hint="select layers with route:layers=0-1, add the weights with weights=1")
+
+    @classmethod
+    def globs(cls, spec: WhatIfSpec) -> tuple[str, ...]:
+        parts = ("experts", "expert_weights") if int(spec.params.get("weights", 0)) else ("experts",)
+        return tuple(f"layers.*.{part}" for part in parts)
+
+
+@kind
 class ConfigOverride(Kind):
     name = "config"
     help = "override model config.json keys at load time, e.g. rms_norm_eps=1e-5 rope_theta=1e6"
@@ -204,6 +233,77 @@ class ConfigOverride(Kind):
 class EngineOverride(ConfigOverride):
     name = "engine"
     help = "load the engine with other options, e.g. kv_cache_dtype=fp8"
+
+
+@kind
+class Batch(Kind):
+    name = "batch"
+    help = ("run the requests in another batch: solo (each alone), fillers=N (among N seeded filler "
+            "prompts), max_num_batched_tokens=K (chunked prefill), prefix_cache=on (prompts warmed "
+            "into the prefix cache first), invariant=on (vLLM's batch-invariant mode); on an engine that "
+            "runs one request at a time (torch): padded=N (each request in a padded batch of N + 1 rows)")
+    params = {"solo": False, "fillers": 0, "max_num_batched_tokens": 0, "prefix_cache": "off", "invariant": "off",
+              "padded": 0}
+    #: The engine option of engines that run each request alone but can pad it into a batch.
+    PADDED_OPTION: ClassVar[str] = "padded_batch"
+    on_tensors = False
+    #: Parameters the text form takes as a bare word (``batch:solo``).
+    flags: ClassVar[tuple[str, ...]] = ("solo",)
+    _SWITCHES = ("prefix_cache", "invariant")
+
+    @classmethod
+    def check(cls, spec: WhatIfSpec) -> None:
+        super().check(spec)
+        given = [p for p in cls.params if spec.params.get(p, cls.params[p]) != cls.params[p]]
+        if len(given) != 1:
+            raise UsageError(f"what-if batch needs exactly one of {', '.join(cls.params)}"
+                             + (f", not {' and '.join(given)}" if given else ""), hint="e.g. batch:solo, batch:fillers=16, batch:max_num_batched_tokens=64, "
+                                  "batch:prefix_cache=on, batch:invariant=on")
+        (mode,) = given
+        value = spec.params[mode]
+        if mode in cls._SWITCHES and value != "on":
+            raise UsageError(f"what-if batch:{mode}={value}: the only other value than off is on")
+        if mode in ("fillers", "max_num_batched_tokens", "padded") and (not isinstance(value, int) or value < 1):
+            raise UsageError(f"what-if batch:{mode}={value}: expected a whole number >= 1")
+        if mode == "solo" and value is not True:
+            raise UsageError("what-if batch:solo takes no value")
+        if spec.tensors or spec.steps or spec.positions or spec.layers or spec.requests:
+            raise UsageError(f"what-if batch:{mode} changes whole batches: it takes no tensors, steps, "
+                             "positions, layers or requests")
+
+    @staticmethod
+    def mode(spec: WhatIfSpec) -> tuple[str, Any]:
+        """The one parameter a batch spec sets, and its value."""
+        (mode,) = [(p, v) for p, v in spec.params.items() if v != Batch.params[p]]
+        return mode
+
+    @classmethod
+    def engine_options(cls, spec: WhatIfSpec) -> dict[str, Any]:
+        """The engine options the spec loads the engine with (the rest happens at generation)."""
+        mode, value = cls.mode(spec)
+        if mode == "max_num_batched_tokens":
+            return {"max_num_batched_tokens": value, "enable_chunked_prefill": True}
+        if mode == "prefix_cache":
+            return {"enable_prefix_caching": True}
+        if mode == "invariant":
+            return {"batch_invariant": True}
+        if mode == "padded":
+            return {cls.PADDED_OPTION: value}
+        return {}
+
+    @classmethod
+    def refusal(cls, spec: WhatIfSpec, backend: type[Backend]) -> str | None:
+        """Why ``backend`` cannot run ``spec`` (None: it can): a padded batch needs an engine that
+        pads, every other mode one that batches."""
+        if cls.mode(spec)[0] == "padded":
+            if not any(option.name == cls.PADDED_OPTION for option in backend.options):
+                return f"backend {backend.name} has no padded batches (it batches without padding)"
+        elif not backend.capabilities.batched:
+            return f"backend {backend.name} runs one request at a time, it cannot batch"
+        return None
+
+    def apply(self, rows, spec, site, context):
+        raise NotImplementedError  # applied to whole batches, by ptrace.capture.batching
 
 
 def _usage(cls: type[Kind]) -> str:
@@ -226,9 +326,12 @@ def parse(text: str) -> WhatIfSpec:
     tensors: tuple[str, ...] = ()
     params: dict[str, Any] = {}
     selectors: dict[str, Any] = {}
+    flags = getattr(KINDS.get(kind_name), "flags", ())
     for part in parts:
         key, sep, value = part.partition("=")
-        if not sep:
+        if not sep and part.strip() in flags:
+            params[part.strip()] = True
+        elif not sep:
             if tensors:
                 raise UsageError(f"--inject {text!r}: two tensor selections ({','.join(tensors)} and {part})",
                                  hint="join globs with commas: layers.*.k,layers.*.v")
@@ -282,7 +385,8 @@ def read_file(path: Path) -> list[tuple[WhatIfSpec, ...]]:
 
 def describe(spec: WhatIfSpec) -> str:
     """One line for humans: ``noise std=0.001 in layers.*.k,layers.*.v at positions 0-99``."""
-    params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.params.items())
+    params = " ".join(k if v is True else f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in spec.params.items())
     where = [f"in {','.join(spec.tensors)}"] if spec.tensors else []
     where += [f"{key} {value}" for key, value in (("steps", spec.steps), ("positions", spec.positions),
                                                   ("layers", spec.layers)) if value is not None]
@@ -293,21 +397,29 @@ def describe(spec: WhatIfSpec) -> str:
 
 # -- checks before any engine starts ----------------------------------------------------------
 
-def check(specs: Sequence[WhatIfSpec], *, num_layers: int, source: Bundle | None) -> None:
-    """Every problem a what-if can have, raised before an engine loads."""
-    known = canonical.all_names(num_layers)
+def check(specs: Sequence[WhatIfSpec], *, num_layers: int, source: Bundle | None,
+          moe_layers: Sequence[int] = (), backend: type[Backend] | None = None) -> None:
+    """Every problem a what-if can have, raised before an engine loads (``backend``: the
+    engine's class, for what only some engines can do)."""
+    known = canonical.all_names(num_layers, moe_layers)
+    if sum(spec.kind == Batch.name for spec in specs) > 1:
+        raise UsageError("one batch what-if per run: " + "; ".join(describe(s) for s in specs if s.kind == Batch.name),
+                         hint="run them side by side: one --inject each")
     for spec in specs:
         kind_cls = kind_of(spec)
         kind_cls.check(spec)
         where = f"what-if {describe(spec)}"
+        refusal = Batch.refusal(spec, backend) if kind_cls is Batch and backend is not None else None
+        if refusal:
+            raise UsageError(f"{where}: {refusal}",
+                             hint="batch:padded=N runs on torch; the other batch what-ifs on a batched engine (vllm)")
         if kind_cls.on_tensors:
-            if not spec.tensors:
+            if not kind_cls.globs(spec):
                 raise UsageError(f"{where}: name the tensors to change", hint=_usage(kind_cls))
-            for glob in spec.tensors:
+            for glob in kind_cls.globs(spec):
                 if not canonical.select(known, [glob]):
                     raise UsageError(f"{where}: {glob!r} matches no canonical tensor of this model",
-                                     hint=f"names are embed, layers.{{0..{num_layers - 1}}}."
-                                          f"{{{','.join(canonical.LAYER_PARTS)}}}, final_norm, logits")
+                                     hint=canonical.naming_hint(num_layers, moe_layers))
         _parse_range(spec.positions, "positions")
         _parse_range(spec.layers, "layers")
         StepSelection.parse(spec.steps)
@@ -337,7 +449,7 @@ def _parse_range(text: str | None, what: str) -> tuple[int, int] | None:
 
 def targets(spec: WhatIfSpec, known: Sequence[str]) -> list[str]:
     """The canonical names a spec changes, its layer range applied."""
-    names = canonical.select(known, spec.tensors)
+    names = canonical.select(known, kind_of(spec).globs(spec))
     layers = _parse_range(spec.layers, "layers")
     if layers is None:
         return names
@@ -372,6 +484,8 @@ def load_time(specs: Sequence[WhatIfSpec]) -> tuple[dict[str, Any], dict[str, st
             config.update(spec.params)
         elif spec.kind == EngineOverride.name:
             engine.update({k: str(v) for k, v in spec.params.items()})
+        elif spec.kind == Batch.name:
+            engine.update({k: str(v).lower() for k, v in Batch.engine_options(spec).items()})
     return config, engine
 
 
@@ -406,9 +520,9 @@ class WhatIfInterceptor(Interceptor):
     """Applies the tensor kinds of some what-if specs to a run, in the order given."""
 
     def __init__(self, specs: Sequence[WhatIfSpec], num_layers: int, source: str | Path | None = None, *,
-                 after_record: bool = False) -> None:
+                 after_record: bool = False, moe_layers: Sequence[int] = ()) -> None:
         """The specs of one phase: before the recorder (``after_record=False``) or after it."""
-        known = canonical.all_names(num_layers)
+        known = canonical.all_names(num_layers, moe_layers)
         self.specs = [(s, KINDS[s.kind](), set(targets(s, known)), StepSelection.parse(s.steps),
                        _parse_range(s.positions, "positions")) for s in specs
                       if KINDS[s.kind].on_tensors and KINDS[s.kind].after_record == after_record]

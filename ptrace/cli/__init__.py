@@ -27,6 +27,7 @@ from ptrace.cli.monitor import monitor
 from ptrace.cli.pack import pack, unpack
 from ptrace.cli import replay as replay_command
 from ptrace.cli.replay import replay
+from ptrace.cli.settings import settings
 from ptrace.cli.validate import validate
 from ptrace.errors import PtraceError
 
@@ -62,6 +63,7 @@ app.command(rich_help_panel="Run")(replay)
 app.command("whatif", rich_help_panel="Run", help=replay_command.WHATIF_HELP)(replay)
 app.command(rich_help_panel="Compare")(compare)
 app.command(rich_help_panel="Compare")(monitor)
+app.command(rich_help_panel="Compare")(settings)
 app.command(rich_help_panel="Bundles")(inspect)
 app.command(rich_help_panel="Bundles")(validate)
 app.command(rich_help_panel="Bundles")(pack)

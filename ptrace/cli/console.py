@@ -92,7 +92,11 @@ class Console:
 
     def json(self, data: Any) -> None:
         """Machine-readable output: plain JSON on stdout, nothing else (control characters escaped)."""
-        sys.stdout.write(json.dumps(data, indent=2, default=str, allow_nan=True) + "\n")
+        self.json_text(json.dumps(data, indent=2, default=str, allow_nan=True))
+
+    def json_text(self, text: str) -> None:
+        """JSON serialised already (escaped, as :meth:`json` writes it) on stdout, nothing else."""
+        sys.stdout.write(text + "\n")
 
     def success(self, message: str) -> None:
         self.out.print(safe_text(message, style="green"))

@@ -58,6 +58,22 @@ def _dataset_fields(dataset: dict[str, Any], requests: list[dict[str, Any]]) -> 
                    f"{built.count('concatenated')} built from consecutive ones"}
 
 
+def _schedule_fields(schedule: dict[str, Any]) -> dict[str, Any]:
+    from ptrace.bundle_spec.summary import schedule_summary
+
+    summary = schedule_summary(schedule)
+    sizes = summary["requests_per_step"]
+    return {
+        "steps": summary["steps"],
+        "requests per step": f"{sizes['min']} to {sizes['max']} (mean {sizes['mean']:.1f})",
+        "most tokens in a step": summary["tokens_per_step_max"],
+        "prefill chunks": f"{summary['prefill_chunks']} ({summary['chunked_prompts']} prompts split over steps)",
+        "prefix-cache hits": f"{summary['cached_tokens']} tokens",
+        "steps with unrecorded requests": summary["steps_with_unrecorded"],
+        "settings": ", ".join(f"{k}={v}" for k, v in summary["settings"].items()),
+    }
+
+
 def inspect(
     bundle: Annotated[Path, typer.Argument(help="Bundle: *.zarr directory or *.zarr.zip file.")],
     as_json: opt.Json = False,
@@ -100,6 +116,8 @@ def inspect(
         "numerics env": env["env"] or "none"}))
     if info["dataset"]:
         console.print(_fields("Dataset", _dataset_fields(info["dataset"], info["requests"])))
+    if info["schedule"]:
+        console.print(_fields("Schedule (engine steps)", _schedule_fields(info["schedule"])))
     requests = console.table(title="Requests", title_justify="left", title_style="bold")
     for column in ("#", "prompt", "tokens in", "tokens out", "generated"):
         requests.add_column(column)

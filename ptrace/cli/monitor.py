@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.text import Text
 
 from ptrace.cli import verdicts as v
 from ptrace.cli.console import console, safe_text
@@ -35,7 +34,8 @@ def monitor(
         help="Run one cycle and exit with its verdict: 0 pass, 1 as bad as --fail-on, 3 no comparison "
              "(cron, CI).")] = False,
     timeout: Annotated[float, typer.Option(
-        rich_help_panel=CANARY, help="Seconds a request may take, answer included.")] = 30.0,
+        rich_help_panel=CANARY,
+        help="Seconds each request may take, in wall time, however slowly the server answers.")] = 30.0,
     prompt_format: Annotated[str, typer.Option(
         rich_help_panel=CANARY, help="auto (token ids, else text), ids, or text (checked to tokenize as the "
                                      "bundle's ids).")] = "auto",
@@ -93,7 +93,9 @@ def monitor(
             sys.stdout.write(json.dumps(cycle.to_dict(), allow_nan=False) + "\n")
             sys.stdout.flush()
         elif cycle.compared:
-            console.print(Text(cycle.message, style={"pass": "green", "warn": "yellow"}.get(cycle.result, "red")))
+            style = {"pass": "green", "warn": "yellow"}.get(cycle.result, "red")
+            # One line per cycle however long (a log line): the terminal may wrap it, rich must not.
+            console.out.print(safe_text(f"{cycle.started_at} {cycle.message}", style=style), soft_wrap=True)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

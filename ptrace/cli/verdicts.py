@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -57,11 +56,11 @@ def emit(comparison, *, report: Path | None, json_out: Path | None, metrics_file
         write_report(comparison, report)
         console.print(f"report: {report}")
     if json_out is not None:
-        data = comparison.to_dict()
+        text = comparison.to_json()
         if str(json_out) == "-":
-            console.json(data)
+            console.json_text(text)
         else:
-            json_out.write_text(json.dumps(data, indent=2, allow_nan=False))
+            json_out.write_text(text)
             console.print(f"json: {json_out}")
     if metrics_file is not None:
         from ptrace.monitor.textfile import write_comparison_metrics

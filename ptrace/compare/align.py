@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ptrace.bundle_spec.dtypes import to_float
+from ptrace.bundle_spec.layout import tensor_array
 from ptrace.bundle_spec.names import LOGITS
 from ptrace.bundle_spec.reader import Bundle
 
@@ -41,8 +43,10 @@ def row_indices(positions: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 
 
 def read_rows(bundle: Bundle, request: int, name: str, rows: np.ndarray) -> np.ndarray:
-    """Rows (sorted indices) of a tensor, reading one contiguous slice."""
-    block = bundle.tensor_rows(request, name, int(rows[0]), int(rows[-1]) + 1)
+    """Rows (sorted indices) of a tensor as numpy floats (bfloat16 and float8 as float32, decoded
+    without ml_dtypes), reading one contiguous slice."""
+    stored = bundle.tensor_rows(request, name, int(rows[0]), int(rows[-1]) + 1, stored=True)
+    block = to_float(stored, bundle.array_dtype(tensor_array(name), request))
     contiguous = int(rows[-1]) - int(rows[0]) + 1 == rows.size
     return block if contiguous else block[rows - rows[0]]
 

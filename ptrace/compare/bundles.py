@@ -15,10 +15,13 @@ from typing import Any
 
 from ptrace.bundle_spec.names import sort_forward
 from ptrace.bundle_spec.reader import Bundle
+from ptrace.bundle_spec.structure import require_structure
 from ptrace.compare.align import align
 from ptrace.compare.noise import coarser
 from ptrace.compare.localize import earliest, first_divergent, first_nonfinite, largest_local_error
 from ptrace.compare.results import Comparison, RequestResult, TensorResult
+from ptrace.compare.routing import compare_routing, is_categorical
+from ptrace.compare.settings import recorded as recorded_settings
 from ptrace.compare.stability import with_stability
 from ptrace.compare.summary import with_summary
 from ptrace.compare.tensors import compare_tensor, worth_compiling
@@ -39,8 +42,10 @@ def _run_summary(bundle: Bundle) -> dict[str, Any]:
         "mode": bundle.mode, "command": list(bundle.manifest.command), "model": bundle.model.name,
         "model_fingerprint": bundle.model.fingerprint, "run": run.to_dict(),
         "environment": bundle.environment.to_dict(), "replay": bundle.replay_info(),
+        "schedule": bundle.schedule_info(),
         "output_tokens": [list(r.output_tokens) for r in records],
         "prompts": [r.prompt for r in records],
+        "settings": recorded_settings(bundle),
     }
 
 
@@ -56,12 +61,15 @@ def _check_same_inputs(a: Bundle, b: Bundle) -> None:
 
 def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | None = None,
             progress: Callable[[int, int], None] | None = None) -> Comparison:
-    """Compare run ``b`` against reference run ``a`` (same inputs; engines, dtypes may differ)."""
+    """Compare run ``b`` against reference run ``a`` (same inputs; engines, dtypes may differ).
+    A bundle that breaks the spec's structural rules is refused, however it was opened."""
+    require_structure(a)
+    require_structure(b)
     thresholds_dtype = coarser(a.run.dtype, b.run.dtype)
     thresholds = thresholds_for(thresholds_dtype, threshold_overrides)
     _check_same_inputs(a, b)
     alignments = {r: align(a, b, r) for r in range(a.num_requests)}
-    names = sort_forward(set(a.tensor_names) & set(b.tensor_names))
+    names = sort_forward(n for n in set(a.tensor_names) & set(b.tensor_names) if not is_categorical(n))
     missing = sorted(set(a.tensor_names) ^ set(b.tensor_names))
     compiled = worth_compiling(a, b, names, alignments)
     done = 0
@@ -104,7 +112,8 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
         first_divergent_request=first_request, largest_local_error=largest_local_error(tensors),
         first_nonfinite=nonfinite,
         thresholds=thresholds.to_dict(), thresholds_dtype=thresholds_dtype, tensors=tensors, requests=requests,
-        a=_run_summary(a), b=_run_summary(b), missing=missing)))
+        a=_run_summary(a), b=_run_summary(b), missing=missing,
+        routing=compare_routing(a, b, alignments))))
 
 
 def combine(*, tensors: Comparison, tokens: Comparison) -> Comparison:

@@ -2,6 +2,8 @@
 
 Every function takes blocks of aligned rows ``a`` and ``b`` (any float dtype, bfloat16
 included) and works in float64, so a comparison's own rounding never shows up as divergence.
+The row sums also take bfloat16 rows as their bits (``uint16``, as bundles store them): compare
+reads them so (:func:`summable`), which spares it ml_dtypes' import (up to a second) and a pass.
 Per-row results are what the report plots; :class:`RunningTotals` folds blocks into whole-tensor
 numbers without keeping the tensor, so bundles larger than memory stream through.
 
@@ -14,14 +16,14 @@ numpy needs for a small comparison: below :data:`KERNEL_MIN_ELEMENTS` numpy does
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Callable
 
-import ml_dtypes
 import numpy as np
 
 from ptrace.backends.decoding import log_softmax
+from ptrace.bundle_spec.dtypes import bfloat16_to_float32, to_float
 from ptrace.errors import ComparisonError
 
 #: Denominator guard for relative errors (``|b - a| / (|a| + 1e-8)``: zeros of the reference stay finite).
@@ -41,21 +43,37 @@ KERNEL_MIN_ELEMENTS = 1 << 26
 #: Elements per row block of the numpy sums: four float64 buffers of this size fit the level-2
 #: cache (measured: 1 << 16 is 2.3x faster per element than 1 << 12, and as fast as 1 << 18).
 NUMPY_BLOCK_ELEMENTS = 1 << 16
-_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+#: How the row sums take bfloat16 rows that come as their bits.
+BFLOAT16_BITS = np.dtype(np.uint16)
 
 
 def _flat64(block: np.ndarray) -> np.ndarray:
     return np.asarray(block).reshape(block.shape[0], -1).astype(np.float64, copy=False)
 
 
+def summable(stored: np.ndarray, logical: str) -> np.ndarray:
+    """Rows read in their storage dtype (a bundle's, logical dtype ``logical``) as the row sums
+    take them, without importing ml_dtypes: bfloat16 as its bits, anything else as numpy floats
+    (float8 decoded, integers widened, so that no uint16 tensor passes for bfloat16)."""
+    if logical == "bfloat16" and stored.dtype == BFLOAT16_BITS:
+        return stored
+    values = to_float(stored, logical)
+    return values if values.dtype.kind == "f" else values.astype(np.float64)
+
+
 def _kernel_input(block: np.ndarray) -> np.ndarray:
     """Rows as the kernel reads them: float32 and float64 as they are, bfloat16 as its bits."""
     rows = np.ascontiguousarray(block).reshape(block.shape[0], -1)
-    if rows.dtype == _BFLOAT16:
-        return rows.view(np.uint16)
-    if rows.dtype in (np.float32, np.float64):
+    if rows.dtype.name == "bfloat16":  # ml_dtypes' type, from a caller that has it (compare gives bits)
+        return rows.view(BFLOAT16_BITS)
+    if rows.dtype in (np.float32, np.float64, BFLOAT16_BITS):
         return rows
     return rows.astype(np.float64 if rows.dtype.itemsize > 4 else np.float32)
+
+
+def _widened(rows: np.ndarray) -> np.ndarray:
+    """Rows as numpy reads them: bfloat16's bits as float32."""
+    return bfloat16_to_float32(rows) if rows.dtype == BFLOAT16_BITS else rows
 
 
 def _numpy_row_sums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -71,7 +89,7 @@ def _numpy_row_sums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         for start in range(0, rows, step):
             n = min(step, rows - start)
             xs, ys, ds, rs, sums = x[:n], y[:n], diff[:n], rel[:n], out[start:start + n]
-            xs[...], ys[...] = x_rows[start:start + n], y_rows[start:start + n]
+            xs[...], ys[...] = _widened(x_rows[start:start + n]), _widened(y_rows[start:start + n])
             np.abs(np.subtract(xs, ys, out=ds), out=ds)
             np.divide(ds, np.add(np.abs(xs, out=rs), REL_EPS, out=rs), out=rs)
             sums[:, SUM_ABS], sums[:, SUM_REL] = ds.sum(axis=1), rs.sum(axis=1)
@@ -106,6 +124,7 @@ def row_sums(a: np.ndarray, b: np.ndarray, *, compiled: bool = True) -> np.ndarr
     """Per row of ``b`` against reference ``a``, in float64, the columns ``SUM_ABS`` ...
     ``MAX_ABS``: sums of |a - b|, of |a - b| / (|a| + REL_EPS), the count of those at most
     ``THOUSANDTH``, sums of a*b, a^2, b^2, (a - b)^2, and the max |a - b| (NaN if any is).
+    Rows of dtype ``uint16`` are bfloat16 bits (:data:`BFLOAT16_BITS`).
     ``compiled=False``: numpy's passes, without loading the kernel (a small comparison)."""
     if a.shape != b.shape:
         raise ComparisonError(f"cannot compare rows of shapes {a.shape} and {b.shape}",

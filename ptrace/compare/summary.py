@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ptrace.compare import routing, settings
 from ptrace.compare.results import Comparison, TensorResult
 from ptrace.compare.thresholds import PASS, Thresholds, worst
 
@@ -88,8 +89,14 @@ def _verdict(c: Comparison) -> str:
         summary = f"{c.verdict.upper()}: {_tokens(c)}; {_where(c)}; {_size(c)}"
         if c.calibration_note:
             summary += f"; {c.calibration_note}"
+    moe = routing.sentence(c.routing, c.first_divergent_request, c.first_divergent_tensor,
+                           c.first_divergent_position)
+    if moe:
+        summary += f"; {moe}"
     if c.first_nonfinite:
         summary += f"; first NaN/Inf in {c.first_nonfinite['tensor']} ({c.first_nonfinite['bundle']})"
+    for clause in settings.clauses(c):
+        summary += f"; {clause}"
     if c.a.get("model_fingerprint") != c.b.get("model_fingerprint"):
         summary += (f"; the runs used different weights (fingerprint {str(c.a.get('model_fingerprint'))[:12]} vs "
                     f"{str(c.b.get('model_fingerprint'))[:12]})")
@@ -97,4 +104,5 @@ def _verdict(c: Comparison) -> str:
 
 
 def with_summary(c: Comparison) -> Comparison:
+    c = replace(c, settings_diff=[d.to_dict() for d in settings.differences(c)])
     return replace(c, summary=summarize(c))

@@ -11,10 +11,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ptrace.bundle_spec.layout import tensor_array
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.compare import noise
 from ptrace.compare.align import Alignment, align_tensor
-from ptrace.compare.metrics import KERNEL_MIN_ELEMENTS, RunningTotals, row_errors
+from ptrace.compare.metrics import KERNEL_MIN_ELEMENTS, RunningTotals, row_errors, summable
 from ptrace.compare.results import TensorResult
 from ptrace.compare.thresholds import FAIL, PASS, WARN, Thresholds
 from ptrace.errors import ComparisonError
@@ -28,18 +29,20 @@ BLOCK_BYTES = 4 << 20
 
 
 def _selected(bundle: Bundle, request: int, name: str, rows: np.ndarray, block: int) -> Iterator[np.ndarray]:
-    """The given rows (sorted indices) of a tensor, block by block. All the request's rows are
-    read, in order, so that their checksums are verified: a tampered bundle is an error, never
-    a verdict.
+    """The given rows (sorted indices) of a tensor, block by block, as the row sums take them
+    (:func:`~ptrace.compare.metrics.summable`). All the request's rows are read, in order, so
+    that their checksums are verified: a tampered bundle is an error, never a verdict.
 
     A run of consecutive rows comes as a view of the reader's block, which the next block
     overwrites: use each before asking for the next."""
     taken = 0
-    for start, data in bundle.tensor_blocks(request, name, block):
+    logical = bundle.array_dtype(tensor_array(name), request)
+    for start, data in bundle.tensor_blocks(request, name, block, stored=True):
         upto = int(np.searchsorted(rows, start + data.shape[0]))
         if upto > taken:
             first, last = int(rows[taken]) - start, int(rows[upto - 1]) - start
-            yield data[first:last + 1] if last - first == upto - taken - 1 else data[rows[taken:upto] - start]
+            piece = data[first:last + 1] if last - first == upto - taken - 1 else data[rows[taken:upto] - start]
+            yield summable(piece, logical)
         taken = upto
 
 

@@ -21,6 +21,7 @@ refused, once, at start (:func:`load_golden`).
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import math
 import threading
@@ -123,6 +124,7 @@ class CycleResult:
     result: str
     #: one line saying what happened (the summary, or the problem)
     message: str
+    #: when the cycle started (Unix time)
     started: float
     duration_seconds: float
     model: str | None = None
@@ -135,6 +137,11 @@ class CycleResult:
     logprob_max_abs_error: float = math.nan
 
     @property
+    def started_at(self) -> str:
+        """When the cycle started, in ISO 8601 (UTC, to the second): the stamp of its lines."""
+        return _dt.datetime.fromtimestamp(self.started, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    @property
     def compared(self) -> bool:
         """Whether the endpoint answered and the answers were compared (whatever the verdict)."""
         return self.result in VERDICTS
@@ -144,7 +151,7 @@ class CycleResult:
         requests = [{k: v for k, v in r.to_dict().items() if k not in ("topk_a", "topk_b", "compared_positions")}
                     for r in self.requests]
         return {"result": self.result, "message": self.message, "started": self.started,
-                "duration_seconds": self.duration_seconds, "model": self.model,
+                "started_at": self.started_at, "duration_seconds": self.duration_seconds, "model": self.model,
                 "token_match_rate": _finite(self.token_match_rate),
                 "first_divergent_step": self.first_divergent_step,
                 "kl_max": _finite(max(self.kl, default=math.nan)),
@@ -349,7 +356,8 @@ def run(canary: Canary, *, interval: float, once: bool = False, stop: threading.
         on_cycle: Callable[[CycleResult], None] = lambda cycle: None) -> CycleResult:
     """Cycle until ``stop`` is set (or once), calling ``on_cycle`` after each; returns the last.
 
-    A problem is logged once when it appears and once when it is gone, not every cycle.
+    A problem is logged once when it appears and once when it is gone, not every cycle; each
+    line starts with the cycle's start in ISO 8601.
     """
     stop = stop or threading.Event()
     failures, problem = 0, None
@@ -360,9 +368,10 @@ def run(canary: Canary, *, interval: float, once: bool = False, stop: threading.
         wait = backoff(interval, failures)
         now = None if cycle.compared else (cycle.result, cycle.message)
         if now is not None and now != problem:
-            log.warning("%s: %s%s", cycle.result, cycle.message, "" if once else f" (next try in {wait:g} s)")
+            log.warning("%s %s: %s%s", cycle.started_at, cycle.result, cycle.message,
+                        "" if once else f" (next try in {wait:g} s)")
         elif now is None and problem is not None:
-            log.warning("recovered: %s answers again", canary.endpoint.base_url)
+            log.warning("%s recovered: %s answers again", cycle.started_at, canary.endpoint.base_url)
         problem = now
         if once or stop.wait(wait):
             return cycle

@@ -1,13 +1,18 @@
 """An OpenAI-compatible serving endpoint (vLLM, SGLang, vLLM-MindSpore), spoken to over the
 standard library's HTTP client: the canary needs two calls, ``GET /models`` and
-``POST /completions``, and no dependency is worth that.
+``POST /completions``, and no dependency is worth that. It connects to the endpoint directly,
+without the environment's proxy settings.
 
 Every way an answer can be unusable becomes one :class:`~ptrace.errors.EndpointError` whose
 ``result`` is one of :data:`PROBLEMS`: a fixed, small set, because the canary counts them as a
-Prometheus label. A request never outlives its deadline (``timeout`` seconds for the whole
-answer, not per socket read: a server trickling bytes is as stuck as a silent one), and never
-reads more than :data:`MAX_RESPONSE_BYTES`, so a broken server cannot make the canary hang or
-grow.
+Prometheus label. A request never outlives its deadline, ``timeout`` seconds of wall time from
+connecting to the answer's last byte, and never reads more than :data:`MAX_RESPONSE_BYTES`, so a
+broken server cannot make the canary hang or grow. A socket timeout alone bounds each wait for
+the next bytes, not the answer: a server that sends a byte every half second would hold a
+request for as long as it likes. So a timer shuts the connection's socket down at the deadline,
+which ends whatever read is waiting on it (:class:`_Deadline`). Connecting comes before the
+watch (the TCP connection, and an https endpoint's TLS handshake): the socket timeout bounds each
+of its waits, and a deadline that passed meanwhile ends the request as soon as it is connected.
 """
 
 from __future__ import annotations
@@ -16,10 +21,9 @@ import http.client
 import json
 import os
 import socket
-import time
-import urllib.error
+import threading
 import urllib.parse
-import urllib.request
+from contextlib import closing, suppress
 from typing import Any
 
 from ptrace.errors import EndpointError, UsageError
@@ -64,6 +68,8 @@ class Endpoint:
         if timeout <= 0:
             raise UsageError(f"timeout must be positive, not {timeout}")
         self.base_url = base_url.rstrip("/")
+        self._connection = http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection
+        self._host, self._port, self._root = parsed.hostname, parsed.port, parsed.path.rstrip("/")
         self.timeout = timeout
         self._api_key = api_key if api_key is not None else os.environ.get(API_KEY_VARIABLE)
 
@@ -91,42 +97,79 @@ class Endpoint:
             headers["Content-Type"] = "application/json"
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(url, method=method, headers=headers,
-                                         data=None if body is None else json.dumps(body).encode())
-        deadline = time.monotonic() + self.timeout
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = _read_bounded(response, url, deadline)
-        except EndpointError:
-            raise
-        except urllib.error.HTTPError as exc:
-            with exc:
-                detail = _server_message(exc.read(64 << 10))
-            raise EndpointError(HTTP_ERROR, f"{url}: HTTP {exc.code}: {detail}", status=exc.code) from None
-        except urllib.error.URLError as exc:
-            raise _connection_error(url, exc.reason, self.timeout) from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise _connection_error(url, exc, self.timeout) from None
+        connection = self._connection(self._host, self._port, timeout=self.timeout)
+        with closing(connection), _Deadline(self.timeout) as deadline:
+            try:
+                connection.connect()
+                deadline.watch(connection.sock)
+                connection.request(method, self._root + path, None if body is None else json.dumps(body).encode(),
+                                   headers)
+                response = connection.getresponse()
+                raw = _read_bounded(response, url)
+            except EndpointError:  # an OSError too (ConnectionError), but already the problem's own
+                raise
+            except (OSError, http.client.HTTPException) as exc:
+                raise _connection_error(url, exc, self.timeout, timed_out=deadline.passed.is_set()) from None
+            if deadline.passed.is_set():  # an answer without a length just ends when its socket is shut down
+                raise _connection_error(url, TimeoutError(), self.timeout, timed_out=True)
+        if response.status >= 300:
+            raise EndpointError(HTTP_ERROR, f"{url}: HTTP {response.status}: {_server_message(raw)}",
+                                status=response.status)
         try:
             return json.loads(raw)
         except ValueError as exc:
             raise EndpointError(BAD_RESPONSE, f"{url}: the answer is not JSON ({one_line(str(exc))})") from None
 
 
-def _read_bounded(response: Any, url: str, deadline: float) -> bytes:
+class _Deadline:
+    """Shuts the watched socket down ``seconds`` after the block starts, unless it has ended;
+    ``passed`` says whether it did. Shutting a socket down wakes every read blocked on it (closing
+    it would not), so the request ends at its deadline however the server sends. The socket is
+    held here, not read from the connection: http.client hands it to the response and forgets it
+    when the answer ends with the connection."""
+
+    def __init__(self, seconds: float) -> None:
+        self.passed = threading.Event()
+        self._socket: socket.socket | None = None
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def watch(self, sock: socket.socket) -> None:
+        self._socket = sock
+        if self.passed.is_set():  # the deadline passed while connecting
+            self._shut_down()
+
+    def _expire(self) -> None:
+        self.passed.set()
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        if self._socket is not None:
+            with suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+
+
+def _read_bounded(response: http.client.HTTPResponse, url: str) -> bytes:
     chunks, size = [], 0
     while chunk := response.read(1 << 16):
         size += len(chunk)
         if size > MAX_RESPONSE_BYTES:
             raise EndpointError(BAD_RESPONSE, f"{url}: the answer is larger than {MAX_RESPONSE_BYTES >> 20} MiB")
-        if time.monotonic() > deadline:
-            raise TimeoutError("the answer did not finish in time")
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _connection_error(url: str, reason: Any, timeout: float) -> EndpointError:
-    if isinstance(reason, TimeoutError | socket.timeout):
+def _connection_error(url: str, reason: Any, timeout: float, *, timed_out: bool) -> EndpointError:
+    """The problem behind a failed exchange; past the deadline, whatever the shut-down socket made
+    the read raise, the deadline is the cause."""
+    if timed_out or isinstance(reason, TimeoutError):
         return EndpointError(TIMEOUT, f"{url}: no complete answer within {timeout:g} s")
     if isinstance(reason, http.client.HTTPException):
         return EndpointError(BAD_RESPONSE, f"{url}: malformed HTTP answer ({type(reason).__name__}: "

@@ -17,7 +17,7 @@ import math
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 from ptrace import DISTRIBUTION
 from ptrace.errors import UsageError
@@ -27,6 +27,10 @@ from ptrace.monitor.textfile import FIRST_DIVERGENCE, KL_MAX, NO_DIVERGENCE, TOK
 #: KL buckets in nats: float32 engines agree to ~1e-9, 16-bit ones to ~1e-5 .. 1e-3; a real
 #: divergence is 0.1 and above.
 KL_BUCKETS = (1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, math.inf)
+
+
+# prometheus_client's one switch for them, process-wide: ptrace exports no *_created series at all.
+disable_created_metrics()
 
 
 def _ptrace_version() -> str:
@@ -58,7 +62,8 @@ class CanaryMetrics:
                                   registry=registry)
         self.duration = Gauge("ptrace_canary_cycle_duration_seconds", "How long the last cycle took.",
                               registry=registry)
-        for gauge in (self.agreement, self.first_divergence, self.kl_max, self.logprob_error):
+        self.measurements = (self.agreement, self.first_divergence, self.kl_max, self.logprob_error)
+        for gauge in self.measurements:
             gauge.set(math.nan)
         info = Gauge("ptrace_build_info", "The golden bundle the canary compares against: its engine, dtype and "
                      "model fingerprint, and this ptrace's version.",
@@ -71,6 +76,8 @@ class CanaryMetrics:
         self.duration.set(cycle.duration_seconds)
         self.up.set(1 if cycle.compared else 0)
         if not cycle.compared:
+            for gauge in self.measurements:
+                gauge.set(math.nan)
             return
         self.agreement.set(cycle.token_match_rate)
         first = cycle.first_divergent_step

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ptrace.backends.registry import declared_class
 from ptrace.bundle_spec import open_bundle
 from ptrace.bundle_spec.names import forward_key
 from ptrace.bundle_spec.schema import WhatIfSpec, plain
@@ -99,8 +100,10 @@ def run_whatifs(config: WhatIfConfig, *, progress: Progress | None = None) -> Co
     grid = _grid(config)
     with open_bundle(replay_config.bundle) as source:
         plan = _capturing_injections(ReplayPlan.of(source, replace(replay_config, modes=(TEACHER, FREE))), grid)
+        backend = declared_class(replay_config.backend)
         for run in grid:  # everything that can fail cheaply fails before any engine starts
-            whatif.check(run.specs, num_layers=source.model.num_layers, source=source)
+            whatif.check(run.specs, num_layers=source.model.num_layers, source=source,
+                         moe_layers=source.model.moe_layers, backend=backend)
         folder = replay_config.output or default_output(Path(replay_config.bundle), replay_config.backend,
                                                         plan.dtype, plan.device)
         folder.mkdir(parents=True, exist_ok=True)
@@ -167,7 +170,8 @@ def _result(run: _Run, baseline: dict[str, Path], runs: dict[str, Path], source:
         sentence="", bundles={mode: str(path) for mode, path in runs.items()},
         stability=combine(tensors=tensors, tokens=tokens).stability,
         tokens=[list(r.tokens_b) for r in requests],
-        token_texts=[[str(text) for text in texts] for texts in tokens.b.get("output_tokens") or []])
+        token_texts=[[str(text) for text in texts] for texts in tokens.b.get("output_tokens") or []],
+        routing=tensors.routing)
     return replace(result, sentence=sentence(result))
 
 
@@ -190,4 +194,6 @@ def sentence(result: WhatIfResult) -> str:
     if result.amplification is not None and result.propagation:
         last = [p for p in result.propagation if p.tensor.endswith(".out")][-1].tensor
         growth = f"; error grows {result.amplification:.3g}x from {result.first_affected_tensor} to {last}"
-    return f"{result.label}: {tokens}; mean KL {result.mean_kl:.3g}{growth}"
+    flips = (f"; {result.routing['flip_count']}/{result.routing['choices']} expert choices differ"
+             if result.routing else "")
+    return f"{result.label}: {tokens}; mean KL {result.mean_kl:.3g}{growth}{flips}"

@@ -18,7 +18,7 @@ from typing import Any
 import jinja2
 
 from ptrace.compare import Comparison
-from ptrace.reports import heatmap, localization, stability, whatifs
+from ptrace.reports import heatmap, localization, routing, schedule, stability, whatifs
 from ptrace.reports.plots import number
 
 #: A prompt longer than this (characters) or with more lines is folded under a preview.
@@ -156,12 +156,12 @@ def render(comparison: Comparison) -> str:
     template = _environment().get_template("report.html.j2")
     return template.render(
         title=_title(c), c=c, verdict=_verdict(c.summary), whatifs=whatifs.section(c.whatifs, c),
-        stability=stability.section(c.stability),
+        stability=stability.section(c.stability), routing=routing.section(c),
         error_chart=localization.error_chart(c), calibration_rows=localization.calibration_rows(c),
         local_chart=localization.local_error_chart(c.local_errors, c.local_error_source),
         heatmaps=heatmap.heatmaps(c), timelines=_timeline(c, b_mode), b_mode=b_mode,
         run_rows=_side_by_side(c.a["run"], c.b["run"]), env_rows=_side_by_side(c.a["environment"], c.b["environment"]),
-        commands=_commands(c),
+        commands=_commands(c), schedules=schedule.section(c.a, c.b),
     )
 
 

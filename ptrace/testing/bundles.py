@@ -22,6 +22,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from ptrace.backends.decoding import log_softmax
 from ptrace.bundle_spec import (
     BundleWriter,
     EnvironmentInfo,
@@ -31,7 +32,6 @@ from ptrace.bundle_spec import (
     RunInfo,
     SamplingParams,
 )
-from ptrace.backends.decoding import log_softmax
 from ptrace.bundle_spec.layout import request_array, stats_array, tensor_array
 from ptrace.bundle_spec.stats import row_stats
 from ptrace.errors import UsageError

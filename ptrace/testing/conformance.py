@@ -16,6 +16,7 @@ import pytest
 from ptrace.backends.base import Backend, EngineTensor, Interceptor, LoadOptions, TensorSite
 from ptrace.backends.decoding import log_softmax
 from ptrace.backends.registry import create_backend
+from ptrace.bundle_spec import moe
 from ptrace.bundle_spec.names import all_names
 from ptrace.bundle_spec.schema import SamplingParams
 from ptrace.errors import UsageError
@@ -125,9 +126,12 @@ class BackendTests:
         hidden, vocab = config["hidden_size"], config["vocab_size"]
         heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
         head_dim = config.get("head_dim") or hidden // heads
+        experts, top_k = moe.num_experts(config), moe.top_k(config)
         row_shape = defaultdict(lambda: (hidden,), {"q": (heads, head_dim), "k": (kv_heads, head_dim),
-                                                    "v": (kv_heads, head_dim), "logits": (vocab,)})
-        for name in all_names(config["num_hidden_layers"]):
+                                                    "v": (kv_heads, head_dim), "logits": (vocab,),
+                                                    "router": (experts,), "experts": (top_k,),
+                                                    "expert_weights": (top_k,)})
+        for name in all_names(config["num_hidden_layers"], moe.moe_layers(config)):
             for request, prompt in enumerate(PROMPTS):
                 for step in range(NEW_TOKENS):
                     site, rows = keep.seen[(name, request, step)]
@@ -196,6 +200,65 @@ class BackendTests:
                         [Replace("layers.0.v", 0, lambda v: v + 1.0), after])
         step1 = after.seen[("layers.0.attn", 0, 1)][1]
         assert not np.allclose(step1, baseline.seen[("layers.0.attn", 0, 1)][1])
+
+    # -- mixture of experts (skipped for dense models) ---------------------------------------------
+    @staticmethod
+    def _moe(config) -> tuple[int, int, int]:
+        """(first MoE layer, experts, top-k), or a skip for a dense model."""
+        layers = moe.moe_layers(config)
+        if not layers:
+            pytest.skip("a dense model: no routing tensors")
+        return layers[0], moe.num_experts(config), moe.top_k(config)
+
+    def test_routing_is_the_top_k_of_the_router_logits(self, everything, config):
+        """``experts`` are int32 ids of the ``top_k`` largest router logits, and ``expert_weights``
+        their softmax probabilities (renormalised where the model says so)."""
+        self._moe(config)
+        keep, _ = everything
+        for layer in moe.moe_layers(config):
+            for request in range(len(PROMPTS)):
+                logits = keep.rows(f"layers.{layer}.router", request).astype(np.float64)
+                ids = keep.rows(f"layers.{layer}.experts", request)
+                weights = keep.rows(f"layers.{layer}.expert_weights", request).astype(np.float64)
+                assert ids.dtype == np.int32 and ((ids >= 0) & (ids < moe.num_experts(config))).all()
+                top = np.argsort(-logits, axis=1, kind="stable")[:, : ids.shape[1]]
+                assert (np.sort(top, axis=1) == np.sort(ids, axis=1)).all(), (layer, request)
+                probs = np.take_along_axis(np.exp(log_softmax(logits)), ids, 1)
+                if config.get("norm_topk_prob", True):
+                    probs = probs / probs.sum(axis=1, keepdims=True)
+                np.testing.assert_allclose(weights, probs, rtol=1e-3, atol=1e-5)
+
+    def test_forced_experts_route_the_token(self, engine, everything, config):
+        """Expert ids handed back are the ones used (the ``route`` what-if): the MoE block's
+        output changes, and the weights are the router's for the forced experts."""
+        layer, experts, _ = self._moe(config)
+        baseline, _ = everything
+        name = f"layers.{layer}.experts"
+        after = Keep({f"layers.{layer}.expert_weights", f"layers.{layer}.mlp", f"layers.{layer}.router"})
+        engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2, logprobs=0),
+                        [Replace(name, 0, lambda ids: (experts - 1 - ids).astype(np.int32)), after])
+        original = baseline.seen[(name, 0, 0)][1]
+        logits = after.seen[(f"layers.{layer}.router", 0, 0)][1].astype(np.float64)
+        probs = np.take_along_axis(np.exp(log_softmax(logits)), experts - 1 - original, 1)
+        if config.get("norm_topk_prob", True):
+            probs = probs / probs.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(after.seen[(f"layers.{layer}.expert_weights", 0, 0)][1], probs, rtol=1e-3,
+                                   atol=1e-5)
+        assert not np.allclose(after.seen[(f"layers.{layer}.mlp", 0, 0)][1],
+                               baseline.seen[(f"layers.{layer}.mlp", 0, 0)][1])
+
+    def test_replaced_router_logits_choose_again(self, engine, config):
+        """Router logits handed back decide the experts (``noise``/``cast`` on ``layers.*.router``)."""
+        layer, experts, _ = self._moe(config)
+        after = Keep({f"layers.{layer}.experts"})
+
+        def favour_last(logits: np.ndarray) -> np.ndarray:
+            logits = logits.copy()
+            logits[:, experts - 1] = logits.max() + 10
+            return logits
+        engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2, logprobs=0),
+                        [Replace(f"layers.{layer}.router", 0, favour_last), after])
+        assert (after.seen[(f"layers.{layer}.experts", 0, 0)][1] == experts - 1).any(axis=1).all()
 
     def test_out_of_vocabulary_prompt_is_refused(self, engine):
         with pytest.raises(UsageError, match="vocabulary"):

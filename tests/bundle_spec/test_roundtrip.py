@@ -119,7 +119,7 @@ def test_tensor_rows_reads_any_slice(tmp_path):
 
 
 def test_requests_sharing_a_chunk_read_in_order_decode_it_once(tmp_path, monkeypatch):
-    from ptrace.bundle_spec.chunks import ChunkReader
+    from ptrace.bundle_spec.reader import ChunkReader
     from ptrace.testing.bundles import SyntheticRequest, write_bundle
 
     write_bundle(tmp_path / "b.zarr", [SyntheticRequest(prompt=[1, 2, 3 + r], outputs=[4, 5, 6]) for r in range(8)])

@@ -1,7 +1,7 @@
 """The writer stores, byte for byte, the files Zarr's own write path would have stored.
 
-The writer encodes chunks and writes ``zarr.json`` itself (Zarr's event loop cost a capture more
-than the encoding). Readers other than ptrace's must see nothing different, so here the same
+The writer encodes chunks and writes ``zarr.json`` itself, without Zarr (Zarr's event loop cost
+a capture more than the encoding, and Zarr is not a core dependency). Readers other than ptrace's must see nothing different, so here the same
 arrays are written a second time through ``zarr`` (``create_array`` with the arguments the writer
 declares, ``append`` in pieces that end inside chunks, so that Zarr rewrites partial chunks too),
 and every file of the two bundles is compared (the arrays' contents read back, too, are the
@@ -17,12 +17,13 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.storage import LocalStore
 
-from ptrace.bundle_spec import BundleWriter, chunks, open_bundle
+from ptrace.bundle_spec import BundleWriter
 from ptrace.bundle_spec import writer as writer_module
 from ptrace.bundle_spec.layout import stats_array, tensor_array
+from ptrace.bundle_spec.reader import Bundle
 from ptrace.bundle_spec.schema import ROOT_ATTRIBUTE, SPEC_VERSION
 from ptrace.bundle_spec.stats import row_stats
 from tests.bundle_spec.test_roundtrip import finish_minimal
@@ -32,12 +33,12 @@ ROWS = 53  # not a multiple of CHUNK_ROWS: every array ends in a partial chunk
 #: A tensor of each kind of storage: bit-stored (bfloat16 as uint16, float8 as uint8), 1-byte
 #: native dtypes (no byte order in their bytes codec), and wider ones.
 TENSORS = {
-    "bf16": (ml_dtypes.bfloat16, (6,)),
-    "fp8": (ml_dtypes.float8_e4m3fn, (5,)),
-    "int8": (np.int8, (3,)),
-    "bool": (np.bool_, (2,)),
-    "u8": (np.uint8, ()),
-    "f32": (np.float32, (4, 3)),
+    "x.bf16": (ml_dtypes.bfloat16, (6,)),
+    "x.fp8": (ml_dtypes.float8_e4m3fn, (5,)),
+    "x.int8": (np.int8, (3,)),
+    "x.bool": (np.bool_, (2,)),
+    "x.u8": (np.uint8, ()),
+    "x.f32": (np.float32, (4, 3)),
 }
 REQUESTS = 3
 
@@ -72,6 +73,13 @@ def _arrays(bundle: Path) -> dict[str, dict]:
     return found
 
 
+def _zarr_compressors(dtype: np.dtype) -> list:
+    """The compressors the writer declares, as Zarr's codecs."""
+    blosc = writer_module._blosc(dtype)
+    return [BloscCodec(cname=blosc.cname, clevel=blosc.clevel, shuffle=blosc.shuffle, typesize=blosc.typesize,
+                       blocksize=blosc.blocksize), Crc32cCodec()]
+
+
 def _write_with_zarr(source: Path, path: Path) -> None:
     """The arrays of ``source`` (read through Zarr), written again through Zarr with the
     arguments ptrace declares, data arrays by ``append`` in pieces that end inside chunks."""
@@ -90,7 +98,7 @@ def _write_with_zarr(source: Path, path: Path) -> None:
         chunk_rows = writer_module._chunk_rows(row_bytes)
         array = root.create_array(
             name, shape=(0, *row_shape), dtype=data.dtype, chunks=(chunk_rows, *row_shape),
-            serializer=BytesCodec(endian="little"), compressors=writer_module._compressors(),
+            serializer=BytesCodec(endian="little"), compressors=_zarr_compressors(data.dtype),
             fill_value=0, attributes=document["attributes"], config=every_chunk)
         for start in range(0, data.shape[0], chunk_rows // 2 + 3):
             array.append(data[start:start + chunk_rows // 2 + 3], axis=0)
@@ -104,8 +112,8 @@ def test_writer_stores_the_bytes_zarr_stores(tmp_path, monkeypatch):
     monkeypatch.setattr(writer_module, "MAX_CHUNK_ROWS", CHUNK_ROWS)
     monkeypatch.setattr(writer_module, "PENDING_BYTES", 1024)
     rewritten = []
-    read_back = chunks.ChunkWriter.read
-    monkeypatch.setattr(chunks.ChunkWriter, "read",
+    read_back = writer_module._ChunkFiles.read
+    monkeypatch.setattr(writer_module._ChunkFiles, "read",
                         lambda self, index, rows: rewritten.append(index) or read_back(self, index, rows))
     _write_with_ptrace(tmp_path / "ptrace.zarr")
     assert rewritten, "the memory bound never made the writer write out a partial chunk"
@@ -120,7 +128,7 @@ def test_writer_stores_the_bytes_zarr_stores(tmp_path, monkeypatch):
         {"uint16", "uint8", "int8", "bool", "float32"}
     assert all(document["shape"][0] % document["chunk_grid"]["configuration"]["chunk_shape"][0]
                for name, document in arrays.items() if name.startswith("tensors/"))
-    with open_bundle(tmp_path / "ptrace.zarr") as bundle:
+    with Bundle(tmp_path / "ptrace.zarr") as bundle:  # the reader alone: the bundle has stats of floats only
         for request in range(REQUESTS):
             for name in TENSORS:
                 assert bundle.tensor(request, name).tobytes() == _tensor(name, request).tobytes(), (name, request)

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from ptrace.bundle_spec import open_bundle, validate_bundle
-from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
-from ptrace.capture import datasets
+from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture, datasets
 from ptrace.errors import UsageError
 from tests.conftest import run_cli, write_sharegpt
 

@@ -4,7 +4,8 @@ Start-up time itself is measured by the benchmark (``benchmarks/bench_msprobe.py
 a timed test would be flaky on a loaded machine. What makes the time, and what a test can check
 exactly, is which modules the real command loads: no engine ever, for help not even the
 array stack (numpy, zarr) or the report's (jinja2, matplotlib), and for compare of ptrace's own
-bundles not zarr (they are read without it).
+bundles not zarr (they are read without it) nor ml_dtypes (up to a second to import; bfloat16
+is decoded with numpy). ``benchmarks/bench_startup.py`` holds each import to a time budget.
 """
 
 from __future__ import annotations
@@ -62,10 +63,20 @@ def test_help_loads_no_engine_and_no_array_or_report_stack(tmp_path, args):
     assert _among(loaded, ENGINES + ARRAYS + REPORT + KERNEL) == []
 
 
-def test_compare_of_small_bundles_loads_no_engine_no_report_stack_and_no_compiled_kernel(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compare_of_small_bundles_loads_no_engine_no_report_stack_no_kernel_and_no_ml_dtypes(tmp_path, dtype):
     request = [SyntheticRequest(prompt=(1, 2, 3, 4), outputs=(5, 6, 7))]
     a = write_bundle(tmp_path / "a.zarr", request)
-    b = write_bundle(tmp_path / "b.zarr", request, dtype="bfloat16")
-    loaded = _loaded(tmp_path, "compare", str(a), str(b))
-    assert "ptrace.compare" in loaded  # the comparison did run
-    assert _among(loaded, ENGINES + REPORT + KERNEL + ("zarr",)) == []
+    b = write_bundle(tmp_path / "b.zarr", request, dtype=dtype, noise=0.01)
+    loaded = _loaded(tmp_path, "compare", str(a), str(b), "--json", str(tmp_path / "c.json"))
+    assert "ptrace.compare" in loaded and (tmp_path / "c.json").stat().st_size  # the comparison did run
+    assert _among(loaded, ENGINES + REPORT + KERNEL + ("zarr", "ml_dtypes")) == []
+
+
+@pytest.mark.parametrize("command", ["inspect", "validate"])
+def test_inspect_and_validate_of_a_bfloat16_bundle_load_no_ml_dtypes(tmp_path, command):
+    """They read sizes and checksums: the stored bits are all they need."""
+    bundle = write_bundle(tmp_path / "b.zarr", [SyntheticRequest(prompt=(1, 2), outputs=(3, 4))], dtype="bfloat16")
+    loaded = _loaded(tmp_path, command, str(bundle))
+    assert "ptrace.bundle_spec.reader" in loaded
+    assert _among(loaded, ENGINES + ("ml_dtypes",)) == []

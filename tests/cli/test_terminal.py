@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import logging
+import shutil
 
 import numpy as np
 import pytest

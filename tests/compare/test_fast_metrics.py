@@ -108,6 +108,26 @@ def test_compare_matches_a_plain_float64_implementation(tmp_path, monkeypatch, k
         assert np.isnan(result.mean_abs_err) and np.isnan(result.position_mean_abs[11])
 
 
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_a_float8_replay_is_compared_by_its_values(tmp_path, kernel, dtype):
+    """Compare reads float8 (like bfloat16) as its stored bits and decodes them itself."""
+    a, _ = awkward_pair(np.random.default_rng(5))
+    a = np.nan_to_num(a, posinf=5, neginf=-5)
+    b = a.astype(getattr(ml_dtypes, dtype))
+    write_minimal(tmp_path / "a.zarr", {"layers.0.out": a})
+    write_minimal(tmp_path / "b.zarr", {"layers.0.out": b})
+    with open_bundle(tmp_path / "a.zarr") as bundle_a, open_bundle(tmp_path / "b.zarr") as bundle_b:
+        result = compare(bundle_a, bundle_b).tensors[0]
+    for key, value in plain_metrics(a, b).items():
+        np.testing.assert_allclose(getattr(result, key), value, rtol=RTOL, atol=0, err_msg=key)
+    assert result.mean_abs_err > 0
+
+
+def test_bfloat16_as_its_bits_sums_as_bfloat16(kernel):
+    a, b = awkward_pair(np.random.default_rng(11))
+    np.testing.assert_array_equal(metrics.row_sums(a, b.view(np.uint16)), metrics.row_sums(a, b))
+
+
 def test_row_sums_keep_nan_in_the_max_and_count_agreement_exactly(kernel):
     a = np.array([[1.0, 2.0, 3.0], [1.0, np.nan, 3.0], [np.inf, 0.0, 1.0]], np.float32)
     b = np.array([[1.0, 2.002, 3.0], [1.0, 2.0, 3.5], [np.inf, 0.0, 1.0]], np.float32)
@@ -149,3 +169,13 @@ def test_numpy_stands_in_where_numba_has_no_writable_cache(tmp_path):
                           check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True"]
+
+
+
+def test_an_integer_tensor_is_compared_by_its_values_not_as_bfloat16_bits(tmp_path):
+    a = np.arange(ROWS * WIDTH, dtype=np.uint16).reshape(ROWS, WIDTH) + 1
+    write_minimal(tmp_path / "a.zarr", {"layers.0.out": a})
+    write_minimal(tmp_path / "b.zarr", {"layers.0.out": a + 2})
+    with open_bundle(tmp_path / "a.zarr") as bundle_a, open_bundle(tmp_path / "b.zarr") as bundle_b:
+        result = compare(bundle_a, bundle_b).tensors[0]
+    assert result.max_abs_err == 2 and result.mean_abs_err == 2

@@ -1,10 +1,11 @@
-"""``compare`` verifies what it reads: a damaged bundle is an error, never a verdict; bundles of
-different weights are said to be so, and refused for CI on request."""
+"""``compare`` verifies what it reads: a damaged bundle is an error, never a verdict, refused by
+``validate`` too; bundles of different weights are said to be so, and refused for CI on request."""
 
 from __future__ import annotations
 
 import shutil
 
+from ptrace.bundle_spec import validate_bundle
 from ptrace.bundle_spec.layout import tensor_array
 from tests.conftest import run_cli
 
@@ -20,6 +21,8 @@ def test_a_missing_or_swapped_chunk_is_an_error_not_a_verdict(full_bundle, tmp_p
     _chunks(missing, "layers.1.out")[0].unlink()
     shutil.copy(_chunks(full_bundle, "layers.0.out")[0], _chunks(swapped, "layers.1.out")[0])
     for damaged in (missing, swapped):
+        problems = validate_bundle(damaged)
+        assert any("tensors/layers.1.out" in p and "content checksum" in p for p in problems), problems
         result = run_cli("compare", full_bundle, damaged)
         assert result.returncode != 0, result.stdout
         assert "content checksum" in result.stderr and "tensors/layers.1.out" in result.stderr

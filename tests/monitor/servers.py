@@ -1,7 +1,7 @@
 """Real servers for the monitoring tests, each on 127.0.0.1 only, each waited for in a bounded loop
 and stopped by its own process id: vLLM's OpenAI server (from the vLLM environment), Prometheus
-(Debian's package), and a small HTTP server that misbehaves on purpose (errors, garbage, silence)
-for the canary's fault handling."""
+(Debian's package), and a small HTTP server that misbehaves on purpose (errors, garbage, silence,
+an answer trickled a byte at a time) for the canary's fault handling."""
 
 from __future__ import annotations
 
@@ -130,11 +130,18 @@ def prometheus_server(workdir: Path, targets: list[str], rule_files: list[Path])
         stop(process)
 
 
+#: Seconds between two bytes of a trickled answer.
+TRICKLE_SECONDS = 0.5
+
+
 class _Misbehaving(BaseHTTPRequestHandler):
-    """Lists one model, then answers completions the way ``server.mode`` says."""
+    """Lists one model (``server.model``), then answers completions the way ``server.mode`` says:
+    ``golden`` with ``server.completion`` (a completion as vLLM writes it), the trickles noting
+    when the first one came (``server.first_request``)."""
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._send(200, json.dumps({"object": "list", "data": [{"id": "tiny", "object": "model"}]}).encode())
+        model = {"id": self.server.model, "object": "model"}  # type: ignore[attr-defined]
+        self._send(200, json.dumps({"object": "list", "data": [model]}).encode())
 
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -149,6 +156,27 @@ class _Misbehaving(BaseHTTPRequestHandler):
         elif mode == "slow":
             time.sleep(3)
             self._send(200, b"{}")
+        elif mode == "golden":
+            self._send(200, json.dumps(self.server.completion).encode())  # type: ignore[attr-defined]
+        elif mode in ("trickle", "trickle-body"):
+            self.server.first_request = self.server.first_request or time.monotonic()  # type: ignore[attr-defined]
+            self._trickle(mode == "trickle")
+
+    def _trickle(self, headers_too: bool) -> None:
+        """A whole, valid answer, one byte every :data:`TRICKLE_SECONDS`: from its status line
+        (``headers_too``) or from its body's first byte."""
+        body = json.dumps({"choices": [{"text": "a slow answer that never ends in time"}]}).encode()
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n").encode()
+        if not headers_too:
+            self.wfile.write(head)
+            head = b""
+        try:
+            for byte in head + body:
+                self.wfile.write(bytes([byte]))
+                time.sleep(TRICKLE_SECONDS)
+        except OSError:  # the canary hung up at its deadline
+            self.close_connection = True
 
     def _send(self, status: int, body: bytes) -> None:
         try:
@@ -167,10 +195,12 @@ class _Misbehaving(BaseHTTPRequestHandler):
 @contextmanager
 def misbehaving_server(mode: str) -> Iterator[ThreadingHTTPServer]:
     """A real HTTP server on 127.0.0.1 whose completions fail as ``mode`` says; yields it
-    (``server.mode`` may be changed while it runs, ``server.url`` is its API root)."""
+    (``server.mode``, ``server.model`` and ``server.completion`` may be changed while it runs,
+    ``server.url`` is its API root)."""
     server = ThreadingHTTPServer((HOST, 0), _Misbehaving)
     server.daemon_threads = True
     server.mode = mode  # type: ignore[attr-defined]
+    server.model, server.completion, server.first_request = "tiny", None, None  # type: ignore[attr-defined]
     server.url = f"http://{HOST}:{server.server_address[1]}/v1"  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

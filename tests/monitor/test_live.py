@@ -30,6 +30,7 @@ from ptrace.monitor.canary import Canary, load_golden, run
 from ptrace.monitor.client import Endpoint
 from tests.conftest import ROOT, run_cli
 from tests.monitor.servers import HOST, free_port, get, prometheus_server, start_vllm, stop, wait_for_vllm, wait_until
+from tests.monitor.test_faults import STAMP
 from tests.monitor.test_textfile import samples
 
 pytestmark = pytest.mark.slow
@@ -152,7 +153,8 @@ def test_a_problem_and_its_recovery_are_logged_once_each(live, caplog):
     assert results == ["model_mismatch", "model_mismatch", "pass", "pass"]
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 2, messages
-    assert messages[0].startswith("model_mismatch: ") and "recovered" in messages[1]
+    assert STAMP.match(messages[0]) and " model_mismatch: " in messages[0]
+    assert STAMP.match(messages[1]) and " recovered: " in messages[1]
 
 
 def test_prometheus_scrapes_the_canary(live, tmp_path):
@@ -167,8 +169,9 @@ def test_prometheus_scrapes_the_canary(live, tmp_path):
                 assert answer["status"] == "success", answer
                 return answer["data"]["result"]
 
-            wait_until(lambda: bool(query("ptrace_token_agreement_ratio")), timeout=90,
-                       what="ptrace_token_agreement_ratio in Prometheus", process=canary)
+            # The series exist from the start (NaN until the first comparison): wait for one.
+            wait_until(lambda: bool(query("ptrace_canary_up == 1")), timeout=90,
+                       what="a compared cycle in Prometheus", process=canary)
             [series] = query("ptrace_token_agreement_ratio")
             assert series["metric"]["job"] == "ptrace" and float(series["value"][1]) == 1.0
             [up] = query("ptrace_canary_up")
@@ -181,4 +184,4 @@ def test_prometheus_scrapes_the_canary(live, tmp_path):
         canary.send_signal(signal.SIGTERM)
         out, err = canary.communicate(timeout=30)
     assert canary.returncode == 0, err
-    assert out.startswith("PASS: tokens identical for 36/36 steps")
+    assert STAMP.match(out) and out.split(" ", 1)[1].startswith("PASS: tokens identical for 36/36 steps")

@@ -58,5 +58,6 @@ def test_metric_names_follow_prometheus_conventions():
     exported = _exported()
     assert all(name.startswith("ptrace_") for name in exported)
     counters = {name for name in exported if "runs" in name}
-    assert counters and all(name.endswith(("_total", "_created")) for name in counters)
+    assert counters and all(name.endswith("_total") for name in counters)
+    assert not [name for name in exported if name.endswith("_created")], "no *_created series"
     assert "ptrace_canary_runs_total" in exported and "ptrace_build_info" in exported

@@ -14,7 +14,6 @@ from ptrace.monitor.textfile import write_comparison_metrics
 from tests.conftest import GOLDEN, run_cli
 
 
-
 def samples(path) -> dict[tuple[str, tuple], float]:
     """``{(name, sorted labels): value}`` of a metrics file, parsed by prometheus_client's own parser."""
     return {(s.name, tuple(sorted(s.labels.items()))): s.value

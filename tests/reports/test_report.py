@@ -11,9 +11,9 @@ import pytest
 from ptrace.bundle_spec import open_bundle
 from ptrace.compare import Comparison, compare
 from ptrace.reports.html import render, write_report
+from ptrace.testing.bundles import SyntheticRequest, write_bundle
 from tests.reports.browser import open_in_chromium
 from tests.reports.conftest import HOSTILE
-from ptrace.testing.bundles import SyntheticRequest, write_bundle
 
 
 @pytest.fixture(scope="module")

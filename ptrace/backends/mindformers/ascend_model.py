@@ -24,6 +24,7 @@ from ptrace.backends.mindformers.convert import (
 )
 from ptrace.backends.mindformers.model import Emit, environment, hook_cell
 from ptrace.backends.mindformers.tensor import dtype_name
+from ptrace.bundle_spec.settings import UNKNOWN
 from ptrace.errors import UsageError
 
 if TYPE_CHECKING:  # mindspore is imported where it is used, so listing backends stays cheap
@@ -98,7 +99,8 @@ class AscendModel:
         build_mf_context({"run_mode": "predict", "use_legacy": False})
         if is_legacy_model():
             MFContextOperator.get_mf_ctx_instance().set_context(run_mode="predict", use_legacy=False)
-        self.config = getattr(module, config_name)(**inference_config_values(hf_config, options.dtype, seq_length))
+        self.config = getattr(module, config_name)(**inference_config_values(hf_config, options.dtype, seq_length,
+                                                                                options.engine_options))
         self.block_size = int(self.config.block_size)
         self.seq_length = int(self.config.seq_length)
         with self._eager():
@@ -138,6 +140,16 @@ class AscendModel:
             "execution": "PyNative, ENFORCE_EAGER=true (MindFormers' @jit construct runs eagerly)",
             "hardware_validated": False,
         }
+
+    def resolved_settings(self) -> dict[str, Any]:
+        """The precision the transformer was built with; the rest is not read back on Ascend yet
+        (recorded as unknown)."""
+        config = self.model.transformer_config
+        return {"matmul_dtype": dtype_name(config.compute_dtype), "param_dtype": dtype_name(config.params_dtype),
+                "norm_dtype": dtype_name(config.layernorm_compute_dtype),
+                "softmax_dtype": dtype_name(config.softmax_compute_dtype),
+                "rotary_dtype": dtype_name(config.rotary_dtype),
+                "attention_backend": "flash_attention" if config.use_flash_attention else UNKNOWN}
 
     def check_length(self, longest: int) -> None:
         if longest > self.seq_length:

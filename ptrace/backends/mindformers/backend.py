@@ -19,12 +19,13 @@ from ptrace import hardware
 from ptrace.backends.base import Capabilities, EngineOption, LoadOptions
 from ptrace.backends.environments import TORCH, EngineEnvironment
 from ptrace.backends.mindformers.ascend_model import AscendModel
-from ptrace.backends.mindformers.convert import ASCEND_MODEL_CLASSES, SUPPORTED_MODEL_TYPES
+from ptrace.backends.mindformers.convert import ASCEND_MODEL_CLASSES, PRECISION_DTYPES, SUPPORTED_MODEL_TYPES
 from ptrace.backends.mindformers.cpu_model import CpuModel
 from ptrace.backends.mindformers.model import MindFormersModel
 from ptrace.backends.mindformers.tensor import MindSporeTensor, dtype_name
 from ptrace.backends.model_dir import read_config
 from ptrace.backends.sequential import SequentialBackend
+from ptrace.bundle_spec import moe
 from ptrace.errors import BackendUnavailableError, ModelError, UsageError
 
 log = logging.getLogger("ptrace.backends")
@@ -65,6 +66,16 @@ class MindFormersBackend(SequentialBackend):
                      default="pynative", choices=("pynative", "graph")),
         EngineOption("seq_length", int, "longest sequence the model is built for", default=DEFAULT_SEQ_LENGTH,
                      minimum=1),
+        EngineOption("compute_dtype", str, "MindFormers' compute_dtype: the matmuls' (default: --dtype)",
+                     choices=PRECISION_DTYPES),
+        EngineOption("param_init_type", str, "dtype the weights are held in (default: --dtype)",
+                     choices=PRECISION_DTYPES),
+        EngineOption("softmax_compute_type", str, "dtype of the attention softmax (default float32, as HF)",
+                     choices=PRECISION_DTYPES),
+        EngineOption("layernorm_compute_type", str, "dtype of the RMSNorms (default float32, as HF)",
+                     choices=PRECISION_DTYPES),
+        EngineOption("rotary_dtype", str, "dtype the rotary embedding is applied in (default: --dtype)",
+                     choices=PRECISION_DTYPES),
     )
     capabilities = Capabilities(devices=("cpu", "npu", "ascend"))
     tensor_type = MindSporeTensor
@@ -89,6 +100,11 @@ class MindFormersBackend(SequentialBackend):
         _check_dtype_runs(getattr(ms, options.dtype), device_target)
         self.hf_config = read_config(options.model_dir)
         model_type = self.hf_config.get("model_type")
+        if moe.moe_layers(self.hf_config):
+            raise ModelError(f"backend ms does not run mixture-of-experts models ({model_type}): MindFormers' "
+                             "MoE layers need an Ascend NPU, and ptrace maps only its dense Qwen2/Qwen3/Llama layers",
+                             hint="capture MoE models, and their routing (layers.*.router, .experts, "
+                                  ".expert_weights), with --backend torch or vllm")
         supported = ASCEND_MODEL_CLASSES if ascend else SUPPORTED_MODEL_TYPES
         if model_type not in supported:
             raise ModelError(f"backend ms does not support model_type {model_type!r} on {device_target}",
@@ -161,6 +177,16 @@ class MindFormersBackend(SequentialBackend):
             "runtime_num_threads": ms.get_context("runtime_num_threads"),
             **self.engine.info(),
         }
+
+    def resolved_settings(self) -> dict[str, Any]:
+        import mindspore as ms
+
+        return {**self.engine.resolved_settings(),
+                "deterministic_algorithms": ms.get_context("deterministic") == "ON",
+                # ptrace's own loop: one request at a time, the whole prompt in one forward pass
+                "chunked_prefill": False, "max_num_batched_tokens": None, "prefix_caching": False,
+                "tensor_parallel_size": 1, "pipeline_parallel_size": 1,
+                "logprobs_mode": "raw_logprobs"}  # log_softmax of the raw logits (SequentialBackend)
 
     def close(self) -> None:
         self.engine = None

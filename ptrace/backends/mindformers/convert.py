@@ -5,6 +5,7 @@ Every conversion either reproduces HF's numerics or refuses the checkpoint with 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,30 @@ ASCEND_MODEL_CLASSES = {
 }
 
 
-def llama_config(hf: dict, dtype: str, seq_length: int) -> Any:
-    """MindFormers' LlamaConfig for an HF Qwen2/Llama config, numerics as HF computes them."""
+#: MindFormers' precision knobs, as ``ms`` engine options (the legacy LlamaConfig's names) ->
+#: the name the Ascend inference configs give the same knob.
+PRECISION_OPTIONS = {
+    "compute_dtype": "compute_dtype",
+    "param_init_type": "params_dtype",
+    "softmax_compute_type": "softmax_compute_dtype",
+    "layernorm_compute_type": "layernorm_compute_dtype",
+    "rotary_dtype": "rotary_dtype",
+}
+#: The dtypes MindFormers accepts for each of them.
+PRECISION_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def precision(dtype: str, options: Mapping[str, Any]) -> dict[str, str]:
+    """Each precision knob: the engine option where one is given, else as HF computes: the run's
+    dtype for matmuls, weights and the rotary embedding, float32 for norms and the softmax."""
+    defaults = {"compute_dtype": dtype, "param_init_type": dtype, "rotary_dtype": dtype,
+                "softmax_compute_type": "float32", "layernorm_compute_type": "float32"}
+    return {name: options.get(name) or default for name, default in defaults.items()}
+
+
+def llama_config(hf: dict, dtype: str, seq_length: int, options: Mapping[str, Any] | None = None) -> Any:
+    """MindFormers' LlamaConfig for an HF Qwen2/Llama config, numerics as HF computes them unless
+    ``options`` (the engine options) set a precision knob."""
     from mindformers.models.llama import LlamaConfig
 
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
@@ -45,15 +68,13 @@ def llama_config(hf: dict, dtype: str, seq_length: int) -> Any:
         # prompt containing that token would attend differently. No token id is negative.
         pad_token_id=-1,
         qkv_has_bias=qkv_bias, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        compute_dtype=dtype, param_init_type=dtype, embedding_init_type=dtype, residual_dtype=dtype,
-        rotary_dtype=dtype,  # HF applies the rotary embedding in the model's dtype
-        layernorm_compute_type="float32", softmax_compute_type="float32",  # as HF does
+        embedding_init_type=dtype, residual_dtype=dtype, **precision(dtype, options or {}),
         use_past=False, use_flash_attention=False, fused_rms_norm=False, use_rope_slice=True,
         checkpoint_name_or_path="",
     )
 
 
-def inference_config_values(hf: dict, dtype: str, seq_length: int) -> dict:
+def inference_config_values(hf: dict, dtype: str, seq_length: int, options: Mapping[str, Any] | None = None) -> dict:
     """MindFormers' Qwen2Config/Qwen3Config arguments: the HF config plus its own fields."""
     scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -70,8 +91,7 @@ def inference_config_values(hf: dict, dtype: str, seq_length: int) -> dict:
         rope_theta=rope_theta(hf), rope_scaling=None, seq_length=seq_length, block_size=block_size,
         num_blocks=seq_length // block_size,  # one request at a time, each at most seq_length
         max_position_embeddings=max(hf.get("max_position_embeddings", seq_length), seq_length),
-        compute_dtype=dtype, params_dtype=dtype, rotary_dtype=dtype,
-        layernorm_compute_dtype="float32", softmax_compute_dtype="float32",  # as HF computes them
+        **{PRECISION_OPTIONS[name]: value for name, value in precision(dtype, options or {}).items()},
     )
     return values
 

@@ -27,10 +27,28 @@ from ptrace.backends.base import LoadOptions, layer_modules
 from ptrace.backends.mindformers.convert import llama_config, load_llama_weights
 from ptrace.backends.mindformers.model import Emit, environment, hook_cell
 from ptrace.backends.mindformers.tensor import dtype_name
+from ptrace.bundle_spec.settings import UNKNOWN
 from ptrace.errors import UsageError
 
 if TYPE_CHECKING:  # mindspore is imported where it is used, so listing backends stays cheap
     import mindspore as ms
+
+
+def _theta_from_table(freqs_sin: Any) -> float:
+    """The rotary base of an unscaled table: row 1 holds ``sin(theta^(-2i/d))``, and its last
+    column's angle, ``asin`` of it, is ``theta^(-(d-2)/d)`` (the frequencies are repeated over
+    both halves of the head)."""
+    row = freqs_sin.asnumpy()[1].astype(np.float64)
+    rotated = row.shape[0]
+    theta = float(np.arcsin(row[-1])) ** (-rotated / (rotated - 2))
+    return float(f"{theta:.6g}")
+
+
+def _activation(act: Any) -> str:
+    """HF's name of the feed-forward's activation: given as a name, or as MindFormers' cell class."""
+    if isinstance(act, str):
+        return act
+    return {"LlamaSiLU": "silu", "SiLU": "silu"}.get(getattr(act, "__name__", ""), UNKNOWN)
 
 
 class CpuModel:
@@ -42,7 +60,7 @@ class CpuModel:
         from mindformers.models.llama import LlamaForCausalLM
 
         self.seq_length = seq_length
-        self.config = llama_config(hf_config, options.dtype, seq_length)
+        self.config = llama_config(hf_config, options.dtype, seq_length, options.engine_options)
         # ENFORCE_EAGER is MindFormers' switch for PyNative inference: without it the causal mask
         # is not cut to the input's length, and every input must be padded to seq_length.
         with environment(ENFORCE_EAGER="true"):
@@ -69,6 +87,38 @@ class CpuModel:
             "seq_length": self.seq_length,
             "kv_cache": "ptrace's own: a decode step computes its new position only, earlier "
                         "positions' keys and values joined to its own as a prefix's are",
+        }
+
+    def resolved_settings(self) -> dict[str, Any]:
+        """Read back from the built cells (the norms' epsilon and dtype, the attention's softmax
+        dtype and scale, the rotary table) and the config they were built from."""
+        decoder, config = self.model.model, self.config
+        layer = decoder.layers[0]
+        attention, norm = layer.attention, layer.attention_norm
+        compute = dtype_name(attention.dtype)
+        head = self.model.lm_head.weight
+        scaled = config.extend_method not in (None, "None")
+        return {
+            "norm_eps": float(norm.eps), "norm_dtype": dtype_name(norm.compute_type),
+            "rope_theta": float(config.theta) if scaled else _theta_from_table(decoder.freqs_mgr.freqs_sin),
+            "rope_type": str(config.extend_method).lower() if scaled else "default",
+            "rope_scaling_factor": (config.scaling_factor or {}).get("factor") if scaled else None,
+            "partial_rotary_factor": decoder.freqs_mgr.head_dim / self.head_dim,
+            "rope_layout": "half-split" if config.use_rope_slice else UNKNOWN,
+            "hidden_act": _activation(layer.feed_forward.hidden_act),
+            "tie_word_embeddings": head is decoder.tok_embeddings.embedding_weight,
+            "attention_scale": float(attention.inv_norm_factor.asnumpy()),
+            "attn_logit_softcap": None, "final_logit_softcap": None,  # the legacy Llama has none
+            "sliding_window": None,  # nor a window (convert refuses configs that ask for one)
+            "qkv_bias": bool(attention.wq.has_bias),
+            "moe_top_k": None, "moe_norm_topk_prob": None,  # built dense (convert)
+            "param_dtype": dtype_name(attention.wq.weight.dtype), "matmul_dtype": compute,
+            "softmax_dtype": dtype_name(attention.softmax_dtype),
+            "rotary_dtype": dtype_name(decoder.freqs_mgr.freqs_cos.dtype),
+            "residual_dtype": dtype_name(layer.residual_dtype),
+            "kv_cache_dtype": compute,  # ptrace's own cache keeps k and v as the attention computed them
+            "kv_cache_scales": None,
+            "attention_backend": "flash_attention" if attention.use_flash_attention else "LLamaAttention._attn",
         }
 
     def check_length(self, longest: int) -> None:

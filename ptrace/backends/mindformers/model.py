@@ -27,6 +27,9 @@ class MindFormersModel(Protocol):
     def info(self) -> dict[str, Any]:
         """Model settings that change numerics (recorded in ``meta/run.engine``)."""
 
+    def resolved_settings(self) -> dict[str, Any]:
+        """The arithmetic settings the built model uses (``Backend.resolved_settings``)."""
+
     def check_length(self, longest: int) -> None:
         """Refuse requests of ``longest`` positions that the model (or its cache) cannot hold."""
 

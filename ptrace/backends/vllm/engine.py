@@ -33,7 +33,8 @@ from ptrace.backends.base import (
 )
 from ptrace.backends.environments import TORCH, EngineEnvironment
 from ptrace.backends.model_dir import read_config
-from ptrace.bundle_spec.schema import SamplingParams
+from ptrace.bundle_spec.schema import SamplingParams, ScheduleInfo
+from ptrace.bundle_spec.settings import UNKNOWN
 from ptrace.errors import BackendError, BackendUnavailableError, ModelError, UsageError
 
 #: ``--engine-option`` keys, passed to ``vllm.LLM`` as they are (attention_backend through its
@@ -47,6 +48,10 @@ _OPTIONS = (
                  "lowered to what the KV cache holds)", minimum=1),
     EngineOption("enforce_eager", bool, "eager mode (ptrace's default; false allows compilation)"),
     EngineOption("enable_chunked_prefill", bool, "split long prompts across steps"),
+    EngineOption("enable_prefix_caching", bool, "reuse the KV cache of shared prompt prefixes (ptrace's "
+                 "default: off)"),
+    EngineOption("batch_invariant", bool, "vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1; "
+                 "CUDA, ROCm and XPU only)"),
     EngineOption("seed", int, "the engine's own seed"),
     EngineOption("gpu_memory_utilization", float, "share of GPU memory vLLM may take (CUDA)"),
     EngineOption("quantization", str, "vLLM quantization method"),
@@ -94,6 +99,8 @@ class VllmBackend(Backend):
             "seed": 0, "trust_remote_code": False,
         }
         kwargs.update(options.engine_options)
+        if kwargs.pop("batch_invariant", False):
+            self._enable_batch_invariance()
         if "attention_backend" in kwargs:
             kwargs["attention_config"] = {"backend": kwargs.pop("attention_backend")}
         try:
@@ -131,7 +138,26 @@ class VllmBackend(Backend):
                                           hint="use kv_cache_dtype=auto here, or a machine whose CPU has "
                                                "AVX-512 or AMX")
 
+    def _enable_batch_invariance(self) -> None:
+        """Turn on vLLM's batch-invariant mode for this engine, or refuse before it starts: its
+        kernels replace torch's matmul, softmax and reductions on CUDA, ROCm and XPU only."""
+        from vllm.platforms import current_platform
+
+        if not (current_platform.is_cuda_alike() or current_platform.is_xpu()):
+            raise BackendUnavailableError(
+                f"vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1) has no kernels for "
+                f"{current_platform.device_type}: it runs on CUDA, ROCm and XPU only",
+                hint="use a GPU build of vLLM, or leave batch_invariant off here")
+        self._previous_invariance = os.environ.get("VLLM_BATCH_INVARIANT")
+        os.environ["VLLM_BATCH_INVARIANT"] = "1"
+
     def close(self) -> None:
+        if hasattr(self, "_previous_invariance"):  # the mode is process-wide: give it back
+            previous = self.__dict__.pop("_previous_invariance")
+            if previous is None:
+                os.environ.pop("VLLM_BATCH_INVARIANT", None)
+            else:
+                os.environ["VLLM_BATCH_INVARIANT"] = previous
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()  # an in-process engine left running can abort at exit
@@ -184,6 +210,69 @@ class VllmBackend(Backend):
             "model_class": type(self.model).__name__,
         }
 
+    def resolved_settings(self) -> dict[str, Any]:
+        """Read back from the worker's model (its layers' norm, rotary embedding, attention
+        layer and kernel, LM head) and the engine's own config, not from config.json."""
+        import vllm.envs
+
+        from ptrace.backends import torch_settings as ts
+
+        config = self.llm.llm_engine.vllm_config
+        layer = self.layers[0]
+        attention, mlp = layer.self_attn, layer.mlp
+        kernel = attention.attn.impl
+        dtype = ts.dtype_name(config.model_config.dtype)
+        kv_dtype = ts.dtype_name(attention.attn.kv_cache_torch_dtype)
+        soft_cap = getattr(kernel, "logits_soft_cap", None) or None  # the CPU kernel writes 0 for none
+        values: dict[str, Any] = {
+            **ts.torch_numerics(), **_rope_settings(attention.rotary_emb),
+            "norm_eps": ts.norm_eps(layer.input_layernorm),
+            "hidden_act": _ACTIVATIONS.get(type(getattr(mlp, "act_fn", None)).__name__, UNKNOWN),
+            "tie_word_embeddings": ts.is_tied(self.model.lm_head, self.model.model.embed_tokens),
+            "attention_scale": float(kernel.scale),
+            "attn_logit_softcap": soft_cap,
+            "final_logit_softcap": getattr(self.model.logits_processor, "soft_cap", UNKNOWN),
+            "sliding_window": ts.one_value([layer.self_attn.attn.sliding_window for layer in self.layers]),
+            "param_dtype": ts.dtype_name(self.model.model.embed_tokens.weight.dtype),
+            "residual_dtype": dtype,
+            "rotary_dtype": ts.dtype_name(attention.rotary_emb.cos_sin_cache.dtype),
+            "kv_cache_dtype": kv_dtype,
+            "kv_cache_scales": None if kv_dtype == dtype else
+            "calculated" if config.cache_config.calculate_kv_scales else UNKNOWN,
+            "attention_backend": attention.attn.attn_backend.get_name(),
+            "chunked_prefill": config.scheduler_config.enable_chunked_prefill,
+            "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+            "prefix_caching": config.cache_config.enable_prefix_caching,
+            "batch_invariant": vllm.envs.VLLM_BATCH_INVARIANT,
+            "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
+            "pipeline_parallel_size": config.parallel_config.pipeline_parallel_size,
+            "logprobs_mode": config.model_config.logprobs_mode,
+            "seed": config.model_config.seed,
+        }
+        projection = getattr(attention, "qkv_proj", None)
+        if projection is not None:
+            values["qkv_bias"] = projection.bias is not None
+            values["matmul_dtype"] = ts.dtype_name(projection.weight.dtype)
+        experts = getattr(mlp, "experts", None)
+        values["moe_top_k"] = getattr(experts, "top_k", UNKNOWN) if experts is not None else None
+        values["moe_norm_topk_prob"] = getattr(experts, "renormalize", UNKNOWN) if experts is not None else None
+        if ts.full_precision(dtype):  # the CPU kernels then compute softmax and norms in it
+            values["softmax_dtype"] = values["norm_dtype"] = dtype
+        return values
+    def schedule(self) -> ScheduleInfo | None:
+        return getattr(self, "_schedule", None)
+
+    def _batching_settings(self) -> dict[str, Any]:
+        """The settings that shape vLLM's batches (``meta/schedule``'s ``settings``)."""
+        config = self.llm.llm_engine.vllm_config
+        scheduler = config.scheduler_config
+        return {"max_num_batched_tokens": scheduler.max_num_batched_tokens,
+                "max_num_seqs": scheduler.max_num_seqs,
+                "enable_chunked_prefill": scheduler.enable_chunked_prefill,
+                "enable_prefix_caching": config.cache_config.enable_prefix_caching,
+                "block_size": config.cache_config.block_size,
+                "batch_invariant": os.environ.get("VLLM_BATCH_INVARIANT") == "1"}
+
     # -- generation ----------------------------------------------------------------------------
     def _generate(self, prompts: list[np.ndarray], sampling: SamplingParams,
                   interceptors: list[Interceptor], on_step: StepCallback | None,
@@ -233,10 +322,29 @@ class VllmBackend(Backend):
                         progress[index] += 1
                     if output.finished:
                         finished[index] = output
+        self._schedule = ScheduleInfo(settings=self._batching_settings(), steps=tuple(hooks.schedule))
         if len(finished) != len(prompts):
             raise BackendError(f"vLLM finished {len(finished)} of {len(prompts)} requests")
         return [_generation(finished[i], prompts[i], k, sampling, forced_choices.get(i), forced)
                 for i in range(len(prompts))]
+
+
+#: vLLM's fused activation classes -> HF's ``hidden_act``.
+_ACTIVATIONS = {"SiluAndMul": "silu", "GeluAndMul": "gelu", "FastGELU": "gelu_fast", "NewGELU": "gelu_new",
+                "QuickGELU": "quick_gelu"}
+#: vLLM's rotary embedding classes -> HF's ``rope_type``.
+_ROPE_TYPES = {"RotaryEmbedding": "default", "LinearScalingRotaryEmbedding": "linear",
+               "DynamicNTKScalingRotaryEmbedding": "dynamic", "YaRNScalingRotaryEmbedding": "yarn",
+               "Llama3RotaryEmbedding": "llama3"}
+
+
+def _rope_settings(rotary: Any) -> dict[str, Any]:
+    """Rope as vLLM's rotary embedding object holds it (its base, rotated dimensions, pairing)."""
+    kind = _ROPE_TYPES.get(type(rotary).__name__, UNKNOWN)
+    return {"rope_theta": float(rotary.base), "rope_type": kind,
+            "rope_scaling_factor": None if kind == "default" else getattr(rotary, "scaling_factor", UNKNOWN),
+            "partial_rotary_factor": rotary.rotary_dim / rotary.head_size,
+            "rope_layout": "half-split" if rotary.is_neox_style else "interleaved"}
 
 
 def _model_runner(llm: Any) -> Any:

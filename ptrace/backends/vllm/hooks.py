@@ -10,6 +10,10 @@ on its modules fire and may replace outputs. What is vLLM's own here:
 - a vLLM decoder layer returns ``(mlp branch, residual)`` with the residual add deferred into the
   next layer's fused add+norm: the canonical ``layers.{i}.out`` is their sum;
 - q/k/v are the attention layer's inputs (after the rotary embedding): what enters the KV cache;
+- in a fused-MoE layer the router logits are the gate's output, and the expert choice is what the
+  fused-MoE router's ``select_experts`` returns (wrapped): the choice the experts kernel then uses;
+- the schedule: each pass's requests, tokens and starting positions, and the prefix-cache hits
+  of the requests it admitted, are kept as ``meta/schedule``'s steps;
 - ``logits``: vLLM computes logits only at each request's last scheduled token; at a prefill
   ptrace also runs the engine's own ``compute_logits`` over the other prompt rows, as vLLM does
   itself for prompt logprobs.
@@ -22,9 +26,11 @@ from contextlib import ExitStack
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from ptrace.backends import routing
 from ptrace.backends.base import TensorSite
 from ptrace.backends.flat_batch import FlatBatch
 from ptrace.backends.torch_tensor import TorchTensor
+from ptrace.bundle_spec.schema import ScheduleStep
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +57,10 @@ class VllmHooks:
         self.requests: dict[str, int] = {}  # vLLM request id -> ptrace's request index
         self.final_hidden: torch.Tensor | None = None
         self.prompt_logits: dict[int, torch.Tensor] = {}  # first row -> replaced prompt logits
+        #: The engine steps of this call, as ``meta/schedule`` records them.
+        self.schedule: list[ScheduleStep] = []
+        self._prompt_lengths: dict[str, int] = {}  # vLLM request id -> prompt tokens
+        self._cached_on_admission: dict[str, int] = {}  # vLLM request id -> prefix-cache hit tokens
 
     def _show(self, site: TensorSite, rows: torch.Tensor) -> torch.Tensor | None:
         new = self.intercept(site, TorchTensor(rows))
@@ -64,6 +74,9 @@ class VllmHooks:
 
         def execute_model(scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
             runner._ptrace_scheduled = scheduler_output.num_scheduled_tokens  # tokens per request id
+            for admitted in scheduler_output.scheduled_new_reqs:
+                self._prompt_lengths[admitted.req_id] = len(admitted.prompt_token_ids or ())
+                self._cached_on_admission[admitted.req_id] = admitted.num_computed_tokens
             return execute(scheduler_output, *args, **kwargs)
         runner.execute_model = execute_model
         stack.callback(delattr, runner, "execute_model")
@@ -84,6 +97,14 @@ class VllmHooks:
             })
             if self.wanted & {f"layers.{i}.q", f"layers.{i}.k", f"layers.{i}.v"}:
                 stack.callback(layer.self_attn.attn.register_forward_pre_hook(self._qkv_hook(i)).remove)
+        for i, sparse in enumerate(layer.mlp for layer in self.layers):
+            if not hasattr(getattr(sparse, "experts", None), "router"):
+                continue  # a dense MLP: only a fused-MoE block (gate + experts) routes
+            points[f"layers.{i}.router"] = (sparse.gate, "first")  # GateLinear: (logits, bias)
+            if self.wanted & {f"layers.{i}.experts", f"layers.{i}.expert_weights"}:
+                router = sparse.experts.router
+                router.select_experts = self._routing_hook(i, router.select_experts, router.renormalize)
+                stack.callback(delattr, router, "select_experts")
         for name, (module, kind) in points.items():
             if name in self.wanted:
                 stack.callback(module.register_forward_hook(self._output_hook(name, kind)).remove)
@@ -102,8 +123,26 @@ class VllmHooks:
             self.batch.clear()
             return
         order = runner.input_batch.req_ids[: runner.input_batch.num_reqs]
-        self.batch.begin([(self.requests.get(req_id), int(scheduled[req_id])) for req_id in order],
-                         positions.cpu().numpy())
+        rows = positions.cpu().numpy()
+        self.batch.begin([(self.requests.get(req_id), int(scheduled[req_id])) for req_id in order], rows)
+        self._note_step(order, scheduled, rows)
+
+    def _note_step(self, order: list[str], scheduled: dict[str, int], positions: Any) -> None:
+        """This pass as a step of the schedule: who ran, how many tokens from which position,
+        and what the prefix cache served each request when it was admitted."""
+        requests, tokens, starts, prefill, cached = [], [], [], [], []
+        row = 0
+        for req_id in order:
+            count = int(scheduled[req_id])
+            start = int(positions[row]) if count else 0
+            requests.append(self.requests.get(req_id, -1))
+            tokens.append(count)
+            starts.append(start)
+            prefill.append(start < self._prompt_lengths.get(req_id, 0))
+            cached.append(self._cached_on_admission.pop(req_id, 0))
+            row += count
+        self.schedule.append(ScheduleStep(tuple(requests), tuple(tokens), tuple(starts), tuple(prefill),
+                                          tuple(cached)))
 
     def _after_batch(self, _module: Any, _args: Any, output: Any) -> None:
         self.final_hidden = output if not isinstance(output, tuple) else output[0]
@@ -144,6 +183,20 @@ class VllmHooks:
                     if new is not None:  # the attention layer writes k/v into the paged cache
                         tensors[slot], changed = new, True
             return (*tensors, *args[3:]) if changed else None
+        return hook
+
+    def _routing_hook(self, layer: int, select_experts: Callable, renormalize: bool) -> Callable:
+        """Wraps the fused-MoE router's ``select_experts`` (top-k over the router logits, which
+        the gate's hook has already shown): shows the choice, routes by a replaced one."""
+        def hook(*args: Any, **kwargs: Any) -> tuple:
+            weights, ids = select_experts(*args, **kwargs)
+            if not self.batch:
+                return weights, ids
+            logits = kwargs.get("router_logits", args[1] if len(args) > 1 else None)
+            routed = routing.observe_choice(
+                lambda part, rows: self.batch.emit(f"layers.{layer}.{part}", rows),
+                logits, weights, ids, renormalize=renormalize)
+            return (weights, ids) if routed is None else (routed.weights.contiguous(), routed.ids.contiguous())
         return hook
 
     def _logits_hook(self, original: Callable) -> Callable:
