@@ -347,6 +347,12 @@ class ReplayInfo(Document):
     mode: str
     model_mismatch: bool = False
     model_path: str = ""
+    #: what this replay is judged against, so that ``ptrace compare`` judges it the same: the
+    #: calibration bundle of the same mode (a sibling's name; "" when none), why there is none
+    #: when its dtype or device differs ("" when calibrated or the same), and the limits applied
+    calibration_path: str = ""
+    calibration_note: str = ""
+    thresholds: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

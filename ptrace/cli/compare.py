@@ -20,8 +20,8 @@ def compare(
     fail_on: v.FailOn = None,
     calibration: Annotated[Path | None, typer.Option(
         "--calibration", rich_help_panel=v.VERDICT, metavar="BUNDLE",
-        help="A trusted engine's run of A's inputs at B's dtype: judge B's error as a multiple of its "
-             "error ('within bfloat16 noise'), as replay --calibrate does.")] = None,
+        help="A trusted engine's run of A's inputs at B's dtype: test whether B's error is more than "
+             "the dtype explains, as replay --calibrate does (default: the calibration a replay recorded).")] = None,
     require_same_model: Annotated[bool, typer.Option(
         "--require-same-model", rich_help_panel=v.VERDICT,
         help="Refuse bundles of different weights (fingerprints) instead of only saying so: for CI.")] = False,
@@ -32,11 +32,11 @@ def compare(
     """Compare two bundles of the same inputs (say, a colleague's NPU capture against yours).
 
     Works with no engine installed: it only reads the bundles. With --calibration C (a trusted
-    engine's bfloat16 run of A, say), B is judged by how its error compares with C's.
+    engine's bfloat16 run of A, say), B is judged by how its error compares with C's; a replay of
+    A is judged as `ptrace replay` judged it (the calibration and limits it recorded).
     """
     from ptrace.bundle_spec import open_bundle
-    from ptrace.compare import compare as run_compare
-    from ptrace.compare.calibration import calibrate
+    from ptrace.compare.judgment import judge
     from ptrace.errors import ModelMismatchError
 
     v.check_fail_on(fail_on)
@@ -47,8 +47,5 @@ def compare(
                 raise ModelMismatchError(f"{other} was captured with other weights than {reference} (fingerprint "
                                          f"{b.model.fingerprint[:12]} != {a.model.fingerprint[:12]})",
                                          hint="compare runs of the same checkpoint, or drop --require-same-model")
-            comparison = run_compare(a, b, threshold_overrides=overrides, progress=update)
-            if calibration is not None:
-                with open_bundle(calibration) as c:
-                    comparison = calibrate(comparison, run_compare(a, c, threshold_overrides=overrides))
+            comparison = judge(a, b, calibration=calibration, threshold_overrides=overrides, progress=update)
         v.emit(comparison, report=report, json_out=json_out, metrics_file=metrics_file, fail_on=fail_on)

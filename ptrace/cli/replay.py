@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.text import Text
 
 from ptrace.cli import options as opt
 from ptrace.cli import verdicts as v
@@ -39,9 +38,9 @@ def replay(
     fail_on: v.FailOn = None,
     calibrate: Annotated[bool | None, typer.Option(
         "--calibrate/--no-calibrate", rich_help_panel=v.VERDICT,
-        help="Also replay on a trusted engine (the capture's own, else torch) at this dtype and judge the "
-             "error as a multiple of its error: pass 'within bfloat16 noise'. Default: when --dtype or "
-             "--device changes.")] = None,
+        help="Also replay on a trusted engine at this dtype (the capture's own, else torch, else another; "
+             "never this replay's own engine, dtype and device) and test whether the error is more than "
+             "the dtype explains. Default: when --dtype or --device changes.")] = None,
     localize: Annotated[bool, typer.Option(
         "--localize", rich_help_panel=v.VERDICT,
         help="Also replay with every layer fed the capture's input (its own error, measured) and, if "
@@ -100,8 +99,6 @@ def _run_whatifs(config, whatifs: tuple, sweep: str | None, repeats: int, *, rep
     with console.progress(f"what-ifs on {config.backend}") as update:
         comparison = run_whatifs(WhatIfConfig(config, whatifs, sweep and sweep_values(sweep), repeats),
                                  progress=update)
-    for result in comparison.whatifs:
-        console.print(Text(result.sentence))
     folder = config.output or default_output(config.bundle, config.backend, comparison.b["dtype"],
                                              comparison.b["device"])
     v.emit(comparison, report=report or folder / "report.html", json_out=json_out, metrics_file=metrics_file,

@@ -46,7 +46,10 @@ def emit(comparison, *, report: Path | None, json_out: Path | None, metrics_file
     from ptrace.compare.thresholds import at_least
 
     style = {"pass": "green", "warn": "yellow", "fail": "red"}[comparison.verdict]
-    console.print(Text(comparison.summary, style=style))
+    *whatifs, verdict = comparison.summary.split("\n")  # what-if lines lead; the verdict is the last
+    for line in whatifs:
+        console.print(Text(line))
+    console.print(Text(verdict, style=style))
     if report is not None:
         from ptrace.reports.html import write_report  # jinja2 and the plots: only for a report
 

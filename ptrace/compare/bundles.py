@@ -17,6 +17,7 @@ from ptrace.bundle_spec.names import sort_forward
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.bundle_spec.structure import require_structure
 from ptrace.compare.align import align
+from ptrace.compare.noise import coarser
 from ptrace.compare.localize import earliest, first_divergent, first_nonfinite, largest_local_error
 from ptrace.compare.results import Comparison, RequestResult, TensorResult
 from ptrace.compare.routing import compare_routing, is_categorical
@@ -64,7 +65,8 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
     A bundle that breaks the spec's structural rules is refused, however it was opened."""
     require_structure(a)
     require_structure(b)
-    thresholds = thresholds_for(a.run.dtype, threshold_overrides)
+    thresholds_dtype = coarser(a.run.dtype, b.run.dtype)
+    thresholds = thresholds_for(thresholds_dtype, threshold_overrides)
     _check_same_inputs(a, b)
     alignments = {r: align(a, b, r) for r in range(a.num_requests)}
     names = sort_forward(n for n in set(a.tensor_names) & set(b.tensor_names) if not is_categorical(n))
@@ -109,7 +111,7 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
         first_divergent_tensor=first_tensor, first_divergent_position=first_position,
         first_divergent_request=first_request, largest_local_error=largest_local_error(tensors),
         first_nonfinite=nonfinite,
-        thresholds=thresholds.to_dict(), tensors=tensors, requests=requests,
+        thresholds=thresholds.to_dict(), thresholds_dtype=thresholds_dtype, tensors=tensors, requests=requests,
         a=_run_summary(a), b=_run_summary(b), missing=missing,
         routing=compare_routing(a, b, alignments))))
 

@@ -22,8 +22,10 @@ in float32, and at 0.25x for HF transformers in bfloat16 against itself in float
 bit-identical pair of runs has no error, so nothing is above any floor.
 
 The floor is relative, never absolute: activations range from 1e-3 to 1e4 between models and
-layers, and the same floor serves all of them. Pass/warn/fail (``thresholds``) is a separate,
-user-tunable judgement of *size*.
+layers, and the same floor serves all of them. Pass/warn/fail (``thresholds``) judges the *size*
+of what rises above it: a tensor whose every position stays within its floor passes, however
+large its absolute error (rounding of the coarser dtype explains it), so a verdict never fails
+a difference it calls rounding noise.
 """
 
 from __future__ import annotations
@@ -50,7 +52,14 @@ def depth(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
+def coarser(dtype_a: str, dtype_b: str) -> str:
+    """The less precise of two dtypes: it decides how much two runs may differ by rounding (the
+    floor here, the pass/warn/fail limits in ``thresholds``)."""
+    return max(dtype_a, dtype_b, key=unit_roundoff)
+
+
 def floor(name: str, dtype_a: str, dtype_b: str, num_layers: int) -> float:
     """The noise floor of tensor ``name`` between runs in ``dtype_a`` and ``dtype_b``."""
-    coarser = max(dtype_a, dtype_b, key=unit_roundoff)
-    return FLOOR_ULPS.get(coarser, FLOOR_ULPS["float32"]) * unit_roundoff(coarser) * (1 + depth(name, num_layers))
+    coarser_dtype = coarser(dtype_a, dtype_b)
+    return (FLOOR_ULPS.get(coarser_dtype, FLOOR_ULPS["float32"]) * unit_roundoff(coarser_dtype)
+            * (1 + depth(name, num_layers)))

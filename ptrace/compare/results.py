@@ -158,6 +158,7 @@ class TensorResult(Result):
     cos_sim: float
     min_cos_sim: float
     thousandth_ratio: float
+    #: the first position whose own verdict is as bad as the tensor's; None when the tensor passes
     first_fail_position: int | None
     stats_only: bool = False
     #: normwise relative error ``||b - a|| / ||a||`` over every compared row (for stats-only
@@ -321,6 +322,9 @@ class WhatIfResult(Result):
     bundles: dict[str, str] = field(default_factory=dict)
     #: the same against the baseline per prompt-length bucket and position (long-context what-ifs)
     stability: Stability | None = None
+    #: per request, the what-if's own generated tokens (free-running) and their texts
+    tokens: list[list[int]] = field(default_factory=list)
+    token_texts: list[list[str]] = field(default_factory=list)
     #: expert choices that differ from the baseline's (``compare.routing``); None for dense models
     routing: dict[str, Any] | None = None
 
@@ -334,9 +338,14 @@ class CalibratedTensor(Result):
     #: the calibration run's normwise relative error against the reference: overall, per position
     rel_err: float
     position_rel: np.ndarray = per_position(np.float64)
-    #: replay error / calibration error: mean over positions, and the largest
+    #: replay error / calibration error per position: the geometric mean over positions (the
+    #: typical multiple), and the largest (so never below the mean)
     ratio_mean: float = math.nan
     ratio_max: float = math.nan
+    #: the smallest p-value of the one-sided tests (one per request) that the replay's error is
+    #: more than the dtype explains (``compare.calibration``), and how many positions they used
+    p_value: float = math.nan
+    positions: int = 0
     within: bool = True
 
 
@@ -348,7 +357,7 @@ class Calibration(Result):
     dtype: str
     device: str
     path: str
-    #: limits on the ratios (``compare.calibration``)
+    #: the test's parameters: margin, alpha, min_positions (``compare.calibration``)
     limits: dict[str, float]
     tensors: list[CalibratedTensor]
     #: every tensor within the limits: the replay's error is what its dtype explains
@@ -407,6 +416,12 @@ class Comparison(Result):
     whatifs: list[WhatIfResult] = field(default_factory=list)
     #: the calibration replay (``--calibrate``) when B's dtype or device differs from A's
     calibration: Calibration | None = None
+    #: why a comparison across dtypes or devices was not judged against a calibration run (then
+    #: it is judged against the coarser dtype's noise floor and limits); None when calibrated or
+    #: when nothing about the arithmetic's precision differs
+    calibration_note: str | None = None
+    #: the dtype whose row of limits ``thresholds`` holds (the coarser of A's and B's)
+    thresholds_dtype: str = "float32"
     #: per-layer local error (``--localize``), and where it came from: "measured" (a splice
     #: replay) or "heuristic" (error growth between consecutive tensors of this comparison)
     local_errors: list[LocalError] = field(default_factory=list)

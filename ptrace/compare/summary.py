@@ -2,7 +2,9 @@
 
 It answers the user's three questions in order: do the tokens agree; where do the runs part ways
 (above the noise floor, ``compare.noise``); and is the difference large enough to matter (the
-pass/warn/fail thresholds, naming the limit that tripped).
+pass/warn/fail thresholds, naming the limit that tripped and whose dtype's limits they are).
+Every clause is a whole sentence about what was measured: "bit-identical" only when every
+compared element is; a stats-only comparison says so; nothing compared is not a pass.
 """
 
 from __future__ import annotations
@@ -38,34 +40,55 @@ def _where(c: Comparison) -> str:
             if at and tensor.noise_floor else ""
         return (f"runs part ways at {c.first_divergent_tensor} (request {c.first_divergent_request}, "
                 f"position {c.first_divergent_position}{size})")
-    measured = [t for t in c.tensors if t.position_rel.size]
-    if measured and all(max(t.position_rel) == 0 for t in measured if not t.stats_only):
-        return "every captured tensor is bit-identical"
+    measured = [t for t in c.tensors if t.positions > 0]
     if not measured:
-        return "no tensor to compare"
+        return "no tensor position was compared"
+    stats_only = sum(t.stats_only for t in measured)
+    by_stats = f" ({stats_only} of {len(measured)} compared by their statistics only)" if stats_only else ""
+    if all(not t.stats_only and max(t.position_rel) == 0 for t in measured):
+        return "every compared tensor is bit-identical"
+    if all(max(t.position_rel) == 0 for t in measured):
+        return f"every compared tensor's elements or statistics are identical{by_stats}"
     worst = max(measured, key=_worst_ratio)
-    return (f"every difference is within rounding noise (largest: {worst.name} at "
+    return (f"every tensor difference is within rounding noise{by_stats} (largest: {worst.name} at "
             f"{_worst_ratio(worst):.2g}x the noise floor)")
 
 
 def _size(c: Comparison) -> str:
     thresholds = Thresholds(**c.thresholds)
     level = worst([t.verdict for t in c.tensors])
+    if not c.tensors:
+        return "no tensor in both runs"
     if level == PASS:
-        return "every tensor within tolerance"
+        return f"every tensor within rounding noise or the {c.thresholds_dtype} limits"
     first = next(t for t in c.tensors if t.verdict == level)  # forward order: the earliest at the worst level
     count = sum(t.verdict == level for t in c.tensors)
-    what = (f"its scale changes by {first.rel_err:.3g}" if first.stats_only
-            else thresholds.tripped(first.mean_abs_err, first.cos_sim))
-    return f"{count} tensor(s) {level}, first {first.name}: {what}"
+    if first.positions == 0:
+        what = "no position to compare"
+    elif first.stats_only:
+        what = f"its scale changes by {first.rel_err:.3g}"
+    else:
+        what = thresholds.tripped(first.mean_abs_err, first.cos_sim)
+    return f"{count} tensor(s) {level}, first {first.name}: {what} ({c.thresholds_dtype} limits)"
 
 
 def summarize(c: Comparison) -> str:
+    """The what-ifs first, one line each, when there are any; then the verdict on B against A."""
+    verdict = _verdict(c)
+    if not c.whatifs:
+        return verdict
+    lines = [f"what-if {w.sentence}" for w in c.whatifs]
+    return "\n".join([*lines, f"baseline ({c.b.get('backend')} {c.b.get('dtype')}, no injection) against the "
+                                f"source: {verdict}"])
+
+
+def _verdict(c: Comparison) -> str:
     if c.calibration is not None:  # judged against a trusted engine at the same dtype
-        label = c.verdict.upper() + (f" (within {c.calibration.dtype} noise)" if c.calibration.within else "")
-        summary = f"{label}: {_tokens(c)}; {c.calibration.sentence}"
+        summary = f"{c.verdict.upper()}: {_tokens(c)}; {c.calibration.sentence}"
     else:
         summary = f"{c.verdict.upper()}: {_tokens(c)}; {_where(c)}; {_size(c)}"
+        if c.calibration_note:
+            summary += f"; {c.calibration_note}"
     moe = routing.sentence(c.routing, c.first_divergent_request, c.first_divergent_tensor,
                            c.first_divergent_position)
     if moe:

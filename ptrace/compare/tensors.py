@@ -83,6 +83,23 @@ def worth_compiling(a: Bundle, b: Bundle, names: list[str], alignments: dict[int
     return elements >= KERNEL_MIN_ELEMENTS
 
 
+def size_verdict(size: str, rel: np.ndarray, floor: float) -> str:
+    """One rule for size and noise: a tensor with no position compared warns (an empty check
+    proves nothing); one whose every position stays within its noise floor passes, whatever its
+    size (rounding of the coarser dtype explains it); else its size decides (``thresholds``)."""
+    if not rel.size:
+        return WARN
+    if bool(np.all(rel <= floor)):
+        return PASS
+    return size
+
+
+def _first(index: np.ndarray, at_level: np.ndarray, verdict: str) -> int | None:
+    """The first position whose own verdict is as bad as the tensor's (None when it passes)."""
+    hits = np.flatnonzero(at_level)
+    return int(index[hits[0]]) if verdict != PASS and hits.size else None
+
+
 def compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignment],
                    thresholds: Thresholds, *, compiled: bool = True) -> TensorResult:
     """``compiled``: sum with the compiled kernel (see :func:`worth_compiling`), else numpy."""
@@ -114,19 +131,20 @@ def compare_tensor(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignm
         for rest in (from_a, from_b):  # read to the end: the whole-array checksums are checked there
             for _ in rest:
                 pass
-    mean_abs, cos = totals.rows_of("mean_abs"), totals.rows_of("cos")
-    failing = np.flatnonzero(thresholds.failing(mean_abs, cos))
+    mean_abs, cos, rel = totals.rows_of("mean_abs"), totals.rows_of("cos"), totals.rows_of("rel")
     flat_index = np.concatenate(index) if index else np.zeros(0, np.int64)
+    verdict = size_verdict(thresholds.verdict(totals.mean_abs, totals.cos), rel, floor)
+    at_level = thresholds.failing(mean_abs, cos) if verdict == FAIL else ~thresholds.passing(mean_abs, cos)
     return TensorResult(
-        name=name, verdict=thresholds.verdict(totals.mean_abs, totals.cos) if totals.rows else PASS,
+        name=name, verdict=verdict,
         positions=totals.rows, max_abs_err=totals.max_abs, mean_abs_err=totals.mean_abs,
         mean_rel_err=totals.mean_rel, cos_sim=totals.cos,
         min_cos_sim=float(cos.min()) if cos.size else float("nan"),
         thousandth_ratio=totals.thousandth,
-        first_fail_position=int(flat_index[failing[0]]) if failing.size else None,
+        first_fail_position=_first(flat_index, at_level, verdict),
         rel_err=totals.rel, noise_floor=floor,
         position_request=np.concatenate(requests) if requests else np.zeros(0, np.int64),
-        position_index=flat_index, position_mean_abs=mean_abs, position_cos=cos, position_rel=totals.rows_of("rel"))
+        position_index=flat_index, position_mean_abs=mean_abs, position_cos=cos, position_rel=rel)
 
 
 def compare_stats(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignment],
@@ -151,14 +169,15 @@ def compare_stats(a: Bundle, b: Bundle, name: str, alignments: dict[int, Alignme
     rel = np.concatenate(diffs) if diffs else np.zeros(0)
     worst_rel = float(rel.max()) if rel.size else 0.0
     # A relative change of the row's scale is compared with the mean-abs thresholds.
-    verdict = PASS if worst_rel < thresholds.pass_mean_abs else WARN if worst_rel < thresholds.warn_mean_abs else FAIL
+    size = PASS if worst_rel < thresholds.pass_mean_abs else WARN if worst_rel < thresholds.warn_mean_abs else FAIL
+    verdict = size_verdict(size, rel, floor)
     flat_index = np.concatenate(index) if index else np.zeros(0, np.int64)
-    failing = np.flatnonzero(rel >= thresholds.warn_mean_abs)
+    at_level = rel >= (thresholds.warn_mean_abs if verdict == FAIL else thresholds.pass_mean_abs)
     nan = float("nan")
     return TensorResult(
         name=name, verdict=verdict, positions=int(rel.size), max_abs_err=nan, mean_abs_err=nan,
         mean_rel_err=float(rel.mean()) if rel.size else nan, cos_sim=nan, min_cos_sim=nan,
-        thousandth_ratio=nan, first_fail_position=int(flat_index[failing[0]]) if failing.size else None,
+        thousandth_ratio=nan, first_fail_position=_first(flat_index, at_level, verdict),
         stats_only=True, rel_err=worst_rel if rel.size else nan, noise_floor=floor,
         position_request=np.concatenate(requests) if requests else np.zeros(0, np.int64),
         position_index=flat_index, position_mean_abs=rel, position_rel=rel)

@@ -1,9 +1,11 @@
 """Pass / warn / fail: how close is close enough, per dtype.
 
 Defaults follow common production limits for float32 (mean abs error < 1e-4 and
-cosine similarity > 0.999) and scale with the unit roundoff of lower precisions. The
-*reference* run's dtype (bundle A's) picks the row: the question a replay answers is whether the
-other run reproduces the reference at the reference's precision.
+cosine similarity > 0.999) and scale with the unit roundoff of lower precisions. The *coarser*
+of the two runs' dtypes picks the row (``noise.coarser``), as it picks the noise floor: a
+bfloat16 replay of a float32 capture cannot be closer to it than bfloat16 rounding allows, and
+float32's limits would fail it for being bfloat16. These limits judge only what rises above the
+noise floor (``tensors.size_verdict``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ class Thresholds:
         if mean_abs < self.warn_mean_abs and cos > self.warn_cos:
             return WARN
         return FAIL
+
+    def passing(self, mean_abs: np.ndarray, cos: np.ndarray) -> np.ndarray:
+        """Element-wise over per-row arrays: where :meth:`verdict` is PASS."""
+        return (mean_abs < self.pass_mean_abs) & (cos > self.pass_cos)
 
     def failing(self, mean_abs: np.ndarray, cos: np.ndarray) -> np.ndarray:
         """Element-wise over per-row arrays: where :meth:`verdict` is FAIL (NaN fails, as there),

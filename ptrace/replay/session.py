@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ptrace.backends.registry import declared_class
+from ptrace.backends.registry import declared_class, engine_python, entries
 from ptrace.bundle_spec import open_bundle, validate_bundle
 from ptrace.bundle_spec.dtypes import canonical as canonical_dtype
 from ptrace.bundle_spec.reader import Bundle
@@ -26,6 +26,9 @@ from ptrace.capture.model import describe_model
 from ptrace.capture.session import CaptureConfig, Progress, capture_runs
 from ptrace.compare import Comparison, combine, compare
 from ptrace.compare.calibration import calibrate
+from ptrace.compare.judgment import not_calibrated, with_note
+from ptrace.compare.noise import coarser
+from ptrace.compare.thresholds import thresholds_for
 from ptrace.errors import BackendUnavailableError, BundleCorruptError, ModelError, ModelMismatchError, UsageError
 
 log = logging.getLogger("ptrace.replay")
@@ -124,11 +127,11 @@ def replay(config: ReplayConfig, *, progress: Progress | None = None) -> ReplayR
             from ptrace.replay.localize import check_source, localize
 
             check_source(source)
+        trusted, calibration, note = _calibration(source, config, plan, prefix, progress)
+        plan = replace(plan, judged_by=Judgment(calibration_prefix=trusted, note=note))
         bundles, comparisons = _run(source, plan, prefix, progress)
         primary = _primary(comparisons)
-        if config.calibrate or (config.calibrate is None and
-                                (plan.dtype, plan.device) != (source.run.dtype, source.run.device)):
-            primary = calibrate(primary, _calibration(source, config, plan, prefix, primary, progress))
+        primary = calibrate(primary, calibration) if calibration is not None else with_note(primary, note)
         if config.localize:
             primary = localize(source, config, prefix, primary, progress)
     return ReplayResult(source=Path(config.bundle), bundles=bundles, comparisons=comparisons, primary=primary)
@@ -147,25 +150,36 @@ def _run(source: Bundle, plan: ReplayPlan, prefix: Path,
     return bundles, comparisons
 
 
-def _calibration(source: Bundle, config: ReplayConfig, plan: ReplayPlan, prefix: Path, replayed: Comparison,
-                 progress: Progress | None) -> Comparison:
-    """The calibration replay's comparison with the source: the source's own engine where it can
-    run the replay's dtype here, else HF transformers (MindSpore has no bfloat16 on CPU, say)."""
-    if source.run.backend != "torch":
+def _calibration(source: Bundle, config: ReplayConfig, plan: ReplayPlan, prefix: Path,
+                 progress: Progress | None) -> tuple[Path | None, Comparison | None, str | None]:
+    """The calibration replay to judge this replay against: (its output prefix, its comparison
+    with the source), or why there is none. Run before the replay, so that the replay records
+    the calibration that exists.
+
+    Wanted when asked, or by default when the dtype or device differs from the source's. The
+    trusted engine is the source's own, else HF transformers, else any other engine, the first
+    that runs the replay's dtype here and is not the replay itself (its engine, dtype and device:
+    a run compared with itself proves nothing). With none, the replay is judged against the
+    dtype's noise floor, and says it was not independently calibrated."""
+    changed = (plan.dtype, plan.device) != (source.run.dtype, source.run.device)
+    if not (config.calibrate or (config.calibrate is None and changed)):
+        return None, None, (not_calibrated(source.run.dtype, plan.dtype, "not calibrated (--no-calibrate)")
+                            if changed else None)
+    for backend in dict.fromkeys((source.run.backend, "torch", *sorted(entries()))):
         try:
-            return _calibrate_on(source.run.backend, source, config, plan, prefix, replayed, progress)
+            cls = declared_class(backend)
+            trusted = _calibration_config(source, config, plan, prefix, backend)
+            if plan.dtype not in cls.capabilities.dtypes or (backend, trusted.device) == (config.backend, plan.device):
+                continue
+            engine_python(backend)  # raises when it can run nowhere here
+            _, calibrations = _run(source, ReplayPlan.of(source, trusted), trusted.output, progress)
         except BackendUnavailableError as exc:
-            log.info("calibrating on torch: %s", exc)
-    return _calibrate_on("torch", source, config, plan, prefix, replayed, progress)
-
-
-def _calibrate_on(backend: str, source: Bundle, config: ReplayConfig, plan: ReplayPlan, prefix: Path,
-                  replayed: Comparison, progress: Progress | None) -> Comparison:
-    trusted = _calibration_config(source, config, plan, prefix, backend)
-    if trusted.backend == config.backend and trusted.device == plan.device:
-        return replayed  # the trusted engine replayed it already
-    _, calibrations = _run(source, ReplayPlan.of(source, trusted), trusted.output, progress)
-    return _primary(calibrations)
+            log.info("not calibrating on %s: %s", backend, exc)
+            continue
+        return trusted.output, _primary(calibrations), None
+    return None, None, not_calibrated(source.run.dtype, plan.dtype,
+                                      f"not independently calibrated: no engine other than {config.backend} "
+                                      f"runs {plan.dtype} here")
 
 
 def _calibration_config(source: Bundle, config: ReplayConfig, plan: ReplayPlan, prefix: Path,
@@ -182,6 +196,15 @@ def _calibration_config(source: Bundle, config: ReplayConfig, plan: ReplayPlan, 
 
 
 @dataclass(frozen=True)
+class Judgment:
+    """What a replay is judged against, recorded in its ``meta/replay`` (``compare.judgment``):
+    the calibration replay's bundles (``prefix.<mode>.zarr``) or why there is none."""
+
+    calibration_prefix: Path | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
 class ReplayPlan:
     """What every run replaying a bundle shares: the source's inputs, sampling and capture
     settings, the engine setup, and the modes. ``runs`` makes the captures of one replay (or of
@@ -189,6 +212,7 @@ class ReplayPlan:
 
     config: ReplayConfig
     source_id: str
+    source_dtype: str
     model_path: Path
     mismatch: bool
     dtype: str
@@ -198,6 +222,7 @@ class ReplayPlan:
     sampling: SamplingParams
     settings: CaptureSettings
     engine_options: dict[str, str]
+    judged_by: Judgment = Judgment()
 
     @classmethod
     def of(cls, source: Bundle, config: ReplayConfig) -> ReplayPlan:
@@ -213,8 +238,8 @@ class ReplayPlan:
             raise UsageError("the source's requests generated different numbers of tokens (EOS); "
                              "replay needs equal lengths", hint="capture without --stop-at-eos")
         same_engine = config.backend == run.backend
-        return cls(config=config, source_id=source.manifest.bundle_id, model_path=model_path, mismatch=mismatch,
-                   dtype=canonical_dtype(config.dtype or run.dtype), device=config.device or run.device,
+        return cls(config=config, source_id=source.manifest.bundle_id, source_dtype=run.dtype, model_path=model_path,
+                   mismatch=mismatch, dtype=canonical_dtype(config.dtype or run.dtype), device=config.device or run.device,
                    prompts=tuple(tuple(source.prompt_ids(r).tolist()) for r in range(source.num_requests)),
                    outputs=outputs, sampling=replace(run.sampling, max_new_tokens=max_new), settings=run.capture,
                    engine_options={**(dict(run.engine_options) if same_engine else {}), **config.engine_options})
@@ -225,12 +250,22 @@ class ReplayPlan:
         runs, documents = [], []
         for mode in config.modes:
             runs.append(CaptureConfig(  # the source's sampling and capture settings, whole
-                backend=config.backend, model=self.model_path, output=prefix.with_name(f"{prefix.name}.{mode.split('-')[0]}.zarr"),
+                backend=config.backend, model=self.model_path, output=_bundle_path(prefix, mode),
                 dtype=self.dtype, device=self.device, prompt_token_ids=self.prompts, sampling=self.sampling,
                 settings=self.settings, engine_options=self.engine_options, overwrite=config.overwrite,
                 command=config.command or ("ptrace", "replay", str(config.bundle)),
                 forced_tokens=self.outputs if mode == TEACHER else None,
                 whatifs=whatifs, whatif_source=str(config.bundle) if whatifs else None))
-            documents.append([ReplayInfo(source_bundle_id=self.source_id, source_path=str(config.bundle),
-                                         mode=mode, model_mismatch=self.mismatch, model_path=str(self.model_path))])
+            calibration = self.judged_by.calibration_prefix
+            documents.append([ReplayInfo(
+                source_bundle_id=self.source_id, source_path=str(config.bundle), mode=mode,
+                model_mismatch=self.mismatch, model_path=str(self.model_path),
+                calibration_path=_bundle_path(calibration, mode).name if calibration else "",
+                calibration_note=self.judged_by.note or "",
+                thresholds=thresholds_for(coarser(self.source_dtype, self.dtype), config.threshold_overrides).to_dict())])
         return runs, documents
+
+
+def _bundle_path(prefix: Path, mode: str) -> Path:
+    """Where a replay of ``mode`` with output prefix ``prefix`` is written."""
+    return prefix.with_name(f"{prefix.name}.{mode.split('-')[0]}.zarr")

@@ -25,7 +25,9 @@ from ptrace.bundle_spec.schema import WhatIfSpec, plain
 from ptrace.capture import whatif
 from ptrace.capture.session import Progress, capture_runs
 from ptrace.compare import Comparison, combine, compare
+from ptrace.compare.judgment import judge
 from ptrace.compare.results import Propagation, TensorResult, WhatIfResult
+from ptrace.compare.summary import with_summary
 from ptrace.errors import UsageError
 from ptrace.replay.session import FREE, TEACHER, ReplayConfig, ReplayPlan, open_source
 
@@ -123,15 +125,16 @@ def run_whatifs(config: WhatIfConfig, *, progress: Progress | None = None) -> Co
         baseline = _replay_comparison(source, bundles["baseline"], replay_config.threshold_overrides)
         results = [_result(run, bundles["baseline"], bundles[run.name], source, config,
                            replay_config.threshold_overrides) for run in grid]
-    return replace(baseline, whatifs=results)
+    return with_summary(replace(baseline, whatifs=results))
 
 
 def _replay_comparison(reference: Any, runs: dict[str, Path], overrides: dict[str, float]) -> Comparison:
-    """Tensors from the teacher-forced run, tokens from the free-running one, as ``replay`` does."""
+    """Tensors from the teacher-forced run, tokens from the free-running one, as ``replay`` does,
+    judged as ``compare`` judges them (uncalibrated: a dtype change says so)."""
     comparisons = {}
     for mode, path in runs.items():
         with open_bundle(path) as replayed:
-            comparisons[mode] = compare(reference, replayed, threshold_overrides=overrides)
+            comparisons[mode] = judge(reference, replayed, threshold_overrides=overrides)
     return combine(tensors=comparisons[TEACHER], tokens=comparisons[FREE])
 
 
@@ -165,7 +168,10 @@ def _result(run: _Run, baseline: dict[str, Path], runs: dict[str, Path], source:
         vs_source={"verdict": vs_source.verdict, "summary": vs_source.summary,
                    "first_divergent_tensor": vs_source.first_divergent_tensor},
         sentence="", bundles={mode: str(path) for mode, path in runs.items()},
-        stability=combine(tensors=tensors, tokens=tokens).stability, routing=tensors.routing)
+        stability=combine(tensors=tensors, tokens=tokens).stability,
+        tokens=[list(r.tokens_b) for r in requests],
+        token_texts=[[str(text) for text in texts] for texts in tokens.b.get("output_tokens") or []],
+        routing=tensors.routing)
     return replace(result, sentence=sentence(result))
 
 

@@ -3,9 +3,9 @@ output departs from the reference.
 
 Never pooled across requests (position 17 of one prompt has nothing to do with position 17 of
 another). The colour is the error in units of the noise floor: white where the runs are
-bit-identical, grey where they differ by rounding only (at or below the floor), then yellow to
-dark red over the decades above it, the scale set by the largest ratio in the data so that one
-map's red means the same as another's.
+bit-identical, pale grey to blue up to the floor (rounding only), then yellow to dark red above
+it, the scale spanning the data's own smallest to largest ratio (one scale for all maps of a
+report) so that a map of rounding alone still shows its structure.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ COLUMNS = 160
 EXACT = "#ffffff"
 #: Yellow to dark red over the decades above the noise floor, in this many distinct shades.
 ABOVE = ("#fee08b", "#fdae61", "#f46d43", "#d73027", "#7f0000")
+#: Pale grey to blue from the data's smallest ratio up to the noise floor.
+BELOW = ("#eef1f5", "#c6dbef", "#9ecae1", "#4292c6", "#08519c")
 SHADES = 16
 LEFT, TOP, BOTTOM = 46, 22, 34
 
@@ -55,11 +57,20 @@ def _worse(a: float | None, b: float) -> float:
 
 
 class Scale:
-    """Ratio to colour, over ``decades`` decades above the floor."""
+    """Ratio to colour over the data's own range: from its smallest non-zero ratio to its largest,
+    log-scaled, the noise floor (1x) marked where it falls. Below the floor greys to blues (the
+    runs differ by rounding, and the map still shows where more and where less), above it
+    yellow to dark red; when nothing rises above the floor the scale ends at the data's top."""
 
     def __init__(self, ratios: list[float]):
-        top = max((r for r in ratios if r > 1 and math.isfinite(r)), default=10.0)
-        self.decades = max(1, math.ceil(math.log10(top)))
+        finite = [r for r in ratios if r > 0 and math.isfinite(r)]
+        self.low = min(finite, default=0.1)
+        self.high = max(finite, default=10.0)
+        self.low = min(self.low, self.high / 10)  # at least a decade, so one value is not the whole scale
+
+    def _t(self, ratio: float) -> float:
+        span = math.log10(self.high) - math.log10(self.low)
+        return min(1.0, max(0.0, (math.log10(ratio) - math.log10(self.low)) / span))
 
     def color(self, ratio: float) -> str:
         if math.isnan(ratio):
@@ -67,14 +78,20 @@ class Scale:
         if ratio == 0:
             return EXACT
         if ratio <= 1:
-            return ROUNDING
-        t = math.log10(ratio) / self.decades if math.isfinite(ratio) else 1.0
-        return ramp(ABOVE, round(t * SHADES) / SHADES)
+            return ramp(BELOW, round(self._t(ratio) / self._t(1.0) * SHADES) / SHADES if self._t(1.0) > 0 else 1.0)
+        top = max(self.high, 1.0)
+        t = math.log10(ratio) / math.log10(top) if math.isfinite(ratio) and top > 1 else 1.0
+        return ramp(ABOVE, round(min(1.0, t) * SHADES) / SHADES)
 
     def legend(self) -> list[dict[str, str]]:
-        """Five stops from the floor (1x) to the top of the scale."""
-        return [{"color": ramp(ABOVE, t), "label": _times(10 ** (t * self.decades))}
-                for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
+        """Stops from the data's smallest ratio to its largest, the floor (1x) among them."""
+        stops = sorted({self.low, *(r for r in (1.0, self.high) if r >= self.low)})
+        if self.high > 1:
+            stops += [10 ** (math.log10(self.high) * t) for t in (0.5,)]
+        if self.low < 1:
+            stops += [10 ** (math.log10(self.low) * t) for t in (0.5,)]
+        return [{"color": self.color(r), "label": _times(r) + (" = noise floor" if r == 1.0 else "")}
+                for r in sorted(set(stops)) if r <= max(self.high, 1.0)]
 
 
 def _times(ratio: float) -> str:

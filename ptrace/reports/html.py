@@ -9,6 +9,7 @@ an environment value) is shown as text, never run. The same comparison renders t
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Mapping
 from pathlib import Path, PurePath
@@ -34,13 +35,16 @@ def _environment() -> jinja2.Environment:
 
 
 def _verdict(summary: str) -> dict[str, Any]:
-    """The summary as the banner shows it: the verdict word, then one line per clause (tokens;
-    where the runs part ways; the size judgement naming the limit that tripped)."""
-    head, sep, rest = summary.partition(": ")
-    word, _, qualifier = head.partition(" ")  # "PASS (within bfloat16 noise): ..."
-    if not sep or not word.isupper():
-        return {"word": "", "clauses": [summary]}
-    return {"word": word, "clauses": [clause for clause in (qualifier, *rest.split("; ")) if clause]}
+    """The summary as the banner shows it: the what-ifs' sentences first when there are any (one
+    line each), then the verdict word and one line per clause (tokens; where the runs part ways;
+    the size judgement naming the limit that tripped)."""
+    *whatif_lines, verdict = summary.split("\n")
+    found = re.match(r"(.*?)\b(PASS|WARN|FAIL): (.*)", verdict, re.S)
+    if found is None:
+        return {"whatifs": whatif_lines, "word": "", "lead": "", "clauses": [verdict]}
+    lead, word, rest = found.groups()
+    return {"whatifs": whatif_lines, "word": word, "lead": lead.strip(),
+            "clauses": [clause for clause in rest.split("; ") if clause]}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -151,7 +155,7 @@ def render(comparison: Comparison) -> str:
     b_mode = _b_mode(c)
     template = _environment().get_template("report.html.j2")
     return template.render(
-        title=_title(c), c=c, verdict=_verdict(c.summary), whatifs=whatifs.section(c.whatifs),
+        title=_title(c), c=c, verdict=_verdict(c.summary), whatifs=whatifs.section(c.whatifs, c),
         stability=stability.section(c.stability), routing=routing.section(c),
         error_chart=localization.error_chart(c), calibration_rows=localization.calibration_rows(c),
         local_chart=localization.local_error_chart(c.local_errors, c.local_error_source),

@@ -106,4 +106,4 @@ def calibration_rows(c: Comparison) -> list[dict[str, Any]]:
         return []
     replay = {t.name: t.rel_err for t in c.tensors}
     return [{"name": t.name, "replay": replay.get(t.name), "calibration": t.rel_err, "mean": t.ratio_mean,
-             "max": t.ratio_max, "within": t.within} for t in c.calibration.tensors]
+             "max": t.ratio_max, "p_value": t.p_value, "within": t.within} for t in c.calibration.tensors]

@@ -16,7 +16,7 @@ from collections import defaultdict
 from statistics import mean
 from typing import Any
 
-from ptrace.compare.results import WhatIfResult
+from ptrace.compare.results import Comparison, WhatIfResult
 from ptrace.reports.plots import Chart, ForwardAxis, Frame, LinearAxis, LogAxis, color, finite, number, shade
 from ptrace.reports.stability import bucket_axis, bucket_label, percent_axis
 
@@ -169,13 +169,35 @@ def _row(w: WhatIfResult, c: str) -> dict[str, Any]:
             "vs_tensor": w.vs_source.get("first_divergent_tensor")}
 
 
-def section(whatifs: list[WhatIfResult]) -> dict[str, Any] | None:
+def token_view(w: WhatIfResult, baseline: Comparison) -> list[dict[str, Any]]:
+    """Per request, the what-if's own tokens (free-running) against the baseline's: each token
+    "same", "diff" (the first that differs) or "after" (it follows from that one)."""
+    view = []
+    texts = baseline.b.get("output_tokens") or []
+    for request, tokens in zip(baseline.requests, w.tokens):
+        base = request.tokens_b
+        own = w.token_texts[request.index] if request.index < len(w.token_texts) else []
+        first = next((s for s, (x, y) in enumerate(zip(base, tokens)) if x != y), None)
+        steps = [{"text": (own[s] if s < len(own) else str(token)).replace("\n", "↵"),
+                  "state": "same" if first is None or s < first else "diff" if s == first else "after"}
+                 for s, token in enumerate(tokens)]
+        base_texts = texts[request.index] if request.index < len(texts) else []
+        view.append({"request": request.index, "steps": steps, "diverged": first is not None,
+                     "baseline": "".join(base_texts)})
+    return view
+
+
+def section(whatifs: list[WhatIfResult], baseline: Comparison | None = None) -> dict[str, Any] | None:
+    """The what-ifs' panel, or None; with ``baseline`` (the baseline replay's comparison with its
+    source) a token view per what-if too."""
     if not whatifs:
         return None
     hues = _hues(whatifs)
     colors = _colors(whatifs, hues)
-    return {"rows": [_row(w, c) for w, c in zip(whatifs, colors)],
-            "propagation": propagation_chart(whatifs, colors), "sweeps": sweep_charts(whatifs, colors, hues),
+    distinct = [color(i) for i in range(len(whatifs))]  # one hue per curve: shades of one hue blur
+    return {"rows": [{**_row(w, col), "tokens": token_view(w, baseline) if baseline else []}
+                     for w, col in zip(whatifs, colors)],
+            "propagation": propagation_chart(whatifs, distinct), "sweeps": sweep_charts(whatifs, colors, hues),
             "lengths": length_charts(whatifs, colors),
             "repeats": any(w.repeat for w in whatifs), "swept": any(w.sweep_value is not None for w in whatifs),
             "param": next((w.sweep_param for w in whatifs if w.sweep_value is not None), None)}

@@ -91,7 +91,7 @@ def test_bfloat16_vllm_replay_of_a_faulty_model_still_names_the_layer(sources, t
                             allow_model_mismatch=True, output=tmp_path / "r")).primary
     assert c.calibration is not None and not c.calibration.within, c.summary
     assert c.first_divergent_tensor == "layers.2.mlp", c.summary
-    assert c.localized_by == "calibration" and "adds" in c.calibration.sentence
+    assert c.localized_by == "calibration" and "makes" in c.calibration.sentence
 
 
 def test_results_stay_per_request(example_model, tmp_path):

@@ -49,6 +49,12 @@ def test_the_cli_runs_whatifs_and_refuses_without_one(eight_prompts, tmp_path):
                      "-i", "cast:layers.2.attn:dtype=bfloat16", "-i", "scale:layers.1.mlp:factor=1.5:requests=3")
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
+    # the summary names the what-ifs first, one line each; the baseline's own check comes below
+    said = " ".join(result.stdout.split())  # the console wraps long lines
+    where = [said.find(" ".join(f"what-if {w['sentence']}".split())) for w in data["whatifs"]]
+    where.append(said.find("baseline (torch float32, no injection) against the source: PASS"))
+    assert -1 not in where and where == sorted(where), said
+    assert all("layers." in w["sentence"] for w in data["whatifs"]), "each sentence names its what-if"
     first = [w["first_affected_tensor"] for w in data["whatifs"]]
     assert first == ["layers.2.attn", "layers.1.mlp"]
     assert [s is None for s in data["whatifs"][1]["first_divergent_step"]].count(False) <= 1, "only request 3"

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from ptrace.bundle_spec.names import forward_key, layer_index
 from ptrace.compare import Comparison
+from ptrace.compare.calibration import limits
 from ptrace.compare.results import Bisection, Calibration, LocalError, TensorResult
 
 
@@ -22,10 +23,11 @@ def calibrated(c: Comparison, *, label: str = "torch", sentence: str | None = No
         ratio = 9.0 if t.name == outside else 1.25
         tensors.append({"name": t.name, "rel_err": t.rel_err / ratio if math.isfinite(t.rel_err) else None,
                         "position_rel": [r / ratio for r in t.position_rel], "ratio_mean": ratio,
-                        "ratio_max": ratio * 1.5, "within": t.name != outside})
+                        "ratio_max": ratio * 1.5, "p_value": 1e-9 if t.name == outside else 0.5,
+                        "within": t.name != outside})
     return replace(c, calibration=Calibration.from_dict({
         "backend": label, "dtype": c.b["dtype"], "device": "cpu", "path": "/tmp/calibration.zarr",
-        "limits": {"ratio_mean": 2.0, "ratio_max": 5.0}, "tensors": tensors, "within": outside is None,
+        "limits": limits(), "tensors": tensors, "within": outside is None,
         "sentence": sentence or (f"pass: within {c.b['dtype']} noise (largest ratio 1.9)" if outside is None
                                  else f"{c.b['backend']} adds 9x the error of {label} at {outside}")}))
 

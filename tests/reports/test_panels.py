@@ -110,18 +110,17 @@ def test_one_heatmap_per_request_with_its_own_divergence(replayed):
     first, second = maps["maps"]
     assert (first["index"], second["index"]) == (0, 1)
     assert first["marker"] is None and second["marker"] is not None
-    neutral = {heatmap.EXACT, heatmap.ROUNDING}
+    above = {heatmap.ramp(heatmap.ABOVE, k / heatmap.SHADES) for k in range(heatmap.SHADES + 1)} | {heatmap.NONFINITE}
     # hatched (None) = not compared: only the logits, which start at the last prompt position
     assert all(cell["title"].startswith("logits,") for cell in first["cells"] if cell["color"] is None)
-    assert {cell["color"] for cell in first["cells"]} <= neutral | {None}, \
-        "request 1's error does not leak into request 0"
-    hot = [cell for cell in second["cells"] if cell["color"] not in neutral | {None}]
+    assert not {cell["color"] for cell in first["cells"]} & above, "request 1's error does not leak into request 0"
+    hot = [cell for cell in second["cells"] if cell["color"] in above]
     assert hot and all(int(re.search(r"positions? (\d+)", cell["title"]).group(1)) >= 5 for cell in hot)
     assert any(cell["color"] == heatmap.NONFINITE and cell["title"].startswith("logits, position 7") for cell in hot)
     assert second["marker"]["row"] == [label["text"] for label in second["labels"]].index("L2")
     assert second["marker"]["column"] == 5, "one column per position in a short request"
     assert first["prompt_end"] is not None, "the prompt's end is marked"
-    assert maps["legend"][-1]["label"] == "1e4x", "the scale reaches the largest ratio (1200x) in the data"
+    assert maps["legend"][-1]["label"] == "1e3x", "the scale reaches the largest ratio (1200x) in the data"
     html = render(c)
     assert 'aria-label="error by layer and position, request 0"' in html and "prompt ends" in html
     assert "parts at <span class=\"mono\">layers.2.mlp</span>, position 5" in html
@@ -173,3 +172,37 @@ def test_hostile_strings_in_every_new_panel_are_escaped(whatif_comparison):
     assert "Sweep over" in html and "Calibration:" in html and "Bisection:" in html
     assert HOSTILE not in html and "<script" not in html.lower()
     assert html.count(escape(HOSTILE)) >= 10
+
+
+def test_a_whatif_report_and_summary_lead_with_the_whatifs(whatif_comparison):
+    lines = whatif_comparison.summary.split("\n")
+    assert len(lines) == len(whatif_comparison.whatifs) + 1
+    assert all(line == f"what-if {w.sentence}" for line, w in zip(lines, whatif_comparison.whatifs))
+    assert lines[-1].startswith("baseline (torch float32, no injection) against the source: PASS")
+    html = render(whatif_comparison)
+    first_whatif = html.index(str(escape(whatif_comparison.whatifs[0].sentence)))
+    assert first_whatif < html.index('id="verdict"') < html.index('id="tokens"'), "what-ifs first, baseline below"
+    assert html.count('class="whatif-tokens"') == len(whatif_comparison.whatifs), "a token view per what-if"
+
+
+def test_propagation_curves_have_distinct_colours(whatif_comparison):
+    chart = whatifs.section(whatif_comparison.whatifs)["propagation"]
+    colours = [line["color"] for line in chart.lines]
+    assert len(colours) == len(set(colours)) == len(whatif_comparison.whatifs)
+
+
+def test_the_report_states_the_limits_it_applied_and_fails_only_failing_rows(replayed):
+    c = replayed.primary
+    assert c.thresholds_dtype == "bfloat16"
+    assert all(t.first_fail_position is None for t in c.tensors if t.verdict == "pass")
+    html = render(c)
+    assert f"size limits ({c.thresholds_dtype})" in html and f"mean abs &lt; {c.thresholds['pass_mean_abs']}" in html
+    assert "not calibrated (--no-calibrate)" in html
+    assert "(within" not in _banner(html).split("<li>")[1], "the first clause is a whole clause"
+
+
+def test_a_map_of_rounding_alone_still_shows_its_data_and_marks_the_floor(replayed):
+    maps = heatmap.heatmaps(replayed.primary)
+    assert any(stop["label"].endswith("= noise floor") for stop in maps["legend"])
+    colours = {cell["color"] for m in maps["maps"] for cell in m["cells"]}
+    assert len(colours) >= 4, f"rounding within the floor must not be one grey: {colours}"
