@@ -19,7 +19,7 @@ ENVS   := .venvs
 MSPROBE_VENV ?= $(ENVS)/msprobe
 MSPROBE      ?= mindstudio-probe==26.2.0
 
-.PHONY: setup demo browser prometheus test bench clean
+.PHONY: setup demo browser prometheus lint test bench clean
 
 setup: $(VENV)/.installed $(ENVS)/.installed
 
@@ -68,9 +68,14 @@ prometheus:
 	{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || \
 	{ echo "Prometheus is needed by the monitoring tests: sudo apt-get install prometheus" >&2; exit 1; }
 
+# ruff's lint, and ARCHITECTURE.md's layers and no import circles (the contracts in pyproject.toml).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check ptrace tests benchmarks examples
+	$(VENV)/bin/lint-imports
+
 # Everything from the main environment (the engines through their environments), then the
 # backend tests inside each engine environment (there, the tests of the engines that run there).
-test: setup browser prometheus
+test: setup browser prometheus lint
 	PTRACE_REQUIRE_ENGINES=1 $(PY) -m pytest -q
 	$(PTRACE) envs list --pythons | while read -r env python; do \
 		PTRACE_TEST_ENVIRONMENT=$$env $$python -m pytest -q -p no:cacheprovider tests/backends || exit 1; done

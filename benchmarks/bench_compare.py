@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_capture import EXAMPLE, make_large_model  # noqa: E402
 
 from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture  # noqa: E402
-from ptrace.replay.session import TEACHER, ReplayConfig, replay  # noqa: E402
+from ptrace.replay.plan import TEACHER, ReplayConfig  # noqa: E402
+from ptrace.replay.session import replay  # noqa: E402
 
 MEASURE = """
 import json, re, sys, time

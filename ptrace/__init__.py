@@ -38,7 +38,7 @@ _LAZY = {  # public name -> (module, attribute)
     "CaptureSettings": ("ptrace.bundle_spec.schema", "CaptureSettings"),
     "SamplingParams": ("ptrace.bundle_spec.schema", "SamplingParams"),
     "capture_bundle": ("ptrace.capture.session", "capture"),
-    "ReplayConfig": ("ptrace.replay.session", "ReplayConfig"),
+    "ReplayConfig": ("ptrace.replay.plan", "ReplayConfig"),
     "replay_bundle": ("ptrace.replay.session", "replay"),
     "compare_bundles": ("ptrace.compare", "compare"),
     "Comparison": ("ptrace.compare", "Comparison"),

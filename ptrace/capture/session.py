@@ -19,6 +19,9 @@ import numpy as np
 from ptrace.backends.base import Backend, Interceptor, LoadOptions
 from ptrace.backends.registry import create_backend, declared_class, engine_python
 from ptrace.bundle_spec import names as canonical
+from ptrace.bundle_spec.dtypes import canonical as canonical_dtype
+from ptrace.bundle_spec.layout import request_array
+from ptrace.bundle_spec.packing import pack
 from ptrace.bundle_spec.schema import (
     CaptureSettings,
     DatasetInfo,
@@ -33,17 +36,15 @@ from ptrace.bundle_spec.schema import (
     WhatIfSpec,
     plain,
 )
-from ptrace.bundle_spec.dtypes import canonical as canonical_dtype
-from ptrace.bundle_spec.layout import request_array
 from ptrace.bundle_spec.settings import complete
-from ptrace.bundle_spec.packing import pack
 from ptrace.bundle_spec.store import ZIP_SUFFIX, check_bundle_name, claim_output
+from ptrace.bundle_spec.structure import open_bundle
 from ptrace.bundle_spec.writer import BundleWriter
+from ptrace.capture import batching, datasets, whatif
+from ptrace.capture.engine_process import run_in_environment
 from ptrace.capture.environment import Redactor, collect_environment
 from ptrace.capture.inputs import Prompt, resolve_prompts
 from ptrace.capture.model import describe_model
-from ptrace.bundle_spec.structure import open_bundle
-from ptrace.capture import batching, datasets, whatif
 from ptrace.capture.recorder import StepSelection, TensorRecorder
 from ptrace.errors import BackendError, UsageError
 
@@ -193,9 +194,7 @@ def capture_runs(configs: Sequence[CaptureConfig], *, progress: Progress | None 
         if interceptors:
             raise UsageError(f"backend {configs[0].backend} runs in its engine environment: Python "
                              "interceptors cannot cross into it", hint=f"run this code with {python}")
-        from ptrace.capture.remote import run_in_environment
-
-        return run_in_environment(python, configs, documents, progress)
+        return run_in_environment(python, configs[0].backend, [c.to_dict() for c in configs], documents, progress)
     first = configs[0]
     overrides, engine_overrides = whatif.load_time(first.whatifs)
     backend = create_backend(first.backend)

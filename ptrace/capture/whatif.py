@@ -38,8 +38,8 @@ from ptrace.backends.model_dir import read_config
 from ptrace.bundle_spec import names as canonical
 from ptrace.bundle_spec.dtypes import canonical as canonical_dtype
 from ptrace.bundle_spec.reader import Bundle
-from ptrace.bundle_spec.structure import open_bundle
 from ptrace.bundle_spec.schema import WhatIfSpec
+from ptrace.bundle_spec.structure import open_bundle
 from ptrace.capture.recorder import StepSelection
 from ptrace.errors import PtraceError, UsageError
 

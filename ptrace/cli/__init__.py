@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from ptrace.cli import options as opt
+from ptrace.cli import replay as replay_command
 from ptrace.cli.backends import backends
 from ptrace.cli.capture import capture
 from ptrace.cli.compare import compare
@@ -26,7 +27,6 @@ from ptrace.cli.help import PanelCommand, PanelGroup
 from ptrace.cli.inspect import inspect
 from ptrace.cli.monitor import monitor
 from ptrace.cli.pack import pack, unpack
-from ptrace.cli import replay as replay_command
 from ptrace.cli.replay import replay
 from ptrace.cli.settings import settings
 from ptrace.cli.validate import validate

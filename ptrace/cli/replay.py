@@ -65,7 +65,7 @@ def replay(
     With --inject the replay is also run with errors injected on purpose (see `ptrace whatif`).
     """
     from ptrace.errors import UsageError
-    from ptrace.replay.session import MODES, ReplayConfig
+    from ptrace.replay.plan import MODES, ReplayConfig
     from ptrace.replay.session import replay as run_replay
 
     v.check_fail_on(fail_on)

@@ -17,8 +17,8 @@ from ptrace.bundle_spec.names import sort_forward
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.bundle_spec.structure import require_structure
 from ptrace.compare.align import align
-from ptrace.compare.noise import coarser
 from ptrace.compare.localize import earliest, first_divergent, first_nonfinite, largest_local_error
+from ptrace.compare.noise import coarser
 from ptrace.compare.results import Comparison, RequestResult, TensorResult
 from ptrace.compare.routing import compare_routing, is_categorical
 from ptrace.compare.settings import recorded as recorded_settings

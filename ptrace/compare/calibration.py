@@ -36,7 +36,7 @@ import numpy as np
 
 from ptrace.bundle_spec.names import forward_key
 from ptrace.compare.localize import earliest
-from ptrace.compare.results import Calibration, CalibratedTensor, Comparison, TensorResult
+from ptrace.compare.results import CalibratedTensor, Calibration, Comparison, TensorResult
 from ptrace.compare.summary import with_summary
 from ptrace.compare.thresholds import FAIL, PASS, WARN, worst
 

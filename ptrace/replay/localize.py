@@ -27,7 +27,7 @@ from ptrace.compare import Comparison, compare
 from ptrace.compare.results import Bisection, LocalError
 from ptrace.compare.summary import with_summary
 from ptrace.errors import UsageError
-from ptrace.replay.session import FREE, TEACHER, ReplayConfig, ReplayPlan
+from ptrace.replay.plan import FREE, TEACHER, ReplayConfig, ReplayPlan
 
 #: What the localization replay restores from the source: every layer's input, and the cache.
 RESTORED = ("layers.*.out", "layers.*.k", "layers.*.v")

@@ -29,7 +29,7 @@ from ptrace.compare.judgment import judge
 from ptrace.compare.results import Propagation, TensorResult, WhatIfResult
 from ptrace.compare.summary import with_summary
 from ptrace.errors import UsageError
-from ptrace.replay.session import FREE, TEACHER, ReplayConfig, ReplayPlan, open_source
+from ptrace.replay.plan import FREE, TEACHER, ReplayConfig, ReplayPlan, open_source
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ pytestmark = pytest.mark.backend("ms")
 
 from ptrace.backends.base import LoadOptions
 from ptrace.backends.mindformers import MindFormersBackend
+from ptrace.backends.model_dir import read_config
 from ptrace.backends.registry import create_backend, register_backend
 from ptrace.bundle_spec.names import all_names
 from ptrace.bundle_spec.schema import SamplingParams
-from ptrace.backends.model_dir import read_config
 from ptrace.errors import BackendUnavailableError, ModelError, UsageError
 from ptrace.testing.conformance import PROMPTS, BackendTests, Keep, Replace
 from tests.conftest import without_ascend_npu

@@ -16,7 +16,7 @@ from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, captu
 from ptrace.capture.batching import NOT_RECORDED, filler_prompts
 from ptrace.compare import Comparison
 from ptrace.errors import BackendUnavailableError, UsageError
-from ptrace.replay.session import ReplayConfig
+from ptrace.replay.plan import ReplayConfig
 from ptrace.replay.whatif import WhatIfConfig, run_whatifs
 from ptrace.reports.html import render
 from tests.conftest import ROOT, run_cli

@@ -193,7 +193,8 @@ def _templated_model(source, target):
 
 
 def test_dataset_bundle_records_the_selection_and_replays_the_same_tokens(tmp_path, example_model):
-    from ptrace.replay.session import ReplayConfig, replay
+    from ptrace.replay.plan import ReplayConfig
+    from ptrace.replay.session import replay
 
     model = _templated_model(example_model, tmp_path / "model")
     path = _sharegpt(tmp_path / "s.json")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ptrace.capture import CaptureConfig
-from ptrace.capture.remote import run_in_environment
+from ptrace.capture.engine_process import run_in_environment
 from ptrace.errors import BackendError
 
 
@@ -26,7 +26,7 @@ def test_the_engine_log_is_named_only_when_it_holds_something(tmp_path, prints):
     python = _engine_python(tmp_path, ("echo 'engine: out of memory' >&2\n" if prints else "") + "exit 3")
     config = CaptureConfig(backend="torch", model=tmp_path, output=tmp_path / "b.zarr", random_input_ids=4)
     with pytest.raises(BackendError, match="exited with code 3") as error:
-        run_in_environment(python, [config], [()], None)
+        run_in_environment(python, config.backend, [config.to_dict()], [()], None)
     named = re.search(r"\(engine log: (\S+)\)", str(error.value))
     if prints:
         assert named and "engine: out of memory" in Path(named.group(1)).read_text()

@@ -8,8 +8,8 @@ import sys
 
 from ptrace.bundle_spec import open_bundle
 from ptrace.compare import combine, compare
-from tests.conftest import ROOT
 from ptrace.testing.bundles import SyntheticRequest, write_bundle
+from tests.conftest import ROOT
 
 BLOCK_ENGINES = """
 import sys
@@ -26,7 +26,8 @@ main(sys.argv[1:])
 def test_compare_runs_with_no_engine_installed_and_judges_a_replay_as_replay_did(fp32_bundle, tmp_path):
     """``compare`` on a bfloat16 replay and its source: no engine, and the replay's own verdict
     (its recorded calibration, or its "not independently calibrated" note, and limits)."""
-    from ptrace.replay.session import TEACHER, ReplayConfig, replay
+    from ptrace.replay.plan import TEACHER, ReplayConfig
+    from ptrace.replay.session import replay
 
     replayed = replay(ReplayConfig(bundle=fp32_bundle, backend="torch", dtype="bfloat16", modes=(TEACHER,),
                                    output=tmp_path / "r"))
@@ -45,7 +46,8 @@ def test_compare_runs_with_no_engine_installed_and_judges_a_replay_as_replay_did
 def test_a_bfloat16_pair_without_calibration_is_judged_by_bfloat16_s_limits(fp32_bundle, tmp_path):
     """No calibration recorded or given: the limits follow the coarser dtype, and a verdict never
     fails what it calls rounding noise."""
-    from ptrace.replay.session import TEACHER, ReplayConfig, replay
+    from ptrace.replay.plan import TEACHER, ReplayConfig
+    from ptrace.replay.session import replay
 
     other = replay(ReplayConfig(bundle=fp32_bundle, backend="torch", dtype="bfloat16", modes=(TEACHER,),
                                 calibrate=False, output=tmp_path / "r")).bundles[TEACHER]
@@ -67,7 +69,8 @@ def test_compare_refuses_bundles_of_different_inputs(fp32_bundle, full_bundle):
 
 def test_stats_only_bundles_are_compared_by_their_statistics(example_model, tmp_path):
     from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
-    from ptrace.replay.session import ReplayConfig, replay
+    from ptrace.replay.plan import ReplayConfig
+    from ptrace.replay.session import replay
 
     source = capture(CaptureConfig(backend="torch", model=example_model, output=tmp_path / "s.zarr", random_input_ids=16, command=("t",), sampling=SamplingParams(max_new_tokens=4), settings=CaptureSettings(mode="stats")))
     same = replay(ReplayConfig(bundle=source, backend="torch", output=tmp_path / "same")).primary

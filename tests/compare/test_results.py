@@ -12,8 +12,8 @@ import pytest
 from ptrace.bundle_spec import open_bundle
 from ptrace.compare import Comparison, compare
 from ptrace.errors import ComparisonError
-from tests.conftest import run_cli
 from ptrace.testing.bundles import SyntheticRequest, write_bundle
+from tests.conftest import run_cli
 
 
 def _strict_json(text: str):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ptrace.bundle_spec import open_bundle
 from ptrace.compare.judgment import judge
-from ptrace.replay.session import TEACHER, ReplayResult
+from ptrace.replay.plan import TEACHER
+from ptrace.replay.session import ReplayResult
 
 
 def assert_compare_agrees(result: ReplayResult) -> None:

@@ -15,7 +15,8 @@ import pytest
 from ptrace.backends.environments import python_of
 from ptrace.bundle_spec import open_bundle
 from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture
-from ptrace.replay.session import ReplayConfig, replay
+from ptrace.replay.plan import ReplayConfig
+from ptrace.replay.session import replay
 from ptrace.reports.html import write_report
 from tests.conftest import needs_fp8_kv_cache
 from tests.replay.agreement import assert_compare_agrees

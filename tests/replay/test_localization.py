@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture, whatif
 from ptrace.bundle_spec import open_bundle
+from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture, whatif
 from ptrace.compare import compare
-from ptrace.replay.session import TEACHER, ReplayConfig, replay
+from ptrace.replay.plan import TEACHER, ReplayConfig
+from ptrace.replay.session import replay
 from tests.replay.test_cross_engine import vllm_env
 
 #: The weight each branch's fault perturbs, and the canonical tensor that must be named.

@@ -12,7 +12,8 @@ from safetensors.numpy import load_file, save_file
 
 from ptrace.bundle_spec import open_bundle, validate_bundle
 from ptrace.errors import ModelMismatchError
-from ptrace.replay.session import FREE, TEACHER, ReplayConfig, replay
+from ptrace.replay.plan import FREE, TEACHER, ReplayConfig
+from ptrace.replay.session import replay
 from tests.conftest import run_cli
 from tests.replay.agreement import assert_compare_agrees
 

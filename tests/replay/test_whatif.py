@@ -10,7 +10,7 @@ import pytest
 from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture, whatif
 from ptrace.compare import Comparison
 from ptrace.errors import UsageError
-from ptrace.replay.session import ReplayConfig
+from ptrace.replay.plan import ReplayConfig
 from ptrace.replay.whatif import WhatIfConfig, run_whatifs
 from tests.conftest import needs_fp8_kv_cache, run_cli, write_sharegpt
 from tests.replay.test_cross_engine import vllm_env

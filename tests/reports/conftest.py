@@ -10,7 +10,8 @@ import pytest
 
 from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture, whatif
 from ptrace.compare import Comparison
-from ptrace.replay.session import ReplayConfig, ReplayResult, replay
+from ptrace.replay.plan import ReplayConfig
+from ptrace.replay.session import ReplayResult, replay
 from ptrace.replay.whatif import WhatIfConfig, run_whatifs
 
 HOSTILE = "<script>alert(1)</script>"

@@ -12,9 +12,9 @@ from ptrace.bundle_spec import open_bundle
 from ptrace.compare import compare
 from ptrace.reports import heatmap, whatifs
 from ptrace.reports.html import render
+from ptrace.testing.bundles import SyntheticRequest, write_bundle
 from tests.reports.conftest import HOSTILE
 from tests.reports.handmade import bisected, calibrated, diverging, localized
-from ptrace.testing.bundles import SyntheticRequest, write_bundle
 
 
 def _banner(html: str) -> str:
