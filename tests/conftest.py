@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -35,6 +36,21 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     """Run the real ``ptrace`` command in a fresh interpreter (exit codes, stderr as users see them)."""
     return subprocess.run([sys.executable, "-m", "ptrace", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+#: A progress line on stderr without a terminal (``ptrace.cli.console``): "[  12.3 s] phase".
+PROGRESS_LINE = re.compile(r"^\[\s*\d+\.\d s\] ")
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The error of a command that failed as users should see it fail: a non-zero exit, no
+    traceback or warning, and one line on stderr besides the progress lines of work done."""
+    assert result.returncode != 0, result.stdout
+    for noise in ("Traceback", "Task exception", "Warning", "RecursionError"):
+        assert noise not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
 
 
 def write_sharegpt(path: Path, words: Sequence[int], seed: int = 0) -> Path:

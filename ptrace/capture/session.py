@@ -184,6 +184,7 @@ def capture_runs(configs: Sequence[CaptureConfig], *, progress: Progress | None 
     configs = [replace(c, dataset=datasets.locate(c.dataset)) if c.dataset else c for c in configs]
     for config in configs:  # everything that can fail cheaply fails before the engine starts
         _check(config)
+        declared.parse_options(config.engine_options)
         claim_output(Path(config.output), config.overwrite)
         if _select_tensors(config.settings.tensors, model.num_layers, model.moe_layers) and not declared.capabilities.tensors:
             raise UsageError(f"backend {declared.name} cannot observe intermediate tensors: it captures "

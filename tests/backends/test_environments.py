@@ -11,8 +11,7 @@ from ptrace.backends import environments
 from ptrace.backends.registry import engine_environment, engine_environments
 from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams
 from ptrace.errors import UnknownBackendError
-from tests.cli.test_cli import _one_line_error
-from tests.conftest import run_cli
+from tests.conftest import one_line_error, run_cli
 
 
 def test_location_follows_the_documented_order(tmp_path, monkeypatch):
@@ -31,7 +30,7 @@ def test_location_follows_the_documented_order(tmp_path, monkeypatch):
 def test_missing_environment_says_how_to_create_it(tmp_path, example_model):
     result = run_cli("capture", "-b", "vllm", "-m", example_model, "--random-input-ids", "4",
                      "-o", tmp_path / "b.zarr", env={"PTRACE_ENVS_DIR": str(tmp_path / "none")})
-    line = _one_line_error(result)
+    line = one_line_error(result)
     assert "ptrace envs create vllm" in line and str(tmp_path / "none" / "vllm") in line
     assert not (tmp_path / "b.zarr").exists()
 
@@ -64,5 +63,5 @@ def test_an_engine_error_crosses_back_as_one_line(tmp_path, example_model):
     result = run_cli("capture", "-b", "vllm", "-m", example_model, "--random-input-ids", "4",
                      "-E", "no_such_option=1", "-o", tmp_path / "b.zarr")
     assert result.returncode == 2  # a UsageError, raised in the vllm environment, keeps its class
-    assert "has no engine option no_such_option" in _one_line_error(result)
+    assert "has no engine option no_such_option" in one_line_error(result)
     assert not (tmp_path / "b.zarr").exists()

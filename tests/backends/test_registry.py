@@ -17,8 +17,7 @@ from ptrace.backends.registry import (
     entries,
     register_backend,
 )
-from tests.cli.test_cli import _one_line_error
-from tests.conftest import run_cli
+from tests.conftest import one_line_error, run_cli
 
 FAKE_ENGINE = '''
 from ptrace.backends.base import Backend, Capabilities, EngineOption
@@ -76,12 +75,12 @@ def test_a_fake_engines_options_are_validated_from_its_schema(tmp_path, example_
     env = _install_fake_engine(tmp_path)
     common = ("capture", "-b", "fake", "-m", example_model, "--prompt", "hi", "--tensors", "none",
               "-o", tmp_path / "b.zarr")
-    assert "backend fake has no engine option bogus" in _one_line_error(run_cli(*common, "-E", "bogus=1", env=env))
-    assert "depth=deep: backend fake expects int" in _one_line_error(run_cli(*common, "-E", "depth=deep", env=env))
-    assert "depth=0: backend fake needs at least 1" in _one_line_error(run_cli(*common, "-E", "depth=0", env=env))
-    assert "does not support dtype bfloat16" in _one_line_error(run_cli(*common, "--dtype", "bfloat16", env=env))
+    assert "backend fake has no engine option bogus" in one_line_error(run_cli(*common, "-E", "bogus=1", env=env))
+    assert "depth=deep: backend fake expects int" in one_line_error(run_cli(*common, "-E", "depth=deep", env=env))
+    assert "depth=0: backend fake needs at least 1" in one_line_error(run_cli(*common, "-E", "depth=0", env=env))
+    assert "does not support dtype bfloat16" in one_line_error(run_cli(*common, "--dtype", "bfloat16", env=env))
     # Valid options reach the engine typed, with the declared defaults filled in.
-    line = _one_line_error(run_cli(*common, "-E", "fast=yes", env=env))
+    line = one_line_error(run_cli(*common, "-E", "fast=yes", env=env))
     assert "loaded with {'fast': True, 'depth': 3}" in line or "loaded with {'depth': 3, 'fast': True}" in line
 
 

@@ -31,7 +31,7 @@ from ptrace.bundle_spec.layout import segment_table
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.errors import BundleCorruptError, BundleError, NotABundleError
 from tests.bundle_spec.test_roundtrip import write_minimal
-from tests.conftest import run_cli
+from tests.conftest import one_line_error, run_cli
 
 SECRET = "TOP-SECRET-CONTENT-0123456789"
 
@@ -113,15 +113,6 @@ def assert_refused(bundle: Path, match: str) -> None:
         return  # refused before any structure could be read
     with unchecked, pytest.raises(BundleError, match=match):
         compare_bundles(unchecked, unchecked)
-
-
-def one_line_error(result) -> str:
-    assert result.returncode != 0, result.stdout
-    for noise in ("Traceback", "Task exception", "Warning", "RecursionError"):
-        assert noise not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 # -- symbolic links: never followed ------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 from ptrace.bundle_spec import open_bundle, validate_bundle
 from ptrace.capture import CaptureConfig, CaptureSettings, SamplingParams, capture, datasets
 from ptrace.errors import UsageError
-from tests.conftest import run_cli, write_sharegpt
+from tests.conftest import one_line_error, run_cli, write_sharegpt
 
 transformers = pytest.importorskip("transformers")
 
@@ -150,10 +150,8 @@ def test_cli_reports_a_malformed_dataset_in_one_line(tmp_path, example_model):
     path.write_text('[{"id": "a", "conversations": [{"from": "human", "value": "hi"}]} {"id": "b"}]')
     result = run_cli("capture", "-b", "torch", "-m", example_model, "--dataset", f"sharegpt:{path}",
                      "-o", tmp_path / "b.zarr")
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert str(path) in lines[0] and "line 1, column 67" in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    line = one_line_error(result)
+    assert str(path) in line and "line 1, column 67" in line, result.stderr
     result = run_cli("capture", "-b", "torch", "-m", example_model, "--prompt", "hi", "--min-prompt-tokens", "9",
                      "-o", tmp_path / "c.zarr")
     assert result.returncode != 0 and "--dataset" in result.stderr

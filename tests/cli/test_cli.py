@@ -11,15 +11,7 @@ import pytest
 from ptrace.backends.base import Backend
 from ptrace.backends.registry import _registered, register_backend
 from ptrace.cli import main
-from tests.conftest import ROOT, run_cli
-
-
-def _one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+from tests.conftest import ROOT, one_line_error, run_cli
 
 
 def test_help_teaches_and_starts_without_engines():
@@ -34,7 +26,7 @@ def test_help_teaches_and_starts_without_engines():
 
 
 def test_missing_model(tmp_path):
-    line = _one_line_error(run_cli("capture", "-b", "torch", "-m", tmp_path / "nope",
+    line = one_line_error(run_cli("capture", "-b", "torch", "-m", tmp_path / "nope",
                                    "--random-input-ids", "4", "-o", tmp_path / "b.zarr"))
     assert "does not exist" in line
 
@@ -42,23 +34,23 @@ def test_missing_model(tmp_path):
 def test_malformed_model_directory(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{not json")
-    line = _one_line_error(run_cli("capture", "-b", "torch", "-m", tmp_path / "m",
+    line = one_line_error(run_cli("capture", "-b", "torch", "-m", tmp_path / "m",
                                    "--random-input-ids", "4", "-o", tmp_path / "b.zarr"))
     assert "not valid JSON" in line
     (tmp_path / "m" / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
-    line = _one_line_error(run_cli("capture", "-b", "torch", "-m", tmp_path / "m",
+    line = one_line_error(run_cli("capture", "-b", "torch", "-m", tmp_path / "m",
                                    "--random-input-ids", "4", "-o", tmp_path / "b.zarr"))
     assert "no weight files" in line
 
 
 def test_unknown_backend_lists_known_ones(tmp_path, example_model):
-    line = _one_line_error(run_cli("capture", "-b", "tensorrt", "-m", example_model,
+    line = one_line_error(run_cli("capture", "-b", "tensorrt", "-m", example_model,
                                    "--random-input-ids", "4", "-o", tmp_path / "b.zarr"))
     assert "unknown backend 'tensorrt'" in line and "torch" in line
 
 
 def test_existing_output_needs_overwrite(tmp_path, example_model, full_bundle):
-    line = _one_line_error(run_cli("capture", "-b", "torch", "-m", example_model,
+    line = one_line_error(run_cli("capture", "-b", "torch", "-m", example_model,
                                    "--random-input-ids", "4", "-o", full_bundle))
     assert "already exists" in line and "--overwrite" in line
 
