@@ -24,6 +24,7 @@ import msgpack
 
 from ptrace.bundle_spec import layout, moe
 from ptrace.bundle_spec.names import DEFAULT_PATTERNS
+from ptrace.bundle_spec.settings import RESOLVED
 from ptrace.errors import BundleCorruptError
 
 #: The newest spec version this code reads and the one it writes (it reads version 1 too).
@@ -400,8 +401,9 @@ class SettingsInfo(Document):
 
     #: vocabulary key -> value (str, number, bool, nil) or "unknown"
     values: Mapping[str, Any]
-    #: "resolved" (read back from the engine) or "as read" (from config.json, older bundles)
-    source: str = "resolved"
+    #: ``settings.RESOLVED`` (read back from the engine) or ``settings.AS_READ`` (from
+    #: config.json, older bundles)
+    source: str = RESOLVED
 
 
 @dataclass(frozen=True)
