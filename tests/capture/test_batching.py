@@ -117,7 +117,11 @@ def test_batch_whatifs_run_on_vllm_and_fillers_never_reach_the_bundle(four_on_vl
     assert [w.label for w in c.whatifs] == ["batch solo", "batch fillers=16", "batch max_num_batched_tokens=8"]
     for w in c.whatifs:  # per-request results, as for every what-if
         assert len(w.first_divergent_step) == 4 and 0 <= w.divergence_rate <= 1 and w.mean_kl >= 0
-    assert Comparison.from_dict(json.loads(json.dumps(c.to_dict(), allow_nan=False)))
+    loaded = Comparison.from_dict(json.loads(json.dumps(c.to_dict(), allow_nan=False)))
+    # each what-if carries its own batches: the fillers' 20 requests a step, the chunks' 8 tokens
+    assert [w.schedule for w in loaded.whatifs] == [w.schedule for w in c.whatifs]
+    assert len(c.whatifs[1].schedule["steps"][0]["requests"]) == 20
+    assert max(sum(step["tokens"]) for step in c.whatifs[2].schedule["steps"]) <= 8
     solo, fillers, chunked = ({mode: open_bundle(path) for mode, path in w.bundles.items()} for w in c.whatifs)
     with open_bundle(four_on_vllm) as source:
         for bundles in (solo, fillers, chunked):
@@ -145,6 +149,8 @@ def test_batch_whatifs_run_on_vllm_and_fillers_never_reach_the_bundle(four_on_vl
             bundle.close()
     html = render(c)
     assert 'id="schedule"' in html and "schedule of B" in html
+    for label in ("batch solo", "batch fillers=16", "batch max_num_batched_tokens=8"):
+        assert f"schedule of what-if {label} (teacher-forced)" in html, label
 
 
 @vllm_env
