@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ptrace.capture.batching import filler_prompts
 from ptrace.errors import EndpointError
-from ptrace.monitor.client import TIMEOUT, Endpoint
+from ptrace.monitor.client import BAD_RESPONSE, TIMEOUT, Endpoint
 
 #: Seconds a stream waits before its next filler after one failed (a down server is not hammered).
 RETRY_SECONDS = 1.0
@@ -43,10 +43,10 @@ class Load:
     """``streams`` filler streams against ``endpoint``'s ``model`` for as long as the block runs.
 
     Entering returns once every stream is generating, or raises the first stream's problem (an
-    :class:`EndpointError`) if one fails before, or a timeout if they
-    are not all generating within the endpoint's timeout. ``serial`` numbers the fillers across
-    loads (each filler prompt is drawn with its number as seed), so that no filler repeats an
-    earlier one and finds it in the prefix cache.
+    :class:`EndpointError`) if one fails before, or a timeout if they are not all generating
+    within the endpoint's timeout. ``serial`` numbers the fillers across loads (each filler prompt
+    is drawn with its number as seed), so that no filler repeats an earlier one and finds it in
+    the prefix cache. Leaving waits for each stream's next event (at most the endpoint's timeout).
     """
 
     def __init__(self, endpoint: Endpoint, model: str, streams: int, shape: FillerShape,
@@ -94,10 +94,15 @@ class Load:
         while not self._stop.is_set():
             try:
                 with closing(self.endpoint.stream(self._filler())) as events:
+                    streamed = False
                     for _ in events:
+                        streamed = True
                         self._generating[index].set()
                         if self._stop.is_set():
                             return
+                if not streamed:
+                    raise EndpointError(BAD_RESPONSE, f"{self.endpoint.base_url}/completions answered a streamed "
+                                                      "completion without server-sent events")
                 with self._lock:
                     self.answered += 1
             except EndpointError as exc:

@@ -143,7 +143,8 @@ class _Misbehaving(BaseHTTPRequestHandler):
     """Lists one model (``server.model``), then answers completions the way ``server.mode`` says:
     ``golden`` with ``server.completion`` (a completion as vLLM writes it), the trickles noting
     when the first one came (``server.first_request``). A streamed completion (the canary's load)
-    is answered with one event per ``max_tokens`` in every mode but ``error``; the server keeps the streamed
+    is answered with one event per ``max_tokens`` in every mode but ``error`` and ``unstreamed``
+    (which answers it as ``golden``, whole); the server keeps the streamed
     prompts (``server.streamed``) and, for each completion that is not streamed, how many streams
     were generating when it came (``server.streams_beside``), the last 256 of each."""
 
@@ -155,7 +156,7 @@ class _Misbehaving(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         server = self.server
         mode = server.mode  # type: ignore[attr-defined]
-        if body.get("stream") and mode != "error":
+        if body.get("stream") and mode not in ("error", "unstreamed"):
             self._stream(body)
             return
         if not body.get("stream"):
@@ -171,7 +172,7 @@ class _Misbehaving(BaseHTTPRequestHandler):
         elif mode == "slow":
             time.sleep(3)
             self._send(200, b"{}")
-        elif mode == "golden":
+        elif mode in ("golden", "unstreamed"):
             self._send(200, json.dumps(self.server.completion).encode())  # type: ignore[attr-defined]
         elif mode in ("trickle", "trickle-body"):
             self.server.first_request = self.server.first_request or time.monotonic()  # type: ignore[attr-defined]

@@ -5,7 +5,8 @@ One module, so that its two servers start once (about half a minute each, starte
 while the golden bundle is captured): one in float32, the golden bundle's own configuration, and
 one in bfloat16, a silent numerics change the canary must show. The golden bundle is captured on
 vLLM's offline engine in float32 with seeded sampling (temperature 0.8, top-p 0.9), so the
-canary's per-request seeds are exercised too.
+canary's per-request seeds are exercised too. The same servers take the canary's load
+(``--load``: filler streams beside its requests).
 """
 
 from __future__ import annotations

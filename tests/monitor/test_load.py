@@ -42,7 +42,7 @@ def test_each_load_level_is_a_cycle_of_its_own_beside_all_its_filler_streams(tmp
     assert not [key for key in metrics if key[0] != "ptrace_build_info" and "load" not in dict(key[1])]
 
 
-def test_fillers_refused_are_the_cycles_problem_and_bad_levels_one_line(tmp_path):
+def test_fillers_refused_or_not_streamed_are_the_cycles_problem_and_bad_levels_one_line(tmp_path):
     with misbehaving_server("error") as server:
         done = run_cli("monitor", GOLDEN / "torch.zarr", "--endpoint", server.url, "--once", "--load", "2",
                        "--json", "--metrics-file", tmp_path / "canary.prom")
@@ -52,6 +52,13 @@ def test_fillers_refused_are_the_cycles_problem_and_bad_levels_one_line(tmp_path
     assert cycle["result"] == "http_error" and cycle["load"] == 2
     assert cycle["message"].startswith("a filler stream failed: ") and "HTTP 500" in cycle["message"]
     assert samples(tmp_path / "canary.prom")[("ptrace_canary_up", (("load", "2"),))] == 0
+
+    with misbehaving_server("unstreamed") as server:  # a server that ignores "stream": true
+        server.completion = _golden_completion(load_golden(GOLDEN / "torch.zarr"))
+        done = run_cli("monitor", GOLDEN / "torch.zarr", "--endpoint", server.url, "--once", "--load", "2", "--json")
+    cycle = json.loads(done.stdout)
+    assert done.returncode == 3 and cycle["result"] == "bad_response", done.stderr
+    assert "without server-sent events" in cycle["message"] and cycle["duration_seconds"] < 10
 
     for levels in ("8,x", "-1", "0,8,0", ""):
         done = run_cli("monitor", GOLDEN / "torch.zarr", "--endpoint", server.url, "--once", "--load", levels)
