@@ -327,6 +327,9 @@ class WhatIfResult(Result):
     token_texts: list[list[str]] = field(default_factory=list)
     #: expert choices that differ from the baseline's (``compare.routing``); None for dense models
     routing: dict[str, Any] | None = None
+    #: a batch what-if's own batches: its teacher-forced run's ``meta/schedule``; None for other
+    #: what-ifs (their batches are the baseline's) and engines that record none
+    schedule: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

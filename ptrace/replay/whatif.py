@@ -171,7 +171,8 @@ def _result(run: _Run, baseline: dict[str, Path], runs: dict[str, Path], source:
         stability=combine(tensors=tensors, tokens=tokens).stability,
         tokens=[list(r.tokens_b) for r in requests],
         token_texts=[[str(text) for text in texts] for texts in tokens.b.get("output_tokens") or []],
-        routing=tensors.routing)
+        routing=tensors.routing,
+        schedule=tensors.b.get("schedule") if any(s.kind == whatif.Batch.name for s in run.specs) else None)
     return replace(result, sentence=sentence(result))
 
 
