@@ -130,7 +130,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def read(cls: type, data: Any, where: str) -> Any:
+def _read(cls: type, data: Any, where: str) -> Any:
     """The dataclass ``cls`` built from plain ``data``, every field checked against its
     annotation (:class:`RecordError` naming the node, ``where`` being ``data``'s own name)."""
     if not isinstance(data, dict):
@@ -161,7 +161,7 @@ def _value(value: Any, hint: Any, where: str) -> Any:
     if hint is Any:
         return value
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return read(hint, value, where)
+        return _read(hint, value, where)
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in args:
             return None
@@ -230,7 +230,7 @@ class Record:
     def from_dict(cls, data: Any, where: str | None = None) -> Self:
         """``data`` read back; ``where`` names it in errors (default: the class's name)."""
         try:
-            return read(cls, data, where or cls.__name__)
+            return _read(cls, data, where or cls.__name__)
         except RecordError as exc:
             raise cls.invalid(str(exc)) from None
 

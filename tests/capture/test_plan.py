@@ -4,7 +4,6 @@ engine environment whole."""
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import replace
 
 import pytest
@@ -42,10 +41,8 @@ def _config(model, tmp_path, backend="torch", **changes) -> CaptureConfig:
 ])
 def test_a_bad_config_is_refused_before_any_engine_starts(example_model, tmp_path, no_engine, backend, changes, message):
     config = _config(example_model, tmp_path, backend, **changes)
-    started = time.perf_counter()
     with pytest.raises(UsageError, match=message):
         capture(config)
-    assert time.perf_counter() - started < 5  # no engine loaded (torch alone takes longer to import)
     assert not (tmp_path / "b.zarr").exists()
 
 
