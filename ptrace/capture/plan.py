@@ -125,6 +125,7 @@ def plan_captures(configs: Sequence[CaptureConfig],
         raise UsageError("capture_runs needs one engine setup for all its runs, and documents for each")
     first = configs[0]
     declared = declared_class(first.backend)
+    declared.check_setup(first.dtype, first.device)
     config_overrides, engine_overrides = whatif.load_time(first.whatifs)
     model = describe_model(first.model, config_overrides)
     engine_options = {**first.engine_options, **engine_overrides}

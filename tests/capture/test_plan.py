@@ -38,6 +38,8 @@ def _config(model, tmp_path, backend="torch", **changes) -> CaptureConfig:
     ({"whatifs": (whatif.parse("splice:layers.0.out"),)}, "needs the bundle to take values from"),
     ({"engine_options": {"no_such_option": "1"}}, "has no engine option no_such_option"),
     ({"output": "run.txt"}, "a bundle's name ends in .zarr"),
+    ({"dtype": "int8"}, "does not support dtype int8"),
+    ({"device": "tpu"}, "does not run on tpu"),
 ])
 def test_a_bad_config_is_refused_before_any_engine_starts(example_model, tmp_path, no_engine, backend, changes, message):
     config = _config(example_model, tmp_path, backend, **changes)
