@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ptrace.bundle_spec.names import all_names, forward_key
+from ptrace.bundle_spec.records import plain
 
 #: What a backend records for a key its engine cannot report: never a guess.
 UNKNOWN = "unknown"
@@ -228,8 +229,7 @@ class Difference:
     consistent: bool | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "group": self.group, "a": self.a, "b": self.b, "acts_at": self.acts_at,
-                "from_position": self.from_position, "consistent": self.consistent}
+        return plain(self)
 
     @property
     def where(self) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ptrace.bundle_spec.records import plain
 from ptrace.errors import UsageError
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -61,7 +62,7 @@ class Thresholds:
         return f"cosine {cos:.7g} <= {limit_cos:g}"
 
     def to_dict(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return plain(self)
 
 
 DEFAULTS: dict[str, Thresholds] = {

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ptrace.bundle_spec import open_bundle
+from ptrace.bundle_spec.records import plain
 from ptrace.bundle_spec.schema import SamplingParams
 from ptrace.compare.metrics import kl_topk
 from ptrace.compare.results import RequestResult
@@ -173,18 +174,14 @@ class CycleResult:
         """The cycle as strict JSON data (``--json``); per request without the top-k id lists."""
         requests = [{k: v for k, v in r.to_dict().items() if k not in ("topk_a", "topk_b", "compared_positions")}
                     for r in self.requests]
-        return {"result": self.result, "message": self.message, "started": self.started,
-                "started_at": self.started_at, "duration_seconds": self.duration_seconds, "model": self.model,
-                "token_match_rate": _finite(self.token_match_rate),
-                "first_divergent_step": self.first_divergent_step,
-                "kl_max": _finite(max(self.kl, default=math.nan)),
-                "logprob_max_abs_error": _finite(self.logprob_max_abs_error), "load": self.load,
-                "fillers_answered": self.fillers_answered, "fillers_failed": self.fillers_failed,
-                "requests": requests}
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+        return plain({"result": self.result, "message": self.message, "started": self.started,
+                      "started_at": self.started_at, "duration_seconds": self.duration_seconds,
+                      "model": self.model, "token_match_rate": self.token_match_rate,
+                      "first_divergent_step": self.first_divergent_step,
+                      "kl_max": max(self.kl, default=math.nan),
+                      "logprob_max_abs_error": self.logprob_max_abs_error, "load": self.load,
+                      "fillers_answered": self.fillers_answered, "fillers_failed": self.fillers_failed,
+                      "requests": requests}, json=True)
 
 
 class Canary:
