@@ -25,7 +25,7 @@ from ptrace.backends.environments import EngineEnvironment
 from ptrace.backends.model_dir import read_config
 from ptrace.bundle_spec import moe
 from ptrace.bundle_spec.names import all_names
-from ptrace.bundle_spec.schema import SamplingParams, ScheduleInfo
+from ptrace.bundle_spec.schema import ParallelInfo, SamplingParams, ScheduleInfo
 from ptrace.errors import BackendError, UsageError
 
 log = logging.getLogger("ptrace.backends")
@@ -402,6 +402,11 @@ class Backend(ABC):
     def schedule(self) -> ScheduleInfo | None:
         """The engine steps of the last ``generate`` (``meta/schedule``): which requests ran
         together; None for engines that run one request at a time."""
+        return None
+
+    def parallel(self) -> ParallelInfo | None:
+        """The parallel layout of the last ``generate`` (``meta/parallel``): how its ranks held
+        each tensor; None for engines that ran on one rank."""
         return None
 
     def close(self) -> None:  # noqa: B027 (a hook: an engine that holds nothing releases nothing)

@@ -75,4 +75,5 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "requests": requests,
         "tensors": _tensor_rows(bundle),
         "schedule": bundle.schedule_info(),
+        "parallel": None if (parallel := bundle.parallel_info()) is None else parallel.to_dict(),
     }

@@ -292,6 +292,8 @@ def _write_bundle(backend: Backend, config: CaptureConfig, output: Path, model: 
             documents = [*documents, WhatIfInfo(tuple(config.whatifs), whatif.labels(config.whatifs))]
         if schedule is not None:
             documents = [*documents, schedule]
+        if backend.parallel() is not None:
+            documents = [*documents, backend.parallel()]
         resolved = SettingsInfo(complete(backend.resolved_settings()))
         for document in (model, run, resolved, collect_environment(), RequestsInfo(tuple(records), dataset),
                          *documents):

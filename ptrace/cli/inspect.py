@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -74,6 +75,26 @@ def _schedule_fields(schedule: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _parallel_fields(parallel: dict[str, Any]) -> dict[str, Any]:
+    rules = Counter(t["unsharded"] for t in parallel["tensors"])
+    findings = parallel["replica_findings"]
+    return {
+        "tensor / pipeline parallel": f"{parallel['tensor_parallel_size']} / {parallel['pipeline_parallel_size']}",
+        "heads / KV heads": f"{parallel['heads']} / {parallel['kv_heads']}",
+        "executor": parallel["executor"],
+        "thread binding": f"{parallel['thread_binding']} ({parallel['thread_binding_source']})"
+                          if parallel["thread_binding"] else "none",
+        "per-rank shards": "kept" if parallel["per_rank"] else "not kept",
+        "tensors unsharded": ", ".join(f"{n} {rule}" for rule, n in sorted(rules.items())) or "none",
+        "sharded": ", ".join(f"{t['name']} [{t['dims']}]" for t in parallel["tensors"]
+                             if t["unsharded"] == "concat_heads") or "none",
+        "replicas": "agree" if not findings else "; ".join(
+            f"{f['tensor']} ranks {f['ranks'][0]}/{f['ranks'][1]} request {f['request']} at "
+            f"{len(f['positions'])} positions (max |diff| {f['max_abs_diff']:.3g})" for f in findings[:5])
+            + (f" ... {len(findings)} in all" if len(findings) > 5 else ""),
+    }
+
+
 def inspect(
     bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle: *.zarr directory or *.zarr.zip file.")],
     as_json: opt.Json = False,
@@ -118,6 +139,8 @@ def inspect(
         console.print(_fields("Dataset", _dataset_fields(info["dataset"], info["requests"])))
     if info["schedule"]:
         console.print(_fields("Schedule (engine steps)", _schedule_fields(info["schedule"])))
+    if info["parallel"]:
+        console.print(_fields("Parallel layout", _parallel_fields(info["parallel"])))
     requests = console.table(title="Requests", title_justify="left", title_style="bold")
     for column in ("#", "prompt", "tokens in", "tokens out", "generated"):
         requests.add_column(column)
