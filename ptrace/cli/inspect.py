@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -76,18 +75,19 @@ def _schedule_fields(schedule: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parallel_fields(parallel: dict[str, Any]) -> dict[str, Any]:
-    rules = Counter(t["unsharded"] for t in parallel["tensors"])
-    findings = parallel["replica_findings"]
+    from ptrace.bundle_spec.summary import parallel_summary
+
+    summary = parallel_summary(parallel)
+    findings = summary["replica_findings"]
+    binding = summary["thread_binding"]
     return {
-        "tensor / pipeline parallel": f"{parallel['tensor_parallel_size']} / {parallel['pipeline_parallel_size']}",
-        "heads / KV heads": f"{parallel['heads']} / {parallel['kv_heads']}",
-        "executor": parallel["executor"],
-        "thread binding": f"{parallel['thread_binding']} ({parallel['thread_binding_source']})"
-                          if parallel["thread_binding"] else "none",
-        "per-rank shards": "kept" if parallel["per_rank"] else "not kept",
-        "tensors unsharded": ", ".join(f"{n} {rule}" for rule, n in sorted(rules.items())) or "none",
-        "sharded": ", ".join(f"{t['name']} [{t['dims']}]" for t in parallel["tensors"]
-                             if t["unsharded"] == "concat_heads") or "none",
+        "tensor / pipeline parallel": f"{summary['tensor_parallel_size']} / {summary['pipeline_parallel_size']}",
+        "heads / KV heads": f"{summary['heads']} / {summary['kv_heads']}",
+        "executor": summary["executor"],
+        "thread binding": f"{binding} ({summary['thread_binding_source']})" if binding else "none",
+        "per-rank shards": "kept" if summary["per_rank"] else "not kept",
+        "tensors": "; ".join(f"{k['kind']} [{k['dims']}] {k['unsharded']}: {', '.join(k['shards'])}"
+                             for k in summary["kinds"]) or "none",
         "replicas": "agree" if not findings else "; ".join(
             f"{f['tensor']} ranks {f['ranks'][0]}/{f['ranks'][1]} request {f['request']} at "
             f"{len(f['positions'])} positions (max |diff| {f['max_abs_diff']:.3g})" for f in findings[:5])

@@ -43,6 +43,7 @@ def _run_summary(bundle: Bundle) -> dict[str, Any]:
         "model_fingerprint": bundle.model.fingerprint, "run": run.to_dict(),
         "environment": bundle.environment.to_dict(), "replay": bundle.replay_info(),
         "schedule": bundle.schedule_info(),
+        "parallel": None if (parallel := bundle.parallel_info()) is None else parallel.to_dict(),
         "output_tokens": [list(r.output_tokens) for r in records],
         "prompts": [r.prompt for r in records],
         "settings": recorded_settings(bundle),

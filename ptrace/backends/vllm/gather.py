@@ -3,13 +3,14 @@ canonical tensors a one-rank run records, shown to the capture's interceptors.
 
 The ranks run the same hooks in the same order, so after each engine step the ``i``-th rows kept
 by each rank are the same site's shards (:func:`ptrace.backends.vllm.workers.drain`). The
-unsharding rules and the replica checks are :mod:`ptrace.backends.sharding`'s.
+unsharding rules and the replica checks are :mod:`ptrace.backends.sharding`'s. Nothing here
+imports vLLM.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -17,11 +18,30 @@ import numpy as np
 from ptrace.backends import sharding
 from ptrace.backends.base import TensorSite
 from ptrace.backends.torch_tensor import TorchTensor
-from ptrace.backends.vllm.workers import RankRows
 from ptrace.bundle_spec.dtypes import storage_dtype
 from ptrace.bundle_spec.names import all_names
 from ptrace.bundle_spec.schema import ParallelInfo, ReplicaFinding, TensorLayout
 from ptrace.errors import BackendError, UsageError
+
+
+@dataclass(frozen=True)
+class RankRows:
+    """One request's rows of one tensor on one rank, as raw bytes (vLLM's RPC results are
+    msgpack: arrays would arrive as lists of numbers, and bfloat16 as nothing NumPy has)."""
+
+    site: TensorSite
+    dtype: str  # torch's name: float32, bfloat16, ...
+    shape: tuple[int, ...]
+    data: bytes
+
+    def to_plain(self) -> tuple:
+        site = self.site
+        return (site.name, site.request, site.step, site.start, self.dtype, list(self.shape), self.data)
+
+    @classmethod
+    def from_plain(cls, plain: Any) -> RankRows:
+        name, request, step, start, dtype, shape, data = plain
+        return cls(TensorSite(name, request, step, start), dtype, tuple(shape), bytes(data))
 
 
 class RankGather:

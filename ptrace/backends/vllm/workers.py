@@ -18,7 +18,6 @@ capture's memory stays bounded by one step) and unsharded there (:mod:`ptrace.ba
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,28 +26,9 @@ from ptrace.backends.base import TensorSite
 from ptrace.backends.torch_settings import dtype_name
 from ptrace.backends.torch_tensor import TorchTensor
 from ptrace.backends.vllm.forcing import ForcedTokens
+from ptrace.backends.vllm.gather import RankRows
 from ptrace.backends.vllm.hooks import Intercept, VllmHooks
 from ptrace.bundle_spec.settings import UNKNOWN
-
-
-@dataclass(frozen=True)
-class RankRows:
-    """One request's rows of one tensor on one rank, as raw bytes (vLLM's RPC results are
-    msgpack: arrays would arrive as lists of numbers, and bfloat16 as nothing NumPy has)."""
-
-    site: TensorSite
-    dtype: str  # torch's name: float32, bfloat16, ...
-    shape: tuple[int, ...]
-    data: bytes
-
-    def to_plain(self) -> tuple:
-        site = self.site
-        return (site.name, site.request, site.step, site.start, self.dtype, list(self.shape), self.data)
-
-    @classmethod
-    def from_plain(cls, plain: Any) -> RankRows:
-        name, request, step, start, dtype, shape, data = plain
-        return cls(TensorSite(name, request, step, start), dtype, tuple(shape), bytes(data))
 
 
 class _Session:
