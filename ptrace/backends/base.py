@@ -405,8 +405,8 @@ class Backend(ABC):
         return None
 
     def parallel(self) -> ParallelInfo | None:
-        """The parallel layout of the last ``generate`` (``meta/parallel``): how its ranks held
-        each tensor; None for engines that ran on one rank."""
+        """The parallel layout (``meta/parallel``): the loaded engine's sizes, and after a
+        ``generate`` how its ranks held each tensor; None for an engine that runs on one rank."""
         return None
 
     def close(self) -> None:  # noqa: B027 (a hook: an engine that holds nothing releases nothing)

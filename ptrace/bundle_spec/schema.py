@@ -247,6 +247,9 @@ class CaptureSettings(Document):
     steps: str | None = None
     #: "full" (tensors and statistics) or "stats" (statistics only).
     mode: str = "full"
+    #: On a run over several ranks, also keep each rank's own shards (``x.rank{r}.{name}``,
+    #: SPEC.md 3.10); nothing more on a one-rank run.
+    per_rank: bool = False
 
 
 @dataclass(frozen=True)

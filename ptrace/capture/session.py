@@ -18,6 +18,7 @@ import numpy as np
 
 from ptrace.backends.base import Backend, Interceptor, LoadOptions
 from ptrace.backends.registry import create_backend, declared_class, engine_python
+from ptrace.backends.sharding import per_rank_names
 from ptrace.bundle_spec import names as canonical
 from ptrace.bundle_spec.dtypes import canonical as canonical_dtype
 from ptrace.bundle_spec.layout import request_array
@@ -255,6 +256,9 @@ def _write_bundle(backend: Backend, config: CaptureConfig, output: Path, model: 
     settings, sampling = config.settings, config.sampling
     steps = StepSelection.parse(settings.steps)
     names = _select_tensors(settings.tensors, model.num_layers, model.moe_layers)
+    parallel = backend.parallel()
+    if settings.per_rank and parallel is not None:  # each rank's own shards as well
+        names += per_rank_names(names, parallel.tensor_parallel_size)
     command = list(config.command if config.command is not None else sys.argv)
     redactor = Redactor.from_environment(os.environ, command)
     seeds = _seed_everything(backend, sampling.seed)
@@ -292,7 +296,7 @@ def _write_bundle(backend: Backend, config: CaptureConfig, output: Path, model: 
             documents = [*documents, WhatIfInfo(tuple(config.whatifs), whatif.labels(config.whatifs))]
         if schedule is not None:
             documents = [*documents, schedule]
-        if backend.parallel() is not None:
+        if backend.parallel() is not None:  # the layout of this generate
             documents = [*documents, backend.parallel()]
         resolved = SettingsInfo(complete(backend.resolved_settings()))
         for document in (model, run, resolved, collect_environment(), RequestsInfo(tuple(records), dataset),

@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from ptrace import hardware
+from ptrace.backends import sharding
 from ptrace.backends.base import (
     Backend,
     Capabilities,
@@ -238,7 +240,8 @@ class VllmBackend(Backend):
         return getattr(self, "_schedule", None)
 
     def parallel(self) -> ParallelInfo | None:
-        return getattr(self, "_layout", None)
+        """The last generate's layout; before any, the loaded engine's sizes."""
+        return getattr(self, "_layout", None) or self._parallel
 
     def _batching_settings(self) -> dict[str, Any]:
         """The settings that shape vLLM's batches (``meta/schedule``'s ``settings``)."""
@@ -288,7 +291,10 @@ class VllmBackend(Backend):
         wanted = self.wanted_tensors(interceptors)
         # One rank: the in-process worker's hooks show tensors to the interceptors themselves.
         # Several: each rank keeps its rows, gathered here after every step.
-        gather = None if self._parallel is None else RankGather(self._parallel, intercept)
+        gather = None
+        if self._parallel is not None:
+            per_rank = any(i.wants(sharding.rank_name(name, 0)) for i in interceptors for name in wanted)
+            gather = RankGather(replace(self._parallel, per_rank=per_rank), intercept)
         self._on_workers(workers.install, wanted, [len(p) for p in prompts], sampling.prompt_logprobs,
                          requests, intercept if gather is None else None)
         finished: dict[int, Any] = {}

@@ -45,7 +45,8 @@ class RankRows:
 
 
 class RankGather:
-    """Unshards each step's rows and shows them to ``intercept``; keeps the replicas'
+    """Unshards each step's rows and shows them to ``intercept`` (and, with ``layout.per_rank``,
+    each rank's own shard as :func:`~ptrace.backends.sharding.rank_name`); keeps the replicas'
     disagreements, one finding per tensor, pair of ranks and request (its first step, all its
     positions, the largest difference)."""
 
@@ -55,8 +56,6 @@ class RankGather:
 
     def deliver(self, per_rank: Sequence[Sequence[Any]]) -> None:
         """One drain's rows from every rank (rank order), as :func:`~workers.drain` returns them."""
-        import torch
-
         ranks = [[RankRows.from_plain(plain) for plain in kept] for kept in per_rank]
         if len({len(kept) for kept in ranks}) != 1:
             raise BackendError(f"the ranks kept different numbers of tensors in one step "
@@ -70,11 +69,17 @@ class RankGather:
             whole, disagreements = sharding.unshard(site.name, arrays, dtype, self.base.kv_heads)
             for disagreement in disagreements:
                 self._note(site, disagreement)
-            tensor = TorchTensor(torch.from_numpy(whole.copy()).view(getattr(torch, dtype)))
-            if self.intercept(site, tensor) is not None:
+            for rank, shard in enumerate(arrays if self.base.per_rank else ()):
+                self._show(replace(site, name=sharding.rank_name(site.name, rank)), shard, dtype)
+            if self._show(site, whole, dtype) is not None:
                 raise UsageError(f"{site.name}: at tensor_parallel_size > 1 ptrace observes tensors; "
                                  "it cannot replace one across the ranks",
                                  hint="run what-ifs and splices at tensor_parallel_size=1")
+
+    def _show(self, site: TensorSite, array: np.ndarray, dtype: str) -> Any:
+        import torch
+
+        return self.intercept(site, TorchTensor(torch.from_numpy(array.copy()).view(getattr(torch, dtype))))
 
     def _note(self, site: TensorSite, disagreement: sharding.Disagreement) -> None:
         key = (site.name, disagreement.ranks, site.request)
