@@ -126,6 +126,8 @@ class TensorSite:
     request: int
     step: int
     start: int
+    #: The rank whose shard this is, in a run split over several ranks (0 otherwise).
+    rank: int = 0
 
 
 class EngineTensor(ABC):
@@ -181,6 +183,12 @@ def layer_modules(layers: Sequence[Any], attn_norm: str, attn: str, mlp_norm: st
 class Interceptor(ABC):
     """Sees (and may replace) canonical tensors as the engine produces them."""
 
+    #: Runs where the tensors are: in a multi-rank engine, in each rank's process, on the rank's
+    #: own shard (``TensorSite.rank`` says which; the object must pickle). Interceptors that
+    #: replace tensors need it, since a replacement made after the ranks ran cannot reach them;
+    #: the others see the unsharded tensors in the driver.
+    on_ranks: ClassVar[bool] = False
+
     @abstractmethod
     def wants(self, name: str) -> bool:
         """Whether this interceptor needs ``name``: engines hook only what someone wants."""
@@ -188,6 +196,22 @@ class Interceptor(ABC):
     @abstractmethod
     def on_tensor(self, site: TensorSite, tensor: EngineTensor) -> np.ndarray | None:
         """Return an array to replace the tensor with, or None to leave it alone."""
+
+
+def intercept_all(interceptors: Sequence[Interceptor], site: TensorSite,
+                  tensor: EngineTensor) -> EngineTensor | None:
+    """Show ``tensor`` to every interceptor that wants it, in order, each seeing the previous
+    one's replacement; the final replacement, or None if none replaced it."""
+    changed = False
+    for interceptor in interceptors:
+        if interceptor.wants(site.name):
+            new = interceptor.on_tensor(site, tensor)
+            if new is not None:
+                if tuple(new.shape) != tuple(tensor.shape):
+                    raise BackendError(f"{site.name}: replacement of shape {new.shape} for "
+                                       f"a tensor of shape {tensor.shape}")
+                tensor, changed = tensor.replaced(new), True
+    return tensor if changed else None
 
 
 @dataclass
@@ -319,16 +343,7 @@ class Backend(ABC):
     def _intercept(self, interceptors: Sequence[Interceptor], site: TensorSite,
                    tensor: EngineTensor) -> EngineTensor | None:
         """Show ``tensor`` to every interceptor in order; the replacement, if any replaced it."""
-        changed = False
-        for interceptor in interceptors:
-            if interceptor.wants(site.name):
-                new = interceptor.on_tensor(site, tensor)
-                if new is not None:
-                    if tuple(new.shape) != tuple(tensor.shape):
-                        raise BackendError(f"{site.name}: replacement of shape {new.shape} for "
-                                           f"a tensor of shape {tensor.shape}")
-                    tensor, changed = tensor.replaced(new), True
-        return tensor if changed else None
+        return intercept_all(interceptors, site, tensor)
 
     # -- what engines implement ----------------------------------------------------------------
     @abstractmethod

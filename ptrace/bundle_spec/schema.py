@@ -379,6 +379,9 @@ class WhatIfSpec(Document):
     layers: str | None = None
     #: Request indices; empty = every request.
     requests: tuple[int, ...] = ()
+    #: Ranks of a run split over several (tensor parallel): the injection acts on those ranks'
+    #: own shards only; empty = every rank.
+    ranks: tuple[int, ...] = ()
     #: Seed of random kinds (noise, ulp): each site draws from (seed, request, step, name, position).
     seed: int = 0
 

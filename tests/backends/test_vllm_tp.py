@@ -24,6 +24,7 @@ from ptrace.backends.registry import create_backend  # noqa: E402
 from ptrace.bundle_spec import open_bundle  # noqa: E402
 from ptrace.bundle_spec.schema import CaptureSettings, SamplingParams  # noqa: E402
 from ptrace.bundle_spec.validation import validate_bundle  # noqa: E402
+from ptrace.capture import whatif  # noqa: E402
 from ptrace.capture.session import CaptureConfig, capture_runs  # noqa: E402
 from ptrace.errors import UsageError  # noqa: E402
 from ptrace.replay.plan import ReplayConfig  # noqa: E402
@@ -33,6 +34,9 @@ TP2 = {"tensor_parallel_size": "2"}
 needs_two_cpus = pytest.mark.skipif(len(hardware.usable_cpus()) < 2, reason="TP=2 on the CPU needs 2 usable CPUs")
 
 
+#: Noise on rank 1's shard of layer 1's q (sharded) and its copy of layer 2's mlp_norm (replicated).
+RANK1_NOISE = tuple(whatif.parse(text) for text in ("noise:layers.1.q:std=0.5:ranks=1",
+                                                    "noise:layers.2.mlp_norm:std=0.5:ranks=1"))
 #: Fed to a teacher-forced run instead of the engine's own choices (which then differ from them).
 FORCED = ((5, 6, 7, 8), (900, 901, 902, 903))
 
@@ -44,7 +48,11 @@ def _captures(model, directory, **options):
                          settings=CaptureSettings(tensors=("*",)), engine_options=options, command=("test",))
     forced = replace(base, output=directory / "forced.zarr", forced_tokens=FORCED,
                      settings=CaptureSettings(tensors=("logits",)))
-    return capture_runs([base, forced])
+    runs = [base, forced]
+    if options:  # one rank's shards perturbed, every rank's kept
+        runs.append(replace(base, output=directory / "rank1.zarr", whatifs=RANK1_NOISE,
+                            settings=CaptureSettings(tensors=("*",), per_rank=True)))
+    return capture_runs(runs)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +133,27 @@ def test_teacher_forcing_at_tp2_records_the_ranks_greedy_choices(tp2_bundles, tp
             assert chosen == one.output_ids(request).tolist()
             assert chosen[1:] != list(fed)  # the choices, not the tokens fed
             assert two.input_ids(request).tolist()[-4:] == list(fed)
+
+
+@needs_two_cpus
+def test_per_rank_shards_localize_an_injection_on_one_rank(tp2_bundles):
+    """Noise on rank 1 only: its own shard of q differs, rank 0's does not; its copy of a
+    replicated tensor disagrees with rank 0's, which is a finding, not an error."""
+    free, _, perturbed = tp2_bundles
+    with open_bundle(free) as clean, open_bundle(perturbed) as noisy:
+        layout = noisy.parallel_info()
+        assert layout.per_rank and not clean.parallel_info().per_rank
+        assert "x.rank1.layers.0.q" in noisy.tensor_names and "x.rank0.logits" not in noisy.tensor_names
+        prompt = len(clean.prompt_ids(0))
+        q_clean = clean.tensor(0, "layers.1.q")[:prompt]
+        heads = q_clean.shape[1] // 2
+        own = [noisy.tensor(0, f"x.rank{rank}.layers.1.q")[:prompt] for rank in (0, 1)]
+        np.testing.assert_array_equal(own[0], q_clean[:, :heads])  # rank 0 untouched
+        assert np.abs(own[1] - q_clean[:, heads:]).max() > 0.1  # rank 1 perturbed
+        np.testing.assert_array_equal(noisy.tensor(0, "layers.1.q")[:prompt], np.concatenate(own, axis=1))
+        np.testing.assert_array_equal(noisy.tensor(0, "layers.0.out")[:prompt], clean.tensor(0, "layers.0.out")[:prompt])
+    assert {(f.tensor, f.ranks) for f in layout.replica_findings} == {("layers.2.mlp_norm", (0, 1))}
+    assert all(f.max_abs_diff > 0.1 and f.positions for f in layout.replica_findings)
 
 
 # -- refused before any engine starts --------------------------------------------------------------

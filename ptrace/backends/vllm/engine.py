@@ -287,16 +287,20 @@ class VllmBackend(Backend):
             internal = engine.add_request(f"ptrace-{index}", TokensPrompt(prompt_token_ids=prompt.tolist()),
                                           params)
             requests[internal] = requests[f"ptrace-{index}"] = index
-        intercept = functools.partial(self._intercept, interceptors)
         wanted = self.wanted_tensors(interceptors)
         # One rank: the in-process worker's hooks show tensors to the interceptors themselves.
-        # Several: each rank keeps its rows, gathered here after every step.
-        gather = None
+        # Several: the interceptors that replace run in each rank's process on its shards, and
+        # each rank keeps its rows, gathered and unsharded here for the others after every step.
+        gather, on_ranks = None, None
         if self._parallel is not None:
-            per_rank = any(i.wants(sharding.rank_name(name, 0)) for i in interceptors for name in wanted)
-            gather = RankGather(replace(self._parallel, per_rank=per_rank), intercept)
-        self._on_workers(workers.install, wanted, [len(p) for p in prompts], sampling.prompt_logprobs,
-                         requests, intercept if gather is None else None)
+            observers = [i for i in interceptors if not i.on_ranks]
+            first = interceptors.index(observers[0]) if observers else len(interceptors)
+            on_ranks = ([i for i in interceptors[:first] if i.on_ranks], [i for i in interceptors[first:] if i.on_ranks])
+            per_rank = any(i.wants(sharding.rank_name(name, 0)) for i in observers for name in wanted)
+            gather = RankGather(replace(self._parallel, per_rank=per_rank),
+                                functools.partial(self._intercept, observers))
+        self._on_workers(workers.install, wanted, [len(p) for p in prompts], sampling.prompt_logprobs, requests,
+                         functools.partial(self._intercept, interceptors) if gather is None else None, on_ranks)
         finished: dict[int, Any] = {}
         progress = [0] * len(prompts)
         try:

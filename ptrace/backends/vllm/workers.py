@@ -18,11 +18,12 @@ capture's memory stays bounded by one step) and unsharded there (:mod:`ptrace.ba
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from ptrace.backends.base import TensorSite
+from ptrace.backends.base import EngineTensor, Interceptor, TensorSite, intercept_all
 from ptrace.backends.torch_settings import dtype_name
 from ptrace.backends.torch_tensor import TorchTensor
 from ptrace.backends.vllm.forcing import ForcedTokens
@@ -32,14 +33,27 @@ from ptrace.bundle_spec.settings import UNKNOWN
 
 
 class _Session:
-    """One ``generate`` call's hooks in this worker, and what they kept since the last drain."""
+    """One ``generate`` call's hooks in this rank's process, and what they kept since the last
+    drain."""
 
-    def __init__(self, hooks: VllmHooks, stack: ExitStack) -> None:
-        self.hooks, self.stack = hooks, stack
+    def __init__(self, rank: int, injections: tuple[list[Interceptor], list[Interceptor]]) -> None:
+        self.rank = rank
+        #: The interceptors that replace (``Interceptor.on_ranks``), before and after the rows
+        #: are kept (what-ifs that act after the recorder).
+        self.before, self.after = injections
         self.kept: list[RankRows] = []
+        self.hooks: VllmHooks | None = None
+        self.stack = ExitStack()
 
-    def keep(self, site: TensorSite, tensor: TorchTensor) -> None:
-        """The buffering intercept of a rank's own process: observes, never replaces."""
+    def intercept(self, site: TensorSite, tensor: TorchTensor) -> EngineTensor | None:
+        """Injects on this rank's shard, keeps the rows, and hands the engine its replacement."""
+        site = replace(site, rank=self.rank)
+        injected = intercept_all(self.before, site, tensor)
+        self.keep(site, injected or tensor)
+        after = intercept_all(self.after, site, injected or tensor)
+        return after or injected
+
+    def keep(self, site: TensorSite, tensor: EngineTensor) -> None:
         rows = tensor.native.detach().contiguous().cpu()
         data = rows.reshape(-1).view(torch.uint8).numpy().tobytes()
         self.kept.append(RankRows(site, dtype_name(rows.dtype), tuple(rows.shape), data))
@@ -54,20 +68,22 @@ def _model(worker: Any) -> tuple[Any, Any]:
 
 
 def install(worker: Any, wanted: set[str], prompt_lengths: list[int], prompt_rows: bool,
-            requests: dict[str, int], intercept: Intercept | None = None) -> None:
+            requests: dict[str, int], intercept: Intercept | None = None,
+            injections: tuple[list[Interceptor], list[Interceptor]] | None = None) -> None:
     """Hook this worker's model for one ``generate``, and start recording forced steps' greedy
     choices. ``intercept`` (in-process only) shows tensors to the capture's interceptors; without
-    it the rows are kept for :func:`drain`."""
+    it the rows are kept for :func:`drain`, after ``injections`` (the interceptors that replace
+    tensors, before and after the rows are kept) ran on them."""
     global _session
     finish(worker)  # a previous call that failed half-way leaves no hooks behind
     model, runner = _model(worker)
-    stack = ExitStack()
-    hooks = VllmHooks(model, runner, intercept or (lambda site, tensor: _session.keep(site, tensor)),
-                      set(wanted), prompt_lengths, prompt_rows)
-    hooks.requests = dict(requests)
-    hooks.install(stack)
-    stack.enter_context(ForcedTokens.recording())
-    _session = _Session(hooks, stack)
+    session = _Session(int(getattr(worker, "rank", 0)), injections or ([], []))
+    session.hooks = VllmHooks(model, runner, intercept or session.intercept, set(wanted), prompt_lengths,
+                              prompt_rows)
+    session.hooks.requests = dict(requests)
+    session.hooks.install(session.stack)
+    session.stack.enter_context(ForcedTokens.recording())
+    _session = session
 
 
 def drain(worker: Any) -> list[tuple]:
@@ -86,17 +102,11 @@ def finish(worker: Any) -> dict[str, Any] | None:
         return None
     session, _session = _session, None
     choices = ForcedTokens.choices or {}
-    result = {"schedule": [step.to_dict() for step in session.hooks.schedule],
+    result = {"schedule": [step.to_dict() for step in session.hooks.schedule] if session.hooks else [],
               "choices": [[request, step, token] for request, steps in choices.items()
                           for step, token in steps.items()]}
     session.stack.close()
     return result
-
-
-def attention_heads(worker: Any) -> dict[str, int]:
-    """This rank's share of the attention heads (vLLM's attention keeps per-rank counts)."""
-    attention = _model(worker)[0].model.layers[0].self_attn
-    return {"heads": attention.num_heads, "kv_heads": attention.num_kv_heads, "head_dim": attention.head_dim}
 
 
 def read_back(worker: Any) -> dict[str, Any]:
