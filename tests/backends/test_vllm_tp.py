@@ -127,12 +127,14 @@ def test_tp1_bundle_replays_at_tp2_with_teacher_forcing(tp1_bundle, tmp_path):
 def test_teacher_forcing_at_tp2_records_the_ranks_greedy_choices(tp2_bundles, tp1_bundles):
     """The forcing processor runs in each rank's process: the choices it records there come
     back, so a forced run's outputs are the engine's own choices, as at TP=1."""
-    with open_bundle(tp2_bundles[1]) as two, open_bundle(tp1_bundles[1]) as one:
+    with open_bundle(tp2_bundles[1]) as two, open_bundle(tp1_bundles[1]) as one, \
+            open_bundle(tp2_bundles[0]) as free:
         for request, fed in enumerate(FORCED):
             chosen = two.output_ids(request).tolist()
             assert chosen == one.output_ids(request).tolist()
-            assert chosen[1:] != list(fed)  # the choices, not the tokens fed
-            assert two.input_ids(request).tolist()[-4:] == list(fed)
+            assert chosen[0] == free.output_ids(request)[0]  # nothing fed yet: the free run's choice
+            assert chosen[:len(fed)] != list(fed)  # the choices, not the tokens fed
+            assert two.input_ids(request).tolist()[-len(fed):] == list(fed)
 
 
 @needs_two_cpus
