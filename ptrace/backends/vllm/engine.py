@@ -36,7 +36,7 @@ from ptrace.backends.base import (
 from ptrace.backends.environments import TORCH, EngineEnvironment
 from ptrace.backends.model_dir import read_config
 from ptrace.bundle_spec.schema import ParallelInfo, SamplingParams, ScheduleInfo, ScheduleStep
-from ptrace.errors import BackendError, BackendUnavailableError, ModelError, UsageError
+from ptrace.errors import BackendError, BackendUnavailableError, ModelError, PtraceError, UsageError
 
 #: ``--engine-option`` keys, passed to ``vllm.LLM`` as they are (attention_backend through its
 #: attention config).
@@ -317,9 +317,13 @@ class VllmBackend(Backend):
                             progress[index] += 1
                         if output.finished:
                             finished[index] = output
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):  # the workers may be what failed
                 self._on_workers(workers.finish)
+            if gather is not None and isinstance(exc, Exception) and not isinstance(exc, PtraceError):
+                size = self._parallel.tensor_parallel_size
+                raise BackendError(f"vLLM's tensor-parallel run ({size} ranks) failed: {type(exc).__name__}: "
+                                   f"{exc}", hint="vLLM's log above names the rank and its error") from exc
             raise
         ended = self._on_workers(workers.finish)[0]
         steps = tuple(ScheduleStep.from_dict(step) for step in ended["schedule"])
