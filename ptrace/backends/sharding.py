@@ -70,18 +70,6 @@ def sharding_of(name: str) -> TensorSharding:
     return _SHARDINGS[name.rsplit(".", 1)[-1]]
 
 
-def rank_name(name: str, rank: int) -> str:
-    """Where ``--per-rank`` keeps rank ``rank``'s own shard of ``name``: an engine extra
-    (``x.rank1.layers.0.q``), so that every reader accepts it."""
-    return f"x.rank{rank}.{name}"
-
-
-def per_rank_names(names: Sequence[str], tp_size: int) -> list[str]:
-    """Every rank's shard names of ``names``; not the logits' (their rows follow the logits'
-    own positions rule, and every rank holds them whole after the all-gather)."""
-    return [rank_name(name, rank) for rank in range(tp_size) for name in names if name != "logits"]
-
-
 def kv_head_replicas(tp_size: int, kv_heads: int) -> int:
     """How many ranks hold each KV head: 1 when the ranks split the KV heads, ``tp / kv_heads``
     when there are fewer KV heads than ranks (vLLM then gives rank ``r`` head ``r // replicas``)."""

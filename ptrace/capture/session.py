@@ -18,7 +18,6 @@ import numpy as np
 
 from ptrace.backends.base import Backend, Interceptor, LoadOptions
 from ptrace.backends.registry import create_backend, declared_class, engine_python
-from ptrace.backends.sharding import per_rank_names
 from ptrace.bundle_spec import names as canonical
 from ptrace.bundle_spec.dtypes import canonical as canonical_dtype
 from ptrace.bundle_spec.layout import request_array
@@ -258,7 +257,7 @@ def _write_bundle(backend: Backend, config: CaptureConfig, output: Path, model: 
     names = _select_tensors(settings.tensors, model.num_layers, model.moe_layers)
     parallel = backend.parallel()
     if settings.per_rank and parallel is not None:  # each rank's own shards as well
-        names += per_rank_names(names, parallel.tensor_parallel_size)
+        names += canonical.per_rank_names(names, parallel.tensor_parallel_size)
     command = list(config.command if config.command is not None else sys.argv)
     redactor = Redactor.from_environment(os.environ, command)
     seeds = _seed_everything(backend, sampling.seed)

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from ptrace.bundle_spec.names import sort_forward
+from ptrace.bundle_spec.names import is_rank_shard, sort_forward
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.bundle_spec.structure import require_structure
 from ptrace.compare.align import align
@@ -71,7 +71,8 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
     _check_same_inputs(a, b)
     alignments = {r: align(a, b, r) for r in range(a.num_requests)}
     names = sort_forward(n for n in set(a.tensor_names) & set(b.tensor_names) if not is_categorical(n))
-    missing = sorted(set(a.tensor_names) ^ set(b.tensor_names))
+    # a rank's own shards (--per-rank) have no counterpart in a run that kept none: not missing
+    missing = sorted(n for n in set(a.tensor_names) ^ set(b.tensor_names) if not is_rank_shard(n))
     compiled = worth_compiling(a, b, names, alignments)
     done = 0
 

@@ -26,6 +26,7 @@ from ptrace.bundle_spec.schema import CaptureSettings, SamplingParams  # noqa: E
 from ptrace.bundle_spec.validation import validate_bundle  # noqa: E402
 from ptrace.capture import whatif  # noqa: E402
 from ptrace.capture.session import CaptureConfig, capture_runs  # noqa: E402
+from ptrace.compare import compare  # noqa: E402
 from ptrace.errors import UsageError  # noqa: E402
 from ptrace.replay.plan import ReplayConfig  # noqa: E402
 from ptrace.replay.session import replay  # noqa: E402
@@ -154,6 +155,7 @@ def test_per_rank_shards_localize_an_injection_on_one_rank(tp2_bundles):
         assert np.abs(own[1] - q_clean[:, heads:]).max() > 0.1  # rank 1 perturbed
         np.testing.assert_array_equal(noisy.tensor(0, "layers.1.q")[:prompt], np.concatenate(own, axis=1))
         np.testing.assert_array_equal(noisy.tensor(0, "layers.0.out")[:prompt], clean.tensor(0, "layers.0.out")[:prompt])
+        assert compare(clean, noisy).missing == []  # shards of a per-rank run have no counterpart to miss
     assert {(f.tensor, f.ranks) for f in layout.replica_findings} == {("layers.2.mlp_norm", (0, 1))}
     assert all(f.max_abs_diff > 0.1 and f.positions for f in layout.replica_findings)
 

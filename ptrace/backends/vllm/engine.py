@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from ptrace import hardware
-from ptrace.backends import sharding
 from ptrace.backends.base import (
     Backend,
     Capabilities,
@@ -37,6 +36,7 @@ from ptrace.backends.base import (
 )
 from ptrace.backends.environments import TORCH, EngineEnvironment
 from ptrace.backends.model_dir import read_config
+from ptrace.bundle_spec.names import rank_name
 from ptrace.bundle_spec.schema import ParallelInfo, SamplingParams, ScheduleInfo, ScheduleStep
 from ptrace.errors import BackendError, BackendUnavailableError, ModelError, PtraceError, UsageError
 
@@ -310,7 +310,7 @@ class VllmBackend(Backend):
             observers = [i for i in interceptors if not i.on_ranks]
             first = interceptors.index(observers[0]) if observers else len(interceptors)
             on_ranks = ([i for i in interceptors[:first] if i.on_ranks], [i for i in interceptors[first:] if i.on_ranks])
-            per_rank = any(i.wants(sharding.rank_name(name, 0)) for i in observers for name in wanted)
+            per_rank = any(i.wants(rank_name(name, 0)) for i in observers for name in wanted)
             gather = RankGather(replace(self._parallel, per_rank=per_rank),
                                 functools.partial(self._intercept, observers))
         self._on_workers(workers.install, wanted, [len(p) for p in prompts], sampling.prompt_logprobs, requests,

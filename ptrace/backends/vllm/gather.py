@@ -19,7 +19,7 @@ from ptrace.backends import sharding
 from ptrace.backends.base import TensorSite
 from ptrace.backends.torch_tensor import TorchTensor
 from ptrace.bundle_spec.dtypes import storage_dtype
-from ptrace.bundle_spec.names import all_names
+from ptrace.bundle_spec.names import all_names, rank_name
 from ptrace.bundle_spec.schema import ParallelInfo, ReplicaFinding, TensorLayout
 from ptrace.errors import BackendError, UsageError
 
@@ -46,7 +46,7 @@ class RankRows:
 
 class RankGather:
     """Unshards each step's rows and shows them to ``intercept`` (and, with ``layout.per_rank``,
-    each rank's own shard as :func:`~ptrace.backends.sharding.rank_name`); keeps the replicas'
+    each rank's own shard as :func:`~ptrace.bundle_spec.names.rank_name`); keeps the replicas'
     disagreements, one finding per tensor, pair of ranks and request (its first step, all its
     positions, the largest difference)."""
 
@@ -70,7 +70,7 @@ class RankGather:
             for disagreement in disagreements:
                 self._note(site, disagreement)
             for rank, shard in enumerate(arrays if self.base.per_rank else ()):
-                self._show(replace(site, name=sharding.rank_name(site.name, rank)), shard, dtype)
+                self._show(replace(site, name=rank_name(site.name, rank)), shard, dtype)
             if self._show(site, whole, dtype) is not None:
                 raise UsageError(f"{site.name}: at tensor_parallel_size > 1 ptrace observes tensors; "
                                  "it cannot replace one across the ranks",
