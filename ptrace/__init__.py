@@ -34,7 +34,7 @@ _LAZY = {  # public name -> (module, attribute)
     "Bundle": ("ptrace.bundle_spec", "Bundle"),
     "open_bundle": ("ptrace.bundle_spec", "open_bundle"),
     "validate_bundle": ("ptrace.bundle_spec", "validate_bundle"),
-    "CaptureConfig": ("ptrace.capture.session", "CaptureConfig"),
+    "CaptureConfig": ("ptrace.capture.plan", "CaptureConfig"),
     "CaptureSettings": ("ptrace.bundle_spec.schema", "CaptureSettings"),
     "SamplingParams": ("ptrace.bundle_spec.schema", "SamplingParams"),
     "capture_bundle": ("ptrace.capture.session", "capture"),

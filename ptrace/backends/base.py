@@ -289,16 +289,26 @@ class Backend(ABC):
         return parsed
 
     # -- template methods ----------------------------------------------------------------------
+    @classmethod
+    def check_setup(cls, dtype: str, device: str) -> None:
+        """Refuse a dtype or device kind the engine does not declare (before anything starts)."""
+        capabilities = cls.capabilities
+        if dtype not in capabilities.dtypes:
+            raise UsageError(f"backend {cls.name} does not support dtype {dtype}",
+                             hint=f"choose one of {', '.join(capabilities.dtypes)}")
+        if device.split(":")[0].lower() not in capabilities.devices:
+            raise UsageError(f"backend {cls.name} does not run on {device}",
+                             hint=f"it runs on {', '.join(capabilities.devices)}")
+
+    @classmethod  # noqa: B027 (a hook: an engine without such limits refuses nothing)
+    def check_engine_options(cls, options: Mapping[str, Any], model_config: Mapping[str, Any],
+                             device: str) -> None:
+        """Refuse engine options (parsed) that this model (its config.json) or this machine
+        cannot take, before anything starts; an engine with such limits overrides this."""
+
     def load(self, options: LoadOptions) -> None:
         """Load the model; the dtype, device kind and engine options must be declared ones."""
-        capabilities = self.capabilities
-        if options.dtype not in capabilities.dtypes:
-            raise UsageError(f"backend {self.name} does not support dtype {options.dtype}",
-                             hint=f"choose one of {', '.join(capabilities.dtypes)}")
-        kind = options.device.split(":")[0].lower()
-        if kind not in capabilities.devices:
-            raise UsageError(f"backend {self.name} does not run on {options.device}",
-                             hint=f"it runs on {', '.join(capabilities.devices)}")
+        self.check_setup(options.dtype, options.device)
         options = replace(options, engine_options=self.parse_options(options.engine_options))
         log.info("loading %s on %s (%s, %s)", options.model_dir, self.name, options.dtype, options.device)
         self._load(options)

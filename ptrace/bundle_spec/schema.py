@@ -1,29 +1,21 @@
 """The metadata documents of a bundle (SPEC.md section 3), one frozen dataclass each.
 
-Each has ``to_dict``/``from_dict``. ``from_dict`` ignores unknown keys (newer writers may add
-some), and checks every known key strictly against its field's annotation: a bool is a bool
-(``complete: "false"`` is refused, not truthy), an int is an int and not a bool
-(``spec_version: true`` is refused), a float may be written as an int, lists and maps are checked
-element by element. A missing required key or a wrong type is a corrupt bundle, reported with
-the key's path inside the document. ``to_bytes``/``from_bytes`` are their stored form (msgpack,
-plain values only, bounded in depth).
+Each is a :class:`~ptrace.bundle_spec.records.Record`: ``to_dict``/``from_dict`` (plain values,
+read strictly against the field annotations, the key's path inside the document named in
+errors) and ``to_bytes``/``from_bytes`` (their stored form: msgpack, plain values only, bounded
+in depth). ``from_dict`` ignores unknown keys (newer writers may add some); anything else wrong
+is a corrupt bundle.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any, ClassVar, Self
-
-import msgpack
 
 from ptrace.bundle_spec import layout, moe
 from ptrace.bundle_spec.names import DEFAULT_PATTERNS
+from ptrace.bundle_spec.records import Record, RecordError, unpack
 from ptrace.bundle_spec.settings import RESOLVED
 from ptrace.errors import BundleCorruptError
 
@@ -31,125 +23,44 @@ from ptrace.errors import BundleCorruptError
 SPEC_VERSION = 2
 #: Root-group attribute key that marks a Zarr hierarchy as a ptrace bundle.
 ROOT_ATTRIBUTE = "ptrace_bundle"
-#: The deepest nesting a metadata document may have (ptrace's own are about 5 deep).
-MAX_DOCUMENT_DEPTH = 64
-#: What a metadata document may hold besides maps and lists.
-_PLAIN = (str, bytes, int, float, bool, type(None))
 
 
 class DocumentError(BundleCorruptError):
     """Bytes that are not a metadata document: not msgpack, or not plain values (the reader names the node)."""
 
 
-def unpack_document(payload: bytes) -> Any:
-    """Decode one metadata document: plain msgpack values only, bounded in depth.
-
-    The walk is iterative, so a document nested a thousand levels deep is refused here instead of
-    exhausting Python's recursion in whatever reads it next.
-    """
-    def refuse_extension(code: int, data: bytes) -> Any:
-        raise DocumentError(f"msgpack extension type {code} is not allowed")
-
-    try:
-        data = msgpack.unpackb(payload, raw=False, strict_map_key=True, ext_hook=refuse_extension)
-    except (ValueError, msgpack.UnpackException) as exc:
-        text = " ".join(f"{type(exc).__name__}: {exc}".split())
-        raise DocumentError(text[:160]) from None
-    pending = [(data, 1)]
-    while pending:
-        value, depth = pending.pop()
-        if depth > MAX_DOCUMENT_DEPTH:
-            raise DocumentError(f"nested more than {MAX_DOCUMENT_DEPTH} levels deep")
-        if isinstance(value, dict):
-            pending.extend((v, depth + 1) for v in value.values())
-        elif isinstance(value, list):
-            pending.extend((v, depth + 1) for v in value)
-        elif not isinstance(value, _PLAIN):
-            raise DocumentError(f"msgpack value of type {type(value).__name__} is not allowed")
-    return data
-
-
-def plain(value: Any) -> Any:
-    """``value`` as msgpack/JSON-able data: documents as maps, tuples as lists, paths as strings."""
-    if isinstance(value, Document):
-        return value.to_dict()
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
-
-
-def _describe(value: Any) -> str:
-    shown = repr(value)
-    return f"{type(value).__name__} {shown if len(shown) <= 40 else shown[:39] + '…'}"
-
-
-def _typed(value: Any, annotation: Any, where: str) -> Any:
-    """``value`` checked against a field annotation (and converted: lists to tuples, ints to floats)."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if isinstance(annotation, type) and issubclass(annotation, Document):
-        return annotation.from_dict(value, where)
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
-        (choice,) = [arg for arg in args if arg is not type(None)]
-        return _typed(value, choice, where)
-    if origin is tuple and isinstance(value, (list, tuple)):
-        return tuple(_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is Mapping and isinstance(value, dict):
-        return {_typed(k, args[0], f"{where} key"): _typed(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if annotation in (bool, str) and isinstance(value, annotation):
-        return value
-    expected = getattr(annotation, "__name__", None) or getattr(origin, "__name__", str(annotation))
-    raise BundleCorruptError(f"{where} is {_describe(value)}, expected {expected}")
-
-
-class Document:
-    """Mixin: dict round-trip for a frozen dataclass, typed by its field annotations."""
+class Document(Record):
+    """A metadata document: a record stored at its node ``path``, read as a bundle's (keys it
+    does not know ignored, anything else wrong a :class:`BundleCorruptError` naming the key)."""
 
     path: ClassVar[str] = ""
+    ignores_unknown_keys: ClassVar[bool] = True
 
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+    @classmethod
+    def invalid(cls, message: str) -> BundleCorruptError:
+        return BundleCorruptError(message)
 
-    def to_bytes(self) -> bytes:
-        """The document as stored in a bundle: msgpack (SPEC.md section 3)."""
-        return msgpack.packb(self.to_dict(), use_bin_type=True)
+    @classmethod
+    def from_dict(cls, data: Any, where: str | None = None) -> Self:
+        return super().from_dict(data, where or cls.path or None)
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> Self:
         """A stored document read back (:class:`DocumentError`, or another corruption error
         naming the key, for anything that is not one)."""
-        return cls.from_dict(unpack_document(payload))
+        try:
+            data = unpack(payload)
+        except RecordError as exc:
+            raise DocumentError(str(exc)) from None
+        return cls.from_dict(data)
 
-    @classmethod
-    @cache
-    def _field_types(cls) -> dict[str, Any]:
-        return typing.get_type_hints(cls)
 
-    @classmethod
-    def from_dict(cls, data: Any, where: str | None = None) -> Self:
-        where = where or cls.path or cls.__name__
-        if not isinstance(data, dict):
-            raise BundleCorruptError(f"{where} is {_describe(data)}, expected a map")
-        hints = cls._field_types()
-        kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            if f.name not in data:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise BundleCorruptError(f"{where} lacks the key {f.name!r}")
-                continue
-            kwargs[f.name] = _typed(data[f.name], hints[f.name], f"{where}.{f.name}")
-        return cls(**kwargs)
+def document_at(path: str) -> type[Document]:
+    """The kind of document stored at the node ``path`` (``meta/replay``: :class:`ReplayInfo`)."""
+    kinds = {kind.path: kind for kind in Document.__subclasses__() if kind.path}
+    if path not in kinds:
+        raise BundleCorruptError(f"no document is stored at {path!r}")
+    return kinds[path]
 
 
 @dataclass(frozen=True)

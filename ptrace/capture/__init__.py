@@ -5,6 +5,7 @@
 """
 
 from ptrace.bundle_spec.schema import CaptureSettings, SamplingParams
-from ptrace.capture.session import CaptureConfig, capture
+from ptrace.capture.plan import CaptureConfig
+from ptrace.capture.session import capture
 
 __all__ = ["CaptureConfig", "CaptureSettings", "SamplingParams", "capture"]

@@ -1,8 +1,8 @@
 """Run captures in an engine's own environment, and read back what it did: the parent's side
 (the child's is ``ptrace.capture.remote``).
 
-The parent starts ``<engine python> -m ptrace.capture.remote`` with the capture configs as
-JSON on stdin. The child runs them with the engine installed there and reports over a pipe of
+The parent starts ``<engine python> -m ptrace.capture.remote`` with the checked capture plan
+on stdin (``CapturePlan.to_bytes``: msgpack, floats exact). The child runs them with the engine installed there and reports over a pipe of
 its own (engines print freely on stdout and stderr), one JSON object per line:
 ``{"progress": [done, total, stage]}``, ``{"done": [paths]}`` or
 ``{"error": {"type": "BackendError", "message": ..., "hint": ...}}``. Errors keep their class, so
@@ -19,26 +19,23 @@ import logging
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ptrace import errors
 from ptrace.backends.environments import CHILD_MARKER
-from ptrace.bundle_spec.schema import Document
+from ptrace.capture.plan import CapturePlan
 
 log = logging.getLogger("ptrace.capture")
 #: The variable that tells the child which file descriptor is its channel to the parent.
 CHANNEL = "PTRACE_REMOTE_FD"
 
 
-def run_in_environment(python: Path, backend: str, configs: Sequence[Mapping[str, Any]],
-                       documents: Sequence[Sequence[Document]],
-                       progress: Callable[..., None] | None) -> list[Path]:
-    """Run the captures ``configs`` (``CaptureConfig.to_dict()``) on ``backend`` with the engine
-    environment's ``python``; the bundle paths, or the child's error, raised with its class."""
-    request = {"configs": list(configs),
-               "documents": [[[type(d).__name__, d.to_dict()] for d in docs] for docs in documents]}
+def run_in_environment(plan: CapturePlan, progress: Callable[..., None] | None) -> list[Path]:
+    """Run the captures of ``plan`` with its engine environment's Python (``plan.python``); the
+    bundle paths, or the child's error, raised with its class."""
+    backend, python = plan.backend, plan.python
     verbose = logging.getLogger("ptrace").getEffectiveLevel() <= logging.DEBUG
     log.info("running %s in %s", backend, python)
     read_end, write_end = os.pipe()
@@ -50,7 +47,7 @@ def run_in_environment(python: Path, backend: str, configs: Sequence[Mapping[str
             env={**os.environ, CHILD_MARKER: backend, CHANNEL: str(write_end),
                  "PTRACE_LOG_LEVEL": "DEBUG" if verbose else "INFO"})
         os.close(write_end)
-        child.stdin.write(json.dumps(request).encode())
+        child.stdin.write(plan.to_bytes())
         child.stdin.close()
         outcome: dict[str, Any] = {}
         with os.fdopen(read_end, "r") as channel:

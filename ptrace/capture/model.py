@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ptrace.backends.model_dir import read_config
 from ptrace.bundle_spec.schema import ModelInfo
@@ -62,12 +64,13 @@ def _combined(hashes: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{n}={h}\n" for n, h in sorted(hashes.items())).encode()).hexdigest()
 
 
-def describe_model(model_dir: str | Path) -> ModelInfo:
+def describe_model(model_dir: str | Path, config_overrides: Mapping[str, Any] | None = None) -> ModelInfo:
     """Check a model directory and fingerprint its weights and tokenizer. Its path is recorded
-    absolute, so that a replay finds it from any directory, and as given."""
+    absolute, so that a replay finds it from any directory, and as given. ``config_overrides``:
+    config.json's keys as a config what-if changes them (the engine loads them so)."""
     given = str(model_dir)
     model_dir = Path(os.path.abspath(model_dir))  # like resolve(), but keeps the links people made
-    config = read_config(model_dir)
+    config = {**read_config(model_dir), **(config_overrides or {})}
     weight_files = sorted({p for pattern in WEIGHT_PATTERNS for p in model_dir.glob(pattern)})
     if not weight_files:
         raise ModelError(f"{model_dir} has no weight files ({', '.join(WEIGHT_PATTERNS)})")

@@ -1,7 +1,8 @@
 """The child side of running captures in an engine's own environment
 (``<engine python> -m ptrace.capture.remote``; the parent and the protocol are
-``ptrace.capture.engine_process``): run the capture configs read from stdin with the engine
-installed here, and report on the channel the parent passed.
+``ptrace.capture.engine_process``): run the capture plan read from stdin with the engine
+installed here, and report on the channel the parent passed. The plan was checked by the parent:
+this side only executes it.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import sys
 from typing import Any
 
 from ptrace import errors
-from ptrace.bundle_spec import schema
 from ptrace.capture.engine_process import CHANNEL
-from ptrace.capture.session import CaptureConfig, capture_runs
+from ptrace.capture.plan import CapturePlan
+from ptrace.capture.session import execute
 
 log = logging.getLogger("ptrace.capture")
 
 
 def _serve() -> int:
-    """The child: run the captures on stdin, report on the channel."""
+    """The child: run the plan on stdin, report on the channel."""
     channel = os.fdopen(int(os.environ[CHANNEL]), "w", buffering=1)
 
     def send(**message: Any) -> None:
@@ -30,12 +31,8 @@ def _serve() -> int:
     logging.basicConfig(level=os.environ.get("PTRACE_LOG_LEVEL", "INFO"),
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        request = json.loads(sys.stdin.read())
-        configs = [CaptureConfig.from_dict(c) for c in request["configs"]]
-        documents = [[getattr(schema, kind).from_dict(data) for kind, data in docs]
-                     for docs in request["documents"]]
-        paths = capture_runs(configs, documents=documents,
-                             progress=lambda done, total, stage=None: send(progress=[done, total, stage]))
+        plan = CapturePlan.from_bytes(sys.stdin.buffer.read())
+        paths = execute(plan, progress=lambda done, total, stage=None: send(progress=[done, total, stage]))
         send(done=[str(p) for p in paths])
         return 0
     except errors.PtraceError as exc:

@@ -400,11 +400,25 @@ def describe(spec: WhatIfSpec) -> str:
 
 # -- checks before any engine starts ----------------------------------------------------------
 
+@dataclass(frozen=True)
+class Injection:
+    """One what-if checked against a model: its spec, and what it selects, parsed once (plain
+    data: it travels to an engine environment inside the capture plan)."""
+
+    spec: WhatIfSpec
+    steps: StepSelection
+    #: Inclusive absolute positions; None: every position.
+    positions: tuple[int, int] | None
+    #: The canonical names it changes, its layer range applied (none for load-time kinds).
+    names: tuple[str, ...]
+
+
 def check(specs: Sequence[WhatIfSpec], *, num_layers: int, source: Bundle | None,
-          moe_layers: Sequence[int] = (), backend: type[Backend] | None = None) -> None:
+          moe_layers: Sequence[int] = (), backend: type[Backend] | None = None) -> tuple[Injection, ...]:
     """Every problem a what-if can have, raised before an engine loads (``backend``: the
-    engine's class, for what only some engines can do)."""
+    engine's class, for what only some engines can do); when there is none, the specs resolved."""
     known = canonical.all_names(num_layers, moe_layers)
+    injections = []
     if sum(spec.kind == Batch.name for spec in specs) > 1:
         raise UsageError("one batch what-if per run: " + "; ".join(describe(s) for s in specs if s.kind == Batch.name),
                          hint="run them side by side: one --inject each")
@@ -423,18 +437,20 @@ def check(specs: Sequence[WhatIfSpec], *, num_layers: int, source: Bundle | None
                 if not canonical.select(known, [glob]):
                     raise UsageError(f"{where}: {glob!r} matches no canonical tensor of this model",
                                      hint=canonical.naming_hint(num_layers, moe_layers))
-        _parse_range(spec.positions, "positions")
+        positions = _parse_range(spec.positions, "positions")
         _parse_range(spec.layers, "layers")
-        StepSelection.parse(spec.steps)
+        steps = StepSelection.parse(spec.steps)
+        names = targets(spec, known) if kind_cls.on_tensors else []
         if kind_cls.needs_source:
             if source is None:
                 raise UsageError(f"{where}: a splice needs a source bundle to take values from")
-            missing = [n for n in targets(spec, known) if not all(source.has_tensor(r, n)
-                                                                    for r in range(source.num_requests))]
+            missing = [n for n in names if not all(source.has_tensor(r, n) for r in range(source.num_requests))]
             if missing:
                 raise UsageError(f"{where}: {source.path} has no full tensor {', '.join(missing[:4])}"
                                  f"{' ...' if len(missing) > 4 else ''} to splice in",
                                  hint="capture the source with --mode full and those --tensors")
+        injections.append(Injection(spec, steps, positions, tuple(names)))
+    return tuple(injections)
 
 
 def _parse_range(text: str | None, what: str) -> tuple[int, int] | None:
@@ -520,19 +536,17 @@ class _Context:
 
 
 class WhatIfInterceptor(Interceptor):
-    """Applies the tensor kinds of some what-if specs to a run, in the order given (in a
+    """Applies the tensor kinds of some checked what-ifs to a run, in the order given (in a
     multi-rank run, in each rank's process, on its shards: a ``ranks`` selector picks them)."""
 
     on_ranks = True
 
-    def __init__(self, specs: Sequence[WhatIfSpec], num_layers: int, source: str | Path | None = None, *,
-                 after_record: bool = False, moe_layers: Sequence[int] = ()) -> None:
-        """The specs of one phase: before the recorder (``after_record=False``) or after it."""
-        known = canonical.all_names(num_layers, moe_layers)
-        self.specs = [(s, KINDS[s.kind](), set(targets(s, known)), StepSelection.parse(s.steps),
-                       _parse_range(s.positions, "positions")) for s in specs
-                      if KINDS[s.kind].on_tensors and KINDS[s.kind].after_record == after_record]
-        self.names = set().union(*(names for _, _, names, _, _ in self.specs))
+    def __init__(self, injections: Sequence[Injection], source: str | Path | None = None, *,
+                 after_record: bool = False) -> None:
+        """The injections of one phase: before the recorder (``after_record=False``) or after it."""
+        self.injections = [(i, KINDS[i.spec.kind](), frozenset(i.names)) for i in injections
+                           if KINDS[i.spec.kind].on_tensors and KINDS[i.spec.kind].after_record == after_record]
+        self.names = set().union(*(names for _, _, names in self.injections))
         self._source_path = source
         self._source: Bundle | None = None
 
@@ -547,8 +561,9 @@ class WhatIfInterceptor(Interceptor):
     def on_tensor(self, site: TensorSite, tensor: EngineTensor) -> np.ndarray | None:
         original = tensor.numpy()
         result = None
-        for spec, behaviour, names, steps, positions in self.specs:
-            if site.name not in names or site.step not in steps or (spec.requests and site.request not in spec.requests):
+        for injection, behaviour, names in self.injections:
+            spec, positions = injection.spec, injection.positions
+            if site.name not in names or site.step not in injection.steps or (spec.requests and site.request not in spec.requests):
                 continue
             if spec.ranks and site.rank not in spec.ranks:
                 continue
@@ -595,6 +610,6 @@ def labels(specs: Sequence[WhatIfSpec]) -> str:
     return "; ".join(describe(s) for s in specs)
 
 
-__all__ = ["KINDS", "Kind", "WhatIfInterceptor", "check", "describe", "kind", "labels", "load_key", "load_time",
+__all__ = ["KINDS", "Injection", "Kind", "WhatIfInterceptor", "check", "describe", "kind", "labels", "load_key", "load_time",
            "parse", "read_file", "sweep_values", "swept", "targets"]
 

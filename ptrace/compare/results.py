@@ -3,9 +3,11 @@
 The report renders these objects and nothing else, so a result saved with ``ptrace compare
 --json`` (or ``Comparison.to_dict``) re-renders the same report without the bundles.
 
-JSON has no NaN or Infinity (Python writes them, but most other readers reject the file), so
-``to_dict`` writes a non-finite float (a metric with nothing to measure, a run that overflowed)
-as ``None``; ``from_dict`` reads ``None`` back as NaN wherever the field is a float.
+They are records (``bundle_spec.records``) whose ``to_dict`` is their strict JSON form: JSON has
+no NaN or Infinity (Python writes them, but most other readers reject the file), so a non-finite
+float (a metric with nothing to measure, a run that overflowed) is written as ``None``, and
+``from_dict`` reads ``None`` back as NaN wherever the field is a float. ``from_dict`` checks each
+value against its field's type, naming the node (``Comparison.tensors[0].verdict``).
 
 Per-position results (one entry per tensor and compared position: millions on a big bundle) are
 numpy arrays in memory, 8 bytes an entry where a list of Python floats takes about 32, so that
@@ -20,48 +22,18 @@ import json
 import math
 import os
 import re
-import types
-import typing
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, ClassVar
 
 import numpy as np
 
+from ptrace.bundle_spec.records import Record, plain
 from ptrace.errors import ComparisonError
 
 
-def plain(value: Any, array: Callable[[np.ndarray], Any] | None = None) -> Any:
-    """``value`` as strict JSON data: dicts, lists, str, int, finite float, bool, None.
-    ``array``: what stands in for each one-dimensional numeric array (see :meth:`Result.to_json`)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name), array) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(k): plain(v, array) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind in "iu":
-            return value.tolist() if array is None or value.ndim != 1 else array(value)
-        if value.dtype.kind == "f":
-            if array is not None and value.ndim == 1:
-                return array(value)
-            values = value.astype(object)  # Python floats; the non-finite ones become None in bulk
-            values[~np.isfinite(value)] = None
-            return values.tolist()
-        return plain(value.tolist())
-    if isinstance(value, list | tuple):
-        return [plain(v, array) for v in value]
-    if isinstance(value, np.generic):
-        return plain(value.item())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, str | int):
-        return value
-    return str(value)  # anything else in a run's metadata (bytes, a path) shows as its text
-
-
 def _json_array(array: np.ndarray, indent: str) -> str:
-    """A one-dimensional numeric array as ``json.dumps(plain(array), indent=2)`` writes it on a
-    line indented by ``indent``: one number a line, NaN and infinity as ``null``."""
+    """A one-dimensional numeric array as ``json.dumps(plain(array, json=True), indent=2)``
+    writes it on a line indented by ``indent``: one number a line, NaN and infinity as ``null``."""
     if not array.size:
         return "[]"
     item = indent + "  "
@@ -78,28 +50,18 @@ def per_position(dtype: type[np.generic]) -> Any:
                  metadata={"dtype": np.dtype(dtype)})
 
 
-def _load(hint: Any, value: Any) -> Any:
-    """``value`` read from JSON as the type ``hint`` (a field's resolved annotation)."""
-    if hint is float:
-        return math.nan if value is None else float(value)
-    if value is None:
-        return None
-    if isinstance(hint, type) and issubclass(hint, Result):
-        return hint.from_dict(value)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is list:
-        return [_load(args[0], item) for item in value]
-    if origin in (types.UnionType, typing.Union):  # ``X | None``: ``None`` was handled above
-        return _load(next(a for a in args if a is not type(None)), value)
-    return value
+class Result(Record):
+    """Mixin for the frozen dataclasses below: ``to_dict`` is their strict JSON form, and
+    ``from_dict`` reads it back (keys this version does not know, a newer writer's, ignored)."""
 
+    ignores_unknown_keys: ClassVar[bool] = True
 
-class Result:
-    """Mixin for the frozen dataclasses below: ``to_dict`` and its inverse ``from_dict``."""
+    @classmethod
+    def invalid(cls, message: str) -> ComparisonError:
+        return ComparisonError(message, hint="load what `ptrace compare --json` wrote")
 
     def __post_init__(self) -> None:
-        """Per-position fields given as lists (read from JSON, built by hand) become arrays; a
-        JSON ``None`` in a float field becomes NaN."""
+        """Per-position fields given as lists (built by hand) become arrays."""
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             if "dtype" in f.metadata:
                 value = getattr(self, f.name)
@@ -107,7 +69,7 @@ class Result:
                     object.__setattr__(self, f.name, np.array(value, dtype=f.metadata["dtype"]))
 
     def to_dict(self) -> dict[str, Any]:
-        return plain(self)
+        return plain(self, json=True)
 
     def to_json(self) -> str:
         """:meth:`to_dict` as strict JSON indented by 2: byte for byte what ``json.dumps(
@@ -125,26 +87,10 @@ class Result:
             arrays.append(array)
             return f"{marker}{len(arrays) - 1}"
 
-        skeleton = json.dumps(plain(self, stand_in), indent=2, allow_nan=False)
+        skeleton = json.dumps(plain(self, json=True, array=stand_in), indent=2, allow_nan=False)
         return re.sub(f'^( *)(.*)"{marker}(\\d+)"',
                       lambda found: found[1] + found[2] + _json_array(arrays[int(found[3])], found[1]),
                       skeleton, flags=re.MULTILINE)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Self:
-        """Keys this version does not know (a newer writer's) are ignored."""
-        if not isinstance(data, Mapping):
-            raise ComparisonError(f"a {cls.__name__} must be a JSON object, not {type(data).__name__}",
-                                  hint="load what `ptrace compare --json` wrote")
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            if f.name in data:
-                kwargs[f.name] = _load(hints[f.name], data[f.name])
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ComparisonError(f"a {cls.__name__} lacks the key {f.name!r}",
-                                      hint="load what `ptrace compare --json` wrote")
-        return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -327,6 +273,9 @@ class WhatIfResult(Result):
     token_texts: list[list[str]] = field(default_factory=list)
     #: expert choices that differ from the baseline's (``compare.routing``); None for dense models
     routing: dict[str, Any] | None = None
+    #: a batch what-if's own batches: its teacher-forced run's ``meta/schedule``; None for other
+    #: what-ifs (their batches are the baseline's) and engines that record none
+    schedule: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

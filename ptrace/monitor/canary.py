@@ -17,17 +17,23 @@ A cycle never raises for the endpoint's sake: down, slow, erroring or serving an
 ends as a :class:`CycleResult` whose ``result`` names the problem (``client.PROBLEMS``), and
 :func:`run` carries on, backing off. Only a golden bundle that cannot serve as a reference is
 refused, once, at start (:func:`load_golden`).
+
+A cycle may run under load (``load`` filler streams, :mod:`ptrace.monitor.load`): the same
+comparison, of answers computed in a busy server's batches; :func:`run` runs a cycle per load
+level.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,7 @@ from ptrace.compare.thresholds import FAIL, PASS, WARN, thresholds_for, worst
 from ptrace.compare.tokens import TopK, overall_agreement, token_agreement, token_verdict
 from ptrace.errors import BundleError, EndpointError, UsageError
 from ptrace.monitor.client import BAD_RESPONSE, HTTP_ERROR, MODEL_MISMATCH, PROBLEMS, Endpoint, one_line
+from ptrace.monitor.load import FillerShape, Load
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +83,18 @@ class Golden:
     model_fingerprint: str
     sampling: SamplingParams
     requests: tuple[GoldenRequest, ...]
+    #: the model's vocabulary size (config.json's), what filler prompts draw their tokens from
+    vocab_size: int
 
     @property
     def top_k(self) -> int:
         return min(r.topk_ids.shape[1] for r in self.requests)
+
+    def filler_shape(self) -> FillerShape:
+        """Fillers as long as the golden requests at most: they fit wherever those do."""
+        longest = max(r.prompt_ids.size + r.output_ids.size for r in self.requests)
+        max_tokens = max(r.output_ids.size for r in self.requests)
+        return FillerShape(self.vocab_size, max(1, longest - max_tokens), max_tokens)
 
 
 def load_golden(path: Path) -> Golden:
@@ -103,9 +118,12 @@ def load_golden(path: Path) -> Golden:
                                   hint="capture with --max-new-tokens and --logprobs above 0")
             requests.append(GoldenRequest(index, record.prompt, bundle.prompt_ids(index), output_ids,
                                           topk_ids, topk_logprobs))
+        # A bundle without the model's vocabulary size: the ids it holds are in the vocabulary.
+        vocab_size = int(bundle.model.config.get("vocab_size") or 1 + max(
+            int(max(r.prompt_ids.max(initial=0), r.output_ids.max(), r.topk_ids.max())) for r in requests))
         return Golden(path=Path(path), engine=bundle.run.backend, dtype=bundle.run.dtype,
                       model_name=bundle.model.name, model_fingerprint=bundle.model.fingerprint,
-                      sampling=bundle.run.sampling, requests=tuple(requests))
+                      sampling=bundle.run.sampling, requests=tuple(requests), vocab_size=vocab_size)
 
 
 @dataclass(frozen=True)
@@ -135,6 +153,11 @@ class CycleResult:
     kl: list[float] = field(default_factory=list)
     #: the largest difference of a golden token's logprob, golden against served, in nats
     logprob_max_abs_error: float = math.nan
+    #: filler streams running beside the canary's requests (``--load``), and how many fillers
+    #: were answered to the end and failed meanwhile
+    load: int = 0
+    fillers_answered: int = 0
+    fillers_failed: int = 0
 
     @property
     def started_at(self) -> str:
@@ -155,7 +178,9 @@ class CycleResult:
                 "token_match_rate": _finite(self.token_match_rate),
                 "first_divergent_step": self.first_divergent_step,
                 "kl_max": _finite(max(self.kl, default=math.nan)),
-                "logprob_max_abs_error": _finite(self.logprob_max_abs_error), "requests": requests}
+                "logprob_max_abs_error": _finite(self.logprob_max_abs_error), "load": self.load,
+                "fillers_answered": self.fillers_answered, "fillers_failed": self.fillers_failed,
+                "requests": requests}
 
 
 def _finite(value: float) -> float | None:
@@ -185,17 +210,28 @@ class Canary:
         self.prompt_format = prompt_format
         self.top_logprobs = min(top_logprobs or golden.top_k, golden.top_k)
         self.thresholds = thresholds_for(golden.dtype, threshold_overrides)
+        self._fillers = itertools.count()  # every filler's number, across cycles: none repeats
 
-    def cycle(self) -> CycleResult:
+    def cycle(self, load: int = 0) -> CycleResult:
+        """One comparison of every golden request, with ``load`` filler streams running beside."""
+        if load < 0:
+            raise UsageError(f"a load is a number of filler streams, 0 or more, not {load}")
         started, clock = time.time(), time.monotonic()
+        fillers = None
         try:
             model = self._served_model()
-            compared = [self._compare(request, self._complete(model, request)) for request in self.golden.requests]
+            if load:
+                fillers = Load(self.endpoint, model, load, self.golden.filler_shape(), self._fillers)
+            with fillers or nullcontext():
+                compared = [self._compare(request, self._complete(model, request))
+                            for request in self.golden.requests]
         except EndpointError as exc:
-            return CycleResult(exc.result, str(exc), started, time.monotonic() - clock, self.model)
+            return CycleResult(exc.result, str(exc), started, time.monotonic() - clock, self.model, load=load)
         requests, errors = zip(*compared)
         error = max((e for e in errors if not math.isnan(e)), default=math.nan)
-        return _judged(list(requests), error, model, started, time.monotonic() - clock)
+        answered, failed = (fillers.answered, fillers.failed) if fillers is not None else (0, 0)
+        return replace(_judged(list(requests), error, model, started, time.monotonic() - clock), load=load,
+                       fillers_answered=answered, fillers_failed=failed)
 
     # -- the endpoint ---------------------------------------------------------------------------
     def _served_model(self) -> str:
@@ -353,25 +389,35 @@ def backoff(interval: float, failures: int) -> float:
 
 
 def run(canary: Canary, *, interval: float, once: bool = False, stop: threading.Event | None = None,
-        on_cycle: Callable[[CycleResult], None] = lambda cycle: None) -> CycleResult:
-    """Cycle until ``stop`` is set (or once), calling ``on_cycle`` after each; returns the last.
+        on_cycle: Callable[[CycleResult], None] = lambda cycle: None, loads: Sequence[int] = (0,),
+        before_cycle: Callable[[int], None] = lambda load: None) -> list[CycleResult]:
+    """Round after round until ``stop`` is set (or once), a round being a cycle at each of
+    ``loads`` (filler streams) in turn, calling ``before_cycle`` with its load before each and
+    ``on_cycle`` after; returns the last round's cycles.
 
-    A problem is logged once when it appears and once when it is gone, not every cycle; each
-    line starts with the cycle's start in ISO 8601.
+    A problem is logged once when it appears and once when it is gone (per load level), not every
+    cycle; each line starts with the cycle's start in ISO 8601. A round in which any cycle could
+    not compare backs off.
     """
     stop = stop or threading.Event()
-    failures, problem = 0, None
+    failures, problems = 0, dict.fromkeys(loads)
     while True:
-        cycle = canary.cycle()
-        on_cycle(cycle)
-        failures = 0 if cycle.compared else failures + 1
+        cycles = []
+        for load in loads:
+            before_cycle(load)
+            cycle = canary.cycle(load)
+            on_cycle(cycle)
+            cycles.append(cycle)
+        failures = 0 if all(cycle.compared for cycle in cycles) else failures + 1
         wait = backoff(interval, failures)
-        now = None if cycle.compared else (cycle.result, cycle.message)
-        if now is not None and now != problem:
-            log.warning("%s %s: %s%s", cycle.started_at, cycle.result, cycle.message,
-                        "" if once else f" (next try in {wait:g} s)")
-        elif now is None and problem is not None:
-            log.warning("%s recovered: %s answers again", cycle.started_at, canary.endpoint.base_url)
-        problem = now
+        for cycle in cycles:
+            at = f" at load {cycle.load}" if len(loads) > 1 or cycle.load else ""
+            now = None if cycle.compared else (cycle.result, cycle.message)
+            if now is not None and now != problems[cycle.load]:
+                log.warning("%s %s%s: %s%s", cycle.started_at, cycle.result, at, cycle.message,
+                            "" if once else f" (next try in {wait:g} s)")
+            elif now is None and problems[cycle.load] is not None:
+                log.warning("%s recovered%s: %s answers again", cycle.started_at, at, canary.endpoint.base_url)
+            problems[cycle.load] = now
         if once or stop.wait(wait):
-            return cycle
+            return cycles

@@ -1,6 +1,6 @@
 """An OpenAI-compatible serving endpoint (vLLM, SGLang, vLLM-MindSpore), spoken to over the
 standard library's HTTP client: the canary needs two calls, ``GET /models`` and
-``POST /completions``, and no dependency is worth that. It connects to the endpoint directly,
+``POST /completions`` (streamed for the load's fillers), and no dependency is worth that. It connects to the endpoint directly,
 without the environment's proxy settings.
 
 Every way an answer can be unusable becomes one :class:`~ptrace.errors.EndpointError` whose
@@ -23,7 +23,8 @@ import os
 import socket
 import threading
 import urllib.parse
-from contextlib import closing, suppress
+from collections.abc import Iterator
+from contextlib import closing, contextmanager, suppress
 from typing import Any
 
 from ptrace.errors import EndpointError, UsageError
@@ -90,7 +91,42 @@ class Endpoint:
                                               "not a JSON object")
         return data
 
+    def stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """One streamed ``/completions`` request (``"stream": true``): each server-sent event's
+        data, decoded, as it arrives, until ``[DONE]``; the deadline covers the whole stream."""
+        url = self.base_url + "/completions"
+        with self._exchange("POST", "/completions", {**body, "stream": True}) as response:
+            if response.status >= 300:
+                raise EndpointError(HTTP_ERROR, f"{url}: HTTP {response.status}: "
+                                                f"{_server_message(_read_bounded(response, url))}",
+                                    status=response.status)
+            while line := response.readline(MAX_RESPONSE_BYTES):
+                data = line.strip().removeprefix(b"data:").strip() if line.startswith(b"data:") else b""
+                if data == b"[DONE]":
+                    return
+                if data:
+                    try:
+                        yield json.loads(data)
+                    except ValueError as exc:
+                        raise EndpointError(BAD_RESPONSE, f"{url}: a streamed event is not JSON "
+                                                          f"({one_line(str(exc))})") from None
+
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        url = self.base_url + path
+        with self._exchange(method, path, body) as response:
+            raw = _read_bounded(response, url)
+        if response.status >= 300:
+            raise EndpointError(HTTP_ERROR, f"{url}: HTTP {response.status}: {_server_message(raw)}",
+                                status=response.status)
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise EndpointError(BAD_RESPONSE, f"{url}: the answer is not JSON ({one_line(str(exc))})") from None
+
+    @contextmanager
+    def _exchange(self, method: str, path: str, body: dict[str, Any] | None) -> Iterator[http.client.HTTPResponse]:
+        """Connect, send, and yield the response to be read, all within the deadline; a failed
+        exchange (in here or in the reading) becomes the problem's :class:`EndpointError`."""
         url = self.base_url + path
         headers = {"Accept": "application/json"}
         if body is not None:
@@ -104,21 +140,13 @@ class Endpoint:
                 deadline.watch(connection.sock)
                 connection.request(method, self._root + path, None if body is None else json.dumps(body).encode(),
                                    headers)
-                response = connection.getresponse()
-                raw = _read_bounded(response, url)
+                yield connection.getresponse()
             except EndpointError:  # an OSError too (ConnectionError), but already the problem's own
                 raise
             except (OSError, http.client.HTTPException) as exc:
                 raise _connection_error(url, exc, self.timeout, timed_out=deadline.passed.is_set()) from None
             if deadline.passed.is_set():  # an answer without a length just ends when its socket is shut down
                 raise _connection_error(url, TimeoutError(), self.timeout, timed_out=True)
-        if response.status >= 300:
-            raise EndpointError(HTTP_ERROR, f"{url}: HTTP {response.status}: {_server_message(raw)}",
-                                status=response.status)
-        try:
-            return json.loads(raw)
-        except ValueError as exc:
-            raise EndpointError(BAD_RESPONSE, f"{url}: the answer is not JSON ({one_line(str(exc))})") from None
 
 
 class _Deadline:

@@ -17,7 +17,7 @@ from ptrace.bundle_spec.dtypes import canonical as canonical_dtype
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.bundle_spec.schema import CaptureSettings, Document, ReplayInfo, SamplingParams, WhatIfSpec
 from ptrace.capture.model import describe_model
-from ptrace.capture.session import CaptureConfig
+from ptrace.capture.plan import CaptureConfig
 from ptrace.compare.noise import coarser
 from ptrace.compare.thresholds import thresholds_for
 from ptrace.errors import BundleCorruptError, ModelError, ModelMismatchError, UsageError

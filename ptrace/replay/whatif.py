@@ -21,7 +21,7 @@ from typing import Any
 from ptrace.backends.registry import declared_class
 from ptrace.bundle_spec import open_bundle
 from ptrace.bundle_spec.names import forward_key
-from ptrace.bundle_spec.schema import WhatIfSpec, plain
+from ptrace.bundle_spec.schema import WhatIfSpec
 from ptrace.capture import whatif
 from ptrace.capture.session import Progress, capture_runs
 from ptrace.compare import Comparison, combine, compare
@@ -159,7 +159,7 @@ def _result(run: _Run, baseline: dict[str, Path], runs: dict[str, Path], source:
     label = whatif.labels(run.specs)
     rate = sum(d is not None for d in diverged) / len(diverged) if diverged else 0.0
     result = WhatIfResult(
-        label=label, spec=[plain(s) for s in run.specs],
+        label=label, spec=[s.to_dict() for s in run.specs],
         sweep_param=config.sweep[0] if config.sweep else None, sweep_value=run.sweep_value, repeat=run.repeat,
         divergence_rate=rate, token_match_rate=tokens.token_match_rate, first_divergent_step=diverged,
         mean_kl=sum(kl) / len(kl) if kl else 0.0, max_kl=max(kl, default=0.0),
@@ -171,7 +171,8 @@ def _result(run: _Run, baseline: dict[str, Path], runs: dict[str, Path], source:
         stability=combine(tensors=tensors, tokens=tokens).stability,
         tokens=[list(r.tokens_b) for r in requests],
         token_texts=[[str(text) for text in texts] for texts in tokens.b.get("output_tokens") or []],
-        routing=tensors.routing)
+        routing=tensors.routing,
+        schedule=tensors.b.get("schedule") if any(s.kind == whatif.Batch.name for s in run.specs) else None)
     return replace(result, sentence=sentence(result))
 
 

@@ -162,7 +162,7 @@ def render(comparison: Comparison) -> str:
         local_chart=localization.local_error_chart(c.local_errors, c.local_error_source),
         heatmaps=heatmap.heatmaps(c), timelines=_timeline(c, b_mode), b_mode=b_mode,
         run_rows=_side_by_side(c.a["run"], c.b["run"]), env_rows=_side_by_side(c.a["environment"], c.b["environment"]),
-        commands=_commands(c), schedules=schedule.section(c.a, c.b), parallels=_parallel_layouts(c),
+        commands=_commands(c), schedules=schedule.section(c.a, c.b, c.whatifs), parallels=_parallel_layouts(c),
     )
 
 

@@ -1,5 +1,6 @@
 """The report's "Schedule" panel: which requests a batched engine ran together, step by step
-(``meta/schedule``), one stacked bar per engine step.
+(``meta/schedule``), one stacked bar per engine step, for the compared runs and for each batch
+what-if's own run.
 
 A bar's height is the step's batch size (requests), split into the recorded requests' prefill
 chunks, their decodes, and requests the bundle does not record (a batch what-if's fillers); its
@@ -8,9 +9,11 @@ tooltip gives the tokens. Nothing is measured here: the counts are the node's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ptrace.bundle_spec.summary import schedule_summary
+from ptrace.compare.results import WhatIfResult
 from ptrace.reports.plots import ROUNDING, Chart, Frame, LinearAxis, color
 
 #: Steps drawn at most (the first ones): a long run's decode steps all look alike.
@@ -52,12 +55,11 @@ def timeline(schedule: dict[str, Any], run: str) -> Chart:
     return chart
 
 
-def section(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
-    """A timeline and a summary for each run that recorded its schedule."""
-    panels = []
-    for name, run in (("A", a), ("B", b)):
-        schedule = run.get("schedule")
-        if schedule and schedule["steps"]:
-            panels.append({"run": name, "path": run["path"], "chart": timeline(schedule, name),
-                           "summary": schedule_summary(schedule)})
-    return panels
+def section(a: dict[str, Any], b: dict[str, Any], whatifs: Sequence[WhatIfResult] = ()) -> list[dict[str, Any]]:
+    """A timeline and a summary for each run that recorded its schedule: the compared runs, then
+    each batch what-if's own (its teacher-forced run's), beside the baseline's batches (B)."""
+    runs = [(name, run.get("schedule"), run["path"]) for name, run in (("A", a), ("B", b))]
+    runs += [(f"what-if {w.label} (teacher-forced)", w.schedule, w.bundles.get("teacher-forced", ""))
+             for w in whatifs]
+    return [{"run": name, "path": path, "chart": timeline(schedule, name), "summary": schedule_summary(schedule)}
+            for name, schedule, path in runs if schedule and schedule["steps"]]

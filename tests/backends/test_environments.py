@@ -61,7 +61,7 @@ def test_capture_config_crosses_as_json():
 @pytest.mark.skipif(environments.python_of("vllm") is None, reason="no vllm environment (make setup)")
 def test_an_engine_error_crosses_back_as_one_line(tmp_path, example_model):
     result = run_cli("capture", "-b", "vllm", "-m", example_model, "--random-input-ids", "4",
-                     "-E", "no_such_option=1", "-o", tmp_path / "b.zarr")
-    assert result.returncode == 2  # a UsageError, raised in the vllm environment, keeps its class
-    assert "has no engine option no_such_option" in one_line_error(result)
+                     "--max-new-tokens", "1", "--steps", "5-", "-o", tmp_path / "b.zarr")
+    assert result.returncode == 2  # a UsageError, raised after the run in the vllm environment, keeps its class
+    assert "no step selected by --steps was run" in one_line_error(result)
     assert not (tmp_path / "b.zarr").exists()

@@ -107,3 +107,31 @@ def test_vllm_binds_rank_threads_unless_the_user_did(example_model, monkeypatch)
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
     layout = VllmBackend()._parallel_layout(options, read_config(example_model))
     assert (layout.thread_binding, layout.thread_binding_source) == ("0", "user")
+
+
+def test_vllm_refuses_the_ray_executor_on_the_cpu(example_model):
+    from ptrace.backends.base import LoadOptions
+    from ptrace.backends.model_dir import read_config
+    from ptrace.backends.vllm import VllmBackend
+    from ptrace.errors import BackendUnavailableError
+
+    options = LoadOptions(example_model, "float32", "cpu", {"tensor_parallel_size": 2,
+                                                            "distributed_executor_backend": "ray"})
+    with pytest.raises(BackendUnavailableError, match="Ray executor does not run on the CPU"):
+        VllmBackend()._parallel_layout(options, read_config(example_model))
+
+
+@pytest.mark.parametrize(("size", "refusal"), [(3, "does not divide the model's 4 attention heads"),
+                                               (4, "needs 4 CPUs and this process may use")])
+def test_a_capture_plan_refuses_bad_tensor_parallel_sizes_before_any_engine(example_model, tmp_path, size, refusal):
+    """Refused where the plan is made (no engine, not even vLLM, is needed for that)."""
+    from ptrace.capture.plan import CaptureConfig, plan_captures
+    from ptrace.errors import UsageError
+
+    if size > 2 and len(hardware.usable_cpus()) >= size:
+        pytest.skip(f"this machine has {len(hardware.usable_cpus())} CPUs")
+    config = CaptureConfig(backend="vllm", model=example_model, output=tmp_path / "tp.zarr", random_input_ids=8,
+                           engine_options={"tensor_parallel_size": str(size)})
+    with pytest.raises(UsageError, match=refusal):
+        plan_captures([config])
+    assert not (tmp_path / "tp.zarr").exists()

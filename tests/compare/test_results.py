@@ -70,7 +70,15 @@ def test_cli_json_is_strict_and_loads_back(tmp_path):
 def test_from_dict_says_what_is_wrong(stats_only):
     data = stats_only.to_dict()
     del data["tensors"][0]["verdict"]
-    with pytest.raises(ComparisonError, match="TensorResult lacks the key 'verdict'"):
+    with pytest.raises(ComparisonError, match=r"Comparison.tensors\[0\] lacks the key 'verdict'"):
         Comparison.from_dict(data)
-    with pytest.raises(ComparisonError, match="must be a JSON object"):
+    data = stats_only.to_dict()
+    data["requests"][0]["tokens_a"] = [1, "2"]
+    with pytest.raises(ComparisonError, match=r"Comparison.requests\[0\].tokens_a\[1\] is str '2', expected int"):
+        Comparison.from_dict(data)
+    data["requests"][0]["tokens_a"] = [1, 2]
+    data["tensors"][0]["position_cos"] = ["0.5"]
+    with pytest.raises(ComparisonError, match=r"Comparison.tensors\[0\].position_cos is not a list of numbers"):
+        Comparison.from_dict(data)
+    with pytest.raises(ComparisonError, match=r"Comparison is list \[1, 2\], expected a map"):
         Comparison.from_dict([1, 2])

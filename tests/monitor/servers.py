@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -134,18 +135,33 @@ def prometheus_server(workdir: Path, targets: list[str], rule_files: list[Path])
 TRICKLE_SECONDS = 0.5
 
 
+#: Seconds between two events of a streamed completion (a filler's tokens).
+STREAM_EVENT_SECONDS = 0.02
+
+
 class _Misbehaving(BaseHTTPRequestHandler):
     """Lists one model (``server.model``), then answers completions the way ``server.mode`` says:
     ``golden`` with ``server.completion`` (a completion as vLLM writes it), the trickles noting
-    when the first one came (``server.first_request``)."""
+    when the first one came (``server.first_request``). A streamed completion (the canary's load)
+    is answered with one event per ``max_tokens`` in every mode but ``error`` and ``unstreamed``
+    (which answers it as ``golden``, whole); the server keeps the streamed
+    prompts (``server.streamed``) and, for each completion that is not streamed, how many streams
+    were generating when it came (``server.streams_beside``), the last 256 of each."""
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         model = {"id": self.server.model, "object": "model"}  # type: ignore[attr-defined]
         self._send(200, json.dumps({"object": "list", "data": [model]}).encode())
 
     def do_POST(self) -> None:  # noqa: N802
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        mode = self.server.mode  # type: ignore[attr-defined]
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        server = self.server
+        mode = server.mode  # type: ignore[attr-defined]
+        if body.get("stream") and mode not in ("error", "unstreamed"):
+            self._stream(body)
+            return
+        if not body.get("stream"):
+            with server.lock:  # type: ignore[attr-defined]
+                server.streams_beside.append(server.streaming)  # type: ignore[attr-defined]
         if mode == "error":
             self._send(500, b'{"error": {"message": "engine died\\nbadly", "code": 500}}')
         elif mode == "garbage":
@@ -156,11 +172,35 @@ class _Misbehaving(BaseHTTPRequestHandler):
         elif mode == "slow":
             time.sleep(3)
             self._send(200, b"{}")
-        elif mode == "golden":
+        elif mode in ("golden", "unstreamed"):
             self._send(200, json.dumps(self.server.completion).encode())  # type: ignore[attr-defined]
         elif mode in ("trickle", "trickle-body"):
             self.server.first_request = self.server.first_request or time.monotonic()  # type: ignore[attr-defined]
             self._trickle(mode == "trickle")
+
+    def _stream(self, body: dict) -> None:
+        """Server-sent events as vLLM streams a completion: a chunk per token, then ``[DONE]``."""
+        server = self.server
+        with server.lock:  # type: ignore[attr-defined]
+            server.streamed.append(body["prompt"])  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        with server.lock:  # generating from before its first event reaches the canary
+            server.streaming += 1  # type: ignore[attr-defined]
+        try:
+            for _ in range(body["max_tokens"]):
+                self.wfile.write(b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n')
+                self.wfile.flush()
+                time.sleep(STREAM_EVENT_SECONDS)
+            self.wfile.write(b"data: [DONE]\n\n")
+        except OSError:  # the canary closed the stream: its cycle ended
+            pass
+        finally:
+            self.close_connection = True
+            with server.lock:  # type: ignore[attr-defined]
+                server.streaming -= 1  # type: ignore[attr-defined]
 
     def _trickle(self, headers_too: bool) -> None:
         """A whole, valid answer, one byte every :data:`TRICKLE_SECONDS`: from its status line
@@ -201,6 +241,9 @@ def misbehaving_server(mode: str) -> Iterator[ThreadingHTTPServer]:
     server.daemon_threads = True
     server.mode = mode  # type: ignore[attr-defined]
     server.model, server.completion, server.first_request = "tiny", None, None  # type: ignore[attr-defined]
+    # Bounded: the canary's memory is measured in this process, beside the server's.
+    server.lock, server.streaming, server.streamed, server.streams_beside = (  # type: ignore[attr-defined]
+        threading.Lock(), 0, deque(maxlen=256), deque(maxlen=256))
     server.url = f"http://{HOST}:{server.server_address[1]}/v1"  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

