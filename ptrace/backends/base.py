@@ -301,10 +301,10 @@ class Backend(ABC):
                              hint=f"it runs on {', '.join(capabilities.devices)}")
 
     @classmethod  # noqa: B027 (a hook: an engine without such limits refuses nothing)
-    def check_engine_options(cls, options: Mapping[str, Any], model_config: Mapping[str, Any],
+    def check_engine_options(cls, options: Mapping[str, Any], model_dir: Path, model_config: Mapping[str, Any],
                              device: str) -> None:
-        """Refuse engine options (parsed) that this model (its config.json) or this machine
-        cannot take, before anything starts; an engine with such limits overrides this."""
+        """Refuse engine options (parsed) that this model (``model_config``: its config.json) or
+        this machine cannot take, before anything starts; an engine with such limits overrides this."""
 
     def load(self, options: LoadOptions) -> None:
         """Load the model; the dtype, device kind and engine options must be declared ones."""

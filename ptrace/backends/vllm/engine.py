@@ -21,6 +21,7 @@ import functools
 import os
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,20 +124,20 @@ class VllmBackend(Backend):
         self._config = config
 
     @classmethod
-    def check_engine_options(cls, options: Mapping[str, Any], model_config: Mapping[str, Any],
+    def check_engine_options(cls, options: Mapping[str, Any], model_dir: Path, model_config: Mapping[str, Any],
                              device: str) -> None:
         """Refuse a tensor-parallel size the model's heads do not divide, more ranks than usable
         CPUs, and the Ray executor on the CPU (where vLLM cannot run it)."""
         size = int(options.get("tensor_parallel_size", 1))
-        where = f"tensor_parallel_size={size}"
+        where, config_file = f"tensor_parallel_size={size}", model_dir / "config.json"
         heads = int(model_config.get("num_attention_heads", 0))
         kv_heads = int(model_config.get("num_key_value_heads") or heads)
         if size > 1 and heads % size:
-            raise UsageError(f"{where} does not divide the model's {heads} attention heads (its config.json)",
+            raise UsageError(f"{where} does not divide the model's {heads} attention heads ({config_file})",
                              hint=f"choose a tensor_parallel_size that divides {heads}")
         if size > 1 and kv_heads % size and size % kv_heads:
             raise UsageError(f"{where} and the model's {kv_heads} KV heads do not divide one another "
-                             "(its config.json)")
+                             f"({config_file})")
         if not device.startswith("cpu"):
             return
         if options.get("distributed_executor_backend") == "ray":
@@ -153,7 +154,7 @@ class VllmBackend(Backend):
         """The run's parallel layout (None for one rank), after refusing what
         :meth:`check_engine_options` refuses. On CPU each rank's threads are bound to its share
         of the usable CPUs, unless the user bound them (``VLLM_CPU_OMP_THREADS_BIND``)."""
-        self.check_engine_options(options.engine_options, config, options.device)
+        self.check_engine_options(options.engine_options, options.model_dir, config, options.device)
         size = int(options.engine_options.get("tensor_parallel_size", 1))
         executor = options.engine_options.get("distributed_executor_backend")
         if size == 1 and executor is None:
