@@ -93,6 +93,7 @@ bench: setup $(MSPROBE_VENV)/.installed
 	$(PY) benchmarks/bench_msprobe.py --msprobe-python $(MSPROBE_VENV)/bin/python
 	$(ENVS)/ms/bin/python benchmarks/bench_ms_decode.py --dtypes float32,float16
 	$(ENVS)/ms/bin/python benchmarks/bench_ms_kernels.py
+	$(ENVS)/vllm/bin/python benchmarks/bench_tp.py
 
 clean:
 	rm -rf $(VENV) $(ENVS) $(DEMO) .pytest_cache

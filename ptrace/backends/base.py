@@ -25,7 +25,7 @@ from ptrace.backends.environments import EngineEnvironment
 from ptrace.backends.model_dir import read_config
 from ptrace.bundle_spec import moe
 from ptrace.bundle_spec.names import all_names
-from ptrace.bundle_spec.schema import SamplingParams, ScheduleInfo
+from ptrace.bundle_spec.schema import ParallelInfo, SamplingParams, ScheduleInfo
 from ptrace.errors import BackendError, UsageError
 
 log = logging.getLogger("ptrace.backends")
@@ -126,6 +126,8 @@ class TensorSite:
     request: int
     step: int
     start: int
+    #: The rank whose shard this is, in a run split over several ranks (0 otherwise).
+    rank: int = 0
 
 
 class EngineTensor(ABC):
@@ -181,6 +183,12 @@ def layer_modules(layers: Sequence[Any], attn_norm: str, attn: str, mlp_norm: st
 class Interceptor(ABC):
     """Sees (and may replace) canonical tensors as the engine produces them."""
 
+    #: Runs where the tensors are: in a multi-rank engine, in each rank's process, on the rank's
+    #: own shard (``TensorSite.rank`` says which; the object must pickle). Interceptors that
+    #: replace tensors need it, since a replacement made after the ranks ran cannot reach them;
+    #: the others see the unsharded tensors in the driver.
+    on_ranks: ClassVar[bool] = False
+
     @abstractmethod
     def wants(self, name: str) -> bool:
         """Whether this interceptor needs ``name``: engines hook only what someone wants."""
@@ -188,6 +196,22 @@ class Interceptor(ABC):
     @abstractmethod
     def on_tensor(self, site: TensorSite, tensor: EngineTensor) -> np.ndarray | None:
         """Return an array to replace the tensor with, or None to leave it alone."""
+
+
+def intercept_all(interceptors: Sequence[Interceptor], site: TensorSite,
+                  tensor: EngineTensor) -> EngineTensor | None:
+    """Show ``tensor`` to every interceptor that wants it, in order, each seeing the previous
+    one's replacement; the final replacement, or None if none replaced it."""
+    changed = False
+    for interceptor in interceptors:
+        if interceptor.wants(site.name):
+            new = interceptor.on_tensor(site, tensor)
+            if new is not None:
+                if tuple(new.shape) != tuple(tensor.shape):
+                    raise BackendError(f"{site.name}: replacement of shape {new.shape} for "
+                                       f"a tensor of shape {tensor.shape}")
+                tensor, changed = tensor.replaced(new), True
+    return tensor if changed else None
 
 
 @dataclass
@@ -276,6 +300,12 @@ class Backend(ABC):
             raise UsageError(f"backend {cls.name} does not run on {device}",
                              hint=f"it runs on {', '.join(capabilities.devices)}")
 
+    @classmethod  # noqa: B027 (a hook: an engine without such limits refuses nothing)
+    def check_engine_options(cls, options: Mapping[str, Any], model_dir: Path, model_config: Mapping[str, Any],
+                             device: str) -> None:
+        """Refuse engine options (parsed) that this model (``model_config``: its config.json) or
+        this machine cannot take, before anything starts; an engine with such limits overrides this."""
+
     def load(self, options: LoadOptions) -> None:
         """Load the model; the dtype, device kind and engine options must be declared ones."""
         self.check_setup(options.dtype, options.device)
@@ -323,16 +353,7 @@ class Backend(ABC):
     def _intercept(self, interceptors: Sequence[Interceptor], site: TensorSite,
                    tensor: EngineTensor) -> EngineTensor | None:
         """Show ``tensor`` to every interceptor in order; the replacement, if any replaced it."""
-        changed = False
-        for interceptor in interceptors:
-            if interceptor.wants(site.name):
-                new = interceptor.on_tensor(site, tensor)
-                if new is not None:
-                    if tuple(new.shape) != tuple(tensor.shape):
-                        raise BackendError(f"{site.name}: replacement of shape {new.shape} for "
-                                           f"a tensor of shape {tensor.shape}")
-                    tensor, changed = tensor.replaced(new), True
-        return tensor if changed else None
+        return intercept_all(interceptors, site, tensor)
 
     # -- what engines implement ----------------------------------------------------------------
     @abstractmethod
@@ -406,6 +427,11 @@ class Backend(ABC):
     def schedule(self) -> ScheduleInfo | None:
         """The engine steps of the last ``generate`` (``meta/schedule``): which requests ran
         together; None for engines that run one request at a time."""
+        return None
+
+    def parallel(self) -> ParallelInfo | None:
+        """The parallel layout (``meta/parallel``): the loaded engine's sizes, and after a
+        ``generate`` how its ranks held each tensor; None for an engine that runs on one rank."""
         return None
 
     def close(self) -> None:  # noqa: B027 (a hook: an engine that holds nothing releases nothing)

@@ -25,6 +25,8 @@ WHATIF = "meta/whatif"
 SETTINGS = "meta/settings"
 #: Which requests a batched engine ran together, step by step (optional).
 SCHEDULE = "meta/schedule"
+#: How a parallel run's ranks held each tensor, and where its replicas disagreed (optional).
+PARALLEL = "meta/parallel"
 
 #: Arrays every request has.
 REQUIRED_REQUEST_ARRAYS = ("prompt_ids", "output_ids", "topk_ids", "topk_logprobs", "positions")

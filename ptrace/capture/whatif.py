@@ -44,7 +44,7 @@ from ptrace.capture.recorder import StepSelection
 from ptrace.errors import PtraceError, UsageError
 
 #: Spec fields the text form reads as selectors rather than kind parameters.
-_SELECTORS = ("steps", "positions", "layers", "requests", "seed")
+_SELECTORS = ("steps", "positions", "layers", "requests", "ranks", "seed")
 _RANGE = re.compile(r"^(\d+)(?:(-)(\d*))?$")
 
 
@@ -338,7 +338,7 @@ def parse(text: str) -> WhatIfSpec:
                                  hint="join globs with commas: layers.*.k,layers.*.v")
             tensors = tuple(g.strip() for g in part.split(",") if g.strip())
         elif key in _SELECTORS:
-            selectors[key] = (tuple(int(r) for r in value.split(",")) if key == "requests"
+            selectors[key] = (tuple(int(r) for r in value.split(",")) if key in ("requests", "ranks")
                               else int(value) if key == "seed" else value)
         else:
             params[key] = _number(value)
@@ -393,6 +393,8 @@ def describe(spec: WhatIfSpec) -> str:
                                                   ("layers", spec.layers)) if value is not None]
     if spec.requests:
         where.append(f"requests {','.join(map(str, spec.requests))}")
+    if spec.ranks:
+        where.append(f"ranks {','.join(map(str, spec.ranks))}")
     return " ".join(part for part in (spec.kind, params, *where) if part)
 
 
@@ -534,7 +536,10 @@ class _Context:
 
 
 class WhatIfInterceptor(Interceptor):
-    """Applies the tensor kinds of some checked what-ifs to a run, in the order given."""
+    """Applies the tensor kinds of some checked what-ifs to a run, in the order given (in a
+    multi-rank run, in each rank's process, on its shards: a ``ranks`` selector picks them)."""
+
+    on_ranks = True
 
     def __init__(self, injections: Sequence[Injection], source: str | Path | None = None, *,
                  after_record: bool = False) -> None:
@@ -559,6 +564,8 @@ class WhatIfInterceptor(Interceptor):
         for injection, behaviour, names in self.injections:
             spec, positions = injection.spec, injection.positions
             if site.name not in names or site.step not in injection.steps or (spec.requests and site.request not in spec.requests):
+                continue
+            if spec.ranks and site.rank not in spec.ranks:
                 continue
             first, last = 0, original.shape[0]
             if positions is not None:  # absolute positions -> this site's rows

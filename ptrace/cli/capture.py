@@ -67,6 +67,10 @@ def capture(
         "--prompt-logprobs/--no-prompt-logprobs", rich_help_panel=opt.WHAT,
         help="Record the logprobs of every prompt position, and the logits tensor at every prompt "
              "position (default: off; the LM head then runs on the last prompt position only).")] = False,
+    per_rank: Annotated[bool, typer.Option(
+        "--per-rank", rich_help_panel=opt.WHAT,
+        help="On a run over several ranks (-E tensor_parallel_size=N), also keep each rank's own "
+             "shard of every tensor, as x.rank{R}.{name} (docs/parallel.md).")] = False,
     overwrite: opt.Overwrite = False,
 ) -> None:
     """Run a model on one engine and freeze the run into a bundle.
@@ -91,7 +95,7 @@ def capture(
         sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                 max_new_tokens=max_new_tokens, ignore_eos=not stop_at_eos, logprobs=logprobs,
                                 prompt_logprobs=prompt_logprobs),
-        settings=CaptureSettings(tensors=patterns or DEFAULT_PATTERNS, steps=steps, mode=mode),
+        settings=CaptureSettings(tensors=patterns or DEFAULT_PATTERNS, steps=steps, mode=mode, per_rank=per_rank),
         engine_options=opt.engine_options(engine_option, kv_cache_dtype), overwrite=overwrite,
         command=("ptrace", *sys.argv[1:]),
     )

@@ -74,6 +74,27 @@ def _schedule_fields(schedule: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _parallel_fields(parallel: dict[str, Any]) -> dict[str, Any]:
+    from ptrace.bundle_spec.summary import parallel_summary
+
+    summary = parallel_summary(parallel)
+    findings = summary["replica_findings"]
+    binding = summary["thread_binding"]
+    return {
+        "tensor / pipeline parallel": f"{summary['tensor_parallel_size']} / {summary['pipeline_parallel_size']}",
+        "heads / KV heads": f"{summary['heads']} / {summary['kv_heads']}",
+        "executor": summary["executor"],
+        "thread binding": f"{binding} ({summary['thread_binding_source']})" if binding else "none",
+        "per-rank shards": "kept" if summary["per_rank"] else "not kept",
+        "tensors": "; ".join(f"{k['kind']} [{k['dims']}] {k['unsharded']}: {', '.join(k['shards'])}"
+                             for k in summary["kinds"]) or "none",
+        "replicas": "agree" if not findings else "; ".join(
+            f"{f['tensor']} ranks {f['ranks'][0]}/{f['ranks'][1]} request {f['request']} at "
+            f"{len(f['positions'])} positions (max |diff| {f['max_abs_diff']:.3g})" for f in findings[:5])
+            + (f" ... {len(findings)} in all" if len(findings) > 5 else ""),
+    }
+
+
 def inspect(
     bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle: *.zarr directory or *.zarr.zip file.")],
     as_json: opt.Json = False,
@@ -118,6 +139,8 @@ def inspect(
         console.print(_fields("Dataset", _dataset_fields(info["dataset"], info["requests"])))
     if info["schedule"]:
         console.print(_fields("Schedule (engine steps)", _schedule_fields(info["schedule"])))
+    if info["parallel"]:
+        console.print(_fields("Parallel layout", _parallel_fields(info["parallel"])))
     requests = console.table(title="Requests", title_justify="left", title_style="bold")
     for column in ("#", "prompt", "tokens in", "tokens out", "generated"):
         requests.add_column(column)

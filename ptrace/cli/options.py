@@ -73,7 +73,7 @@ Inject = Annotated[list[str] | None, typer.Option(
     "--inject", "-i", rich_help_panel=WHATIF, metavar="SPEC",
     help="A what-if, repeatable (each one run on its own): KIND:GLOBS[:KEY=VALUE]..., e.g. "
          "noise:layers.*.k:std=1e-3:positions=0-99 (kinds: noise, ulp, cast, scale, zero, "
-         "splice, config, engine; selectors steps=, positions=, layers=, requests=, seed=). Join "
+         "splice, config, engine; selectors steps=, positions=, layers=, requests=, ranks=, seed=). Join "
          "injections that act together with '+'.")]
 InjectFile = Annotated[Path | None, typer.Option(
     rich_help_panel=WHATIF, metavar="FILE",

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from ptrace.bundle_spec.names import sort_forward
+from ptrace.bundle_spec.names import is_rank_shard, sort_forward
 from ptrace.bundle_spec.reader import Bundle
 from ptrace.bundle_spec.structure import require_structure
 from ptrace.compare.align import align
@@ -43,6 +43,7 @@ def _run_summary(bundle: Bundle) -> dict[str, Any]:
         "model_fingerprint": bundle.model.fingerprint, "run": run.to_dict(),
         "environment": bundle.environment.to_dict(), "replay": bundle.replay_info(),
         "schedule": bundle.schedule_info(),
+        "parallel": None if (parallel := bundle.parallel_info()) is None else parallel.to_dict(),
         "output_tokens": [list(r.output_tokens) for r in records],
         "prompts": [r.prompt for r in records],
         "settings": recorded_settings(bundle),
@@ -70,7 +71,8 @@ def compare(a: Bundle, b: Bundle, *, threshold_overrides: dict[str, float] | Non
     _check_same_inputs(a, b)
     alignments = {r: align(a, b, r) for r in range(a.num_requests)}
     names = sort_forward(n for n in set(a.tensor_names) & set(b.tensor_names) if not is_categorical(n))
-    missing = sorted(set(a.tensor_names) ^ set(b.tensor_names))
+    # a rank's own shards (--per-rank) have no counterpart in a run that kept none: not missing
+    missing = sorted(n for n in set(a.tensor_names) ^ set(b.tensor_names) if not is_rank_shard(n))
     compiled = worth_compiling(a, b, names, alignments)
     done = 0
 

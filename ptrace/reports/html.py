@@ -17,6 +17,7 @@ from typing import Any
 
 import jinja2
 
+from ptrace.bundle_spec.summary import parallel_summary
 from ptrace.compare import Comparison
 from ptrace.reports import heatmap, localization, routing, schedule, stability, whatifs
 from ptrace.reports.plots import number
@@ -161,8 +162,14 @@ def render(comparison: Comparison) -> str:
         local_chart=localization.local_error_chart(c.local_errors, c.local_error_source),
         heatmaps=heatmap.heatmaps(c), timelines=_timeline(c, b_mode), b_mode=b_mode,
         run_rows=_side_by_side(c.a["run"], c.b["run"]), env_rows=_side_by_side(c.a["environment"], c.b["environment"]),
-        commands=_commands(c), schedules=schedule.section(c.a, c.b, c.whatifs),
+        commands=_commands(c), schedules=schedule.section(c.a, c.b, c.whatifs), parallels=_parallel_layouts(c),
     )
+
+
+def _parallel_layouts(c: Comparison) -> list[dict[str, Any]]:
+    """Each run that was split over ranks: its layout and its replicas' disagreements."""
+    return [{"run": name, **parallel_summary(run["parallel"])}
+            for name, run in (("A", c.a), ("B", c.b)) if run.get("parallel")]
 
 
 def write_report(comparison: Comparison, path: Path) -> Path:

