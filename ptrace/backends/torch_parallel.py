@@ -53,7 +53,8 @@ EXIT_WAIT_S = 10.0
 def check(size: int, model_dir: Path, model_config: Mapping[str, Any], device: str) -> None:
     """Refuse, before any engine starts, a size transformers cannot split this model by (it
     shards q and k/v by heads and cannot replicate KV heads), more ranks than usable CPUs or
-    GPUs, and a missing accelerate (transformers needs it for any tensor-parallel plan)."""
+    GPUs, the CPU on a machine with a GPU (transformers' plan takes the accelerator), and a
+    missing accelerate (transformers needs it for any tensor-parallel plan)."""
     if size < 2:
         return
     where, config_file = f"{TP_SIZE}={size}", model_dir / "config.json"
@@ -75,6 +76,10 @@ def check(size: int, model_dir: Path, model_config: Mapping[str, Any], device: s
             raise UsageError(f"{where} needs {size} GPUs (one per rank) and torch sees {gpus}",
                              hint=f"use {TP_SIZE} <= {gpus}")
         return
+    if hardware.cuda_available():
+        raise BackendUnavailableError(f"{where} on the CPU: transformers places a split model on the machine's "
+                                      "GPU whatever the device asked for",
+                                      hint="use --device cuda, or a tensor_parallel_size of 1 on the CPU")
     cpus = len(hardware.usable_cpus())
     if size > cpus:
         raise UsageError(f"{where} needs {size} CPUs and this process may use {cpus}",
