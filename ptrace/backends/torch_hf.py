@@ -302,16 +302,22 @@ class TorchBackend(SequentialBackend):
                   forced: list[np.ndarray] | None) -> list[Generation]:
         """On one rank, the sequential loop. Split over ranks: the helpers mirror the call; the
         observers see the unsharded tensors, the what-ifs act in every rank on its shard."""
-        if self.ranks is None:
+        if self._parallel is None:
             return super()._generate(prompts, sampling, interceptors, on_step, forced)
+        if self.ranks is None:
+            raise BackendError("this tensor-parallel engine ended after a failed call", hint="load it again")
         wanted = self.wanted_tensors(interceptors)
         observers, injections, per_rank = split_interceptors(interceptors, wanted)
-        with self.ranks.failures():
-            self.ranks.generate({"prompts": prompts, "sampling": sampling, "wanted": wanted,
-                                 "injections": injections, "forced": forced})
-            gather = RankGather(replace(self._parallel, per_rank=per_rank), partial(intercept_all, observers))
-            self._gather = gather
-            generations = self.mirror(prompts, sampling, wanted, injections, forced, on_step)
+        gather = RankGather(replace(self._parallel, per_rank=per_rank), partial(intercept_all, observers))
+        try:
+            with self.ranks.failures():
+                self.ranks.generate({"prompts": prompts, "sampling": sampling, "wanted": wanted,
+                                     "injections": injections, "forced": forced})
+                self._gather = gather
+                generations = self.mirror(prompts, sampling, wanted, injections, forced, on_step)
+        except BaseException:
+            self.close()  # a call that failed half-way leaves the ranks out of step: end them
+            raise
         layout = gather.layout(wanted, self.num_layers, self.moe_layers)
         # transformers' plan leaves the embedding whole on every rank (vLLM splits its vocabulary)
         self._layout = replace(layout, tensors=tuple(replace(t, unsharded=sharding.REPLICATED) if t.name == "embed"

@@ -40,7 +40,7 @@ from unittest import mock
 from ptrace import hardware
 from ptrace.backends import sharding
 from ptrace.backends.base import LoadOptions
-from ptrace.errors import BackendError, BackendUnavailableError, UsageError
+from ptrace.errors import BackendError, BackendUnavailableError, PtraceError, UsageError
 
 #: The engine option, as vLLM spells it.
 TP_SIZE = "tensor_parallel_size"
@@ -119,6 +119,8 @@ class Ranks:
         helper's own error, one line."""
         try:
             yield
+        except PtraceError:  # rank 0's own refusal: the helpers did nothing wrong
+            raise
         except Exception as exc:
             reason = self._helper_error()
             if reason is None:
@@ -255,7 +257,7 @@ def _end_with(parent: int) -> None:
 class _HelperRanks(Ranks):
     """A helper's side of the same collectives (it starts no one)."""
 
-    def __init__(self, size: int, commands: Any, rows: Any) -> None:  # noqa: D107
+    def __init__(self, size: int, commands: Any, rows: Any) -> None:
         self.size, self._commands, self._rows, self._helpers = size, commands, rows, []
 
     @contextlib.contextmanager
