@@ -30,8 +30,8 @@ from ptrace.errors import BackendError, UsageError
 pytest.importorskip("accelerate")
 TP2 = {"tensor_parallel_size": "2"}
 needs_two_cpus = pytest.mark.skipif(len(hardware.usable_cpus()) < 2, reason="TP=2 on the CPU needs 2 usable CPUs")
-#: Noise on rank 1's shard of layer 1's q only.
-RANK1_NOISE = (whatif.parse("noise:layers.1.q:std=0.5:ranks=1"),)
+#: Noise on rank 1's shard of layer 1's q only, and on every rank's copy of layer 2's mlp_norm.
+RANK1_NOISE = (whatif.parse("noise:layers.1.q:std=0.5:ranks=1"), whatif.parse("noise:layers.2.mlp_norm:std=0.5"))
 
 
 def _capture(model, directory, name, **options):
@@ -92,11 +92,13 @@ def test_tp2_compares_with_tp1_same_tokens_every_tensor(tp2_bundles, tp1_bundle)
 
 @needs_two_cpus
 def test_a_what_if_on_one_rank_stays_on_its_shard(tp2_bundles):
-    """Noise on rank 1's q heads: its own shard differs, rank 0's does not, and the ranks stay
-    in lockstep (the run after it is bit for bit the first one)."""
+    """Noise on rank 1's q heads: its own shard differs, rank 0's does not. Noise on a replicated
+    tensor draws the same on every rank: the replicas still agree. The ranks stay in lockstep
+    (the run after it is bit for bit the first one)."""
     free, perturbed, again = tp2_bundles
     with open_bundle(free) as clean, open_bundle(perturbed) as noisy, open_bundle(again) as repeat:
-        assert noisy.parallel_info().per_rank
+        assert noisy.parallel_info().per_rank and noisy.parallel_info().replica_findings == ()
+        assert not np.array_equal(noisy.tensor(0, "layers.2.mlp_norm"), clean.tensor(0, "layers.2.mlp_norm"))
         whole = clean.tensor(0, "layers.1.q")
         heads = whole.shape[1] // 2
         np.testing.assert_array_equal(noisy.tensor(0, "x.rank0.layers.1.q"), whole[:, :heads])
