@@ -143,6 +143,7 @@ class TorchBackend(SequentialBackend):
 
     def _load_model(self, options: LoadOptions, device: torch.device, attn: str, split: dict[str, Any],
                     placed: Any) -> None:
+        """The tokenizer and the model, whole or (``split``: the load's arguments) this rank's share."""
         import torch
         import transformers
 
