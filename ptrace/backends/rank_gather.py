@@ -1,10 +1,12 @@
-"""The driver's side of a tensor-parallel capture: every rank's kept rows, unsharded into the
-canonical tensors a one-rank run records, shown to the capture's interceptors.
+"""Both sides of a tensor-parallel capture, for every engine whose ranks run ptrace's hooks
+(vLLM's workers, HF transformers' ranks): in each rank, :class:`RankKeeper` runs the injections
+on the rank's own shard and keeps its rows; in the driver, :class:`RankGather` unshards every
+rank's rows into the canonical tensors a one-rank run records and shows them to the capture's
+interceptors.
 
-The ranks run the same hooks in the same order, so after each engine step the ``i``-th rows kept
-by each rank are the same site's shards (:func:`ptrace.backends.vllm.workers.drain`). The
-unsharding rules and the replica checks are :mod:`ptrace.backends.sharding`'s. Nothing here
-imports vLLM.
+The ranks run the same hooks in the same order, so the ``i``-th rows kept by each rank are the
+same site's shards. The unsharding rules and the replica checks are
+:mod:`ptrace.backends.sharding`'s. Nothing here imports an engine.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from ptrace.backends import sharding
-from ptrace.backends.base import TensorSite
+from ptrace.backends.base import EngineTensor, Interceptor, TensorSite, intercept_all
+from ptrace.backends.torch_settings import dtype_name
 from ptrace.backends.torch_tensor import TorchTensor
 from ptrace.bundle_spec.dtypes import storage_dtype
 from ptrace.bundle_spec.names import all_names, rank_name
@@ -44,6 +47,50 @@ class RankRows:
         return cls(TensorSite(name, request, step, start), dtype, tuple(shape), bytes(data))
 
 
+def split_interceptors(interceptors: Sequence[Interceptor],
+                       wanted: set[str]) -> tuple[list[Interceptor], tuple[list[Interceptor], list[Interceptor]], bool]:
+    """The capture's interceptors as a multi-rank run uses them: the observers (in the driver,
+    on the unsharded tensors), the injections that run in each rank on its shard
+    (``Interceptor.on_ranks``) before and after the rows are kept (what-ifs placed after the
+    recorder), and whether an observer wants every rank's own shard (``--per-rank``)."""
+    observers = [i for i in interceptors if not i.on_ranks]
+    first = interceptors.index(observers[0]) if observers else len(interceptors)
+    injections = ([i for i in interceptors[:first] if i.on_ranks], [i for i in interceptors[first:] if i.on_ranks])
+    per_rank = any(i.wants(rank_name(name, 0)) for i in observers for name in wanted)
+    return observers, injections, per_rank
+
+
+class RankKeeper:
+    """One rank's side: injects on the rank's own shard, keeps the rows (as :class:`RankRows`)
+    until the driver collects them, and hands the engine its replacement."""
+
+    def __init__(self, rank: int, injections: tuple[list[Interceptor], list[Interceptor]]) -> None:
+        self.rank = rank
+        #: The interceptors that replace (``Interceptor.on_ranks``), before and after the rows
+        #: are kept (what-ifs that act after the recorder).
+        self.before, self.after = injections
+        self.kept: list[RankRows] = []
+
+    def intercept(self, site: TensorSite, tensor: EngineTensor) -> EngineTensor | None:
+        site = replace(site, rank=self.rank)
+        injected = intercept_all(self.before, site, tensor)
+        self.keep(site, injected or tensor)
+        after = intercept_all(self.after, site, injected or tensor)
+        return after or injected
+
+    def keep(self, site: TensorSite, tensor: EngineTensor) -> None:
+        import torch
+
+        rows = tensor.native.detach().contiguous().cpu()
+        data = rows.reshape(-1).view(torch.uint8).numpy().tobytes()
+        self.kept.append(RankRows(site, dtype_name(rows.dtype), tuple(rows.shape), data))
+
+    def drain(self) -> list[tuple]:
+        """The rows kept since the last drain (plain tuples of :class:`RankRows`), forgotten here."""
+        kept, self.kept = self.kept, []
+        return [rows.to_plain() for rows in kept]
+
+
 class RankGather:
     """Unshards each step's rows and shows them to ``intercept`` (and, with ``layout.per_rank``,
     each rank's own shard as :func:`~ptrace.bundle_spec.names.rank_name`); keeps the replicas'
@@ -55,7 +102,7 @@ class RankGather:
         self._findings: dict[tuple[str, tuple[int, int], int], ReplicaFinding] = {}
 
     def deliver(self, per_rank: Sequence[Sequence[Any]]) -> None:
-        """One drain's rows from every rank (rank order), as :func:`~workers.drain` returns them."""
+        """One drain's rows from every rank (rank order), as :meth:`RankKeeper.drain` returns them."""
         ranks = [[RankRows.from_plain(plain) for plain in kept] for kept in per_rank]
         if len({len(kept) for kept in ranks}) != 1:
             raise BackendError(f"the ranks kept different numbers of tensors in one step "
