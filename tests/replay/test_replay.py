@@ -42,7 +42,7 @@ def test_replay_records_the_sources_capture_settings_and_sampling_whole(example_
 
     sampling = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, seed=11, max_new_tokens=3,
                               ignore_eos=True, logprobs=4, prompt_logprobs=True)
-    settings = CaptureSettings(tensors=("layers.1.*", "logits"), steps="0-1", mode="stats")
+    settings = CaptureSettings(tensors=("layers.1.*", "logits"), steps="0-1", mode="stats", per_rank=True)
     defaults = (SamplingParams(), CaptureSettings())
     assert all(getattr(doc, f) != getattr(default, f) for doc, default in zip((sampling, settings), defaults)
                for f in type(doc).__dataclass_fields__ if f != "ignore_eos"), "every field must be non-default"
