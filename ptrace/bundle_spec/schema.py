@@ -399,7 +399,7 @@ class ParallelInfo(Document):
     #: whether ptrace chose it (``"ptrace"``) or the user did (``"user"``).
     thread_binding: str | None = None
     thread_binding_source: str | None = None
-    #: Whether every rank's own shards are stored as well (``{name}@rank{r}``).
+    #: Whether every rank's own shards are stored as well (``x.rank{r}.{name}``).
     per_rank: bool = False
     tensors: tuple[TensorLayout, ...] = ()
     replica_findings: tuple[ReplicaFinding, ...] = ()

@@ -30,6 +30,7 @@ from ptrace.compare import compare  # noqa: E402
 from ptrace.errors import UsageError  # noqa: E402
 from ptrace.replay.plan import ReplayConfig  # noqa: E402
 from ptrace.replay.session import replay  # noqa: E402
+from tests.backends.test_moe import MOE_MODEL  # noqa: E402
 
 TP2 = {"tensor_parallel_size": "2"}
 needs_two_cpus = pytest.mark.skipif(len(hardware.usable_cpus()) < 2, reason="TP=2 on the CPU needs 2 usable CPUs")
@@ -112,6 +113,26 @@ def test_tp2_capture_replays_on_torch_with_every_tensor_compared(tp2_bundle, tmp
         assert {t.name for t in comparison.tensors} == set(bundle.manifest.tensor_names)
     assert any(d["key"] == "tensor_parallel_size" for d in comparison.settings_diff)
     assert comparison.a["parallel"]["tensor_parallel_size"] == 2
+
+
+@needs_two_cpus
+def test_a_moe_model_at_tp2_replays_on_torch_with_the_same_expert_choices(tmp_path):
+    """A mixture-of-experts model at TP=2 (the experts' intermediate size split over the ranks,
+    the router replicated): its routing tensors are recorded unsharded, and HF transformers at
+    TP=1 chooses the same experts for every token."""
+    bundle, = capture_runs([CaptureConfig(
+        backend="vllm", model=MOE_MODEL, output=tmp_path / "moe.zarr", random_input_ids=12, num_requests=2,
+        sampling=SamplingParams(max_new_tokens=5), settings=CaptureSettings(tensors=("*",)),
+        engine_options=TP2, command=("test",))])
+    with open_bundle(bundle) as recorded:
+        parallel = recorded.parallel_info()
+        layout = {t.name: t.unsharded for t in parallel.tensors}
+        assert {layout[f"layers.0.{part}"] for part in ("router", "experts", "expert_weights")} == {"replicated"}
+        assert layout["layers.0.mlp"] == "all_reduced" and parallel.replica_findings == ()
+    comparison = replay(ReplayConfig(bundle=bundle, backend="torch", output=tmp_path / "hf")).primary
+    assert comparison.verdict == "pass", comparison.summary
+    assert comparison.token_match_rate == 1.0 and comparison.missing == []
+    assert comparison.routing["choices"] > 0 and comparison.routing["flip_count"] == 0, comparison.routing
 
 
 @needs_two_cpus
